@@ -1,0 +1,28 @@
+"""mla_compiler: a torch.compile backend for sparse multi-head latent attention.
+
+    torch.compile(model, backend="sparse_mla")          # registered through an entry point
+    torch.compile(model, backend=mla_compiler.make_backend(inner="aot_eager"))
+    print(mla_compiler.explain(model, *inputs))         # what matched, what was rejected and why
+
+Importing this package registers the canonical op ``torch.ops.sparse_mla.sparse_attn``.
+"""
+
+from mla_compiler.backend import BackendOptions, SparseMLABackend, make_backend
+from mla_compiler.debug.explain import ExplainReport, explain
+from mla_compiler.errors import BackendOptionError, SiteLoweringError, SparseAttnArgumentError
+from mla_compiler.lowering.ops import sparse_attn, sparse_attn_bwd
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendOptions",
+    "SparseMLABackend",
+    "make_backend",
+    "ExplainReport",
+    "explain",
+    "BackendOptionError",
+    "SiteLoweringError",
+    "SparseAttnArgumentError",
+    "sparse_attn",
+    "sparse_attn_bwd",
+]

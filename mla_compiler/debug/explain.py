@@ -1,0 +1,97 @@
+"""``explain(model, *args, **kwargs)``: what the backend matched, rejected and chose, per graph.
+
+Like ``torch._dynamo.explain``: it runs the model once through ``torch.compile`` with a
+``sparse_mla`` backend whose inner compiler defaults to ``"eager"`` (no code generation, so it is
+quick) and returns the reports the backend wrote. ``print(report)`` reads as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+
+from mla_compiler.backend import make_backend
+from mla_compiler.sites import CompileReport, RejectionReport, SiteReport
+
+
+@dataclass
+class ExplainReport:
+    graphs: list[CompileReport] = field(default_factory=list)
+    recompiles: int = 0
+
+    @property
+    def sites(self) -> list[SiteReport]:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def rejections(self) -> list[RejectionReport]:
+        return [r for g in self.graphs for r in g.rejections]
+
+    @property
+    def failures(self) -> list[str]:
+        return [f for g in self.graphs for f in g.failures]
+
+    def as_dict(self) -> dict:
+        return {"graphs": [g.as_dict() for g in self.graphs], "recompiles": self.recompiles}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2)
+
+    def __str__(self) -> str:
+        return format_report(self.graphs, self.recompiles)
+
+
+def format_report(graphs: list[CompileReport], recompiles: int = 0) -> str:
+    sites = [(g, s) for g in graphs for s in g.sites]
+    rejected = [(g, r) for g in graphs for r in g.rejections]
+    lines = [
+        f"sparse_mla: {len(graphs)} graph(s), {len(sites)} site(s) lowered, {len(rejected)} candidate(s) rejected"
+        + (f", {recompiles} recompile(s)" if recompiles else "")
+    ]
+    if sites:
+        lines.append("")
+        lines.append("Lowered sites")
+    for i, (g, s) in enumerate(sites):
+        where = f"graph {g.compile_id}" + (f" / {s.graph_name}" if s.graph_name else "")
+        lines.append(f"  [{i}] {s.source}")
+        lines.append(f"      {where}, {s.form} form")
+        lines.append(f"      {s.dims}")
+        lines.append(f"      scale {s.scale}")
+        lines.append(f"      kernel {s.kernel} ({s.kernel_reason})")
+        for m in s.masks:
+            lines.append(f"      mask {m}")
+        for n in s.notes:
+            lines.append(f"      note: {n}")
+    if rejected:
+        lines.append("")
+        lines.append("Rejected candidates")
+    for i, (g, r) in enumerate(rejected):
+        where = f"graph {g.compile_id}" + (f" / {r.graph_name}" if r.graph_name else "")
+        lines.append(f"  [{i}] {r.source}")
+        lines.append(f"      {where}, check '{r.check}': {r.reason}")
+    fails = [(g, f) for g in graphs for f in g.failures]
+    if fails:
+        lines.append("")
+        lines.append("Failures (the graph or site was compiled unchanged)")
+        for g, f in fails:
+            lines.append(f"  graph {g.compile_id}: {f}")
+    return "\n".join(lines)
+
+
+def explain(model: Union[torch.nn.Module, Callable], *args: Any, inner: Union[str, Callable] = "eager", dynamic: Any = None, **kwargs: Any) -> ExplainReport:
+    """Compile ``model`` with the sparse_mla backend, call it once on ``args``/``kwargs``, and report.
+
+    ``inner`` is the compiler behind the rewrite ("eager" by default; "inductor" to see the real
+    compile). The model runs for real, so pass inputs it accepts.
+    """
+    from torch._dynamo.utils import counters
+
+    graphs: list[CompileReport] = []
+    before = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    compiled = torch.compile(model, backend=make_backend(inner=inner, on_report=graphs.append), dynamic=dynamic)
+    compiled(*args, **kwargs)
+    after = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
+    return ExplainReport(graphs=graphs, recompiles=after - before)

@@ -1,0 +1,16 @@
+"""Exceptions users can catch by name."""
+
+
+class SparseAttnArgumentError(ValueError):
+    """A call of ``sparse_mla.sparse_attn`` got an argument outside the op's contract.
+
+    The message names the argument, what was expected and how to fix the call.
+    """
+
+
+class BackendOptionError(TypeError):
+    """``make_backend`` got an unknown option or a value it does not take."""
+
+
+class SiteLoweringError(RuntimeError):
+    """A matched site could not be lowered; raised only under ``make_backend(strict=True)``."""

@@ -1,0 +1,299 @@
+"""Replace a matched site by one ``sparse_mla.sparse_attn`` call.
+
+The lowering reads only the ``MatchedSite`` record: operands with axis roles, the index semantics,
+the masks and the scale. It builds, right before the site's output:
+
+    q   [B*S, H, d_qk]   parts permuted to (B, S, H, D) and concatenated, latent first
+    kv  [B*T, 1, d_qk]   parts permuted to (B, T, D) and concatenated (one row block per batch)
+    idx [B*S, 1, topk]   int32, offset by b*T into the flattened kv; -1 where a slot is invalid:
+                         out of range, masked (masks are gathered at the selected keys, never
+                         materialized over all keys), or a duplicate a scatter mask would collapse
+    out = sparse_attn(q, kv, idx, scale, d_v)[0] reshaped and permuted to the user's layout.
+
+The replaced nodes are erased: no [B, S, H, T] score tensor remains in the graph. Every new node
+gets a fake ``example_value`` computed under the graph's fake mode, so a shape mistake fails here,
+at compile time, and later passes can read shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx
+from torch.fx.node import map_arg
+
+from mla_compiler.lowering import ops as _ops  # noqa: F401 - registers torch.ops.sparse_mla
+from mla_compiler.sites import MatchedSite, Operand
+
+SPARSE_ATTN = torch.ops.sparse_mla.sparse_attn.default
+
+
+def _example(x: Any) -> Any:
+    return x.meta.get("example_value", x.meta.get("val")) if isinstance(x, torch.fx.Node) else x
+
+
+class _Builder:
+    """Emits nodes before ``anchor`` and gives each a fake example value."""
+
+    def __init__(self, graph: torch.fx.Graph, anchor: torch.fx.Node, provenance: torch.fx.Node) -> None:
+        self.graph = graph
+        self.anchor = anchor
+        self.provenance = provenance
+        self.created: list[torch.fx.Node] = []
+        self._sizes: dict[str, Any] = {}
+        fake = _example(provenance)
+        self.fake_mode = getattr(fake, "fake_mode", None)
+
+    def _emit(self, op: str, target: Any, args: tuple, kwargs: dict) -> torch.fx.Node:
+        with self.graph.inserting_before(self.anchor):
+            node = self.graph.create_node(op, target, args, kwargs)
+        self.created.append(node)
+        node.meta["stack_trace"] = self.provenance.meta.get("stack_trace", "")
+        fargs = map_arg(args, _example)
+        fkwargs = map_arg(kwargs, _example)
+        ctx = self.fake_mode if self.fake_mode is not None else _null()
+        with ctx:
+            if op == "call_method":
+                value = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+            else:
+                value = target(*fargs, **fkwargs)
+        node.meta["example_value"] = value
+        return node
+
+    def call(self, target: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        return self._emit("call_function", target, args, kwargs)
+
+    def method(self, name: str, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        return self._emit("call_method", name, args, kwargs)
+
+    def undo(self) -> None:
+        for node in reversed(self.created):
+            if not node.users:
+                self.graph.erase_node(node)
+        self.created.clear()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _SiteLowering:
+    def __init__(self, site: MatchedSite, graph: torch.fx.Graph) -> None:
+        self.site = site
+        self.b = _Builder(graph, site.output.node, site.anchor)
+        self._size_nodes: dict[str, Any] = {}
+        self.device = _example(site.q_parts[0].node).device
+
+    def size(self, role: str) -> Any:
+        """The length of a role's axis: an int, or a node reading it from an input at run time."""
+        if role in self._size_nodes:
+            return self._size_nodes[role]
+        w = self.site.sizes[role]
+        value = w.static if w.static is not None else self.b.method("size", w.node, w.dim)
+        self._size_nodes[role] = value
+        return value
+
+    def has(self, role: str) -> bool:
+        return role in self.site.sizes
+
+    def canonical(self, operand: Operand, order: list[str]) -> torch.fx.Node:
+        """``operand`` with axes in ``order``: merged axes split, unit axes dropped, missing roles as
+        unit axes (expand them with ``expand``)."""
+        x = operand.node
+        axes = list(operand.axes)
+        if any(len(ax) > 1 for ax in axes):
+            shape = []
+            split_axes = []
+            for ax in axes:
+                if not ax:
+                    shape.append(1)
+                    split_axes.append(())
+                for r in ax:
+                    shape.append(self.size(r))
+                    split_axes.append((r,))
+            x = self.b.method("reshape", x, *shape)
+            axes = split_axes
+        for i in reversed(range(len(axes))):
+            if not axes[i]:
+                x = self.b.method("squeeze", x, i)
+                del axes[i]
+        present = [ax[0] for ax in axes]
+        target = [r for r in order if r in present]
+        perm = [present.index(r) for r in target]
+        if perm != list(range(len(perm))):
+            x = self.b.method("permute", x, *perm)
+        for i, r in enumerate(order):
+            if r not in present:
+                x = self.b.method("unsqueeze", x, i)
+        return x
+
+    def expanded(self, operand: Operand, order: list[str], full: list[str]) -> torch.fx.Node:
+        """``canonical`` then broadcast every role of ``full`` to its length."""
+        x = self.canonical(operand, order)
+        present = operand.roles()
+        if any(r not in present for r in full):
+            x = self.b.method("expand", x, *[(-1 if r in present else self.size(r)) if r in full else -1 for r in order])
+        return x
+
+    def run(self) -> torch.fx.Node:
+        s, b = self.site, self.b
+        rows = [r for r in ("B", "S", "H") if self.has(r)]
+        heads = s.dims.heads
+        d_qk = s.dims.d_qk
+        dt = s.compute_dtype
+
+        q_list = []
+        for i, part in enumerate(s.q_parts):
+            order = rows + [f"D{i}"]
+            x = self.expanded(part, order, rows)
+            if _example(x).dtype != dt:
+                x = b.method("to", x, dt)
+            q_list.append(x)
+        q = b.call(torch.cat, q_list, -1) if len(q_list) > 1 else q_list[0]
+        if "H" not in rows:
+            q = b.method("unsqueeze", q, -2)
+        q = b.method("reshape", q, -1, heads, d_qk)
+
+        kv_batched = any("B" in p.roles() for p in s.kv_parts)
+        kv_rows = (["B"] if kv_batched else []) + ["T"]
+        kv_list = []
+        for i, part in enumerate(s.kv_parts):
+            x = self.expanded(part, kv_rows + [f"D{i}"], kv_rows)
+            if _example(x).dtype != dt:
+                x = b.method("to", x, dt)
+            kv_list.append(x)
+        kv = b.call(torch.cat, kv_list, -1) if len(kv_list) > 1 else kv_list[0]
+        kv = b.method("reshape", kv, -1, 1, d_qk)
+
+        idx = self.indices(kv_batched)
+        scale = s.scale
+        if s.scale_input is not None:
+            scale = s.scale_input if s.scale == 1.0 else b.call(operator.mul, s.scale_input, s.scale)
+        result = b.call(SPARSE_ATTN, q, kv, idx, scale, s.dims.d_v)
+        out = b.call(operator.getitem, result, 0)
+        return self.to_user_layout(out, rows)
+
+    def indices(self, kv_batched: bool) -> torch.fx.Node:
+        s, b = self.site, self.b
+        bsk = [r for r in ("B", "S") if self.has(r)] + ["K"]
+        idx = self.expanded(s.indices, bsk, bsk)
+        idx = b.method("long", idx)
+        t_len = self.size("T")
+        if s.index_semantics == "python-index":
+            idx = b.call(torch.where, b.call(operator.lt, idx, 0), b.call(operator.add, idx, t_len), idx)
+        valid = b.call(operator.and_, b.call(operator.ge, idx, 0), b.call(operator.lt, idx, t_len))
+        safe = b.call(torch.where, valid, idx, 0)
+        dense = s.form == "index-mask"
+        for mask in s.masks:
+            if dense:
+                rows_t = [r for r in ("B", "S") if self.has(r)] + ["T"]
+                m = self.expanded(mask.operand, rows_t, rows_t)
+                g = b.method("gather", m, -1, safe)
+            else:
+                g = self.expanded(mask.operand, bsk, bsk)
+            valid = self.fold_mask(valid, g, mask)
+        if dense and not s.indices_unique:
+            idx, valid = self.drop_duplicates(idx, valid, t_len)
+        if kv_batched:
+            batch = b.call(torch.arange, self.size("B"), device=self.device)
+            offset = b.call(operator.mul, b.method("view", batch, -1, *([1] * (len(bsk) - 1))), t_len)
+            idx = b.call(operator.add, idx, offset)
+        idx = b.call(torch.where, valid, idx, -1)
+        idx = b.method("to", idx, torch.int32)
+        return b.method("reshape", idx, -1, 1, self.size("K"))
+
+    def fold_mask(self, valid: torch.fx.Node, g: torch.fx.Node, mask) -> torch.fx.Node:
+        b = self.b
+        if mask.kind == "fill":
+            return b.call(operator.and_, valid, b.call(operator.invert, g))
+        if mask.kind == "keep":
+            return b.call(operator.and_, valid, g)
+        zero = b.call(operator.eq, g, 0)
+        if mask.kind == "checked":
+            neg_inf = b.call(operator.eq, g, -math.inf)
+            ok = b.call(operator.or_, b.call(operator.or_, zero, neg_inf), b.call(operator.invert, valid))
+            msg = (
+                f"sparse_mla: the mask {mask.operand.node.name} added to the attention scores at "
+                f"{self.site.source} holds a value other than 0 or -inf at a selected key; the lowering "
+                f"folds only 0/-inf masks into the indices"
+            )
+            b.call(torch._assert_async, b.method("all", ok), msg)
+        return b.call(operator.and_, valid, zero)
+
+    def drop_duplicates(self, idx, valid, t_len):
+        """Sort each row; a repeat of the previous index is invalid, as a scatter mask collapses it."""
+        b = self.b
+        key = b.call(torch.where, valid, idx, t_len)
+        ordered = b.call(operator.getitem, b.method("sort", key, -1), 0)
+        first = b.call(operator.getitem, ordered, (Ellipsis, slice(None, 1)))
+        repeat = b.call(
+            operator.eq,
+            b.call(operator.getitem, ordered, (Ellipsis, slice(1, None))),
+            b.call(operator.getitem, ordered, (Ellipsis, slice(None, -1))),
+        )
+        repeat = b.call(torch.cat, [b.call(torch.zeros_like, first, dtype=torch.bool), repeat], -1)
+        valid = b.call(operator.and_, b.call(operator.lt, ordered, t_len), b.call(operator.invert, repeat))
+        return ordered, valid
+
+    def to_user_layout(self, out: torch.fx.Node, rows: list[str]) -> torch.fx.Node:
+        s, b = self.site, self.b
+        out = b.method("reshape", out, *[self.size(r) for r in rows], s.dims.d_v)
+        sizes = {"V": s.dims.d_v}
+        current = rows + ["V"]
+        wanted = [r for ax in s.output.axes for r in ax]
+        if sorted(wanted) != sorted(current):
+            raise RuntimeError(f"output roles {wanted} differ from the lowered roles {current}")
+        perm = [current.index(r) for r in wanted]
+        if perm != list(range(len(perm))):
+            out = b.method("permute", out, *perm)
+        shape = []
+        for ax in s.output.axes:
+            n: Any = 1
+            for r in ax:
+                n = self._mul(n, sizes[r] if r in sizes else self.size(r))
+            shape.append(n)
+        if len(shape) != len(wanted) or any(len(ax) != 1 for ax in s.output.axes):
+            out = b.method("reshape", out, *shape)
+        if _example(out).dtype != s.output_dtype:
+            out = b.method("to", out, s.output_dtype)
+        return out
+
+    def _mul(self, a: Any, c: Any) -> Any:
+        if isinstance(a, int) and isinstance(c, int):
+            return a * c
+        if isinstance(a, int) and a == 1:
+            return c
+        return self.b.call(operator.mul, a, c)
+
+
+def lower_site(gm: torch.fx.GraphModule, site: MatchedSite) -> torch.fx.Node:
+    """Rewrite one site in ``gm`` (the graph module that owns the site's nodes). All or nothing."""
+    graph = site.output.node.graph
+    lowering = _SiteLowering(site, graph)
+    try:
+        replacement = lowering.run()
+    except Exception:
+        lowering.b.undo()
+        raise
+    site.output.node.replace_all_uses_with(replacement)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(site.region, key=order.__getitem__, reverse=True):
+        if not node.users:
+            graph.erase_node(node)
+    return replacement
+
+
+def sparse_attn_calls(gm: torch.fx.GraphModule) -> int:
+    """Number of ``sparse_attn`` calls in ``gm`` and its submodules (for tests and reports)."""
+    n = 0
+    for mod in gm.modules():
+        if isinstance(mod, torch.fx.GraphModule):
+            n += sum(1 for node in mod.graph.nodes if node.op == "call_function" and node.target in (SPARSE_ATTN, torch.ops.sparse_mla.sparse_attn))
+    return n

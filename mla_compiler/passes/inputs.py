@@ -1,0 +1,50 @@
+"""The input table of a Dynamo graph: what each placeholder is, read from its fake value.
+
+Subclass inputs are named by type and flatten output, never by ``.dtype`` (which reports the logical
+dtype of every FP8 wrapper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from mla_compiler.passes import fx_ops
+
+
+def _short(x) -> str:
+    if isinstance(x, torch.SymInt):
+        return str(x.node.expr)
+    return str(x)
+
+
+def describe_tensor(t: torch.Tensor) -> dict:
+    row = {
+        "shape": [_short(s) for s in t.shape],
+        "stride": [_short(s) for s in t.stride()] if t.layout == torch.strided else None,
+        "dtype": str(t.dtype).replace("torch.", ""),
+        "device": str(t.device),
+        "requires_grad": bool(t.requires_grad),
+        "type": type(t).__name__ if type(t).__name__ not in ("FakeTensor", "FunctionalTensor") else "Tensor",
+    }
+    if is_traceable_wrapper_subclass(t):
+        names, ctx = t.__tensor_flatten__()
+        row["type"] = f"{type(t).__module__}.{type(t).__qualname__}"
+        row["inner"] = {n: describe_tensor(getattr(t, n)) for n in names}
+        row["flatten_context"] = {k: repr(v) for k, v in (ctx or {}).items()} if isinstance(ctx, dict) else repr(ctx)
+    return row
+
+
+def describe_inputs(gm: torch.fx.GraphModule) -> list[dict]:
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = fx_ops.meta_value(node)
+        if isinstance(value, torch.Tensor):
+            row = describe_tensor(value)
+        else:
+            row = {"type": type(value).__name__, "value": _short(value)}
+        rows.append({"name": node.name, **row})
+    return rows
