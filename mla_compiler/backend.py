@@ -62,14 +62,18 @@ def _validate(options: dict) -> BackendOptions:
     return opts
 
 
-def _compile_id() -> str:
+def _compile_id() -> tuple[str, int]:
+    """(frame/recompile id, attempt). Dynamo retries a frame (a new attempt) when tracing our op
+    specializes a symbolic float; the retry replaces the earlier attempt's graph."""
     try:
         from torch._guards import CompileContext
 
-        cid = CompileContext.current_compile_id()
-        return str(cid) if cid is not None else "?"
+        ctx = CompileContext.try_get()
+        if ctx is None or ctx.compile_id is None:
+            return "?", 0
+        return str(ctx.compile_id), int(ctx.attempt)
     except Exception:  # noqa: BLE001 - outside a Dynamo compile there is no id
-        return "?"
+        return "?", 0
 
 
 def _problem(site: MatchedSite) -> Problem:
@@ -83,12 +87,16 @@ class SparseMLABackend:
 
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
+        # Counts booked per compile id, taken back when Dynamo retries the same frame.
+        self._booked: dict[str, dict[str, int]] = {}
 
     def __repr__(self) -> str:
         return f"SparseMLABackend({self.options})"
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
-        report = CompileReport(compile_id=_compile_id(), inner=self._inner_name())
+        compile_id, attempt = _compile_id()
+        report = CompileReport(compile_id=compile_id, attempt=attempt, inner=self._inner_name())
+        self._unbook(compile_id)
         try:
             report.inputs = describe_inputs(gm)
             self._rewrite(gm, report)
@@ -100,16 +108,29 @@ class SparseMLABackend:
             counters[COUNTER]["pass_failed"] += 1
             report.failures.append(f"{type(exc).__name__}: {exc}")
             log.warning("sparse_mla: a pass failed (%s: %s); compiling graph %s unchanged", type(exc).__name__, exc, report.compile_id)
+        self._book(report)
         if self.options.on_report is not None:
             self.options.on_report(report)
         return self._inner(gm, example_inputs)
+
+    def _book(self, report: CompileReport) -> None:
+        booked = {"matched": len(report.sites), "rejected": len(report.rejections)}
+        for key, n in booked.items():
+            if n:
+                counters[COUNTER][key] += n
+        if report.compile_id != "?":
+            self._booked[report.compile_id] = booked
+
+    def _unbook(self, compile_id: str) -> None:
+        for key, n in self._booked.pop(compile_id, {}).items():
+            if n:
+                counters[COUNTER][key] -= n
 
     def _rewrite(self, gm: torch.fx.GraphModule, report: CompileReport) -> None:
         results = find_sites(gm)
         touched = set()
         for result in results:
             if isinstance(result, Rejection):
-                counters[COUNTER]["rejected"] += 1
                 report.rejections.append(RejectionReport(result.graph_name, result.source, result.check, result.reason))
                 continue
             site: MatchedSite = result
@@ -124,7 +145,6 @@ class SparseMLABackend:
                 report.failures.append(f"site at {site.source}: {type(exc).__name__}: {exc}")
                 log.warning("sparse_mla: lowering the site at %s failed (%s); it stays as written", site.source, exc)
                 continue
-            counters[COUNTER]["matched"] += 1
             touched.add(owner)
             report.sites.append(
                 SiteReport(

@@ -115,7 +115,7 @@ class MatchedSite:
     indices_unique: bool  # proven unique (topk); otherwise duplicates are dropped at run time
     masks: tuple[MaskTerm, ...]
     scale: float  # constant factor of the softmax scale
-    scale_input: Optional[torch.fx.Node]  # a float Dynamo lifted to an input (``x.item()``), times ``scale``
+    scale_factors: tuple  # (node, +1 | -1): Python numbers Dynamo kept symbolic, multiplied or divided in
     scale_text: str
     output: Operand
     output_dtype: Any
@@ -180,6 +180,7 @@ class CompileReport:
     """Everything the backend learned about one compiled graph (one frame, one recompile)."""
 
     compile_id: str
+    attempt: int = 0
     sites: list[SiteReport] = field(default_factory=list)
     rejections: list[RejectionReport] = field(default_factory=list)
     inputs: list[dict] = field(default_factory=list)
@@ -189,6 +190,7 @@ class CompileReport:
     def as_dict(self) -> dict:
         return {
             "compile_id": self.compile_id,
+            "attempt": self.attempt,
             "inner": self.inner,
             "sites": [s.as_dict() for s in self.sites],
             "rejections": [r.as_dict() for r in self.rejections],

@@ -94,4 +94,16 @@ def explain(model: Union[torch.nn.Module, Callable], *args: Any, inner: Union[st
     compiled = torch.compile(model, backend=make_backend(inner=inner, on_report=graphs.append), dynamic=dynamic)
     compiled(*args, **kwargs)
     after = sum(counters["recompiles"].values()) if "recompiles" in counters else 0
-    return ExplainReport(graphs=graphs, recompiles=after - before)
+    return ExplainReport(graphs=final_attempts(graphs), recompiles=after - before)
+
+
+def final_attempts(graphs: list[CompileReport]) -> list[CompileReport]:
+    """Drop reports of attempts Dynamo retried (same compile id, later attempt wins)."""
+    last: dict[str, CompileReport] = {}
+    order: list[str] = []
+    for g in graphs:
+        key = g.compile_id if g.compile_id != "?" else f"?{len(order)}"
+        if key not in last:
+            order.append(key)
+        last[key] = g
+    return [last[k] for k in order]

@@ -173,9 +173,10 @@ class _SiteLowering:
         kv = b.method("reshape", kv, -1, 1, d_qk)
 
         idx = self.indices(kv_batched)
-        scale = s.scale
-        if s.scale_input is not None:
-            scale = s.scale_input if s.scale == 1.0 else b.call(operator.mul, s.scale_input, s.scale)
+        scale: Any = s.scale
+        for node, exponent in s.scale_factors:
+            op = operator.mul if exponent > 0 else operator.truediv
+            scale = node if (exponent > 0 and isinstance(scale, float) and scale == 1.0) else b.call(op, scale, node)
         result = b.call(SPARSE_ATTN, q, kv, idx, scale, s.dims.d_v)
         out = b.call(operator.getitem, result, 0)
         return self.to_user_layout(out, rows)

@@ -102,16 +102,17 @@ class MLA(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.softmax_scale = cfg.softmax_scale
         self.indexer = Indexer(cfg)
-        self.kv_cache: Optional[torch.Tensor] = None
-        self.pe_cache: Optional[torch.Tensor] = None
-        self.k_cache: Optional[torch.Tensor] = None
+        # Decode caches (DeepSeek's buffers); None until ``allocate_cache``.
+        self.register_buffer("kv_cache", None, persistent=False)
+        self.register_buffer("pe_cache", None, persistent=False)
+        self.register_buffer("k_cache", None, persistent=False)
 
     def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype, device=None) -> None:
-        """Latent, rope and indexer-key caches for decoding, as DeepSeek's buffers."""
+        """Latent, rope and indexer-key caches for decoding."""
         cfg = self.cfg
-        self.register_buffer("kv_cache", torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("pe_cache", torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("k_cache", torch.zeros(batch, max_len, cfg.index_head_dim, dtype=dtype, device=device), persistent=False)
+        self.kv_cache = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe_cache = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self.k_cache = torch.zeros(batch, max_len, cfg.index_head_dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], start_pos: int = 0) -> torch.Tensor:
         cfg = self.cfg

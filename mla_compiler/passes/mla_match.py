@@ -19,6 +19,7 @@ head, the value is a prefix of the key latent, and the scale is a known positive
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -48,13 +49,11 @@ class _Coef:
     """The scalar a score term is multiplied by: a constant times run-time scalars (lifted floats)."""
 
     const: float = 1.0
-    nodes: tuple = ()
+    nodes: tuple = ()  # (node, +1 to multiply | -1 to divide)
 
     def times(self, other: Union[float, torch.fx.Node], divide: bool = False) -> "_Coef":
         if isinstance(other, torch.fx.Node):
-            if divide:
-                raise Reject("scale", f"the scores are divided by a run-time value ({other.name})")
-            return _Coef(self.const, self.nodes + (other,))
+            return _Coef(self.const, self.nodes + ((other, -1 if divide else 1),))
         return _Coef(self.const / other if divide else self.const * other, self.nodes)
 
     def same(self, other: "_Coef") -> bool:
@@ -62,8 +61,9 @@ class _Coef:
 
     def text(self) -> str:
         parts = [repr(self.const)] if (self.const != 1.0 or not self.nodes) else []
-        parts += [f"{n.name} (a float Dynamo lifted to an input)" for n in self.nodes]
-        return " * ".join(parts)
+        parts += [f"{'/' if e < 0 else ''}{n.name}" for n, e in self.nodes]
+        text = " * ".join(parts).replace("* /", "/")
+        return text + (" (Python numbers Dynamo kept symbolic)" if self.nodes else "")
 
 
 @dataclass
@@ -110,21 +110,37 @@ def _is_upcast(node: torch.fx.Node) -> bool:
     return src.dtype.is_floating_point and dst.dtype.is_floating_point and torch.finfo(dst.dtype).bits > torch.finfo(src.dtype).bits and not src.dtype.is_complex
 
 
-def _lifted_float(node: Any) -> bool:
-    """``x.item()`` of a 0-d graph input: a Python float Dynamo turned into an input."""
-    return (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_method"
-        and node.target == "item"
-        and isinstance(node.args[0], torch.fx.Node)
-        and node.args[0].op == "placeholder"
-    )
+_SCALAR_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, operator.pow, operator.neg, math.sqrt, torch.sym_float}
+if hasattr(torch, "_sym_sqrt"):
+    _SCALAR_ARITHMETIC.add(torch._sym_sqrt)
+
+
+def _scalar_expression(node: Any) -> bool:
+    """A Python number Dynamo kept symbolic: a lifted float (``x.item()`` of a graph input), a
+    symbolic size, or arithmetic on those (``1 / math.sqrt(d)``). Its meaning is known: it is the
+    user's Python scale, only not specialized yet."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return True
+    if not isinstance(node, torch.fx.Node):
+        return False
+    value = fx_ops.meta_value(node)
+    if not isinstance(value, (torch.SymFloat, torch.SymInt, float, int)):
+        return False
+    if node.op == "placeholder":
+        return True
+    if node.op == "call_method" and node.target == "item":
+        return isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "placeholder"
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target in _SCALAR_ARITHMETIC:
+        return all(_scalar_expression(a) for a in node.args)
+    return False
 
 
 def _scalar_factor(x: Any) -> Optional[Union[float, torch.fx.Node]]:
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return float(x)
-    if _lifted_float(x):
+    if isinstance(x, torch.fx.Node) and _scalar_expression(x):
         return x
     return None
 
@@ -132,6 +148,8 @@ def _scalar_factor(x: Any) -> Optional[Union[float, torch.fx.Node]]:
 def _describe(node: Any) -> str:
     if not isinstance(node, torch.fx.Node):
         return repr(node)
+    if node.op == "placeholder":
+        return f"input {node.target}"
     view = fx_ops.read(node)
     what = view.kind if view else str(node.target)
     return f"{node.name} ({what}, {fx_ops.source_line(node)})"
@@ -266,7 +284,18 @@ class _Analysis:
         self.c.leaves.append((node, coef))
 
     def walk_operand(self, node: torch.fx.Node, allow_gather: bool, value: bool = False) -> _Walk:
-        """Back through upcasts, layout ops and (keys only) a gather, to the tensor the op will read."""
+        """Back through upcasts, layout ops and (keys only) a gather, to the tensor the op will read.
+
+        Reshapes that merge or split axes are looked through only when a gather lies behind them
+        (``kv.index_select(0, idx.view(-1)).view(s, k, d)``); otherwise the operand stays the
+        tensor the user reshaped, so the op reads what the user wrote."""
+        if allow_gather:
+            full = self._walk(node, allow_gather, value, reshapes=True)
+            if full.gather is not None:
+                return full
+        return self._walk(node, allow_gather, value, reshapes=False)
+
+    def _walk(self, node: torch.fx.Node, allow_gather: bool, value: bool, reshapes: bool) -> _Walk:
         chain: list = []
         gather: Optional[_Gather] = None
         prefix: Optional[int] = None
@@ -274,12 +303,14 @@ class _Analysis:
         while True:
             view = fx_ops.read(cur)
             kind = view.kind if view else None
-            shared_ok = _single_user(cur)
+            # A node the keys and the value both read (the gathered keys) may have several users;
+            # the escape check later proves they all belong to the attention.
+            shared_ok = _single_user(cur) or reshapes
             if kind == "to_dtype" and _is_upcast(cur) and shared_ok:
                 chain.append(cur)
                 cur = view.input
                 continue
-            if kind in LAYOUT and shared_ok and _keeps_axes(cur):
+            if kind in LAYOUT and shared_ok and (reshapes or _keeps_axes(cur)):
                 chain.append(cur)
                 cur = view.input
                 continue
@@ -295,7 +326,7 @@ class _Analysis:
                 if g is not None:
                     gather = g
                     chain.append(cur)
-                    inner = self.walk_operand(g.kv, allow_gather=False)
+                    inner = self._walk(g.kv, allow_gather=False, value=False, reshapes=False)
                     chain.extend(inner.chain)
                     g.kv = inner.source
                     return _Walk(inner.source, chain, gather, prefix)
@@ -427,8 +458,8 @@ class _Analysis:
                     continue
             if kind in CONTRACTIONS:
                 raise Reject("scores", f"{_describe(leaf)} is also used outside the attention")
-            if coef.const <= 0:
-                raise Reject("mask", f"{_describe(leaf)} enters the scores with a non-positive factor")
+            if coef.const <= 0 or coef.nodes:
+                raise Reject("mask", f"{_describe(leaf)} enters the scores multiplied by {coef.text()}; a mask must be added unscaled or with a positive constant")
             values = mask_values.value_set(leaf)
             t = fx_ops.meta_tensor(leaf)
             if values is None:
@@ -525,16 +556,23 @@ class _Analysis:
             a_k = a_k[0]
         else:
             a_k = a_sm
-            g = gathers[0]
-            gin_axes = alg.canon(self.axes_of(g.node.args[0]))
-            if len(gin_axes[g.kv_axis]) != 1:
-                raise Reject("gather", "the gathered axis of the keys is a unit or merged axis")
-            a_t = gin_axes[g.kv_axis][0]
-            if g.batch_arange is not None:
-                ar_atoms = self.atoms(g.batch_arange)
-                b_axis = alg.canon(self.axes_of(g.node.args[0]))[g.kv_axis - 1]
-                for x in ar_atoms:
-                    alg.unify_axis((x,), b_axis)
+            if a_sm not in self.atoms(idx_walk.source) or any(a_sm not in self.atoms(g.node) for g in gathers):
+                raise Reject("softmax", f"the softmax runs over dim {dim}, which is not the axis of the selected keys")
+            a_t = None
+            for g in gathers:
+                gin_axes = alg.canon(self.axes_of(g.node.args[0]))
+                if len(gin_axes[g.kv_axis]) != 1:
+                    raise Reject("gather", "the gathered axis of the keys is a unit or merged axis")
+                # Gathers with the same indices read the same key positions: one T axis.
+                if a_t is None:
+                    a_t = gin_axes[g.kv_axis][0]
+                else:
+                    alg.unify(a_t, gin_axes[g.kv_axis][0])
+                if g.batch_arange is not None:
+                    b_axis = gin_axes[g.kv_axis - 1]
+                    for x in self.atoms(g.batch_arange):
+                        alg.unify_axis((x,), b_axis)
+            a_t = alg.find(a_t)
 
         # Score contractions: which operand is the key, what they contract.
         q_parts, kv_parts, d_atoms = [], [], []
@@ -562,7 +600,11 @@ class _Analysis:
         kv_atoms = set().union(*(self.atoms(w.gather.kv if w.gather else w.source) for w in kv_parts))
         idx_atoms = self.atoms(idx_walk.source)
         score_atoms = {a for ax in sm_axes for a in ax} - {a_sm}
-        b_set = {x for x in score_atoms if x in q_atoms and x in kv_atoms}
+        shared = {x for x in score_atoms if x in q_atoms and x in kv_atoms}
+        b_set = {x for x in shared if x in idx_atoms} if len(shared) > 1 else shared
+        if shared - b_set:
+            keys = ", ".join(_describe(w.gather.kv if w.gather else w.source) for w in kv_parts)
+            raise Reject("keys", f"the keys ({keys}) differ across heads: this is multi-head attention; sparse MLA needs one latent shared by all heads (the absorbed form)")
         rest = score_atoms - b_set
         for x in rest:
             if x not in q_atoms:
@@ -633,21 +675,14 @@ class _Analysis:
         self._check_mutations(out_mm, [w.source for w in q_parts] + [w.gather.kv if w.gather else w.source for w in kv_parts] + [idx_walk.source] + [m[0] for m in masks])
 
         # Widths, dtypes, scale.
-        d_parts = []
-        for d in d_atoms:
-            w = static_int(alg.size(d))
-            if w is None:
-                raise Reject("layout", "a feature width is dynamic; feature widths must be static")
-            d_parts.append(w)
-        d_v = static_int(alg.size(a_v))
-        if d_v is None:
-            raise Reject("layout", "the value width is dynamic")
+        # Widths and the head count shape the kernel: a symbolic one is specialized (a guard).
+        notes = []
+        d_parts = [self._specialize(alg.size(d), "feature width", notes) for d in d_atoms]
+        d_v = self._specialize(alg.size(a_v), "value width", notes)
         heads = 1
         for x, r in roles.items():
             if r == "H":
-                heads = static_int(alg.size(x))
-                if heads is None:
-                    raise Reject("layout", "the head count is dynamic; it must be static")
+                heads = self._specialize(alg.size(x), "head count", notes)
         if v_walk.prefix is None and d_v != d_parts[0]:
             raise Reject("value", "the value width differs from the latent width without a [..., :d_v] slice")
         if d_v > d_parts[0]:
@@ -661,12 +696,9 @@ class _Analysis:
         compute = next(iter(dtypes)) if len(dtypes) == 1 else _widest(dtypes)
         if coef0.const <= 0:
             raise Reject("scale", f"the softmax scale {coef0.const} is not positive")
-        if len(coef0.nodes) > 1:
-            raise Reject("scale", "the scale is a product of several run-time values")
 
         sizes = self._sizes(roles, q_parts, kv_parts, idx_walk, masks)
         unique = _proven_unique(idx_walk.source)
-        notes = []
         if semantics == "scatter" and not unique:
             notes.append("indices not proven unique: duplicates are dropped at run time, as the scatter mask would")
         if semantics == "python-index":
@@ -695,7 +727,7 @@ class _Analysis:
             indices_unique=unique,
             masks=tuple(mask_terms),
             scale=coef0.const,
-            scale_input=coef0.nodes[0] if coef0.nodes else None,
+            scale_factors=coef0.nodes,
             scale_text=coef0.text(),
             output=self.operand(out_mm, out_roles),
             output_dtype=out_t.dtype,
@@ -705,6 +737,16 @@ class _Analysis:
             region=frozenset(c.region),
             notes=tuple(notes),
         )
+
+    def _specialize(self, size: Any, what: str, notes: list) -> int:
+        fixed = static_int(size)
+        if fixed is not None:
+            return fixed
+        from torch.fx.experimental.symbolic_shapes import guard_int
+
+        fixed = guard_int(size)
+        notes.append(f"{what} specialized to {fixed} (it shapes the kernel; a different value recompiles)")
+        return fixed
 
     def _value_part(self, v_walk: _Walk, kv_parts: list, gathers: list) -> int:
         if v_walk.gather is not None:
@@ -763,14 +805,22 @@ class _Analysis:
                 raise Reject("mutation", f"{_describe(node)} updates {_describe(node.args[0])} in place inside the attention")
 
     def _check_mutations(self, out_mm: torch.fx.Node, leaves: list) -> None:
+        """The op reads its inputs where the weighted sum was; the user's code read them earlier,
+        where the region first used them. A write in between would change what is read."""
         order = {n: i for i, n in enumerate(out_mm.graph.nodes)}
-        start = min(order[n] for n in self.c.region | {self.c.softmax})
         end = order[out_mm]
-        roots = {_root_base(x) for x in leaves}
+        first_read: dict = {}
+        for leaf in leaves:
+            users = [order[u] for u in leaf.users if u in self.c.region]
+            root = _root_base(leaf)
+            if users:
+                first_read[root] = min(first_read.get(root, end), min(users))
         for node in out_mm.graph.nodes:
-            if start <= order[node] < end and node not in self.c.region and fx_ops.is_mutating(node):
-                if node.args and _root_base(node.args[0]) in roots:
-                    raise Reject("mutation", f"{_describe(node)} writes into an input of the attention between the scores and the weighted sum")
+            if node in self.c.region or not fx_ops.is_mutating(node) or not node.args:
+                continue
+            root = _root_base(node.args[0])
+            if root in first_read and first_read[root] < order[node] < end:
+                raise Reject("mutation", f"{_describe(node)} writes into an input of the attention between the scores and the weighted sum")
 
 
 def _keeps_axes(node: torch.fx.Node) -> bool:
@@ -808,7 +858,8 @@ def _prefix_slice(node: torch.fx.Node) -> Optional[int]:
     if src is None or not items:
         return None
     last = items[-1]
-    if not isinstance(last, slice) or last.start not in (None, 0) or last.step not in (None, 1) or not isinstance(last.stop, int):
+    stop = fx_ops.meta_value(last.stop) if isinstance(last, slice) else None
+    if not isinstance(last, slice) or last.start not in (None, 0) or last.step not in (None, 1) or not isinstance(stop, (int, torch.SymInt)):
         return None
     head = items[:-1]
     if head and head[0] is Ellipsis:
@@ -818,7 +869,7 @@ def _prefix_slice(node: torch.fx.Node) -> Optional[int]:
     if any(not (isinstance(it, slice) and it == slice(None)) for it in head):
         return None
     width = src.shape[-1]
-    return min(last.stop, width) if isinstance(width, int) else last.stop
+    return min(stop, width) if isinstance(width, int) and isinstance(stop, int) else stop
 
 
 def _arange_over(node: Any, size: Any) -> bool:
