@@ -11,6 +11,7 @@ the canonical op's registered backward.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
@@ -99,13 +100,17 @@ class SparseMLABackend:
         self._unbook(compile_id)
         try:
             report.inputs = describe_inputs(gm)
-            self._rewrite(gm, report)
+            # Rewrite a copy: if anything fails, the user's graph is compiled exactly as captured.
+            rewritten = copy_for_rewrite(gm)
+            self._rewrite(rewritten, report)
+            gm = rewritten
         except SiteLoweringError:
             raise
         except Exception as exc:  # noqa: BLE001 - a pass bug must not break the user's program
             if self.options.strict:
                 raise
             counters[COUNTER]["pass_failed"] += 1
+            report.sites.clear()
             report.failures.append(f"{type(exc).__name__}: {exc}")
             log.warning("sparse_mla: a pass failed (%s: %s); compiling graph %s unchanged", type(exc).__name__, exc, report.compile_id)
         self._book(report)
@@ -129,6 +134,7 @@ class SparseMLABackend:
     def _rewrite(self, gm: torch.fx.GraphModule, report: CompileReport) -> None:
         results = find_sites(gm)
         touched = set()
+        replaced: dict = {}  # a lowered site's output node -> its replacement (later sites may read it)
         for result in results:
             if isinstance(result, Rejection):
                 report.rejections.append(RejectionReport(result.graph_name, result.source, result.check, result.reason))
@@ -137,7 +143,7 @@ class SparseMLABackend:
             owner = gm.get_submodule(site.graph_name) if site.graph_name else gm
             choice = choose_kernel(_problem(site))
             try:
-                lower_site(owner, site)
+                lower_site(owner, site, replaced)
             except Exception as exc:  # noqa: BLE001 - one site failing leaves the others lowered
                 if self.options.strict:
                     raise SiteLoweringError(f"lowering the site at {site.source} failed: {exc}") from exc
@@ -181,6 +187,35 @@ class SparseMLABackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
+
+
+def copy_for_rewrite(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with copied graphs (its own and its higher-order-op bodies) sharing parameters,
+    buffers and node metadata with ``gm``: rewriting it leaves ``gm`` as captured."""
+    new = torch.fx.GraphModule(gm, _copy_graph(gm.graph), class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    for attr in ("_param_name_to_source", "_source_to_user_stacks", "compile_subgraph_reason"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    for name, child in gm.named_children():
+        if isinstance(child, torch.fx.GraphModule):
+            setattr(new, name, copy_for_rewrite(child))
+    return new
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    val_map: dict = {}
+    new = torch.fx.Graph(tracer_cls=graph._tracer_cls)
+    out, old_output = new.graph_copy(graph, val_map=val_map, return_output_node=True)
+    new._codegen = copy.deepcopy(graph._codegen)
+    new_output = new.output(out, type_expr=getattr(old_output, "type", None))
+    new_output.meta = copy.copy(old_output.meta)
+    for old, node in val_map.items():
+        # Dynamo hangs the input's source on placeholders as a plain attribute.
+        for attr, value in vars(old).items():
+            if attr.startswith("_dynamo"):
+                setattr(node, attr, value)
+    return new
 
 
 def make_backend(**options: Any) -> SparseMLABackend:

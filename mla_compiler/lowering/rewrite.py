@@ -17,6 +17,7 @@ at compile time, and later passes can read shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any, Optional
@@ -274,8 +275,14 @@ class _SiteLowering:
         return self.b.call(operator.mul, a, c)
 
 
-def lower_site(gm: torch.fx.GraphModule, site: MatchedSite) -> torch.fx.Node:
-    """Rewrite one site in ``gm`` (the graph module that owns the site's nodes). All or nothing."""
+def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None) -> torch.fx.Node:
+    """Rewrite one site in ``gm`` (the graph module that owns the site's nodes). All or nothing.
+
+    ``replaced`` maps the outputs of sites lowered earlier to their replacements: a site matched
+    before an earlier one was lowered may read that earlier output (stacked layers do). It is
+    updated with this site's output."""
+    replaced = {} if replaced is None else replaced
+    site = _renamed(site, replaced)
     graph = site.output.node.graph
     lowering = _SiteLowering(site, graph)
     try:
@@ -284,11 +291,30 @@ def lower_site(gm: torch.fx.GraphModule, site: MatchedSite) -> torch.fx.Node:
         lowering.b.undo()
         raise
     site.output.node.replace_all_uses_with(replacement)
+    replaced[site.output.node] = replacement
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in sorted(site.region, key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
     return replacement
+
+
+def _renamed(site: MatchedSite, replaced: dict) -> MatchedSite:
+    if not replaced:
+        return site
+    fix = lambda n: replaced.get(n, n)  # noqa: E731
+    op = lambda o: dataclasses.replace(o, node=fix(o.node))  # noqa: E731
+    sizes = {r: dataclasses.replace(w, node=fix(w.node)) if w.node is not None else w for r, w in site.sizes.items()}
+    return dataclasses.replace(
+        site,
+        q_parts=tuple(op(o) for o in site.q_parts),
+        kv_parts=tuple(op(o) for o in site.kv_parts),
+        value=op(site.value),
+        indices=op(site.indices),
+        masks=tuple(dataclasses.replace(m, operand=op(m.operand)) for m in site.masks),
+        sizes=sizes,
+        scale_factors=tuple((fix(n), e) for n, e in site.scale_factors),
+    )
 
 
 def sparse_attn_calls(gm: torch.fx.GraphModule) -> int:

@@ -151,7 +151,7 @@ def _describe(node: Any) -> str:
     if node.op == "placeholder":
         return f"input {node.target}"
     view = fx_ops.read(node)
-    what = view.kind if view else str(node.target)
+    what = view.kind if view else getattr(node.target, "__name__", str(node.target))
     return f"{node.name} ({what}, {fx_ops.source_line(node)})"
 
 

@@ -1,0 +1,31 @@
+# The two front-door commands. Each sets up its own virtual environment on a fresh machine.
+#   make demo   compile a reference MLA model with backend="sparse_mla": what matched, what ran, how fast
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The exact CPU build CI pins; the package itself accepts torch>=2.11,<2.15.
+TORCH_SPEC ?= torch==2.13.0
+
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
+
+.PHONY: demo test setup clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q numpy "triton>=3.6" "torchao==0.18.0" "pytest>=8" "hypothesis>=6"
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m mla_compiler.demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
