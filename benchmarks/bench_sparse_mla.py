@@ -99,7 +99,7 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     if sweep:
         configs += [
             dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st)
-            for n in (32, 64) for w in (4, 8) for st in (1, 2, 3)
+            for n, w, st in ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 1), (64, 8, 2), (64, 8, 3), (16, 4, 3))
         ]
     best = None
     for cfg in configs:
@@ -116,7 +116,7 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     dout = torch.randn_like(out)
     bconfigs = [None]
     if sweep:
-        bconfigs += [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st) for n in (16, 32, 64) for w in (4, 8) for st in (1, 2)]
+        bconfigs += [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in ((16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 2), (64, 8, 1))]
     for cfg in bconfigs:
         try:
             ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v, launch=cfg))
