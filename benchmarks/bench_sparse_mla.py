@@ -99,7 +99,7 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     if sweep:
         configs += [
             dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st)
-            for n, w, st in ((32, 4, 2), (32, 8, 2), (64, 4, 2), (64, 8, 1), (64, 8, 2), (64, 8, 3), (16, 4, 3))
+            for n, w, st in ((32, 8, 2), (64, 8, 2), (64, 8, 3), (64, 16, 2), (32, 16, 2), (64, 16, 3))
         ]
     best = None
     for cfg in configs:
@@ -114,17 +114,33 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
             best = (ms, cfg)
     out, lse = tk.forward(q, kv, idx, scale, d_v)
     dout = torch.randn_like(out)
+    kernel_breakdown(name + " bwd", lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
     bconfigs = [None]
     if sweep:
-        bconfigs += [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st) for n, w, st in ((16, 4, 1), (16, 8, 1), (32, 4, 1), (32, 8, 2), (64, 8, 1))]
+        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 32, 8, 1), (64, 16, 8, 1), (64, 32, 16, 1), (32, 32, 8, 1), (32, 64, 8, 1), (64, 64, 8, 1))]
     for cfg in bconfigs:
         try:
             ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v, launch=cfg))
         except Exception as exc:  # noqa: BLE001
             row(section="bwd-config", shape=name, config=str(cfg), error=type(exc).__name__)
             continue
-        row(section="bwd" if cfg is None else "bwd-config", shape=name, impl="triton", config=str(cfg or "policy"), ms=ms, tflops=2.5 * fl / ms / 1e9, **tk.LAST_LAUNCH.get("backward", {}))
+        dq_info = {f"dq_{k}": v for k, v in tk.LAST_LAUNCH.get("backward_dq", {}).items()}
+        dkv_info = {f"dkv_{k}": v for k, v in tk.LAST_LAUNCH.get("backward_dkv", {}).items() if k in ("n_regs", "n_spills")}
+        row(section="bwd" if cfg is None else "bwd-config", shape=name, impl="triton", config=str(cfg or "policy"), ms=ms, tflops=2.5 * fl / ms / 1e9, **dq_info, **dkv_info)
     return best
+
+
+def kernel_breakdown(name, fn):
+    """CUDA time per kernel name inside one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:5]:
+        row(section="profile", shape=name, impl=evt.key[:40], ms=evt.device_time_total / 1e3)
 
 
 def inductor_rows(q, kv, idx, scale, d_v, s_q, s_kv):

@@ -7,12 +7,14 @@ softmax in base 2 (the scale folded with log2 e), O += P V with V the first d_v 
 rows (the loaded latent tile itself when d_v == D_A). Gathering once per key block for many heads
 is what keeps the kernel compute-bound.
 
-Backward: the same walk, recomputing P from the saved lse: dP = dO V^T, dS = P (dP - delta),
-dQ += dS K, and dK = dS^T Q (+ P^T dO for the value columns) scattered into an fp32 dKV buffer
-with atomic adds (several queries select the same key). Atomics make dKV's summation order, hence
-its last bits, vary between runs; ``MLA_COMPILER_DETERMINISTIC=1`` (or
-``torch.use_deterministic_algorithms(True)``) takes a deterministic path instead: the kernel writes
-each (query, slot) contribution to a buffer and a sorted ``index_put_`` sums them in a fixed order.
+Backward, two passes over chunks of tokens: (1) per (token, head block) the same walk recomputes
+P from the saved lse, dP = dO V^T, dS = P (dP - delta), dQ += dS K, and writes dS and P in bf16;
+(2) per (token, block of slots, block of columns) dK = scale * dS^T Q and dV = P^T dO are summed
+over all heads, then added into an fp32 dKV with one atomic add per element (several queries
+select the same key). Atomics make dKV's summation order, hence its last bits, vary between runs;
+``MLA_COMPILER_DETERMINISTIC=1`` (or ``torch.use_deterministic_algorithms(True)``) takes a
+deterministic path: pass (2) writes each (token, slot) row to a buffer and a sorted ``index_put_``
+adds them in a fixed order.
 
 Widths are parameters: d_qk is split as D_A (the largest power of two <= d_qk) + D_B (the rest,
 padded to a power of two and masked), so DeepSeek's 576 = 512 + 64 and NAM56R's 128 = 128 + 0 need
@@ -64,29 +66,83 @@ def declines(problem) -> Optional[str]:
 
 
 class LaunchPolicy:
-    """Tile sizes and warps per shape family. DeepSeek (576/512) and NAM56R (128/64) differ 4x in
-    width: the wide one is register-bound (a 64x512 fp32 accumulator), the narrow one can take
-    more keys per step."""
+    """Candidate launch configurations per shape family, best first; a launch takes the first that
+    fits the device (``OutOfResources`` moves on to the next) and remembers it per shape.
+
+    DeepSeek (576/512) and NAM56R (128/64) differ 4x in width: the wide one is bound by the
+    64x512 fp32 accumulator in registers and by shared memory for 512-wide operands (the backward
+    uses Q and dO in two operand roles each), the narrow one can take more keys per step.
+    """
 
     @staticmethod
-    def forward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> dict:
+    def forward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
         block_h = min(64, max(16, triton.next_power_of_2(hpg)))
         if interpreted():
-            return dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)
-        wide = d_qk > 256
-        if wide:
-            return dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=2)
-        return dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=3)
+            return [dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)]
+        small_h = min(block_h, 32)
+        if d_qk > 256:
+            return [
+                dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=2),
+                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=2),
+                dict(BLOCK_H=small_h, BLOCK_N=32, num_warps=4, num_stages=1),
+                dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
+            ]
+        return [
+            dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=3),
+            dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=2),
+            dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        ]
 
     @staticmethod
-    def backward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> dict:
+    def backward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
         block_h = min(64, max(16, triton.next_power_of_2(hpg)))
         if interpreted():
-            return dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)
-        wide = d_qk > 256
-        if wide:
-            return dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=1)
-        return dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2)
+            return [dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)]
+        small_h = min(block_h, 32)
+        if d_qk > 256:
+            return [
+                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=1),
+                dict(BLOCK_H=small_h, BLOCK_N=32, num_warps=8, num_stages=1),
+                dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
+            ]
+        return [
+            dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=4, num_stages=2),
+            dict(BLOCK_H=small_h, BLOCK_N=32, num_warps=4, num_stages=1),
+            dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
+        ]
+
+
+    @staticmethod
+    def backward_dkv(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
+        block_hh = min(64, max(16, triton.next_power_of_2(hpg)))
+        if interpreted():
+            return [dict(BLOCK_N=16, BLOCK_C=32, BLOCK_HH=block_hh, num_warps=4, num_stages=1)]
+        return [
+            dict(BLOCK_N=64, BLOCK_C=64, BLOCK_HH=block_hh, num_warps=4, num_stages=2),
+            dict(BLOCK_N=32, BLOCK_C=64, BLOCK_HH=min(block_hh, 32), num_warps=4, num_stages=1),
+        ]
+
+
+_FITTED: dict = {}
+
+
+def _launch(kernel, name: str, key: tuple, candidates: list[dict], grid_of, args: tuple, constexprs: dict):
+    """Launch with the first candidate that fits the device; remember it for ``key``."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = [_FITTED[key]] if key in _FITTED else candidates
+    last = None
+    for cfg in tried:
+        try:
+            compiled = kernel[grid_of(cfg)](*args, **constexprs, **cfg)
+        except OutOfResources as exc:
+            last = exc
+            continue
+        _FITTED[key] = cfg
+        _record(name, compiled, cfg)
+        return cfg
+    raise RuntimeError(f"sparse_mla {name}: no launch configuration fits this device ({last}); tried {tried}")
 
 
 @triton.jit
@@ -177,20 +233,22 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
-    Q, KV, IDX, DO, LSE2, DELTA, DQ, DKV, TOPK_LEN,
+def _bwd_dq_kernel(
+    Q, KV, IDX, DO, LSE2, DELTA, DQ, DS, P, TOPK_LEN,
     stride_qt, stride_qh,
     stride_kvs, stride_kvg,
     stride_it, stride_ig,
     stride_dot, stride_doh,
     stride_lt,
-    stride_dkvs, stride_dkvg,
-    S_KV, TOPK, HPG, D_QK, sm_scale, sm_scale_log2,
+    stride_st, stride_sh,
+    t0, S_KV, TOPK, HPG, D_QK, sm_scale, sm_scale_log2,
     D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-    V_IS_A: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PER_SLOT: tl.constexpr,
+    V_IS_A: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    """dQ for one (token, key group, head block), and dS, P (bf16) for the dKV pass."""
+    r = tl.program_id(0)
+    t = t0 + r
     g = tl.program_id(1)
     hb = tl.program_id(2)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -217,6 +275,7 @@ def _bwd_kernel(
         dq_b = tl.zeros([BLOCK_H, D_B], dtype=tl.float32)
     idx_row = IDX + t * stride_it + g * stride_ig
     kv_grp = KV + g * stride_kvg
+    s_row = r * stride_st + heads[:, None] * stride_sh
     for n0 in range(0, TOPK, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_row + offs_n, mask=offs_n < topk, other=-1)
@@ -233,37 +292,13 @@ def _bwd_kernel(
         else:
             v = tl.load(k_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
         dp = _mm(do, tl.trans(v), IEEE, UPCAST)
-        ds = p * (dp - delta[:, None])
-        ds_lo = ds.to(k_a.dtype)
-        p_lo = p.to(k_a.dtype)
-        dq_a += _mm(ds_lo, k_a, IEEE, UPCAST)
-        dk_a = _mm(tl.trans(ds_lo), q_a, IEEE, UPCAST) * sm_scale
-        dv = _mm(tl.trans(p_lo), do, IEEE, UPCAST)
-        if PER_SLOT:
-            # Deterministic path: one row per (token, slot, head block), summed later in order.
-            dst = DKV + ((t * tl.num_programs(1) + g) * tl.num_programs(2) + hb) * stride_dkvg + offs_n[:, None] * stride_dkvs
-            row_ok = offs_n[:, None] < TOPK
-        else:
-            dst = DKV + g * stride_dkvg + idx.to(tl.int64)[:, None] * stride_dkvs
-            row_ok = valid[:, None]
-        if V_IS_A:
-            dk_a += dv
-        else:
-            if PER_SLOT:
-                tl.store(dst + (D_A + D_B + offs_v)[None, :], dv, mask=row_ok & (offs_v[None, :] < DV))
-            else:
-                tl.atomic_add(dst + offs_v[None, :], dv, mask=row_ok & (offs_v[None, :] < DV), sem="relaxed")
-        if PER_SLOT:
-            tl.store(dst + offs_a[None, :], dk_a, mask=row_ok)
-        else:
-            tl.atomic_add(dst + offs_a[None, :], dk_a, mask=row_ok, sem="relaxed")
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a += _mm(ds, k_a, IEEE, UPCAST)
         if D_B > 0:
-            dq_b += _mm(ds_lo, k_b, IEEE, UPCAST)
-            dk_b = _mm(tl.trans(ds_lo), q_b, IEEE, UPCAST) * sm_scale
-            if PER_SLOT:
-                tl.store(dst + offs_b[None, :], dk_b, mask=row_ok & b_ok[None, :])
-            else:
-                tl.atomic_add(dst + offs_b[None, :], dk_b, mask=row_ok & b_ok[None, :], sem="relaxed")
+            dq_b += _mm(ds, k_b, IEEE, UPCAST)
+        st_mask = h_ok[:, None] & (offs_n[None, :] < TOPK)
+        tl.store(DS + s_row + offs_n[None, :], ds, mask=st_mask)
+        tl.store(P + s_row + offs_n[None, :], p.to(k_a.dtype), mask=st_mask)
 
     dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
     tl.store(dq_row + offs_a[None, :], (dq_a * sm_scale).to(DQ.dtype.element_ty), mask=h_ok[:, None])
@@ -271,23 +306,77 @@ def _bwd_kernel(
         tl.store(dq_row + offs_b[None, :], (dq_b * sm_scale).to(DQ.dtype.element_ty), mask=h_ok[:, None] & b_ok[None, :])
 
 
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, DO, IDX, DS, P, DKV,
+    stride_qt, stride_qh,
+    stride_dot, stride_doh,
+    stride_it, stride_ig,
+    stride_st, stride_sh,
+    stride_dkv_row, stride_dkvg, stride_dkvs,
+    t0, S_KV, TOPK, HPG, H_KV, D_QK, sm_scale,
+    DV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PER_SLOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HH: tl.constexpr,
+):
+    """dKV of one (token, key group, block of slots, block of columns), summed over all heads
+    before one atomic add per element (per-slot rows in the deterministic path):
+    dK = scale * dS^T Q,  dV = P^T dO (the first d_v columns)."""
+    rg = tl.program_id(0)
+    r = rg // H_KV
+    g = rg % H_KV
+    t = t0 + r
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < D_QK
+    # Slots past topk_length hold dS = P = 0 (the dQ pass wrote zeros there): adding them is harmless.
+    idx = tl.load(IDX + t * stride_it + g * stride_ig + offs_n, mask=offs_n < TOPK, other=-1)
+    acc_k = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    acc_v = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    with_v = tl.program_id(2) * BLOCK_C < DV
+    for h0 in range(0, HPG, BLOCK_HH):
+        offs_h = h0 + tl.arange(0, BLOCK_HH)
+        h_ok = offs_h < HPG
+        heads = g * HPG + offs_h
+        s_ptr = r * stride_st + heads[:, None] * stride_sh + offs_n[None, :]
+        s_mask = h_ok[:, None] & (offs_n[None, :] < TOPK)
+        ds = tl.load(DS + s_ptr, mask=s_mask, other=0.0)
+        q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + cols[None, :], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
+        acc_k += _mm(tl.trans(ds), q, IEEE, UPCAST)
+        if with_v:
+            p = tl.load(P + s_ptr, mask=s_mask, other=0.0)
+            do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + cols[None, :], mask=h_ok[:, None] & (cols[None, :] < DV), other=0.0)
+            acc_v += _mm(tl.trans(p), do, IEEE, UPCAST)
+    acc = acc_k * sm_scale + acc_v
+    if PER_SLOT:
+        dst = DKV + (r * H_KV + g) * stride_dkvg + offs_n[:, None] * stride_dkvs + cols[None, :]
+        tl.store(dst, acc, mask=(offs_n[:, None] < TOPK) & col_ok[None, :])
+    else:
+        valid = (idx >= 0) & (idx < S_KV)
+        dst = DKV + g * stride_dkvg + idx.to(tl.int64)[:, None] * stride_dkv_row + cols[None, :]
+        tl.atomic_add(dst, acc, mask=valid[:, None] & col_ok[None, :], sem="relaxed")
+
+
 def _geometry(q: torch.Tensor, kv: torch.Tensor, d_v: int):
     t, heads, d_qk = q.shape
     h_kv = kv.shape[1]
     hpg = heads // h_kv
     d_a, d_b = _split_width(d_qk)
-    return t, heads, d_qk, h_kv, hpg, d_a, d_b, triton.next_power_of_2(d_v)
+    # tl.dot needs every tile dimension >= 16
+    return t, heads, d_qk, h_kv, hpg, d_a, d_b, max(16, triton.next_power_of_2(d_v))
 
 
 # Resource use of the last compiled launch per kernel: registers, spills, shared memory (for tuning).
 LAST_LAUNCH: dict = {}
 
 
-def _record(name: str, compiled) -> None:
-    try:
-        LAST_LAUNCH[name] = dict(n_regs=compiled.n_regs, n_spills=compiled.n_spills, shared=compiled.metadata.shared)
-    except AttributeError:  # the interpreter compiles nothing
-        pass
+def _record(name: str, compiled, cfg: dict) -> None:
+    info = dict(cfg)
+    for field in ("n_regs", "n_spills"):
+        if hasattr(compiled, field):  # the interpreter compiles nothing
+            info[field] = getattr(compiled, field)
+    if hasattr(compiled, "metadata"):
+        info["shared"] = getattr(compiled.metadata, "shared", None)
+    LAST_LAUNCH[name] = info
 
 
 def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
@@ -297,22 +386,23 @@ def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, lau
     lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
-    cfg = launch or LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
-    grid = (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]))
+    candidates = [launch] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
     dummy = lse
-    compiled = _fwd_kernel[grid](
+    args = (
         q, kv, indices, out, lse,
         attn_sink if attn_sink is not None else dummy,
         topk_length if topk_length is not None else dummy,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
         kv.shape[0], indices.shape[-1], hpg, d_qk, float(sm_scale) * LOG2E,
+    )
+    constexprs = dict(
         D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
         HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, IEEE=q.dtype == torch.float32,
         UPCAST=interpreted() and q.dtype != torch.float32,
-        **cfg,
     )
-    _record("forward", compiled)
+    key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg, launch and tuple(sorted(launch.items())))
+    _launch(_fwd_kernel, "forward", key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"])), args, constexprs)
     return out, lse
 
 
@@ -320,7 +410,13 @@ def deterministic() -> bool:
     return os.environ.get(ENV_DETERMINISTIC, "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
 
 
+SCRATCH_BYTES = 1 << 30  # dS and P (bf16) of one token chunk, together
+
+
 def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
+    """Two passes over token chunks: dQ (writing dS and P in bf16), then dKV summed over all heads
+    per (token, key block) before one atomic add: n_heads/BLOCK_H times fewer atomics than adding
+    per head block. ``launch`` overrides the dQ pass's configuration (benchmark sweeps)."""
     q, kv, indices, dout = q.contiguous(), kv.contiguous(), indices.contiguous(), dout.contiguous()
     t, heads, d_qk, h_kv, hpg, d_a, d_b, dv_p = _geometry(q, kv, d_v)
     s_kv, topk = kv.shape[0], indices.shape[-1]
@@ -334,35 +430,58 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
     if dlse is not None:
         ratio = torch.where(torch.isfinite(lse_raw), torch.exp(lse_norm - lse_raw), torch.zeros_like(lse_raw))
         delta_eff = delta - dlse.float() * ratio
+    lse2 = (lse_used * LOG2E).contiguous()
+    delta_eff = delta_eff.contiguous()
     dq = torch.empty_like(q)
-    cfg = launch or LaunchPolicy.backward(d_qk, d_v, hpg, q.dtype)
-    n_hb = triton.cdiv(hpg, cfg["BLOCK_H"])
     per_slot = deterministic()
+    dkv = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=q.device)
+    ds_dtype = q.dtype if q.dtype != torch.float32 else torch.float32
+    chunk = max(1, min(t, SCRATCH_BYTES // max(1, 2 * heads * topk * torch.finfo(ds_dtype).bits // 8)))
     if per_slot:
-        # Row layout: dK in [0, D_A + D_B); dV after it unless V is the latent tile itself.
-        width = d_a + d_b + (0 if d_v == d_a else dv_p)
-        dkv_buf = torch.zeros((t * h_kv * n_hb, topk, width), dtype=torch.float32, device=q.device)
-        stride_s, stride_g = dkv_buf.stride(1), dkv_buf.stride(0)
-    else:
-        dkv_buf = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=q.device)
-        stride_s, stride_g = dkv_buf.stride(0), dkv_buf.stride(1)
-    if t > 0:
-        compiled = _bwd_kernel[(t, h_kv, n_hb)](
-            q, kv, indices, dout, (lse_used * LOG2E).contiguous(), delta_eff.contiguous(), dq, dkv_buf,
+        chunk = max(1, min(chunk, SCRATCH_BYTES // max(1, h_kv * topk * d_qk * 4)))
+    if t == 0:
+        return dq, dkv.to(kv.dtype), torch.zeros((heads if attn_sink is not None else 0,), dtype=torch.float32, device=q.device)
+    ds_buf = torch.empty((chunk, heads, topk), dtype=ds_dtype, device=q.device)
+    p_buf = torch.empty_like(ds_buf)
+    slot_buf = torch.empty((chunk, h_kv, topk, d_qk), dtype=torch.float32, device=q.device) if per_slot else None
+    upcast = interpreted() and q.dtype != torch.float32
+    ieee = q.dtype == torch.float32
+    dq_candidates = [launch] if launch else LaunchPolicy.backward(d_qk, d_v, hpg, q.dtype)
+    dq_key = ("bwd-dq", q.device.index, q.dtype, d_qk, d_v, hpg, launch and tuple(sorted(launch.items())))
+    dkv_cfg = LaunchPolicy.backward_dkv(d_qk, d_v, hpg, q.dtype)
+    dkv_key = ("bwd-dkv", q.device.index, q.dtype, d_qk, d_v, hpg, per_slot)
+    for t0 in range(0, t, chunk):
+        n = min(chunk, t - t0)
+        args = (
+            q, kv, indices, dout, lse2, delta_eff, dq, ds_buf, p_buf,
             topk_length if topk_length is not None else lse,
             q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-            dout.stride(0), dout.stride(1), lse.stride(0), stride_s, stride_g,
-            s_kv, topk, hpg, d_qk, float(sm_scale), float(sm_scale) * LOG2E,
-            D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
-            HAS_TOPK_LEN=topk_length is not None, IEEE=q.dtype == torch.float32,
-            UPCAST=interpreted() and q.dtype != torch.float32, PER_SLOT=per_slot,
-            **cfg,
+            dout.stride(0), dout.stride(1), lse.stride(0), ds_buf.stride(0), ds_buf.stride(1),
+            t0, s_kv, topk, hpg, d_qk, float(sm_scale), float(sm_scale) * LOG2E,
         )
-        _record("backward", compiled)
-    if per_slot:
-        dkv = _sum_per_slot(dkv_buf, indices, topk_length, s_kv, h_kv, n_hb, d_qk, d_a + d_b, d_v, d_v == d_a)
-    else:
-        dkv = dkv_buf
+        constexprs = dict(
+            D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
+            HAS_TOPK_LEN=topk_length is not None, IEEE=ieee, UPCAST=upcast,
+        )
+        _launch(_bwd_dq_kernel, "backward_dq", dq_key, dq_candidates, lambda c, n=n: (n, h_kv, triton.cdiv(hpg, c["BLOCK_H"])), args, constexprs)
+        target = slot_buf if per_slot else dkv
+        if per_slot:
+            strides = (0, slot_buf.stride(1), slot_buf.stride(2))
+        else:
+            strides = (dkv.stride(0), dkv.stride(1), 0)
+        args = (
+            q, dout, indices, ds_buf, p_buf, target,
+            q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), indices.stride(0), indices.stride(1),
+            ds_buf.stride(0), ds_buf.stride(1), *strides,
+            t0, s_kv, topk, hpg, h_kv, d_qk, float(sm_scale),
+        )
+        constexprs = dict(DV=d_v, IEEE=ieee, UPCAST=upcast, PER_SLOT=per_slot)
+        _launch(
+            _bwd_dkv_kernel, "backward_dkv", dkv_key, dkv_cfg,
+            lambda c, n=n: (n * h_kv, triton.cdiv(topk, c["BLOCK_N"]), triton.cdiv(d_qk, c["BLOCK_C"])), args, constexprs,
+        )
+        if per_slot:
+            _add_per_slot(dkv, slot_buf[:n], indices[t0:t0 + n], topk_length[t0:t0 + n] if topk_length is not None else None)
     dsink = torch.zeros((heads if attn_sink is not None else 0,), dtype=torch.float32, device=q.device)
     if attn_sink is not None:
         w = torch.where(torch.isneginf(lse_norm), torch.zeros_like(lse_norm), torch.exp(attn_sink.view(1, heads) - lse_norm))
@@ -370,23 +489,16 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
     return dq, dkv.to(kv.dtype), dsink
 
 
-def _sum_per_slot(buf, indices, topk_length, s_kv, h_kv, n_hb, d_qk, v_offset, d_v, v_in_k):
-    """Sum per-(token, slot) dKV rows into dKV in a fixed order (sorted index_put_)."""
-    t, _, topk = indices.shape
-    rows = buf.view(t, h_kv, n_hb, topk, -1).sum(2)  # fixed-order sum over head blocks
-    grad = rows[..., :d_qk]
-    if not v_in_k:
-        grad = grad.clone()
-        grad[..., :d_v] += rows[..., v_offset: v_offset + d_v]
+def _add_per_slot(dkv, rows, indices, topk_length):
+    """Add per-(token, slot) dKV rows into dKV in a fixed order (sorted ``index_put_``)."""
+    s_kv, h_kv, _ = dkv.shape
     idx = indices.long()
     valid = (idx >= 0) & (idx < s_kv)
     if topk_length is not None:
-        valid &= torch.arange(topk, device=idx.device).view(1, 1, -1) < topk_length.view(-1, 1, 1)
+        valid &= torch.arange(idx.shape[-1], device=idx.device).view(1, 1, -1) < topk_length.view(-1, 1, 1)
     group = torch.arange(h_kv, device=idx.device).view(1, -1, 1).expand_as(idx)
-    dkv = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=buf.device)
     with _deterministic():
-        dkv.index_put_((idx[valid], group[valid]), grad[valid], accumulate=True)
-    return dkv
+        dkv.index_put_((idx[valid], group[valid]), rows[valid], accumulate=True)
 
 
 class _deterministic:
