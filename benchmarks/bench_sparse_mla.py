@@ -99,8 +99,8 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     if sweep:
         configs += [
             dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st)
-            for n, w, st in ((32, 8, 2), (64, 8, 2), (64, 8, 3), (64, 16, 2), (32, 16, 2), (64, 16, 3))
-        ]
+            for n, w, st in ((64, 8, 3), (32, 8, 3))
+        ] + [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st, RELOAD_Q=True) for n, w, st in ((64, 8, 2), (64, 8, 3), (32, 8, 3), (64, 4, 3))]
     best = None
     for cfg in configs:
         try:
@@ -117,7 +117,7 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     kernel_breakdown(name + " bwd", lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
     bconfigs = [None]
     if sweep:
-        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 32, 8, 1), (64, 16, 8, 1), (64, 32, 16, 1), (32, 32, 8, 1), (32, 64, 8, 1), (64, 64, 8, 1))]
+        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 1), (32, 64, 8, 1), (64, 32, 4, 2))]
     for cfg in bconfigs:
         try:
             ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v, launch=cfg))

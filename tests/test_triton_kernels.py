@@ -26,6 +26,7 @@ SHAPES = {
     "nam56r-like 128/64": dict(t=6, heads=6, d_qk=128, d_v=64, s_kv=50, topk=33),
     "two key groups, 40 wide": dict(t=7, heads=6, h_kv=2, d_qk=40, d_v=24, s_kv=23, topk=9),
     "one head, topk 3": dict(t=5, heads=1, d_qk=16, d_v=8, s_kv=9, topk=3),
+    "40 heads: several head blocks": dict(t=4, heads=40, d_qk=40, d_v=24, s_kv=20, topk=7),
 }
 
 

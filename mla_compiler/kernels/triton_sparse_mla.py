@@ -115,11 +115,14 @@ class LaunchPolicy:
 
     @staticmethod
     def backward_dkv(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
-        block_hh = min(64, max(16, triton.next_power_of_2(hpg)))
+        # All of a group's heads in one block (one atomic per element) up to 128 heads.
+        block_hh = min(128, max(16, triton.next_power_of_2(hpg)))
         if interpreted():
-            return [dict(BLOCK_N=16, BLOCK_C=32, BLOCK_HH=block_hh, num_warps=4, num_stages=1)]
+            return [dict(BLOCK_N=16, BLOCK_C=32, BLOCK_HH=min(block_hh, 32), num_warps=4, num_stages=1)]
+        block_c = 128 if d_qk > 256 else 64
         return [
-            dict(BLOCK_N=64, BLOCK_C=64, BLOCK_HH=block_hh, num_warps=4, num_stages=2),
+            dict(BLOCK_N=64, BLOCK_C=block_c, BLOCK_HH=block_hh, num_warps=8, num_stages=2),
+            dict(BLOCK_N=32, BLOCK_C=64, BLOCK_HH=block_hh, num_warps=4, num_stages=2),
             dict(BLOCK_N=32, BLOCK_C=64, BLOCK_HH=min(block_hh, 32), num_warps=4, num_stages=1),
         ]
 
@@ -168,7 +171,7 @@ def _fwd_kernel(
     S_KV, TOPK, HPG, D_QK, sm_scale_log2,
     D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
     V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -199,9 +202,14 @@ def _fwd_kernel(
         valid = (idx >= 0) & (idx < S_KV)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
         k_a = tl.load(k_rows + offs_a[None, :], mask=valid[:, None], other=0.0)
+        if RELOAD_Q:
+            # Q read from L1/L2 each step instead of held in registers: frees them for the accumulator.
+            q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
         s = _mm(q_a, tl.trans(k_a), IEEE, UPCAST)
         if D_B > 0:
             k_b = tl.load(k_rows + offs_b[None, :], mask=valid[:, None] & (offs_b[None, :] < D_QK), other=0.0)
+            if RELOAD_Q:
+                q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
             s += _mm(q_b, tl.trans(k_b), IEEE, UPCAST)
         s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -318,42 +326,49 @@ def _bwd_dkv_kernel(
     DV: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, PER_SLOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HH: tl.constexpr,
 ):
-    """dKV of one (token, key group, block of slots, block of columns), summed over all heads
-    before one atomic add per element (per-slot rows in the deterministic path):
-    dK = scale * dS^T Q,  dV = P^T dO (the first d_v columns)."""
-    rg = tl.program_id(0)
+    """dKV for one (column block, token, key group): dK = scale * dS^T Q and dV = P^T dO (first
+    d_v columns), summed over the heads of the block before one atomic add per element (per-slot
+    rows in the deterministic path). Q and dO of the token's heads stay resident while the
+    program walks all the token's slots; the column blocks of a token are adjacent programs, so
+    they read dS and P from L2."""
+    c = tl.program_id(0)
+    rg = tl.program_id(1)
     r = rg // H_KV
     g = rg % H_KV
     t = t0 + r
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < D_QK
-    # Slots past topk_length hold dS = P = 0 (the dQ pass wrote zeros there): adding them is harmless.
-    idx = tl.load(IDX + t * stride_it + g * stride_ig + offs_n, mask=offs_n < TOPK, other=-1)
-    acc_k = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    acc_v = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    with_v = tl.program_id(2) * BLOCK_C < DV
+    with_v = c * BLOCK_C < DV
+    idx_row = IDX + t * stride_it + g * stride_ig
     for h0 in range(0, HPG, BLOCK_HH):
         offs_h = h0 + tl.arange(0, BLOCK_HH)
         h_ok = offs_h < HPG
         heads = g * HPG + offs_h
-        s_ptr = r * stride_st + heads[:, None] * stride_sh + offs_n[None, :]
-        s_mask = h_ok[:, None] & (offs_n[None, :] < TOPK)
-        ds = tl.load(DS + s_ptr, mask=s_mask, other=0.0)
         q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + cols[None, :], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
-        acc_k += _mm(tl.trans(ds), q, IEEE, UPCAST)
         if with_v:
-            p = tl.load(P + s_ptr, mask=s_mask, other=0.0)
             do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + cols[None, :], mask=h_ok[:, None] & (cols[None, :] < DV), other=0.0)
-            acc_v += _mm(tl.trans(p), do, IEEE, UPCAST)
-    acc = acc_k * sm_scale + acc_v
-    if PER_SLOT:
-        dst = DKV + (r * H_KV + g) * stride_dkvg + offs_n[:, None] * stride_dkvs + cols[None, :]
-        tl.store(dst, acc, mask=(offs_n[:, None] < TOPK) & col_ok[None, :])
-    else:
-        valid = (idx >= 0) & (idx < S_KV)
-        dst = DKV + g * stride_dkvg + idx.to(tl.int64)[:, None] * stride_dkv_row + cols[None, :]
-        tl.atomic_add(dst, acc, mask=valid[:, None] & col_ok[None, :], sem="relaxed")
+        for n0 in range(0, TOPK, BLOCK_N):
+            # Slots past topk_length hold dS = P = 0 (the dQ pass wrote zeros): adding them is harmless.
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < TOPK
+            s_ptr = r * stride_st + heads[None, :] * stride_sh + offs_n[:, None]
+            s_mask = n_ok[:, None] & h_ok[None, :]
+            ds_t = tl.load(DS + s_ptr, mask=s_mask, other=0.0)  # [BLOCK_N, BLOCK_HH]
+            acc = _mm(ds_t, q, IEEE, UPCAST) * sm_scale
+            if with_v:
+                p_t = tl.load(P + s_ptr, mask=s_mask, other=0.0)
+                acc += _mm(p_t, do, IEEE, UPCAST)
+            if PER_SLOT:
+                dst = DKV + (r * H_KV + g) * stride_dkvg + offs_n[:, None] * stride_dkvs + cols[None, :]
+                if h0 == 0:
+                    tl.store(dst, acc, mask=n_ok[:, None] & col_ok[None, :])
+                else:
+                    tl.store(dst, tl.load(dst, mask=n_ok[:, None] & col_ok[None, :], other=0.0) + acc, mask=n_ok[:, None] & col_ok[None, :])
+            else:
+                idx = tl.load(idx_row + offs_n, mask=n_ok, other=-1)
+                valid = (idx >= 0) & (idx < S_KV)
+                dst = DKV + g * stride_dkvg + idx.to(tl.int64)[:, None] * stride_dkv_row + cols[None, :]
+                tl.atomic_add(dst, acc, mask=valid[:, None] & col_ok[None, :], sem="relaxed")
 
 
 def _geometry(q: torch.Tensor, kv: torch.Tensor, d_v: int):
@@ -478,7 +493,7 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
         constexprs = dict(DV=d_v, IEEE=ieee, UPCAST=upcast, PER_SLOT=per_slot)
         _launch(
             _bwd_dkv_kernel, "backward_dkv", dkv_key, dkv_cfg,
-            lambda c, n=n: (n * h_kv, triton.cdiv(topk, c["BLOCK_N"]), triton.cdiv(d_qk, c["BLOCK_C"])), args, constexprs,
+            lambda c, n=n: (triton.cdiv(d_qk, c["BLOCK_C"]), n * h_kv), args, constexprs,
         )
         if per_slot:
             _add_per_slot(dkv, slot_buf[:n], indices[t0:t0 + n], topk_length[t0:t0 + n] if topk_length is not None else None)
