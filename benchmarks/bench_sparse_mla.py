@@ -99,8 +99,8 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     if sweep:
         configs += [
             dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st)
-            for n, w, st in ((64, 8, 3), (32, 8, 3))
-        ] + [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st, RELOAD_Q=True) for n, w, st in ((64, 8, 2), (64, 8, 3), (32, 8, 3), (64, 4, 3))]
+            for n, w, st in ((64, 8, 3),)
+        ] + [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st, RELOAD_Q=True) for n, w, st in ((64, 8, 2), (64, 8, 3), (32, 8, 3))]
     best = None
     for cfg in configs:
         try:
@@ -117,7 +117,7 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     kernel_breakdown(name + " bwd", lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
     bconfigs = [None]
     if sweep:
-        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 1), (32, 64, 8, 1), (64, 32, 4, 2))]
+        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 1), (32, 64, 8, 1))]
     for cfg in bconfigs:
         try:
             ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v, launch=cfg))
@@ -150,7 +150,7 @@ def inductor_rows(q, kv, idx, scale, d_v, s_q, s_kv):
 
     def gather_attend(q, kv, idx):
         g = kv[:, 0][idx[:, 0].long()]  # [T, topk, d_qk]
-        s = torch.einsum("thd,tkd->thk", q.float(), g.float()) * scale
+        s = torch.einsum("thd,tkd->thk", q, g).float() * scale
         p = s.softmax(-1)
         return torch.einsum("thk,tkd->thd", p.to(q.dtype), g[..., :d_v])
 
@@ -248,6 +248,9 @@ def main() -> int:
     parser.add_argument("--only", choices=["kernels", "inductor", "layer", "all"], default="all")
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
+    # The baselines' fp32 matmuls (DeepSeek's .float() scores) run on TF32 tensor cores, as a user
+    # chasing speed would set; our kernels do not use fp32 matmuls.
+    torch.set_float32_matmul_precision("high")
     props = torch.cuda.get_device_properties(0)
     env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
     print(env, flush=True)

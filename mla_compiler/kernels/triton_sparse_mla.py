@@ -345,8 +345,8 @@ def _bwd_dkv_kernel(
         h_ok = offs_h < HPG
         heads = g * HPG + offs_h
         q = tl.load(Q + t * stride_qt + heads[:, None] * stride_qh + cols[None, :], mask=h_ok[:, None] & col_ok[None, :], other=0.0)
-        if with_v:
-            do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + cols[None, :], mask=h_ok[:, None] & (cols[None, :] < DV), other=0.0)
+        # (all-masked, so free, in column blocks past d_v)
+        do = tl.load(DO + t * stride_dot + heads[:, None] * stride_doh + cols[None, :], mask=h_ok[:, None] & (cols[None, :] < DV), other=0.0)
         for n0 in range(0, TOPK, BLOCK_N):
             # Slots past topk_length hold dS = P = 0 (the dQ pass wrote zeros): adding them is harmless.
             offs_n = n0 + tl.arange(0, BLOCK_N)
