@@ -100,7 +100,7 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
         configs += [
             dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st)
             for n, w, st in ((64, 8, 3),)
-        ] + [dict(BLOCK_H=64, BLOCK_N=n, num_warps=w, num_stages=st, RELOAD_Q=True) for n, w, st in ((64, 8, 2), (64, 8, 3), (32, 8, 3))]
+        ] + [dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2, WARP_SPECIALIZE=True), dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3, WARP_SPECIALIZE=True)]
     best = None
     for cfg in configs:
         try:
@@ -117,16 +117,17 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     kernel_breakdown(name + " bwd", lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
     bconfigs = [None]
     if sweep:
-        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 1), (32, 64, 8, 1))]
+        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 3), (64, 128, 8, 2), (64, 32, 8, 3), (64, 64, 4, 2))]
     for cfg in bconfigs:
         try:
             ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v, launch=cfg))
         except Exception as exc:  # noqa: BLE001
             row(section="bwd-config", shape=name, config=str(cfg), error=type(exc).__name__)
             continue
-        dq_info = {f"dq_{k}": v for k, v in tk.LAST_LAUNCH.get("backward_dq", {}).items()}
-        dkv_info = {f"dkv_{k}": v for k, v in tk.LAST_LAUNCH.get("backward_dkv", {}).items() if k in ("n_regs", "n_spills")}
-        row(section="bwd" if cfg is None else "bwd-config", shape=name, impl="triton", config=str(cfg or "policy"), ms=ms, tflops=2.5 * fl / ms / 1e9, **dq_info, **dkv_info)
+        info = {f"ds_{k}": v for k, v in tk.LAST_LAUNCH.get("backward_ds", {}).items()}
+        for part in ("dq", "dkv"):
+            info.update({f"{part}_{k}": v for k, v in tk.LAST_LAUNCH.get(f"backward_{part}", {}).items() if k in ("n_regs", "n_spills")})
+        row(section="bwd" if cfg is None else "bwd-config", shape=name, impl="triton", config=str(cfg or "policy"), ms=ms, tflops=2.5 * fl / ms / 1e9, **info)
     return best
 
 

@@ -7,11 +7,11 @@ softmax in base 2 (the scale folded with log2 e), O += P V with V the first d_v 
 rows (the loaded latent tile itself when d_v == D_A). Gathering once per key block for many heads
 is what keeps the kernel compute-bound.
 
-Backward, two passes over chunks of tokens: (1) per (token, head block) the same walk recomputes
-P from the saved lse, dP = dO V^T, dS = P (dP - delta), dQ += dS K, and writes dS and P in bf16;
-(2) per (token, block of slots, block of columns) dK = scale * dS^T Q and dV = P^T dO are summed
-over all heads, then added into an fp32 dKV with one atomic add per element (several queries
-select the same key). Atomics make dKV's summation order, hence its last bits, vary between runs;
+Backward, three passes over chunks of tokens, none carrying a wide accumulator: (1) per (token,
+head block) the same walk recomputes P from the saved lse, dP = dO V^T, dS = P (dP - delta), and
+writes dS and P in bf16; (2) per (column block, token) dQ = scale * dS K, a gathered GEMM;
+(3) per (column block, token) dK = scale * dS^T Q and dV = P^T dO summed over all heads, then
+added into an fp32 dKV with one atomic add per element (several queries select the same key). Atomics make dKV's summation order, hence its last bits, vary between runs;
 ``MLA_COMPILER_DETERMINISTIC=1`` (or ``torch.use_deterministic_algorithms(True)``) takes a
 deterministic path: pass (2) writes each (token, slot) row to a buffer and a sorted ``index_put_``
 adds them in a fixed order.
@@ -101,9 +101,9 @@ class LaunchPolicy:
         small_h = min(block_h, 32)
         if d_qk > 256:
             return [
-                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=1),
+                dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=2),
+                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=2),
                 dict(BLOCK_H=small_h, BLOCK_N=32, num_warps=8, num_stages=1),
-                dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=1),
                 dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
             ]
         return [
@@ -112,6 +112,18 @@ class LaunchPolicy:
             dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
         ]
 
+
+    @staticmethod
+    def backward_dq(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
+        # All of a group's heads per program (each gathered key row serves them all), up to 128.
+        block_h = min(128, max(16, triton.next_power_of_2(hpg)))
+        if interpreted():
+            return [dict(BLOCK_H=min(block_h, 32), BLOCK_N=16, BLOCK_C=32, num_warps=4, num_stages=1)]
+        return [
+            dict(BLOCK_H=block_h, BLOCK_N=64, BLOCK_C=128, num_warps=8, num_stages=3),
+            dict(BLOCK_H=min(block_h, 64), BLOCK_N=64, BLOCK_C=64, num_warps=4, num_stages=2),
+            dict(BLOCK_H=16, BLOCK_N=32, BLOCK_C=64, num_warps=4, num_stages=1),
+        ]
 
     @staticmethod
     def backward_dkv(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
@@ -171,7 +183,7 @@ def _fwd_kernel(
     S_KV, TOPK, HPG, D_QK, sm_scale_log2,
     D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
     V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -196,7 +208,7 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_H, DV_P], dtype=tl.float32)
     idx_row = IDX + t * stride_it + g * stride_ig
     kv_grp = KV + g * stride_kvg
-    for n0 in range(0, TOPK, BLOCK_N):
+    for n0 in tl.range(0, TOPK, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_row + offs_n, mask=offs_n < topk, other=-1)
         valid = (idx >= 0) & (idx < S_KV)
@@ -241,20 +253,22 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
-    Q, KV, IDX, DO, LSE2, DELTA, DQ, DS, P, TOPK_LEN,
+def _bwd_ds_kernel(
+    Q, KV, IDX, DO, LSE2, DELTA, DS, P, TOPK_LEN,
     stride_qt, stride_qh,
     stride_kvs, stride_kvg,
     stride_it, stride_ig,
     stride_dot, stride_doh,
     stride_lt,
     stride_st, stride_sh,
-    t0, S_KV, TOPK, HPG, D_QK, sm_scale, sm_scale_log2,
+    t0, S_KV, TOPK, HPG, D_QK, sm_scale_log2,
     D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
     V_IS_A: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dQ for one (token, key group, head block), and dS, P (bf16) for the dKV pass."""
+    """Pass 1 of the backward, for one (token, key group, head block): recompute P from the saved
+    lse, dP = dO V^T, dS = P (dP - delta); write dS and P (bf16). No accumulator is carried
+    across key blocks, so the tiles can be large."""
     r = tl.program_id(0)
     t = t0 + r
     g = tl.program_id(1)
@@ -277,10 +291,6 @@ def _bwd_dq_kernel(
     topk = TOPK
     if HAS_TOPK_LEN:
         topk = tl.minimum(tl.load(TOPK_LEN + t), TOPK)
-
-    dq_a = tl.zeros([BLOCK_H, D_A], dtype=tl.float32)
-    if D_B > 0:
-        dq_b = tl.zeros([BLOCK_H, D_B], dtype=tl.float32)
     idx_row = IDX + t * stride_it + g * stride_ig
     kv_grp = KV + g * stride_kvg
     s_row = r * stride_st + heads[:, None] * stride_sh
@@ -300,18 +310,53 @@ def _bwd_dq_kernel(
         else:
             v = tl.load(k_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
         dp = _mm(do, tl.trans(v), IEEE, UPCAST)
-        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-        dq_a += _mm(ds, k_a, IEEE, UPCAST)
-        if D_B > 0:
-            dq_b += _mm(ds, k_b, IEEE, UPCAST)
+        ds = p * (dp - delta[:, None])
         st_mask = h_ok[:, None] & (offs_n[None, :] < TOPK)
-        tl.store(DS + s_row + offs_n[None, :], ds, mask=st_mask)
-        tl.store(P + s_row + offs_n[None, :], p.to(k_a.dtype), mask=st_mask)
+        tl.store(DS + s_row + offs_n[None, :], ds.to(DS.dtype.element_ty), mask=st_mask)
+        tl.store(P + s_row + offs_n[None, :], p.to(P.dtype.element_ty), mask=st_mask)
 
-    dq_row = DQ + t * stride_qt + heads[:, None] * stride_qh
-    tl.store(dq_row + offs_a[None, :], (dq_a * sm_scale).to(DQ.dtype.element_ty), mask=h_ok[:, None])
-    if D_B > 0:
-        tl.store(dq_row + offs_b[None, :], (dq_b * sm_scale).to(DQ.dtype.element_ty), mask=h_ok[:, None] & b_ok[None, :])
+
+@triton.jit
+def _bwd_dq_kernel(
+    KV, IDX, DS, DQ, TOPK_LEN,
+    stride_kvs, stride_kvg,
+    stride_it, stride_ig,
+    stride_st, stride_sh,
+    stride_qt, stride_qh,
+    t0, S_KV, TOPK, HPG, H_KV, D_QK, sm_scale,
+    HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pass 2: dQ = scale * dS K for one (column block, token, key group, head block): a gathered
+    GEMM whose accumulator is only BLOCK_H x BLOCK_C. The column blocks of a token are adjacent
+    programs, so they read the token's dS from L2."""
+    c = tl.program_id(0)
+    rg = tl.program_id(1)
+    r = rg // H_KV
+    g = rg % H_KV
+    t = t0 + r
+    hb = tl.program_id(2)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = offs_h < HPG
+    heads = g * HPG + offs_h
+    cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < D_QK
+    topk = TOPK
+    if HAS_TOPK_LEN:
+        topk = tl.minimum(tl.load(TOPK_LEN + t), TOPK)
+    idx_row = IDX + t * stride_it + g * stride_ig
+    kv_grp = KV + g * stride_kvg
+    s_row = r * stride_st + heads[:, None] * stride_sh
+    acc = tl.zeros([BLOCK_H, BLOCK_C], dtype=tl.float32)
+    for n0 in range(0, TOPK, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        idx = tl.load(idx_row + offs_n, mask=offs_n < topk, other=-1)
+        valid = (idx >= 0) & (idx < S_KV)
+        k = tl.load(kv_grp + idx.to(tl.int64)[:, None] * stride_kvs + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0)
+        ds = tl.load(DS + s_row + offs_n[None, :], mask=h_ok[:, None] & (offs_n[None, :] < TOPK), other=0.0)
+        acc += _mm(ds.to(k.dtype), k, IEEE, UPCAST)
+    dq = DQ + t * stride_qt + heads[:, None] * stride_qh + cols[None, :]
+    tl.store(dq, (acc * sm_scale).to(DQ.dtype.element_ty), mask=h_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -429,9 +474,9 @@ SCRATCH_BYTES = 1 << 30  # dS and P (bf16) of one token chunk, together
 
 
 def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
-    """Two passes over token chunks: dQ (writing dS and P in bf16), then dKV summed over all heads
-    per (token, key block) before one atomic add: n_heads/BLOCK_H times fewer atomics than adding
-    per head block. ``launch`` overrides the dQ pass's configuration (benchmark sweeps)."""
+    """Three passes over token chunks (see the module docstring): dS and P, dQ, dKV. dKV is summed
+    over all heads of a key block before one atomic add: n_heads/BLOCK_H times fewer atomics than
+    adding per head block. ``launch`` overrides pass 1's configuration (benchmark sweeps)."""
     q, kv, indices, dout = q.contiguous(), kv.contiguous(), indices.contiguous(), dout.contiguous()
     t, heads, d_qk, h_kv, hpg, d_a, d_b, dv_p = _geometry(q, kv, d_v)
     s_kv, topk = kv.shape[0], indices.shape[-1]
@@ -450,7 +495,7 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
     dq = torch.empty_like(q)
     per_slot = deterministic()
     dkv = torch.zeros((s_kv, h_kv, d_qk), dtype=torch.float32, device=q.device)
-    ds_dtype = q.dtype if q.dtype != torch.float32 else torch.float32
+    ds_dtype = q.dtype  # dS and P as the dot operands of passes 2 and 3 take them
     chunk = max(1, min(t, SCRATCH_BYTES // max(1, 2 * heads * topk * torch.finfo(ds_dtype).bits // 8)))
     if per_slot:
         chunk = max(1, min(chunk, SCRATCH_BYTES // max(1, h_kv * topk * d_qk * 4)))
@@ -461,24 +506,37 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
     slot_buf = torch.empty((chunk, h_kv, topk, d_qk), dtype=torch.float32, device=q.device) if per_slot else None
     upcast = interpreted() and q.dtype != torch.float32
     ieee = q.dtype == torch.float32
-    dq_candidates = [launch] if launch else LaunchPolicy.backward(d_qk, d_v, hpg, q.dtype)
-    dq_key = ("bwd-dq", q.device.index, q.dtype, d_qk, d_v, hpg, launch and tuple(sorted(launch.items())))
+    tl_arg = topk_length if topk_length is not None else lse
+    ds_candidates = [launch] if launch else LaunchPolicy.backward(d_qk, d_v, hpg, q.dtype)
+    ds_key = ("bwd-ds", q.device.index, q.dtype, d_qk, d_v, hpg, launch and tuple(sorted(launch.items())))
+    dq_cfg = LaunchPolicy.backward_dq(d_qk, d_v, hpg, q.dtype)
+    dq_key = ("bwd-dq", q.device.index, q.dtype, d_qk, d_v, hpg)
     dkv_cfg = LaunchPolicy.backward_dkv(d_qk, d_v, hpg, q.dtype)
     dkv_key = ("bwd-dkv", q.device.index, q.dtype, d_qk, d_v, hpg, per_slot)
     for t0 in range(0, t, chunk):
         n = min(chunk, t - t0)
         args = (
-            q, kv, indices, dout, lse2, delta_eff, dq, ds_buf, p_buf,
-            topk_length if topk_length is not None else lse,
+            q, kv, indices, dout, lse2, delta_eff, ds_buf, p_buf, tl_arg,
             q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
             dout.stride(0), dout.stride(1), lse.stride(0), ds_buf.stride(0), ds_buf.stride(1),
-            t0, s_kv, topk, hpg, d_qk, float(sm_scale), float(sm_scale) * LOG2E,
+            t0, s_kv, topk, hpg, d_qk, float(sm_scale) * LOG2E,
         )
         constexprs = dict(
             D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
             HAS_TOPK_LEN=topk_length is not None, IEEE=ieee, UPCAST=upcast,
         )
-        _launch(_bwd_dq_kernel, "backward_dq", dq_key, dq_candidates, lambda c, n=n: (n, h_kv, triton.cdiv(hpg, c["BLOCK_H"])), args, constexprs)
+        _launch(_bwd_ds_kernel, "backward_ds", ds_key, ds_candidates, lambda c, n=n: (n, h_kv, triton.cdiv(hpg, c["BLOCK_H"])), args, constexprs)
+        args = (
+            kv, indices, ds_buf, dq, tl_arg,
+            kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
+            ds_buf.stride(0), ds_buf.stride(1), q.stride(0), q.stride(1),
+            t0, s_kv, topk, hpg, h_kv, d_qk, float(sm_scale),
+        )
+        constexprs = dict(HAS_TOPK_LEN=topk_length is not None, IEEE=ieee, UPCAST=upcast)
+        _launch(
+            _bwd_dq_kernel, "backward_dq", dq_key, dq_cfg,
+            lambda c, n=n: (triton.cdiv(d_qk, c["BLOCK_C"]), n * h_kv, triton.cdiv(hpg, c["BLOCK_H"])), args, constexprs,
+        )
         target = slot_buf if per_slot else dkv
         if per_slot:
             strides = (0, slot_buf.stride(1), slot_buf.stride(2))
