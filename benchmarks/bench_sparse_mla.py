@@ -115,9 +115,35 @@ def kernel_rows(name, q, kv, idx, scale, d_v, sweep=False):
     out, lse = tk.forward(q, kv, idx, scale, d_v)
     dout = torch.randn_like(out)
     kernel_breakdown(name + " bwd", lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
+    os.environ[tk.ENV_DETERMINISTIC] = "1"
+    try:
+        ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
+        row(section="bwd", shape=name, impl="triton deterministic", ms=ms, tflops=2.5 * fl / ms / 1e9)
+        kernel_breakdown(name + " bwd deterministic", lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
+    except Exception as exc:  # noqa: BLE001
+        row(section="bwd", shape=name, impl="triton deterministic", error=f"{type(exc).__name__}: {str(exc)[:120]}")
+    finally:
+        os.environ[tk.ENV_DETERMINISTIC] = "0"
+    if sweep:
+        policy = tk.LaunchPolicy.backward_dkv
+        for cfg in (
+            dict(BLOCK_N=128, BLOCK_C=128, BLOCK_HH=128, num_warps=8, num_stages=2),
+            dict(BLOCK_N=64, BLOCK_C=64, BLOCK_HH=128, num_warps=4, num_stages=3),
+            dict(BLOCK_N=64, BLOCK_C=256, BLOCK_HH=128, num_warps=8, num_stages=1),
+            dict(BLOCK_N=32, BLOCK_C=128, BLOCK_HH=128, num_warps=4, num_stages=3),
+        ):
+            tk.LaunchPolicy.backward_dkv = staticmethod(lambda *a, cfg=cfg: [cfg])
+            tk._FITTED.clear()
+            try:
+                ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v))
+                row(section="bwd-config", shape=name, impl="triton dkv", config=str(cfg), ms=ms, tflops=2.5 * fl / ms / 1e9, **{f"dkv_{k}": v for k, v in tk.LAST_LAUNCH.get("backward_dkv", {}).items() if k in ("n_regs", "n_spills")})
+            except Exception as exc:  # noqa: BLE001
+                row(section="bwd-config", shape=name, impl="triton dkv", config=str(cfg), error=type(exc).__name__)
+        tk.LaunchPolicy.backward_dkv = policy
+        tk._FITTED.clear()
     bconfigs = [None]
     if sweep:
-        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 3), (64, 128, 8, 2), (64, 32, 8, 3), (64, 64, 4, 2))]
+        bconfigs += [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=st) for h, n, w, st in ((64, 64, 8, 1), (32, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 3))]
     for cfg in bconfigs:
         try:
             ms = bench(lambda: tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v, launch=cfg))
