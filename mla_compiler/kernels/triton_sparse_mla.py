@@ -100,9 +100,10 @@ class LaunchPolicy:
             return [dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)]
         small_h = min(block_h, 32)
         if d_qk > 256:
+            # Measured on H200 (benchmarks/RESULTS.md): 64 heads x 32 keys, 4 warps, 3 stages.
             return [
-                dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=2),
-                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=8, num_stages=2),
+                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=3),
+                dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=1),
                 dict(BLOCK_H=small_h, BLOCK_N=32, num_warps=8, num_stages=1),
                 dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
             ]
@@ -131,10 +132,10 @@ class LaunchPolicy:
         block_hh = min(128, max(16, triton.next_power_of_2(hpg)))
         if interpreted():
             return [dict(BLOCK_N=16, BLOCK_C=32, BLOCK_HH=min(block_hh, 32), num_warps=4, num_stages=1)]
-        block_c = 128 if d_qk > 256 else 64
+        # Measured on H200 for both families: 64 slots x 64 columns, 4 warps, 3 stages.
         return [
-            dict(BLOCK_N=64, BLOCK_C=block_c, BLOCK_HH=block_hh, num_warps=8, num_stages=2),
-            dict(BLOCK_N=32, BLOCK_C=64, BLOCK_HH=block_hh, num_warps=4, num_stages=2),
+            dict(BLOCK_N=64, BLOCK_C=64, BLOCK_HH=block_hh, num_warps=4, num_stages=3),
+            dict(BLOCK_N=64, BLOCK_C=128, BLOCK_HH=block_hh, num_warps=8, num_stages=2),
             dict(BLOCK_N=32, BLOCK_C=64, BLOCK_HH=min(block_hh, 32), num_warps=4, num_stages=1),
         ]
 
