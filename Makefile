@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES := 1
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean browser
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m mla_compiler.demo
 
-test: $(VENV)/.installed
+# The graph-dump page is tested in headless Chromium; install it where apt and root allow.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "make: chromium not installed; the page-rendering test will be skipped"
+
+test: $(VENV)/.installed browser
 	$(PY) -m pytest -q
 
 clean:

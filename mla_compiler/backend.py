@@ -13,25 +13,35 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+import os
+import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
+from mla_compiler.artifacts.page import render_index
+from mla_compiler.artifacts.text import format_inputs, format_report
+from mla_compiler.artifacts.writer import CompileDump, OutputCodeCapture, readable
 from mla_compiler.errors import BackendOptionError, SiteLoweringError
 from mla_compiler.lowering.dispatch import Problem, choose_kernel
 from mla_compiler.lowering.rewrite import lower_site
 from mla_compiler.passes.inputs import describe_inputs
-from mla_compiler.passes.mla_match import find_sites
 from mla_compiler.passes.axes import static_int
-from mla_compiler.sites import CompileReport, MatchedSite, Rejection, RejectionReport, SiteReport
+from mla_compiler.passes.mla_match import find_sites
+from mla_compiler.passes.near_miss import find_near_misses
+from mla_compiler.passes.neighborhood import rejection_drawing, site_drawing
+from mla_compiler.passes.storage import is_fp8, storage_facts
+from mla_compiler.sites import CompileReport, MatchedSite, NearMissReport, Rejection, RejectionReport, SiteReport
 
 log = logging.getLogger("mla_compiler")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 COUNTER = "sparse_mla"
+ENV_DUMP = "MLA_COMPILER_DUMP"
+_dump_announced = False
 
 
 @dataclass(frozen=True)
@@ -43,11 +53,15 @@ class BackendOptions:
                callable ``(gm, example_inputs) -> callable``.
     strict:    raise when a pass or a lowering fails instead of compiling the graph unchanged.
     on_report: called with each graph's ``CompileReport`` (``explain`` uses it).
+    dump_dir:  write what each compile saw, matched, rejected and ran under this folder (see
+               artifacts/writer.py); ``MLA_COMPILER_DUMP`` sets it for every backend. While
+               dumping, Inductor's caches are off, so every pass really runs.
     """
 
     inner: Union[str, Callable] = "inductor"
     strict: bool = False
     on_report: Optional[Callable[[CompileReport], None]] = None
+    dump_dir: Optional[str] = None
 
 
 def _validate(options: dict) -> BackendOptions:
@@ -98,11 +112,16 @@ class SparseMLABackend:
         compile_id, attempt = _compile_id()
         report = CompileReport(compile_id=compile_id, attempt=attempt, inner=self._inner_name())
         self._unbook(compile_id)
+        dump = self._open_dump(compile_id, attempt, report)
+        drawings: dict = {"sites": [], "rejections": []}
         try:
             report.inputs = describe_inputs(gm)
             # Rewrite a copy: if anything fails, the user's graph is compiled exactly as captured.
             rewritten = copy_for_rewrite(gm)
-            self._rewrite(rewritten, report)
+            self._rewrite(rewritten, report, drawings if dump else None)
+            report.near_misses = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_near_misses(rewritten)]
+            if dump:
+                dump.pass_diff(1, "lower", readable(gm), readable(rewritten))
             gm = rewritten
         except SiteLoweringError:
             raise
@@ -116,7 +135,33 @@ class SparseMLABackend:
         self._book(report)
         if self.options.on_report is not None:
             self.options.on_report(report)
-        return self._inner(gm, example_inputs)
+        if dump:
+            self._close_dump(dump, report, drawings)
+        return self._inner(gm, example_inputs, dumping=dump is not None, dump=dump)
+
+    def _dump_root(self) -> Optional[str]:
+        return self.options.dump_dir or os.environ.get(ENV_DUMP) or None
+
+    def _open_dump(self, compile_id: str, attempt: int, report: CompileReport):
+        root = self._dump_root()
+        if not root:
+            return None
+        global _dump_announced
+        if not _dump_announced:
+            _dump_announced = True
+            print(f"sparse_mla: dumping to {root}; Inductor's compile caches are off so every pass runs", file=sys.stderr)
+        dump = CompileDump(root, compile_id, attempt)
+        report.dump_folder = dump.folder
+        OutputCodeCapture.install().by_compile[compile_id] = dump
+        return dump
+
+    def _close_dump(self, dump, report: CompileReport, drawings: dict) -> None:
+        dump.json("inputs.json", report.inputs)
+        dump.text("inputs.txt", format_inputs(report.inputs))
+        dump.json("report.json", report.as_dict())
+        dump.text("report.txt", format_report([report]) + "\n")
+        dump.json("drawings.json", drawings)
+        render_index(dump.root)
 
     def _book(self, report: CompileReport) -> None:
         booked = {"matched": len(report.sites), "rejected": len(report.rejections)}
@@ -131,17 +176,26 @@ class SparseMLABackend:
             if n:
                 counters[COUNTER][key] -= n
 
-    def _rewrite(self, gm: torch.fx.GraphModule, report: CompileReport) -> None:
+    def _rewrite(self, gm: torch.fx.GraphModule, report: CompileReport, drawings: Optional[dict] = None) -> None:
+        if drawings is not None and report.dump_folder:
+            from mla_compiler.artifacts.writer import readable as _readable
+
+            with open(os.path.join(report.dump_folder, "graph_dynamo.py"), "w") as f:
+                f.write(_readable(gm))
         results = find_sites(gm)
         touched = set()
         replaced: dict = {}  # a lowered site's output node -> its replacement (later sites may read it)
         for result in results:
             if isinstance(result, Rejection):
                 report.rejections.append(RejectionReport(result.graph_name, result.source, result.check, result.reason))
+                if drawings is not None:
+                    drawings["rejections"].append(rejection_drawing(result))
                 continue
             site: MatchedSite = result
             owner = gm.get_submodule(site.graph_name) if site.graph_name else gm
             choice = choose_kernel(_problem(site))
+            drawing = site_drawing(site) if drawings is not None else None
+            storage = {f"{role}{i}": storage_facts(p.node.meta.get("example_value")) for role, parts in (("q", site.q_parts), ("kv", site.kv_parts)) for i, p in enumerate(parts)}
             try:
                 lower_site(owner, site, replaced)
             except Exception as exc:  # noqa: BLE001 - one site failing leaves the others lowered
@@ -152,6 +206,9 @@ class SparseMLABackend:
                 log.warning("sparse_mla: lowering the site at %s failed (%s); it stays as written", site.source, exc)
                 continue
             touched.add(owner)
+            if drawing is not None:
+                drawings["sites"].append(drawing)
+            fp8 = [f"{k}: {v.describe()}" for k, v in storage.items() if is_fp8(v)]
             report.sites.append(
                 SiteReport(
                     index=len(report.sites),
@@ -164,7 +221,8 @@ class SparseMLABackend:
                     kernel_reason=choice.reason,
                     masks=[f"{m.kind}: {m.description}" for m in site.masks],
                     notes=list(site.notes),
-                    storage={},
+                    storage={k: v.describe() for k, v in storage.items()},
+                    fp8="; ".join(fp8) if fp8 else "no FP8 inputs",
                 )
             )
         for mod in touched:
@@ -174,7 +232,7 @@ class SparseMLABackend:
     def _inner_name(self) -> str:
         return self.options.inner if isinstance(self.options.inner, str) else getattr(self.options.inner, "__name__", "callable")
 
-    def _inner(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    def _inner(self, gm: torch.fx.GraphModule, example_inputs: list, dumping: bool = False, dump=None) -> Callable:
         inner = self.options.inner
         if callable(inner):
             return inner(gm, example_inputs)
@@ -186,7 +244,8 @@ class SparseMLABackend:
             return aot_eager(gm, example_inputs)
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        # A warm FX-graph cache would skip Inductor's passes (and its output code) while dumping.
+        return compile_fx(gm, example_inputs, config_patches={"force_disable_caches": True} if dumping else None)
 
 
 def copy_for_rewrite(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -65,15 +65,23 @@ class MaskTerm:
 class StorageFacts:
     """How a tensor is stored, read from its type and flatten output, never from ``.dtype``."""
 
-    kind: str  # "plain" for now; FP8 kinds arrive with the storage inspection pass
+    kind: str  # "plain", "torchao Float8Tensor", "transformer_engine Float8Tensor", ...
     logical_dtype: str
     payload_dtype: str
-    scale: Optional[str] = None
+    scale: Optional[str] = None  # field and shape of the scale
+    convention: str = "none"  # "dequant" (hp = payload * scale), "quant" (fp8 = hp * scale)
+    granularity: str = "none"  # "per-tensor", "per-row", "per-128-tile", ...
 
     def describe(self) -> str:
         if self.kind == "plain":
             return f"plain {self.logical_dtype}"
-        return f"{self.kind} payload {self.payload_dtype}, scale {self.scale}, logical {self.logical_dtype}"
+        return (
+            f"{self.kind}: payload {self.payload_dtype}, scale {self.scale} ({self.convention}, "
+            f"{self.granularity}), logical {self.logical_dtype}"
+        )
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,16 @@ class Rejection:
 
 
 @dataclass(frozen=True)
+class NearMiss:
+    """An attention-like cluster with no softmax anchor (a hand-written softmax, say)."""
+
+    node: torch.fx.Node
+    graph_name: str
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class KernelChoice:
     name: str  # "reference", "triton", ...
     reason: str
@@ -159,6 +177,7 @@ class SiteReport:
     masks: list[str]
     notes: list[str]
     storage: dict
+    fp8: str = "no FP8 inputs"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,6 +195,16 @@ class RejectionReport:
 
 
 @dataclass
+class NearMissReport:
+    graph_name: str
+    source: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class CompileReport:
     """Everything the backend learned about one compiled graph (one frame, one recompile)."""
 
@@ -183,9 +212,11 @@ class CompileReport:
     attempt: int = 0
     sites: list[SiteReport] = field(default_factory=list)
     rejections: list[RejectionReport] = field(default_factory=list)
+    near_misses: list[NearMissReport] = field(default_factory=list)
     inputs: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     inner: str = ""
+    dump_folder: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -194,6 +225,7 @@ class CompileReport:
             "inner": self.inner,
             "sites": [s.as_dict() for s in self.sites],
             "rejections": [r.as_dict() for r in self.rejections],
+            "near_misses": [n.as_dict() for n in self.near_misses],
             "inputs": self.inputs,
             "failures": self.failures,
         }

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import mla_compiler
 from mla_compiler import BackendOptionError, SiteLoweringError, explain, make_backend
-from mla_compiler.models import TinyMLAModel, deepseek_v32_small, nam56r_small, spellings
+from mla_compiler.models import TinyMLAModel, deepseek_v32_small, spellings
 
 
 def test_unknown_option_is_named():

@@ -1,6 +1,5 @@
 """Passes run on captured Dynamo graphs, without compiling: sites, roles, reasons, op calls."""
 
-import operator
 
 import pytest
 import torch

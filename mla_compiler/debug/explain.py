@@ -14,6 +14,7 @@ from typing import Any, Callable, Union
 import torch
 
 from mla_compiler.backend import make_backend
+from mla_compiler.artifacts.text import format_report
 from mla_compiler.sites import CompileReport, RejectionReport, SiteReport
 
 
@@ -42,43 +43,6 @@ class ExplainReport:
 
     def __str__(self) -> str:
         return format_report(self.graphs, self.recompiles)
-
-
-def format_report(graphs: list[CompileReport], recompiles: int = 0) -> str:
-    sites = [(g, s) for g in graphs for s in g.sites]
-    rejected = [(g, r) for g in graphs for r in g.rejections]
-    lines = [
-        f"sparse_mla: {len(graphs)} graph(s), {len(sites)} site(s) lowered, {len(rejected)} candidate(s) rejected"
-        + (f", {recompiles} recompile(s)" if recompiles else "")
-    ]
-    if sites:
-        lines.append("")
-        lines.append("Lowered sites")
-    for i, (g, s) in enumerate(sites):
-        where = f"graph {g.compile_id}" + (f" / {s.graph_name}" if s.graph_name else "")
-        lines.append(f"  [{i}] {s.source}")
-        lines.append(f"      {where}, {s.form} form")
-        lines.append(f"      {s.dims}")
-        lines.append(f"      scale {s.scale}")
-        lines.append(f"      kernel {s.kernel} ({s.kernel_reason})")
-        for m in s.masks:
-            lines.append(f"      mask {m}")
-        for n in s.notes:
-            lines.append(f"      note: {n}")
-    if rejected:
-        lines.append("")
-        lines.append("Rejected candidates")
-    for i, (g, r) in enumerate(rejected):
-        where = f"graph {g.compile_id}" + (f" / {r.graph_name}" if r.graph_name else "")
-        lines.append(f"  [{i}] {r.source}")
-        lines.append(f"      {where}, check '{r.check}': {r.reason}")
-    fails = [(g, f) for g in graphs for f in g.failures]
-    if fails:
-        lines.append("")
-        lines.append("Failures (the graph or site was compiled unchanged)")
-        for g, f in fails:
-            lines.append(f"  graph {g.compile_id}: {f}")
-    return "\n".join(lines)
 
 
 def explain(model: Union[torch.nn.Module, Callable], *args: Any, inner: Union[str, Callable] = "eager", dynamic: Any = None, **kwargs: Any) -> ExplainReport:

@@ -23,7 +23,6 @@ no padding. Heads are padded to BLOCK_H with masks; topk needs not be a multiple
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 

@@ -388,7 +388,6 @@ def getitem_axes(alg: AxisAlgebra, node: torch.fx.Node, axes_of) -> Axes:
     """Basic and advanced indexing: slices keep or shorten axes, None inserts one, tensors gather."""
     src_node, index = node.args[0], node.args[1]
     src = list(axes_of(src_node))
-    src_t = fx_ops.meta_tensor(src_node)
     out_t = fx_ops.meta_tensor(node)
     items = list(index) if isinstance(index, tuple) else [index]
     n_used = sum(1 for it in items if it is not None and it is not Ellipsis)

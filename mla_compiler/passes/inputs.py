@@ -11,6 +11,7 @@ import torch.fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from mla_compiler.passes import fx_ops
+from mla_compiler.passes.storage import storage_facts
 
 
 def _short(x) -> str:
@@ -20,6 +21,7 @@ def _short(x) -> str:
 
 
 def describe_tensor(t: torch.Tensor) -> dict:
+    facts = storage_facts(t)
     row = {
         "shape": [_short(s) for s in t.shape],
         "stride": [_short(s) for s in t.stride()] if t.layout == torch.strided else None,
@@ -27,6 +29,11 @@ def describe_tensor(t: torch.Tensor) -> dict:
         "device": str(t.device),
         "requires_grad": bool(t.requires_grad),
         "type": type(t).__name__ if type(t).__name__ not in ("FakeTensor", "FunctionalTensor") else "Tensor",
+        "storage": facts.kind,
+        "payload_dtype": facts.payload_dtype,
+        "scale": facts.scale,
+        "scale_convention": facts.convention,
+        "granularity": facts.granularity,
     }
     if is_traceable_wrapper_subclass(t):
         names, ctx = t.__tensor_flatten__()
