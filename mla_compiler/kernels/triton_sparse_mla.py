@@ -74,8 +74,13 @@ class LaunchPolicy:
     """
 
     @staticmethod
+    def heads(hpg: int, cap: int = 64) -> int:
+        """Heads per program: the group's heads padded to a power of two, 16 to ``cap``."""
+        return min(cap, max(16, triton.next_power_of_2(hpg)))
+
+    @staticmethod
     def forward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
-        block_h = min(64, max(16, triton.next_power_of_2(hpg)))
+        block_h = LaunchPolicy.heads(hpg)
         if interpreted():
             return [dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)]
         small_h = min(block_h, 32)
@@ -94,7 +99,7 @@ class LaunchPolicy:
 
     @staticmethod
     def backward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
-        block_h = min(64, max(16, triton.next_power_of_2(hpg)))
+        block_h = LaunchPolicy.heads(hpg)
         if interpreted():
             return [dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)]
         small_h = min(block_h, 32)
@@ -112,11 +117,10 @@ class LaunchPolicy:
             dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
         ]
 
-
     @staticmethod
     def backward_dq(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
         # All of a group's heads per program (each gathered key row serves them all), up to 128.
-        block_h = min(128, max(16, triton.next_power_of_2(hpg)))
+        block_h = LaunchPolicy.heads(hpg, 128)
         if interpreted():
             return [dict(BLOCK_H=min(block_h, 32), BLOCK_N=16, BLOCK_C=32, num_warps=4, num_stages=1)]
         return [
@@ -128,7 +132,7 @@ class LaunchPolicy:
     @staticmethod
     def backward_dkv(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
         # All of a group's heads in one block (one atomic per element) up to 128 heads.
-        block_hh = min(128, max(16, triton.next_power_of_2(hpg)))
+        block_hh = LaunchPolicy.heads(hpg, 128)
         if interpreted():
             return [dict(BLOCK_N=16, BLOCK_C=32, BLOCK_HH=min(block_hh, 32), num_warps=4, num_stages=1)]
         # Measured on H200 for both families: 64 slots x 64 columns, 4 warps, 3 stages.
