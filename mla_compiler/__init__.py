@@ -9,8 +9,8 @@ Importing this package registers the canonical op ``torch.ops.sparse_mla.sparse_
 
 from mla_compiler.backend import BackendOptions, SparseMLABackend, make_backend
 from mla_compiler.debug.explain import ExplainReport, explain
-from mla_compiler.errors import BackendOptionError, SiteLoweringError, SparseAttnArgumentError
-from mla_compiler.lowering.ops import sparse_attn, sparse_attn_bwd
+from mla_compiler.errors import BackendOptionError, FP8DispatchError, SiteLoweringError, SparseAttnArgumentError
+from mla_compiler.lowering.ops import sparse_attn, sparse_attn_bwd, sparse_attn_fp8kv
 
 __version__ = "0.1.0"
 
@@ -21,8 +21,10 @@ __all__ = [
     "ExplainReport",
     "explain",
     "BackendOptionError",
+    "FP8DispatchError",
     "SiteLoweringError",
     "SparseAttnArgumentError",
     "sparse_attn",
     "sparse_attn_bwd",
+    "sparse_attn_fp8kv",
 ]

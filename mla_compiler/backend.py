@@ -25,23 +25,26 @@ from torch._dynamo.utils import counters
 from mla_compiler.artifacts.page import render_index
 from mla_compiler.artifacts.text import format_inputs, format_report
 from mla_compiler.artifacts.writer import CompileDump, OutputCodeCapture, readable
-from mla_compiler.errors import BackendOptionError, SiteLoweringError
+from mla_compiler.errors import BackendOptionError, FP8DispatchError, SiteLoweringError
 from mla_compiler.lowering.dispatch import Problem, choose_kernel
 from mla_compiler.lowering.rewrite import lower_site
 from mla_compiler.passes.inputs import describe_inputs
 from mla_compiler.passes.axes import static_int
 from mla_compiler.passes.mla_match import find_sites
+from mla_compiler.passes.fp8_downgrade import find_downgrades
 from mla_compiler.passes.near_miss import find_near_misses
 from mla_compiler.passes.neighborhood import rejection_drawing, site_drawing
-from mla_compiler.passes.storage import is_fp8, storage_facts
+from mla_compiler.passes.storage import storage_facts
 from mla_compiler.sites import CompileReport, MatchedSite, NearMissReport, Rejection, RejectionReport, SiteReport
 
 log = logging.getLogger("mla_compiler")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+FP8_POLICIES = ("preserve", "dequantize")
 COUNTER = "sparse_mla"
 ENV_DUMP = "MLA_COMPILER_DUMP"
 _dump_announced = False
+_fp8_warned: set = set()
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,10 @@ class BackendOptions:
                callable ``(gm, example_inputs) -> callable``.
     strict:    raise when a pass or a lowering fails instead of compiling the graph unchanged.
     on_report: called with each graph's ``CompileReport`` (``explain`` uses it).
+    fp8:       "preserve" (default): a site whose key latent is FP8 storage runs the FP8 kernel on
+               payload + scale; a layout no FP8 kernel takes raises ``FP8DispatchError``.
+               "dequantize": such a site may run the bf16 kernels on the dequantized copy
+               instead (warned once per site, counted as ``fp8_dequantized``).
     dump_dir:  write what each compile saw, matched, rejected and ran under this folder (see
                artifacts/writer.py); ``MLA_COMPILER_DUMP`` sets it for every backend. While
                dumping, Inductor's caches are off, so every pass really runs.
@@ -62,6 +69,7 @@ class BackendOptions:
     strict: bool = False
     on_report: Optional[Callable[[CompileReport], None]] = None
     dump_dir: Optional[str] = None
+    fp8: str = "preserve"
 
 
 def _validate(options: dict) -> BackendOptions:
@@ -72,6 +80,8 @@ def _validate(options: dict) -> BackendOptions:
     opts = BackendOptions(**options)
     if not callable(opts.inner) and opts.inner not in INNER_COMPILERS:
         raise BackendOptionError(f"make_backend: inner={opts.inner!r}; use one of {', '.join(INNER_COMPILERS)} or a callable (gm, example_inputs) -> callable")
+    if opts.fp8 not in FP8_POLICIES:
+        raise BackendOptionError(f"make_backend: fp8={opts.fp8!r}; use one of {', '.join(FP8_POLICIES)}")
     if not isinstance(opts.strict, bool):
         raise BackendOptionError(f"make_backend: strict={opts.strict!r}; use True or False")
     return opts
@@ -91,10 +101,19 @@ def _compile_id() -> tuple[str, int]:
         return "?", 0
 
 
-def _problem(site: MatchedSite) -> Problem:
+def _problem(site: MatchedSite, fp8_mode: str = "none") -> Problem:
     device = site.q_parts[0].node.meta["example_value"].device
     topk = static_int(site.sizes["K"].static) if site.sizes["K"].static is not None else -1
-    return Problem(device.type, site.compute_dtype, site.dims.d_qk, site.dims.d_v, site.dims.heads, site.dims.h_kv, topk)
+    layout = None
+    if fp8_mode == "preserve":
+        d = site.dims.d_parts
+        layout = (d[0], d[1] if len(d) > 1 else 0, site.fp8.n_tiles)
+    return Problem(device.type, site.compute_dtype, site.dims.d_qk, site.dims.d_v, site.dims.heads, site.dims.h_kv, topk, layout)
+
+
+def _requires_grad(node: torch.fx.Node) -> bool:
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.requires_grad
 
 
 class SparseMLABackend:
@@ -120,10 +139,11 @@ class SparseMLABackend:
             rewritten = copy_for_rewrite(gm)
             self._rewrite(rewritten, report, drawings if dump else None)
             report.near_misses = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_near_misses(rewritten)]
+            report.fp8_downgrades = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_downgrades(rewritten)]
             if dump:
                 dump.pass_diff(1, "lower", readable(gm), readable(rewritten))
             gm = rewritten
-        except SiteLoweringError:
+        except (SiteLoweringError, FP8DispatchError):
             raise
         except Exception as exc:  # noqa: BLE001 - a pass bug must not break the user's program
             if self.options.strict:
@@ -164,7 +184,12 @@ class SparseMLABackend:
         render_index(dump.root)
 
     def _book(self, report: CompileReport) -> None:
-        booked = {"matched": len(report.sites), "rejected": len(report.rejections)}
+        booked = {
+            "matched": len(report.sites),
+            "rejected": len(report.rejections),
+            "fp8_preserved": sum(1 for s in report.sites if s.fp8.startswith("preserved")),
+            "fp8_dequantized": sum(1 for s in report.sites if s.fp8.startswith("dequantized")),
+        }
         for key, n in booked.items():
             if n:
                 counters[COUNTER][key] += n
@@ -193,11 +218,14 @@ class SparseMLABackend:
                 continue
             site: MatchedSite = result
             owner = gm.get_submodule(site.graph_name) if site.graph_name else gm
-            choice = choose_kernel(_problem(site))
+            fp8_mode, fp8_text = self._fp8_policy(site)
+            choice = choose_kernel(_problem(site, fp8_mode))
             drawing = site_drawing(site) if drawings is not None else None
             storage = {f"{role}{i}": storage_facts(p.node.meta.get("example_value")) for role, parts in (("q", site.q_parts), ("kv", site.kv_parts)) for i, p in enumerate(parts)}
+            if site.fp8 is not None:
+                storage["kv0"] = site.fp8.facts
             try:
-                lower_site(owner, site, replaced)
+                lower_site(owner, site, replaced, fp8_mode)
             except Exception as exc:  # noqa: BLE001 - one site failing leaves the others lowered
                 if self.options.strict:
                     raise SiteLoweringError(f"lowering the site at {site.source} failed: {exc}") from exc
@@ -208,7 +236,6 @@ class SparseMLABackend:
             touched.add(owner)
             if drawing is not None:
                 drawings["sites"].append(drawing)
-            fp8 = [f"{k}: {v.describe()}" for k, v in storage.items() if is_fp8(v)]
             report.sites.append(
                 SiteReport(
                     index=len(report.sites),
@@ -222,12 +249,39 @@ class SparseMLABackend:
                     masks=[f"{m.kind}: {m.description}" for m in site.masks],
                     notes=list(site.notes),
                     storage={k: v.describe() for k, v in storage.items()},
-                    fp8="; ".join(fp8) if fp8 else "no FP8 inputs",
+                    fp8=fp8_text,
                 )
             )
         for mod in touched:
             mod.graph.lint()
             mod.recompile()
+
+    def _fp8_policy(self, site: MatchedSite) -> tuple[str, str]:
+        """("preserve" | "dequantize" | "none", what the report says about FP8 for this site)."""
+        f = site.fp8
+        if f is None:
+            return "none", "no FP8 inputs"
+        why = f.unsupported
+        if why is None and any(_requires_grad(p.node) for p in site.q_parts + site.kv_parts):
+            why = "the site needs gradients and there is no FP8 backward kernel"
+        if why is None:
+            if self.options.fp8 == "preserve":
+                return "preserve", f"preserved: {f.describe()} -> payload + scale to the FP8 kernel"
+            why = "make_backend(fp8='dequantize')"
+        if self.options.fp8 == "dequantize":
+            key = (site.source, f.kind)
+            if key not in _fp8_warned:
+                _fp8_warned.add(key)
+                log.warning("sparse_mla: FP8 key latent at %s runs dequantized (%s): %s", site.source, why, f.describe())
+            return "dequantize", f"dequantized ({why}): {f.describe()}"
+        raise FP8DispatchError(
+            f"sparse_mla: the FP8 key latent {f.source.name} at {site.source} cannot stay FP8: {why}.\n"
+            f"  storage: {f.describe()}\n"
+            "  options: store it in a layout an FP8 kernel takes (FlashMLA's 656-byte cache, a torchao "
+            "Float8Tensor or float8 payload with per-row or per-tensor scales, a Transformer Engine "
+            "Float8Tensor), or compile with make_backend(fp8='dequantize') to run the bf16 kernels on "
+            "the dequantized cache (counted as fp8_dequantized and logged)."
+        )
 
     def _inner_name(self) -> str:
         return self.options.inner if isinstance(self.options.inner, str) else getattr(self.options.inner, "__name__", "callable")

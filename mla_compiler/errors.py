@@ -14,3 +14,11 @@ class BackendOptionError(TypeError):
 
 class SiteLoweringError(RuntimeError):
     """A matched site could not be lowered; raised only under ``make_backend(strict=True)``."""
+
+
+class FP8DispatchError(RuntimeError):
+    """An FP8 tensor reached a site no FP8 kernel takes, under ``make_backend(fp8="preserve")``.
+
+    The message names the tensor, its storage facts and the options: keep FP8 by changing the
+    layout, or allow the counted, logged fallback with ``make_backend(fp8="dequantize")``.
+    """

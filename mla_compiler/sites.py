@@ -85,6 +85,34 @@ class StorageFacts:
 
 
 @dataclass(frozen=True)
+class Fp8Latent:
+    """The key latent of a site is FP8 storage dequantized in the user's graph.
+
+    kind:
+        "flashmla"     ``flashmla_kv_dequant(cache)``: ``source`` is the uint8 [..., 656] cache
+        "subclass"     ``t.dequantize()`` of an FP8 tensor subclass: ``source`` is the subclass
+                       value; ``payload_field``/``scale_field`` name its tensors
+        "payload*scale"  ``payload.float() * scale``: ``source`` the float8 payload, ``scale`` the scale
+    ``unsupported`` says why no FP8 kernel takes this layout (None when one does).
+    """
+
+    kind: str
+    facts: StorageFacts
+    source: torch.fx.Node
+    scale: Optional[torch.fx.Node] = None
+    payload_field: str = ""
+    scale_field: str = ""
+    payload_dtype: Any = None  # the float8 dtype to view a uint8 payload as (Transformer Engine)
+    quant_scale: bool = False  # the scale multiplies toward fp8 (torchao training): take its reciprocal
+    n_tiles: int = 1
+    rope_in_cache: bool = False  # flashmla: the rope part is the cache's own bf16 rope
+    unsupported: Optional[str] = None
+
+    def describe(self) -> str:
+        return self.facts.describe()
+
+
+@dataclass(frozen=True)
 class SiteDims:
     d_parts: tuple[int, ...]  # widths of the query/key feature parts, latent first
     d_v: int
@@ -133,6 +161,7 @@ class MatchedSite:
     region: frozenset  # nodes replaced by the op (erased once the output is rewired)
     storage: dict = field(default_factory=dict)  # input name -> StorageFacts
     notes: tuple[str, ...] = ()
+    fp8: Optional[Fp8Latent] = None  # the key latent is FP8 storage (see Fp8Latent)
 
 
 @dataclass(frozen=True)
@@ -213,6 +242,7 @@ class CompileReport:
     sites: list[SiteReport] = field(default_factory=list)
     rejections: list[RejectionReport] = field(default_factory=list)
     near_misses: list[NearMissReport] = field(default_factory=list)
+    fp8_downgrades: list[NearMissReport] = field(default_factory=list)
     inputs: list[dict] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     inner: str = ""
@@ -226,6 +256,7 @@ class CompileReport:
             "sites": [s.as_dict() for s in self.sites],
             "rejections": [r.as_dict() for r in self.rejections],
             "near_misses": [n.as_dict() for n in self.near_misses],
+            "fp8_downgrades": [n.as_dict() for n in self.fp8_downgrades],
             "inputs": self.inputs,
             "failures": self.failures,
         }

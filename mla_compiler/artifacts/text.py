@@ -41,6 +41,13 @@ def format_report(graphs: list[CompileReport], recompiles: int = 0) -> str:
         for i, (g, n) in enumerate(near):
             lines.append(f"  [{i}] {n.source}")
             lines.append(f"      {n.reason}")
+    downgrades = [(g, n) for g in graphs for n in g.fp8_downgrades]
+    if downgrades:
+        lines.append("")
+        lines.append("Warnings: FP8 downgrades (FP8 storage dequantized before a product)")
+        for i, (g, n) in enumerate(downgrades):
+            lines.append(f"  [{i}] {n.source}")
+            lines.append(f"      {n.reason}")
     fails = [(g, f) for g in graphs for f in g.failures]
     if fails:
         lines.append("")

@@ -177,6 +177,36 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_keys(
+    kv_grp, idx, valid, offs_a, stride_kvs,
+    KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK,
+    D_A: tl.constexpr, D_B: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The gathered latent rows [BLOCK_N, D_A] and rope rows [BLOCK_N, D_B] of one key block.
+    FP8: the latent is dequantized here, in registers (e4m3 * per-tile scale -> compute dtype)."""
+    rows = idx.to(tl.int64)
+    if FP8:
+        tile: tl.constexpr = D_A // N_TILES
+        offs_t = tl.arange(0, N_TILES)
+        p3 = kv_grp + rows[:, None, None] * stride_kvs + offs_t[None, :, None] * tile + tl.arange(0, tile)[None, None, :]
+        raw = tl.load(p3, mask=valid[:, None, None], other=0.0)
+        sc = tl.load(KV_SCALE + rows[:, None] * stride_ss + offs_t[None, :], mask=valid[:, None], other=0.0)
+        k_a = tl.reshape((raw.to(tl.float32) * sc[:, :, None]).to(COMPUTE), (BLOCK_N, D_A))
+    else:
+        k_a = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
+    if D_B > 0:
+        offs_b = D_A + tl.arange(0, D_B)
+        b_mask = valid[:, None] & (offs_b[None, :] < D_QK)
+        if FP8:
+            k_b = tl.load(KV_ROPE + rows[:, None] * stride_rs + (offs_b - D_A)[None, :], mask=b_mask, other=0.0)
+        else:
+            k_b = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_b[None, :], mask=b_mask, other=0.0)
+    else:
+        k_b = k_a  # unused
+    return k_a, k_b
+
+
+@triton.jit
 def _fwd_kernel(
     Q, KV, IDX, OUT, LSE, SINK, TOPK_LEN,
     stride_qt, stride_qh,
@@ -188,6 +218,7 @@ def _fwd_kernel(
     D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
     V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
+    KV_SCALE=None, KV_ROPE=None, stride_ss=0, stride_rs=0, FP8: tl.constexpr = False, N_TILES: tl.constexpr = 1,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -217,13 +248,12 @@ def _fwd_kernel(
         idx = tl.load(idx_row + offs_n, mask=offs_n < topk, other=-1)
         valid = (idx >= 0) & (idx < S_KV)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
-        k_a = tl.load(k_rows + offs_a[None, :], mask=valid[:, None], other=0.0)
+        k_a, k_b = _load_keys(kv_grp, idx, valid, offs_a, stride_kvs, KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK, D_A, D_B, FP8, N_TILES, Q.dtype.element_ty, BLOCK_N)
         if RELOAD_Q:
             # Q read from L1/L2 each step instead of held in registers: frees them for the accumulator.
             q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
         s = _mm(q_a, tl.trans(k_a), IEEE, UPCAST)
         if D_B > 0:
-            k_b = tl.load(k_rows + offs_b[None, :], mask=valid[:, None] & (offs_b[None, :] < D_QK), other=0.0)
             if RELOAD_Q:
                 q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
             s += _mm(q_b, tl.trans(k_b), IEEE, UPCAST)
@@ -468,6 +498,59 @@ def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, lau
     key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg, launch and tuple(sorted(launch.items())))
     _launch(_fwd_kernel, "forward", key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"])), args, constexprs)
     return out, lse
+
+
+def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
+    """Sparse MLA over an FP8 latent (see fp8_reference.py for the operands): the latent rows are
+    gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
+    ``d_lat / n_tiles`` columns; the rope part is read as is."""
+    q, indices = q.contiguous(), indices.contiguous()
+    t, heads, d_qk = q.shape
+    d_lat = kv_latent.shape[1]
+    d_rope = kv_rope.shape[1] if kv_rope is not None else 0
+    d_b = 0 if d_rope == 0 else max(16, triton.next_power_of_2(d_rope))
+    out = torch.empty((t, heads, d_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    candidates = [launch] if launch else LaunchPolicy.forward(d_qk, d_v, heads, q.dtype)
+    args = (
+        q, kv_latent, indices, out, lse,
+        attn_sink if attn_sink is not None else lse,
+        topk_length if topk_length is not None else lse,
+        q.stride(0), q.stride(1), kv_latent.stride(0), 0, indices.stride(0), indices.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        kv_latent.shape[0], indices.shape[-1], heads, d_qk, float(sm_scale) * LOG2E,
+    )
+    constexprs = dict(
+        D_A=d_lat, D_B=d_b, DV=d_v, DV_P=max(16, triton.next_power_of_2(d_v)), V_IS_A=True,
+        HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, IEEE=False,
+        UPCAST=interpreted(), KV_SCALE=kv_scale, KV_ROPE=kv_rope if kv_rope is not None else kv_scale,
+        stride_ss=kv_scale.stride(0), stride_rs=kv_rope.stride(0) if kv_rope is not None else 0,
+        FP8=True, N_TILES=kv_scale.shape[1],
+    )
+    key = ("fwd-fp8", q.device.index, q.dtype, d_lat, d_rope, kv_scale.shape[1], heads, launch and tuple(sorted(launch.items())))
+    _launch(_fwd_kernel, "forward_fp8", key, candidates, lambda cfg: (t, 1, triton.cdiv(heads, cfg["BLOCK_H"])), args, constexprs)
+    return out, lse
+
+
+def declines_fp8(problem) -> Optional[str]:
+    """Why the FP8-latent kernel does not take ``problem`` (its d_parts: latent, rope), or None."""
+    base = declines(problem)
+    if base is not None and not base.startswith("d_qk"):
+        return base
+    d_lat, d_rope, n_tiles = problem.fp8_layout
+    if problem.h_kv != 1:
+        return "FP8 latent with several key groups"
+    if d_lat & (d_lat - 1) or not 16 <= d_lat <= 512:
+        return f"FP8 latent width {d_lat} (a power of two, 16..512)"
+    if n_tiles & (n_tiles - 1) or d_lat % n_tiles:
+        return f"{n_tiles} scale tiles over {d_lat} columns (a power of two dividing the width)"
+    if problem.d_v != d_lat:
+        return f"d_v {problem.d_v} differs from the FP8 latent width {d_lat} (V must be the whole latent)"
+    if d_rope > 256:
+        return f"rope width {d_rope} above 256"
+    return None
 
 
 def deterministic() -> bool:

@@ -78,3 +78,45 @@ def check_sparse_attn_args(
             _fail("topk_length", f"has dtype {topk_length.dtype}", "Expected int32: use topk_length.to(torch.int32)")
         if topk_length.device != q.device:
             _fail("topk_length", f"is on {topk_length.device} but q is on {q.device}", "Move all inputs to one device")
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None) -> None:
+    """``sparse_attn_fp8kv``: the bf16 contract with kv = [dequant(kv_latent, kv_scale), kv_rope]."""
+    if kv_latent.dim() != 2:
+        _fail("kv_latent", f"has rank {kv_latent.dim()} (shape {_shape(kv_latent)})", "Expected [S_kv, d_latent]: flatten pages into rows (physical index = block * page + offset)")
+    if kv_latent.dtype not in FP8_DTYPES:
+        _fail("kv_latent", f"has dtype {kv_latent.dtype}", "Expected a float8 payload (float8_e4m3fn); for bf16 keys use sparse_attn")
+    s_kv, d_lat = kv_latent.shape
+    if kv_scale.dim() != 2 or kv_scale.shape[0] != s_kv:
+        _fail("kv_scale", f"has shape {_shape(kv_scale)}", f"Expected [S_kv, n_tiles] = [{s_kv}, n], one dequant scale per row and tile")
+    if kv_scale.dtype != torch.float32:
+        _fail("kv_scale", f"has dtype {kv_scale.dtype}", "Expected float32 dequant multipliers")
+    if d_lat % kv_scale.shape[1] != 0:
+        _fail("kv_scale", f"has {kv_scale.shape[1]} tiles for a latent of width {d_lat}", "The tile count must divide the latent width")
+    d_rope = 0
+    if kv_rope is not None:
+        if kv_rope.dim() != 2 or kv_rope.shape[0] != s_kv:
+            _fail("kv_rope", f"has shape {_shape(kv_rope)}", f"Expected [S_kv, d_rope] with S_kv = {s_kv}")
+        if kv_rope.dtype != q.dtype:
+            _fail("kv_rope", f"has dtype {kv_rope.dtype} but q has {q.dtype}", "Cast the rope part to q's dtype")
+        d_rope = kv_rope.shape[1]
+    if q.dim() != 3 or q.shape[-1] != d_lat + d_rope:
+        _fail("q", f"has shape {_shape(q)}", f"Expected [T, H, d_latent + d_rope] = [T, H, {d_lat + d_rope}]")
+    if q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        _fail("q", f"has dtype {q.dtype}", "Expected bfloat16, float16 or float32")
+    if indices.dim() != 3 or indices.shape[1] != 1 or indices.shape[0] != q.shape[0]:
+        _fail("indices", f"has shape {_shape(indices)}", f"Expected [T, 1, topk] with T = {q.shape[0]} (one key group)")
+    if indices.dtype != torch.int32:
+        _fail("indices", f"has dtype {indices.dtype}", "Expected int32 token indices: use indices.to(torch.int32)")
+    if not isinstance(d_v, int) or d_v <= 0 or d_v > d_lat:
+        _fail("d_v", f"is {d_v!r}", f"Expected 1..d_latent ({d_lat}): V is the leading columns of the dequantized latent")
+    for name, t_ in (("kv_latent", kv_latent), ("kv_scale", kv_scale), ("indices", indices)) + ((("kv_rope", kv_rope),) if kv_rope is not None else ()):
+        if t_.device != q.device:
+            _fail(name, f"is on {t_.device} but q is on {q.device}", "Move all inputs to one device")
+    if attn_sink is not None and (attn_sink.dim() != 1 or attn_sink.shape[0] != q.shape[1] or attn_sink.dtype != torch.float32):
+        _fail("attn_sink", f"has shape {_shape(attn_sink)} and dtype {attn_sink.dtype}", f"Expected float32 [H] = [{q.shape[1]}]")
+    if topk_length is not None and (topk_length.dim() != 1 or topk_length.shape[0] != q.shape[0] or topk_length.dtype != torch.int32):
+        _fail("topk_length", f"has shape {_shape(topk_length)} and dtype {topk_length.dtype}", f"Expected int32 [T] = [{q.shape[0]}]")

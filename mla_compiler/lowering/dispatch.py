@@ -37,6 +37,7 @@ class Problem:
     heads: int
     h_kv: int
     topk: int
+    fp8_layout: Optional[tuple] = None  # (d_latent, d_rope, n_scale_tiles) when the latent is FP8
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class KernelImpl:
     forward: Callable
     backward: Callable
     declines: Callable[[Problem], Optional[str]]  # None when it takes the problem, else the reason
+    forward_fp8: Optional[Callable] = None  # FP8 latent (forward only)
+    declines_fp8: Optional[Callable[[Problem], Optional[str]]] = None
 
 
 _REGISTRY: dict[str, KernelImpl] = {}
@@ -64,10 +67,13 @@ def kernel_mode() -> str:
 
 def _ensure_registered() -> None:
     if "reference" not in _REGISTRY:
-        from mla_compiler.kernels import reference
+        from mla_compiler.kernels import fp8_reference, reference
 
         register_kernel(
-            KernelImpl("reference", reference.sparse_attn_reference, reference.sparse_attn_backward_reference, lambda p: None)
+            KernelImpl(
+                "reference", reference.sparse_attn_reference, reference.sparse_attn_backward_reference, lambda p: None,
+                fp8_reference.sparse_attn_fp8kv_reference, lambda p: None,
+            )
         )
     if "triton" not in _REGISTRY:
         try:
@@ -77,7 +83,10 @@ def _ensure_registered() -> None:
             register_kernel(KernelImpl("triton", None, None, lambda p, r=reason: r))
         else:
             register_kernel(
-                KernelImpl("triton", triton_sparse_mla.forward, triton_sparse_mla.backward, triton_sparse_mla.declines)
+                KernelImpl(
+                    "triton", triton_sparse_mla.forward, triton_sparse_mla.backward, triton_sparse_mla.declines,
+                    triton_sparse_mla.forward_fp8, triton_sparse_mla.declines_fp8,
+                )
             )
 
 
@@ -87,7 +96,11 @@ def choose_kernel(problem: Problem) -> KernelChoice:
     mode = kernel_mode()
     if mode == "reference":
         return KernelChoice("reference", f"{ENV_KERNEL}=reference")
-    triton_reason = _REGISTRY["triton"].declines(problem)
+    triton = _REGISTRY["triton"]
+    if problem.fp8_layout is not None:
+        triton_reason = triton.declines_fp8(problem) if triton.declines_fp8 else triton.declines(problem)
+    else:
+        triton_reason = triton.declines(problem)
     if mode == "triton":
         if triton_reason is not None:
             raise RuntimeError(f"{ENV_KERNEL}=triton, but the Triton kernel cannot run this problem: {triton_reason}")
@@ -115,13 +128,14 @@ def _count_fallback(problem: Problem, reason: str) -> None:
         log.warning("sparse_mla: %s for %s", reason, problem)
 
 
-def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> Problem:
+def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int, fp8_layout: Optional[tuple] = None) -> Problem:
     return Problem(
         device_type=q.device.type,
         dtype=q.dtype,
         d_qk=int(q.shape[-1]),
         d_v=int(d_v),
         heads=int(q.shape[1]),
-        h_kv=int(kv.shape[1]),
+        h_kv=int(kv.shape[1]) if kv.dim() == 3 else 1,
         topk=int(indices.shape[-1]),
+        fp8_layout=fp8_layout,
     )

@@ -15,7 +15,9 @@ from typing import Optional
 
 import torch
 
-from mla_compiler.lowering.contract import check_sparse_attn_args
+from mla_compiler.errors import SparseAttnArgumentError
+from mla_compiler.kernels import fp8_reference
+from mla_compiler.lowering.contract import check_sparse_attn_args, check_sparse_attn_fp8kv_args
 from mla_compiler.lowering.dispatch import kernel_for, problem_of
 
 NAMESPACE = "sparse_mla"
@@ -85,3 +87,68 @@ def _backward(ctx, dout, dlse):
 
 
 sparse_attn.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sparse_attn_fp8kv", mutates_args=())
+def sparse_attn_fp8kv(
+    q: torch.Tensor,
+    kv_latent: torch.Tensor,
+    kv_scale: torch.Tensor,
+    kv_rope: Optional[torch.Tensor],
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int,
+    attn_sink: Optional[torch.Tensor] = None,
+    topk_length: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA over an FP8 latent: kv = [kv_latent * kv_scale (per row and tile), kv_rope],
+    dequantized inside the kernel. kv_latent float8 [S_kv, d_latent], kv_scale float32
+    [S_kv, n_tiles], kv_rope [S_kv, d_rope] or None, indices [T, 1, topk] int32. Forward only."""
+    check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
+    layout = (kv_latent.shape[1], kv_rope.shape[1] if kv_rope is not None else 0, kv_scale.shape[1])
+    impl = kernel_for(problem_of(q, kv_latent, indices, d_v, fp8_layout=layout))
+    return impl.forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
+
+
+@sparse_attn_fp8kv.register_fake
+def _sparse_attn_fp8kv_fake(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None):
+    check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
+    t, heads, _ = q.shape
+    return q.new_empty((t, heads, d_v)), q.new_empty((t, heads), dtype=torch.float32)
+
+
+def _fp8kv_backward(ctx, dout, dlse):
+    raise NotImplementedError(
+        "sparse_mla.sparse_attn_fp8kv has no backward: an FP8 KV cache is for inference. To train "
+        "through it, compile with make_backend(fp8='dequantize') (the bf16 kernels then run on the "
+        "dequantized cache) or keep the cache in bf16."
+    )
+
+
+sparse_attn_fp8kv.register_autograd(_fp8kv_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::flashmla_kv_dequant", mutates_args=())
+def flashmla_kv_dequant(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A FlashMLA FP8 KV cache (uint8 [..., 656]) as (latent bf16 [..., 512], rope bf16 [..., 64]).
+    Models call it where they read the cache; the compiler reads the FP8 bytes directly instead."""
+    return fp8_reference.dequantize_flashmla(cache)
+
+
+@flashmla_kv_dequant.register_fake
+def _flashmla_kv_dequant_fake(cache):
+    if cache.dtype != torch.uint8 or cache.shape[-1] != fp8_reference.TOKEN_BYTES:
+        raise SparseAttnArgumentError(f"flashmla_kv_dequant: argument 'cache' is {cache.dtype} {list(cache.shape)}. Expected uint8 [..., 656]")
+    lead = cache.shape[:-1]
+    return cache.new_empty((*lead, fp8_reference.LATENT), dtype=torch.bfloat16), cache.new_empty((*lead, fp8_reference.ROPE), dtype=torch.bfloat16)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::flashmla_kv_quant", mutates_args=())
+def flashmla_kv_quant(latent: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """latent [..., 512] and rope [..., 64] as a FlashMLA FP8 cache row (uint8 [..., 656])."""
+    return fp8_reference.quantize_flashmla(latent, rope)
+
+
+@flashmla_kv_quant.register_fake
+def _flashmla_kv_quant_fake(latent, rope):
+    return latent.new_empty((*latent.shape[:-1], fp8_reference.TOKEN_BYTES), dtype=torch.uint8)

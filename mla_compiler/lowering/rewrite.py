@@ -26,10 +26,12 @@ import torch
 import torch.fx
 from torch.fx.node import map_arg
 
+from mla_compiler.kernels import fp8_reference
 from mla_compiler.lowering import ops as _ops  # noqa: F401 - registers torch.ops.sparse_mla
 from mla_compiler.sites import MatchedSite, Operand
 
 SPARSE_ATTN = torch.ops.sparse_mla.sparse_attn.default
+SPARSE_ATTN_FP8 = torch.ops.sparse_mla.sparse_attn_fp8kv.default
 
 
 def _example(x: Any) -> Any:
@@ -86,8 +88,9 @@ class _null:
 
 
 class _SiteLowering:
-    def __init__(self, site: MatchedSite, graph: torch.fx.Graph) -> None:
+    def __init__(self, site: MatchedSite, graph: torch.fx.Graph, fp8_mode: str = "none") -> None:
         self.site = site
+        self.fp8_mode = fp8_mode
         self.b = _Builder(graph, site.output.node, site.anchor)
         self._size_nodes: dict[str, Any] = {}
         self.device = _example(site.q_parts[0].node).device
@@ -164,6 +167,8 @@ class _SiteLowering:
 
         kv_batched = any("B" in p.roles() for p in s.kv_parts)
         kv_rows = (["B"] if kv_batched else []) + ["T"]
+        if self.fp8_mode == "preserve":
+            return self.run_fp8(q, rows, kv_batched, kv_rows)
         kv_list = []
         for i, part in enumerate(s.kv_parts):
             x = self.expanded(part, kv_rows + [f"D{i}"], kv_rows)
@@ -174,13 +179,61 @@ class _SiteLowering:
         kv = b.method("reshape", kv, -1, 1, d_qk)
 
         idx = self.indices(kv_batched)
-        scale: Any = s.scale
-        for node, exponent in s.scale_factors:
-            op = operator.mul if exponent > 0 else operator.truediv
-            scale = node if (exponent > 0 and isinstance(scale, float) and scale == 1.0) else b.call(op, scale, node)
-        result = b.call(SPARSE_ATTN, q, kv, idx, scale, s.dims.d_v)
+        result = b.call(SPARSE_ATTN, q, kv, idx, self.scale_value(), s.dims.d_v)
         out = b.call(operator.getitem, result, 0)
         return self.to_user_layout(out, rows)
+
+    def run_fp8(self, q, rows, kv_batched, kv_rows) -> torch.fx.Node:
+        """The split payload boundary: FP8 payload and scale (and the bf16 rope) go to the FP8 op;
+        the user's dequantized copy is left unused (dead code)."""
+        s, b, f = self.site, self.b, self.site.fp8
+        part0 = s.kv_parts[0]
+        rope = None
+        if f.kind == "flashmla":
+            views = b.call(fp8_reference.flashmla_views, f.source)
+            payload, scale = b.call(operator.getitem, views, 0), b.call(operator.getitem, views, 1)
+            if f.rope_in_cache:
+                rope = Operand(b.call(operator.getitem, views, 2), part0.axes[:-1] + (("D1",),))
+        elif f.kind == "subclass":
+            payload = b.call(getattr, f.source, f.payload_field)
+            if f.payload_dtype is not None:
+                payload = b.method("view", payload, f.payload_dtype)
+            scale = b.call(getattr, f.source, f.scale_field)
+            if f.quant_scale:
+                scale = b.method("reciprocal", scale)
+        else:
+            payload, scale = f.source, f.scale
+        # One scale per row and tile; a per-tensor scale becomes a stride-0 view, never a buffer.
+        pt, st = _example(payload), _example(scale)
+        if st.dim() != pt.dim() or st.shape[:-1] != pt.shape[:-1]:
+            scale = b.method("expand_as", b.method("reshape", scale, *([1] * pt.dim())), b.call(operator.getitem, payload, (Ellipsis, slice(None, 1))))
+        if _example(scale).dtype != torch.float32:
+            scale = b.method("float", scale)
+        n_tiles = _example(scale).shape[-1]
+        self._size_nodes["Z"] = n_tiles
+        lat = self.expanded(Operand(payload, part0.axes), kv_rows + ["D0"], kv_rows)
+        lat = b.method("reshape", lat, -1, s.dims.d_parts[0])
+        scl = self.expanded(Operand(scale, part0.axes[:-1] + (("Z",),)), kv_rows + ["Z"], kv_rows)
+        scl = b.method("reshape", scl, -1, n_tiles)
+        if rope is None and len(s.kv_parts) > 1:
+            rope = s.kv_parts[1]
+        rope2d = None
+        if rope is not None:
+            rope2d = self.expanded(rope, kv_rows + ["D1"], kv_rows)
+            rope2d = b.method("reshape", rope2d, -1, s.dims.d_parts[1])
+            if _example(rope2d).dtype != _example(q).dtype:
+                rope2d = b.method("to", rope2d, _example(q).dtype)
+        idx = self.indices(kv_batched)
+        scale_arg = self.scale_value()
+        result = b.call(SPARSE_ATTN_FP8, q, lat, scl, rope2d, idx, scale_arg, s.dims.d_v)
+        return self.to_user_layout(b.call(operator.getitem, result, 0), rows)
+
+    def scale_value(self) -> Any:
+        scale: Any = self.site.scale
+        for node, exponent in self.site.scale_factors:
+            op = operator.mul if exponent > 0 else operator.truediv
+            scale = node if (exponent > 0 and isinstance(scale, float) and scale == 1.0) else self.b.call(op, scale, node)
+        return scale
 
     def indices(self, kv_batched: bool) -> torch.fx.Node:
         s, b = self.site, self.b
@@ -275,16 +328,17 @@ class _SiteLowering:
         return self.b.call(operator.mul, a, c)
 
 
-def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None) -> torch.fx.Node:
+def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None, fp8_mode: str = "none") -> torch.fx.Node:
     """Rewrite one site in ``gm`` (the graph module that owns the site's nodes). All or nothing.
 
     ``replaced`` maps the outputs of sites lowered earlier to their replacements: a site matched
     before an earlier one was lowered may read that earlier output (stacked layers do). It is
-    updated with this site's output."""
+    updated with this site's output. ``fp8_mode`` "preserve" sends an FP8 latent (``site.fp8``) to
+    the FP8 op as payload and scale; otherwise the site reads the user's dequantized tensors."""
     replaced = {} if replaced is None else replaced
     site = _renamed(site, replaced)
     graph = site.output.node.graph
-    lowering = _SiteLowering(site, graph)
+    lowering = _SiteLowering(site, graph, fp8_mode)
     try:
         replacement = lowering.run()
     except Exception:
@@ -314,6 +368,7 @@ def _renamed(site: MatchedSite, replaced: dict) -> MatchedSite:
         masks=tuple(dataclasses.replace(m, operand=op(m.operand)) for m in site.masks),
         sizes=sizes,
         scale_factors=tuple((fix(n), e) for n, e in site.scale_factors),
+        fp8=dataclasses.replace(site.fp8, source=fix(site.fp8.source), scale=fix(site.fp8.scale) if site.fp8.scale is not None else None) if site.fp8 else None,
     )
 
 
@@ -322,5 +377,5 @@ def sparse_attn_calls(gm: torch.fx.GraphModule) -> int:
     n = 0
     for mod in gm.modules():
         if isinstance(mod, torch.fx.GraphModule):
-            n += sum(1 for node in mod.graph.nodes if node.op == "call_function" and node.target in (SPARSE_ATTN, torch.ops.sparse_mla.sparse_attn))
+            n += sum(1 for node in mod.graph.nodes if node.op == "call_function" and node.target in (SPARSE_ATTN, torch.ops.sparse_mla.sparse_attn, SPARSE_ATTN_FP8, torch.ops.sparse_mla.sparse_attn_fp8kv))
     return n

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mla_compiler.lowering import ops as _ops  # noqa: F401 - registers torch.ops.sparse_mla (FP8 cache ops)
 from mla_compiler.models.config import MLAConfig
 
 
@@ -103,16 +104,58 @@ class MLA(nn.Module):
         self.softmax_scale = cfg.softmax_scale
         self.indexer = Indexer(cfg)
         # Decode caches (DeepSeek's buffers); None until ``allocate_cache``.
-        self.register_buffer("kv_cache", None, persistent=False)
-        self.register_buffer("pe_cache", None, persistent=False)
-        self.register_buffer("k_cache", None, persistent=False)
+        self.kv_format = "bf16"
+        for name in ("kv_cache", "pe_cache", "k_cache", "kv_fp8", "kv_scale"):
+            self.register_buffer(name, None, persistent=False)
 
-    def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype, device=None) -> None:
-        """Latent, rope and indexer-key caches for decoding."""
+    def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype, device=None, kv_format: str = "bf16") -> None:
+        """Latent, rope and indexer-key caches for decoding. ``kv_format``:
+
+        "bf16"      the latent in the model's dtype (DeepSeek's code)
+        "flashmla"  FlashMLA's FP8 cache, 656 bytes a token (needs latent 512 + rope 64)
+        "float8"    a float8_e4m3fn latent and a float32 scale per token, dequantized as
+                    ``payload.float() * scale``
+        "torchao"   the same bytes read as a torchao ``Float8Tensor`` (per-row), ``.dequantize()``
+        """
         cfg = self.cfg
-        self.kv_cache = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        if kv_format not in ("bf16", "flashmla", "float8", "torchao"):
+            raise ValueError(f"allocate_cache: kv_format={kv_format!r}; use 'bf16', 'flashmla', 'float8' or 'torchao'")
+        self.kv_format = kv_format
         self.pe_cache = torch.zeros(batch, max_len, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self.k_cache = torch.zeros(batch, max_len, cfg.index_head_dim, dtype=dtype, device=device)
+        if kv_format == "bf16":
+            self.kv_cache = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=dtype, device=device)
+        elif kv_format == "flashmla":
+            if (cfg.kv_lora_rank, cfg.qk_rope_head_dim) != (512, 64):
+                raise ValueError(f"allocate_cache: the FlashMLA layout holds a 512-wide latent and a 64-wide rope, not {cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}")
+            self.kv_fp8 = torch.zeros(batch, max_len, 656, dtype=torch.uint8, device=device)
+        else:
+            self.kv_fp8 = torch.zeros(batch, max_len, cfg.kv_lora_rank, dtype=torch.float8_e4m3fn, device=device)
+            self.kv_scale = torch.ones(batch, max_len, 1, dtype=torch.float32, device=device)
+
+    def _cached_latent(self, kv, k_pe, bsz, start_pos, end_pos, dtype):
+        """Write this step's latent and rope into the cache; read back all of it (dequantized)."""
+        fmt = self.kv_format
+        if fmt == "flashmla":
+            self.kv_fp8[:bsz, start_pos:end_pos] = torch.ops.sparse_mla.flashmla_kv_quant(kv, k_pe)
+            kv, k_pe = torch.ops.sparse_mla.flashmla_kv_dequant(self.kv_fp8[:bsz, :end_pos])
+            return kv.to(dtype), k_pe.to(dtype)
+        self.pe_cache[:bsz, start_pos:end_pos] = k_pe
+        k_pe = self.pe_cache[:bsz, :end_pos]
+        if fmt == "bf16":
+            self.kv_cache[:bsz, start_pos:end_pos] = kv
+            return self.kv_cache[:bsz, :end_pos], k_pe
+        amax = kv.float().abs().amax(-1, keepdim=True)
+        scale = torch.clamp(amax / 448.0, min=1e-12)
+        self.kv_fp8[:bsz, start_pos:end_pos] = (kv.float() / scale).to(torch.float8_e4m3fn)
+        self.kv_scale[:bsz, start_pos:end_pos] = scale
+        payload, scale = self.kv_fp8[:bsz, :end_pos], self.kv_scale[:bsz, :end_pos]
+        if fmt == "float8":
+            return (payload.float() * scale).to(dtype), k_pe
+        from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor
+
+        latent = Float8Tensor(payload, scale, block_size=[1, 1, payload.shape[-1]], dtype=dtype)
+        return latent.dequantize(), k_pe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor], start_pos: int = 0) -> torch.Tensor:
         cfg = self.cfg
@@ -126,11 +169,8 @@ class MLA(nn.Module):
         kv, k_pe = torch.split(kv, [cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
         kv = self.kv_norm(kv)
         k_pe = apply_rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)
-        if self.kv_cache is not None:
-            self.kv_cache[:bsz, start_pos:end_pos] = kv
-            self.pe_cache[:bsz, start_pos:end_pos] = k_pe
-            kv = self.kv_cache[:bsz, :end_pos]
-            k_pe = self.pe_cache[:bsz, :end_pos]
+        if self.pe_cache is not None:
+            kv, k_pe = self._cached_latent(kv, k_pe, bsz, start_pos, end_pos, x.dtype)
         wkv_b = self.wkv_b.weight.view(self.n_heads, -1, cfg.kv_lora_rank)
         q_nope = torch.einsum("bshd,hdc->bshc", q_nope, wkv_b[:, : cfg.qk_nope_head_dim])
         scores = (
@@ -187,10 +227,10 @@ class TinyMLAModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype = None, device=None) -> None:
+    def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype = None, device=None, kv_format: str = "bf16") -> None:
         dtype = dtype or self.embed.weight.dtype
         for layer in self.layers:
-            layer.attn.allocate_cache(batch, max_len, dtype, device)
+            layer.attn.allocate_cache(batch, max_len, dtype, device, kv_format)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         seqlen = tokens.size(1)

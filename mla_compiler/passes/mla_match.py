@@ -19,6 +19,7 @@ head, the value is a prefix of the key latent, and the scale is a known positive
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch
 import torch.fx
 
 from mla_compiler.passes import fx_ops, mask_values
+from mla_compiler.passes.fp8_source import fp8_latent
 from mla_compiler.passes.axes import Axes, AxisAlgebra, Unsupported, propagate, static_int
 from mla_compiler.sites import MaskTerm, MatchedSite, Operand, Rejection, SiteDims, SizeWitness
 
@@ -697,6 +699,13 @@ class _Analysis:
         if coef0.const <= 0:
             raise Reject("scale", f"the softmax scale {coef0.const} is not positive")
 
+        fp8 = None
+        if kv_parts[0].gather is None:
+            fp8 = fp8_latent(kv_parts[0].source, kv_parts[1].source if len(kv_parts) > 1 else None)
+            if fp8 is not None and fp8.unsupported is None:
+                axes0 = self.operand(kv_parts[0].source, roles).axes
+                if axes0[-1] != ("D0",) or len(kv_parts) > 2:
+                    fp8 = dataclasses.replace(fp8, unsupported="the latent's feature axis is not its last axis")
         sizes = self._sizes(roles, q_parts, kv_parts, idx_walk, masks)
         unique = _proven_unique(idx_walk.source)
         if semantics == "scatter" and not unique:
@@ -736,6 +745,7 @@ class _Analysis:
             sizes=sizes,
             region=frozenset(c.region),
             notes=tuple(notes),
+            fp8=fp8,
         )
 
     def _specialize(self, size: Any, what: str, notes: list) -> int:

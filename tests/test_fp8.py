@@ -1,0 +1,344 @@
+"""FP8 that stays FP8: storage facts, the FP8 kernels, the split payload boundary, the policy."""
+
+import os
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import mla_compiler
+from conftest import rel_err
+from mla_compiler import explain, make_backend
+from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import reference
+from mla_compiler.models import TinyMLAModel, deepseek_v32_small, nam56r_small
+from mla_compiler.passes.storage import storage_facts
+import te_standin
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+from torchao.quantization.granularity import PerRow, PerTensor  # noqa: E402
+from torchao.quantization.quantize_.workflows.float8.float8_tensor import Float8Tensor  # noqa: E402
+
+
+# ---------------------------------------------------------------- the FlashMLA layout, bit for bit
+
+
+def test_flashmla_quantization_follows_the_layout_rules():
+    g = torch.Generator().manual_seed(0)
+    lat = torch.randn(3, 7, 512, generator=g) * torch.logspace(-3, 2, 7).view(1, 7, 1)
+    rope = torch.randn(3, 7, 64, generator=g)
+    cache = fr.quantize_flashmla(lat, rope)
+    assert cache.dtype == torch.uint8 and cache.shape == (3, 7, 656)
+    latent, scales, rope_view = fr.flashmla_views(cache)
+    assert latent.dtype == torch.float8_e4m3fn and scales.dtype == torch.float32 and rope_view.dtype == torch.bfloat16
+    assert latent.data_ptr() == cache.data_ptr()  # views, not copies
+    # scale = amax/448 (>= 1e-4) rounded UP to a power of two, per 128-wide tile
+    amax = lat.reshape(3, 7, 4, 128).abs().amax(-1)
+    want = torch.exp2(torch.ceil(torch.log2(torch.clamp(amax / 448.0, min=1e-4))))
+    assert torch.equal(scales, want)
+    # stored value = x / scale cast to e4m3; the rope is kept in bf16 untouched
+    assert torch.equal(latent.view(torch.uint8), (lat.reshape(3, 7, 4, 128) / want.unsqueeze(-1)).to(torch.float8_e4m3fn).reshape(3, 7, 512).view(torch.uint8))
+    assert torch.equal(rope_view, rope.bfloat16())
+    deq, deq_rope = fr.dequantize_flashmla(cache)
+    err = ((deq.float() - lat).abs() / lat.abs().clamp_min(1e-6))
+    assert (err[lat.abs() > want.repeat_interleave(128, -1) * 2**-6]).max() <= fr.fp8_relative_error_bound() + 2**-8  # e4m3 + bf16 rounding
+    # values already on the FP8 grid come back unchanged (their tile may pick a smaller power of two)
+    again, again_rope = fr.dequantize_flashmla(fr.quantize_flashmla(deq.float(), deq_rope))
+    assert torch.equal(again, deq) and torch.equal(again_rope, deq_rope)
+
+
+def _fp8_case(seed=0, t=6, heads=5, s_kv=40, topk=13, fmt="flashmla"):
+    g = torch.Generator().manual_seed(seed)
+    lat, rope = torch.randn(s_kv, 512, generator=g) * 2, torch.randn(s_kv, 64, generator=g)
+    q = torch.randn(t, heads, 576, generator=g).bfloat16()
+    idx = torch.randint(1, s_kv, (t, 1, topk), generator=g, dtype=torch.int32)
+    idx[0, 0, ::3] = -1
+    idx[1] = torch.tensor([-7, s_kv, 2**31 - 1] * 5, dtype=torch.int32)[:topk]  # a row with nothing valid
+    if fmt == "flashmla":
+        cache = fr.quantize_flashmla(lat, rope)
+        cache[0] = 255  # row 0 (never selected) holds NaN bytes everywhere
+        kv_lat, kv_scale, kv_rope = fr.flashmla_views(cache)
+    else:
+        kv_lat, kv_scale = fr.quantize_rowwise(lat)
+        if fmt == "per-tensor":
+            kv_scale = kv_scale.amax().reshape(1, 1).expand(s_kv, 1)  # a stride-0 view, never a buffer
+            kv_lat = (lat / kv_scale).to(torch.float8_e4m3fn)
+        kv_rope = rope.bfloat16()
+    return q, kv_lat, kv_scale, kv_rope, idx
+
+
+def test_fp8_reference_is_the_bf16_reference_on_dequantized_keys():
+    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case()
+    out, lse = fr.sparse_attn_fp8kv_reference(q, kv_lat, kv_scale, kv_rope, idx, 0.05, 512)
+    kv = torch.cat([fr.dequantize_latent(kv_lat, kv_scale), kv_rope.float()], -1).bfloat16().unsqueeze(1)
+    kv = torch.nan_to_num(kv)  # row 0 is never selected
+    out2, lse2 = reference.sparse_attn_reference(q, kv, idx, 0.05, 512)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert not out.isnan().any() and torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+@pytest.mark.parametrize("fmt", ["flashmla", "rowwise", "per-tensor"])
+def test_triton_fp8_kernel_matches_reference(fmt):
+    tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
+    if not (torch.cuda.is_available() or tk.interpreted()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case(fmt=fmt, seed=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [x.to(dev) if x is not None else None for x in (q, kv_lat, kv_scale, kv_rope, idx)]
+    out, lse = tk.forward_fp8(*args, 0.05, 512)
+    r_out, r_lse = fr.sparse_attn_fp8kv_reference(*args, 0.05, 512)
+    assert not out.isnan().any()
+    assert rel_err(out, r_out) < 2e-2
+    # Non-power-of-two scales make the dequantized keys round to bf16; the CPU interpreter's
+    # float->bf16 conversion does not round to nearest like the GPU's, hence the lse tolerance.
+    tol = 1e-5 if fmt == "flashmla" or torch.cuda.is_available() else 1e-2
+    torch.testing.assert_close(lse, r_lse, rtol=tol, atol=tol)
+
+
+def test_fp8_op_contract_names_the_argument():
+    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case()
+    with pytest.raises(mla_compiler.SparseAttnArgumentError, match="argument 'kv_latent'.*float8"):
+        torch.ops.sparse_mla.sparse_attn_fp8kv(q, kv_lat.float(), kv_scale, kv_rope, idx, 0.1, 512)
+    with pytest.raises(mla_compiler.SparseAttnArgumentError, match="argument 'kv_scale'"):
+        torch.ops.sparse_mla.sparse_attn_fp8kv(q, kv_lat, kv_scale[:, :3], kv_rope, idx, 0.1, 512)
+    with pytest.raises(mla_compiler.SparseAttnArgumentError, match="argument 'q'"):
+        torch.ops.sparse_mla.sparse_attn_fp8kv(q[..., :500], kv_lat, kv_scale, kv_rope, idx, 0.1, 512)
+
+
+# ---------------------------------------------------------------- storage facts, never .dtype
+
+
+def test_storage_facts_of_real_torchao_tensors():
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    row = storage_facts(Float8Tensor.from_hp(w, granularity=PerRow()))
+    assert (row.kind, row.payload_dtype, row.convention, row.granularity, row.logical_dtype) == ("torchao Float8Tensor", "float8_e4m3fn", "dequant", "per-row", "bfloat16")
+    ten = storage_facts(Float8Tensor.from_hp(w, granularity=PerTensor()))
+    assert ten.granularity == "per-tensor"
+    from torchao.float8.float8_scaling_utils import hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+
+    tr = storage_facts(hp_tensor_to_float8_dynamic(w, torch.float8_e4m3fn, LinearMMConfig()))
+    assert (tr.kind, tr.convention, tr.granularity) == ("torchao Float8TrainingTensor", "quant", "per-tensor")
+    assert storage_facts(torch.zeros(2, 656, dtype=torch.uint8)).kind.startswith("FlashMLA FP8 KV cache")
+    assert storage_facts(w).kind == "plain"
+
+
+def test_storage_facts_of_transformer_engine_standin():
+    te_standin.install()
+    try:
+        x = torch.randn(8, 64, dtype=torch.bfloat16)
+        f8 = te_standin.float8_tensor(x)
+        assert f8.dtype == torch.bfloat16 and f8._data.dtype == torch.uint8  # .dtype lies
+        facts = storage_facts(f8)
+        assert facts.kind == "transformer_engine Float8Tensor" and "kFloat8E4M3" in facts.payload_dtype
+        assert facts.convention == "dequant" and facts.granularity == "per-tensor"
+        mx = storage_facts(te_standin.mxfp8_tensor(x))
+        assert mx.kind == "transformer_engine MXFP8Tensor" and "_rowwise_scale_inv" in mx.scale
+        for name, fields in te_standin.UPSTREAM_FIELDS.items():
+            obj = f8 if name == "Float8Tensor" else te_standin.mxfp8_tensor(x)
+            assert all(hasattr(obj, f) for f in fields), name
+        # TE's fallback dequantizes on any op it does not handle: the downgrade the compiler must not copy
+        assert (f8 + 0).dtype == torch.bfloat16 and type(f8 + 0) is torch.Tensor
+    finally:
+        te_standin.uninstall()
+
+
+# ---------------------------------------------------------------- the split payload boundary
+
+
+def _decode_attention(q_lat, q_pe, kv_fp8, k_pe, idx, scale: float = 0.06):
+    kv = kv_fp8.dequantize()
+    b, s = q_lat.shape[:2]
+    scores = (torch.einsum("bshc,btc->bsht", q_lat.float(), kv.float()) + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())) * scale
+    mask = torch.full((b, s, kv.size(1)), float("-inf")).scatter_(-1, idx, 0)
+    p = (scores + mask.unsqueeze(2)).softmax(-1, dtype=torch.float32)
+    return torch.einsum("bsht,btc->bshc", p.type_as(q_lat), kv)
+
+
+def _decode_inputs(kv_fp8_fn, b=2, s=1, t=24, h=4, topk=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q_lat = torch.randn(b, s, h, 64, generator=g).bfloat16()
+    q_pe = torch.randn(b, s, h, 32, generator=g).bfloat16()
+    lat = torch.randn(b, t, 64, generator=g).bfloat16()
+    k_pe = torch.randn(b, t, 32, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(t, generator=g)[:topk] for _ in range(b * s)]).view(b, s, topk)
+    return q_lat, q_pe, kv_fp8_fn(lat), k_pe, idx
+
+
+@pytest.mark.parametrize("storage", ["torchao per-row", "torchao per-tensor", "te Float8Tensor"])
+def test_fp8_inputs_stay_fp8(storage):
+    if storage.startswith("te"):
+        te_standin.install()
+        make = te_standin.float8_tensor
+    else:
+        gran = PerRow() if storage.endswith("row") else PerTensor()
+        make = lambda x: Float8Tensor.from_hp(x, granularity=gran)  # noqa: E731
+    try:
+        args = _decode_inputs(make)
+        reports = []
+        got = torch.compile(_decode_attention, backend=make_backend(inner="aot_eager", on_report=reports.append))(*args)
+        want = _decode_attention(*args)
+        assert counters["sparse_mla"]["fp8_preserved"] == 1 and counters["sparse_mla"]["fp8_dequantized"] == 0
+        (site,) = [s for r in reports for s in r.sites]
+        assert site.fp8.startswith("preserved")
+        assert not [d for r in reports for d in r.fp8_downgrades]
+        assert rel_err(got, want) < 1e-2  # the kernel dequantizes the same bytes, in registers
+    finally:
+        te_standin.uninstall()
+
+
+def test_unsupported_layout_raises_under_preserve_and_falls_back_under_dequantize(caplog):
+    te_standin.install()
+    try:
+        args = _decode_inputs(te_standin.mxfp8_tensor)
+        with pytest.raises(Exception) as err:
+            torch.compile(_decode_attention, backend=make_backend(inner="aot_eager"))(*args)
+        text = str(err.value)
+        assert "FP8DispatchError" in text and "cannot stay FP8" in text and "fp8='dequantize'" in text
+        assert "_rowwise_scale_inv" in text or "scale" in text  # names the storage
+        torch._dynamo.reset()
+        counters.clear()
+        reports = []
+        got = torch.compile(_decode_attention, backend=make_backend(inner="aot_eager", fp8="dequantize", on_report=reports.append))(*args)
+        assert rel_err(got, _decode_attention(*args)) < 1e-2  # bf16 attention on the dequantized cache
+        assert counters["sparse_mla"]["fp8_dequantized"] == 1 and counters["sparse_mla"]["fp8_preserved"] == 0
+        assert [s.fp8 for r in reports for s in r.sites][0].startswith("dequantized")
+        assert any("runs dequantized" in rec.message for rec in caplog.records)
+        assert [d for r in reports for d in r.fp8_downgrades]  # and the report says so
+    finally:
+        te_standin.uninstall()
+
+
+def _blocked(x):
+    """A torchao Float8Tensor with one scale per 2 tokens x 64 columns (blocks across rows)."""
+    b, t, d = x.shape
+    scale = (x.float().reshape(b, t // 2, 2 * d).abs().amax(-1, keepdim=True) / 448.0).clamp(min=1e-12)
+    qdata = (x.float() / scale.repeat_interleave(2, dim=1)).to(torch.float8_e4m3fn)
+    return Float8Tensor(qdata, scale, block_size=[1, 2, d], dtype=x.dtype)
+
+
+def test_blocks_across_rows_are_not_a_layout_the_kernel_takes():
+    args = _decode_inputs(_blocked)
+    want = _decode_attention(*args)  # torchao dequantizes it in eager
+    with pytest.raises(Exception, match="not blocks across rows"):
+        torch.compile(_decode_attention, backend=make_backend(inner="aot_eager"))(*args)
+    torch._dynamo.reset()
+    got = torch.compile(_decode_attention, backend=make_backend(inner="aot_eager", fp8="dequantize"))(*args)
+    assert rel_err(got, want) < 1e-2
+
+
+# ---------------------------------------------------------------- the reference model's FP8 caches
+
+
+@pytest.mark.parametrize("kv_format", ["flashmla", "float8", "torchao"])
+def test_model_with_fp8_kv_cache_decodes_in_fp8(kv_format):
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=2)
+    model, twin = TinyMLAModel(cfg).eval(), TinyMLAModel(cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    for m in (model, twin):
+        m.allocate_cache(2, 48, kv_format=kv_format)
+    compiled = torch.compile(model, backend=make_backend(inner="aot_eager"))
+    prompt = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert rel_err(compiled(prompt), twin(prompt)) < 1e-5
+        for pos in (16, 17):
+            tok = torch.randint(0, cfg.vocab_size, (2, 1))
+            assert rel_err(compiled(tok, start_pos=pos), twin(tok, start_pos=pos)) < 1e-5
+    assert counters["sparse_mla"]["fp8_preserved"] >= cfg.n_layers and counters["sparse_mla"]["fp8_dequantized"] == 0
+
+
+def test_model_fp8_cache_error_is_close_to_bf16_cache():
+    """FP8 vs bf16 KV: the output error stays within what the layout's quantization causes."""
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    bf16, fp8 = TinyMLAModel(cfg).eval(), TinyMLAModel(cfg).eval()
+    fp8.load_state_dict(bf16.state_dict())
+    bf16.allocate_cache(2, 32)
+    fp8.allocate_cache(2, 32, kv_format="flashmla")
+    prompt = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        want = bf16(prompt)
+        got = torch.compile(fp8, backend=make_backend(inner="aot_eager"))(prompt)
+    assert rel_err(got, want) < 0.05
+
+
+def test_gradients_through_an_fp8_cache_need_the_dequantize_policy():
+    """The FP8 kernel has no backward: a site that needs gradients cannot stay FP8."""
+    q_lat, q_pe, kv, k_pe, idx = _decode_inputs(lambda x: Float8Tensor.from_hp(x, granularity=PerRow()))
+    q_lat.requires_grad_(True)
+    with pytest.raises(Exception, match="needs gradients"):
+        torch.compile(_decode_attention, backend=make_backend(inner="aot_eager"))(q_lat, q_pe, kv, k_pe, idx)
+    torch._dynamo.reset()
+    counters.clear()
+    out = torch.compile(_decode_attention, backend=make_backend(inner="aot_eager", fp8="dequantize"))(q_lat, q_pe, kv, k_pe, idx)
+    (grad,) = torch.autograd.grad(out.float().sum(), q_lat)
+    (want,) = torch.autograd.grad(_decode_attention(q_lat, q_pe, kv, k_pe, idx).float().sum(), q_lat)
+    assert counters["sparse_mla"]["fp8_dequantized"] == 1
+    assert rel_err(grad, want) < 2e-2
+
+
+def test_explain_shows_fp8_status_and_storage():
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    model = TinyMLAModel(cfg).eval()
+    model.allocate_cache(1, 32, kv_format="flashmla")
+    with torch.no_grad():
+        report = explain(model, torch.randint(0, cfg.vocab_size, (1, 8)))
+    text = str(report)
+    assert "FP8: preserved: FlashMLA FP8 KV cache (656 B/token)" in text
+    assert "kernel reference" in text
+
+
+# ---------------------------------------------------------------- downgrades in the user's graph
+
+
+def test_downgrade_detector_warns_with_the_source_line():
+    class DequantLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            w = torch.randn(32, 64)
+            self.register_buffer("w8", (w / 0.05).to(torch.float8_e4m3fn))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w8.float() * 0.05)  # bf16/fp32 GEMM on an FP8 weight
+
+    report = explain(DequantLinear(), torch.randn(4, 64))
+    (warning,) = [d for g in report.graphs for d in g.fp8_downgrades]
+    assert "FP8 downgrade" in warning.reason and "test_fp8.py" in warning.source
+    assert "Warnings: FP8 downgrades" in str(report)
+
+
+# ---------------------------------------------------------------- leave good FP8 alone
+
+
+def _scaled_mm_counts(model, x, backend_factory):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    counts = []
+
+    def fw(gm, _inputs):
+        counts.append(sum(1 for n in gm.graph.nodes if n.target == torch.ops.aten._scaled_mm.default))
+        return make_boxed_func(gm.forward)
+
+    inner = aot_autograd(fw_compiler=fw, bw_compiler=fw)
+    out = torch.compile(model, backend=backend_factory(inner))(x)
+    out.float().square().mean().backward()
+    return counts
+
+
+def test_float8_linear_keeps_its_scaled_mm_and_sites_still_match():
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    torch.manual_seed(0)
+    cfg = nam56r_small(n_layers=1)
+    model = TinyMLAModel(cfg).to(torch.bfloat16)
+    convert_to_float8_training(model, config=Float8LinearConfig(emulate=False), module_filter_fn=lambda m, name: name != "head" and "indexer" not in name)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    plain = _scaled_mm_counts(model, tokens, lambda inner: inner)
+    torch._dynamo.reset()
+    counters.clear()
+    ours = _scaled_mm_counts(model, tokens, lambda inner: make_backend(inner=inner))
+    assert plain == ours and sum(plain) > 0
+    assert counters["sparse_mla"]["matched"] == 1
