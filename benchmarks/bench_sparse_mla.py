@@ -257,6 +257,42 @@ def layer_rows(seqlen=4096, heads=128):
         row(section="layer", shape=f"mla layer s={seqlen} h={heads}", impl="speedup", x=results["inductor"][0] / results["sparse_mla"][0], memory_ratio=results["inductor"][1] / max(results["sparse_mla"][1], 1e-9))
 
 
+def fp8_rows():
+    """FP8 latent (FlashMLA's 656-byte layout, and float8 + per-row scale) against bf16 keys, same
+    kernel family, decode and prefill shapes; bytes and FlashMLA-unit TFLOPS."""
+    from mla_compiler.kernels import fp8_reference as fr
+
+    scale = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
+    copy_bw = next((r["tb_per_s"] for r in ROWS if r.get("impl") == "d2d copy 1 GiB"), float("nan"))
+    for name, make in (("v32-decode b64", decode_inputs), ("v32-prefill", prefill_inputs)):
+        q, kv, idx = make()
+        t, heads, d_qk = q.shape
+        fl = flops_fwd(idx, heads, d_qk, 512, kv.shape[0])
+        valid = ((idx >= 0) & (idx < kv.shape[0])).sum().item()
+        cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])
+        lat, scl, rope = fr.flashmla_views(cache)
+        q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
+        rope_bf16 = kv[:, 0, 512:].contiguous()
+        out_bf16, _ = tk.forward(q, kv, idx, scale, 512)
+        qo_bytes = t * heads * (576 + 512) * 2
+        cases = (
+            ("triton bf16 KV", lambda: tk.forward(q, kv, idx, scale, 512), valid * 1152 + qo_bytes),
+            ("triton FP8 KV (FlashMLA 656 B)", lambda: tk.forward_fp8(q, lat, scl, rope, idx, scale, 512), valid * 656 + qo_bytes),
+            ("triton FP8 KV (e4m3 + row scale)", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, scale, 512), valid * (512 + 4 + 128) + qo_bytes),
+        )
+        base = None
+        for impl, fn, nbytes in cases:
+            out, _ = fn()
+            err = ((out.float() - out_bf16.float()).norm() / out_bf16.float().norm()).item()
+            ms = bench(fn)
+            base = base or ms
+            row(section="fp8", shape=name, impl=impl, ms=ms, tflops=fl / ms / 1e9, gb_needed=nbytes / 1e9,
+                hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12 / 2) if copy_bw == copy_bw else float("nan"),
+                speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **{k: v for k, v in tk.LAST_LAUNCH.get("forward_fp8" if "FP8" in impl else "forward", {}).items() if k in ("n_regs", "n_spills")})
+        del q, kv, idx, cache, lat, scl, rope, q8, s8, rope_bf16, out_bf16
+        torch.cuda.empty_cache()
+
+
 def roofline():
     """Measured ceilings: bf16 matmul rate and device-to-device copy bandwidth."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -272,7 +308,7 @@ def roofline():
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "bench_sparse_mla.json"))
-    parser.add_argument("--only", choices=["kernels", "inductor", "layer", "all"], default="all")
+    parser.add_argument("--only", choices=["kernels", "inductor", "layer", "fp8", "all"], default="all")
     parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     # The baselines' fp32 matmuls (DeepSeek's .float() scores) run on TF32 tensor cores, as a user
@@ -282,12 +318,14 @@ def main() -> int:
     env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
     print(env, flush=True)
     sections = []
-    if args.only in ("all", "kernels", "inductor"):
+    if args.only in ("all", "kernels", "inductor", "fp8"):
         sections.append("roofline")
     if args.only in ("all", "kernels"):
         sections.append("kernels")
     if args.only in ("all", "inductor"):
         sections.append("inductor")
+    if args.only in ("all", "fp8"):
+        sections.append("fp8")
     if args.only in ("all", "layer"):
         sections.append("layer")
     for section in sections:
@@ -310,6 +348,8 @@ def main() -> int:
                 q, kv, idx = prefill_inputs()
                 inductor_rows(q, kv, idx, 192**-0.5, 512, 4096, 8192)
                 del q, kv, idx
+            elif section == "fp8":
+                fp8_rows()
             elif section == "layer":
                 layer_rows()
         except Exception:  # noqa: BLE001 - report and go on to the next section
