@@ -287,7 +287,7 @@ def fp8_rows():
             ms = bench(fn)
             base = base or ms
             row(section="fp8", shape=name, impl=impl, ms=ms, tflops=fl / ms / 1e9, gb_needed=nbytes / 1e9,
-                hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12 / 2) if copy_bw == copy_bw else float("nan"),
+                hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12) if copy_bw == copy_bw else float("nan"),
                 speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **{k: v for k, v in tk.LAST_LAUNCH.get("forward_fp8" if "FP8" in impl else "forward", {}).items() if k in ("n_regs", "n_spills")})
         del q, kv, idx, cache, lat, scl, rope, q8, s8, rope_bf16, out_bf16
         torch.cuda.empty_cache()
