@@ -342,3 +342,47 @@ def test_float8_linear_keeps_its_scaled_mm_and_sites_still_match():
     ours = _scaled_mm_counts(model, tokens, lambda inner: make_backend(inner=inner))
     assert plain == ours and sum(plain) > 0
     assert counters["sparse_mla"]["matched"] == 1
+
+
+def test_paged_flashmla_cache_uses_physical_indices():
+    """A paged cache [blocks, page, 656] is read as rows block * page + offset; -1 is invalid."""
+    tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
+    g = torch.Generator().manual_seed(4)
+    blocks, page, t, heads, topk = 5, 16, 4, 3, 10
+    lat, rope = torch.randn(blocks, page, 512, generator=g), torch.randn(blocks, page, 64, generator=g)
+    paged = fr.quantize_flashmla(lat, rope)  # [blocks, page, 656]
+    table = torch.tensor([3, 0, 4, 1])  # one sequence's logical pages -> physical blocks
+    logical = torch.randint(0, 4 * page, (t, 1, topk), generator=g)
+    physical = (table[logical // page] * page + logical % page).to(torch.int32)
+    physical[0, 0, :3] = -1
+    q = torch.randn(t, heads, 576, generator=g).bfloat16()
+    views = fr.flashmla_views(paged.view(blocks * page, 656))
+    out, _ = torch.ops.sparse_mla.sparse_attn_fp8kv(q, *views, physical, 0.05, 512)
+    # the same attention on the sequence laid out contiguously
+    seq_lat, seq_rope = fr.dequantize_flashmla(paged[table].reshape(4 * page, 656))
+    kv = torch.cat([seq_lat, seq_rope], -1).unsqueeze(1)
+    ref_idx = torch.where(physical >= 0, logical.to(torch.int32), -1)
+    want, _ = reference.sparse_attn_reference(q, kv, ref_idx, 0.05, 512)
+    torch.testing.assert_close(out, want)
+    if torch.cuda.is_available() or tk.interpreted():
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        got, _ = tk.forward_fp8(q.to(dev), *(v.to(dev) for v in views), physical.to(dev), 0.05, 512)
+        assert rel_err(got.cpu(), want) < 2e-2
+
+
+def test_real_transformer_engine_matches_the_standin():
+    """Where TE is installed (a CUDA machine with TE), its classes have the fields the stand-in pins."""
+    te = pytest.importorskip("transformer_engine.pytorch")
+    from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
+
+    import transformer_engine_torch as tex
+
+    x = torch.randn(16, 64, device="cuda", dtype=torch.bfloat16)
+    quantizer = Float8Quantizer(torch.ones(1, device="cuda"), torch.zeros(1, device="cuda"), tex.DType.kFloat8E4M3)
+    f8 = quantizer(x)
+    for field in te_standin.UPSTREAM_FIELDS["Float8Tensor"]:
+        assert hasattr(f8, field), field
+    names, ctx = f8.__tensor_flatten__()
+    assert set(names) <= set(te_standin.Float8Tensor._INNER) and "nontensor_kwargs" in ctx
+    assert storage_facts(f8).kind == "transformer_engine Float8Tensor"
+    del te
