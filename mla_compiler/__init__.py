@@ -9,10 +9,15 @@ Importing this package registers the canonical op ``torch.ops.sparse_mla.sparse_
 
 from mla_compiler.backend import BackendOptions, SparseMLABackend, make_backend
 from mla_compiler.debug.explain import ExplainReport, explain
-from mla_compiler.errors import BackendOptionError, FP8DispatchError, SiteLoweringError, SparseAttnArgumentError
+from mla_compiler.errors import BackendOptionError, FP8DispatchError, ShardOrderError, SiteLoweringError, SparseAttnArgumentError
 from mla_compiler.lowering.ops import sparse_attn, sparse_attn_bwd, sparse_attn_fp8kv
 
 __version__ = "0.1.0"
+
+# Every torch.compile checks the module it traces for FP8-conversion-after-fully_shard first.
+from mla_compiler.distributed import install_compile_check as _install_compile_check  # noqa: E402
+
+_install_compile_check()
 
 __all__ = [
     "BackendOptions",
@@ -22,6 +27,7 @@ __all__ = [
     "explain",
     "BackendOptionError",
     "FP8DispatchError",
+    "ShardOrderError",
     "SiteLoweringError",
     "SparseAttnArgumentError",
     "sparse_attn",

@@ -41,6 +41,7 @@ log = logging.getLogger("mla_compiler")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 FP8_POLICIES = ("preserve", "dequantize")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COUNTER = "sparse_mla"
 ENV_DUMP = "MLA_COMPILER_DUMP"
 _dump_announced = False
@@ -60,6 +61,8 @@ class BackendOptions:
                payload + scale; a layout no FP8 kernel takes raises ``FP8DispatchError``.
                "dequantize": such a site may run the bf16 kernels on the dequantized copy
                instead (warned once per site, counted as ``fp8_dequantized``).
+    mode:      Inductor's mode, as ``torch.compile(mode=...)`` takes it for the inductor backend:
+               "reduce-overhead" captures the compiled graphs in CUDA graphs, "max-autotune" ...
     dump_dir:  write what each compile saw, matched, rejected and ran under this folder (see
                artifacts/writer.py); ``MLA_COMPILER_DUMP`` sets it for every backend. While
                dumping, Inductor's caches are off, so every pass really runs.
@@ -70,6 +73,7 @@ class BackendOptions:
     on_report: Optional[Callable[[CompileReport], None]] = None
     dump_dir: Optional[str] = None
     fp8: str = "preserve"
+    mode: Optional[str] = None
 
 
 def _validate(options: dict) -> BackendOptions:
@@ -80,6 +84,8 @@ def _validate(options: dict) -> BackendOptions:
     opts = BackendOptions(**options)
     if not callable(opts.inner) and opts.inner not in INNER_COMPILERS:
         raise BackendOptionError(f"make_backend: inner={opts.inner!r}; use one of {', '.join(INNER_COMPILERS)} or a callable (gm, example_inputs) -> callable")
+    if opts.mode is not None and opts.mode not in MODES:
+        raise BackendOptionError(f"make_backend: mode={opts.mode!r}; use one of {', '.join(MODES)}")
     if opts.fp8 not in FP8_POLICIES:
         raise BackendOptionError(f"make_backend: fp8={opts.fp8!r}; use one of {', '.join(FP8_POLICIES)}")
     if not isinstance(opts.strict, bool):
@@ -296,10 +302,14 @@ class SparseMLABackend:
             from torch._dynamo.backends.debugging import aot_eager
 
             return aot_eager(gm, example_inputs)
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        # A warm FX-graph cache would skip Inductor's passes (and its output code) while dumping.
-        return compile_fx(gm, example_inputs, config_patches={"force_disable_caches": True} if dumping else None)
+        patches = dict(list_mode_options(self.options.mode)) if self.options.mode else {}
+        if dumping:
+            # A warm FX-graph cache would skip Inductor's passes (and its output code) while dumping.
+            patches["force_disable_caches"] = True
+        return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
 def copy_for_rewrite(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

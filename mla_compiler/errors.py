@@ -22,3 +22,12 @@ class FP8DispatchError(RuntimeError):
     The message names the tensor, its storage facts and the options: keep FP8 by changing the
     layout, or allow the counted, logged fallback with ``make_backend(fp8="dequantize")``.
     """
+
+
+class ShardOrderError(AssertionError):
+    """torchao's FP8 conversion ran after FSDP2's ``fully_shard``: DTensor is not the outermost
+    subclass and the FP8 weights would never be all-gathered. The message names the module and
+    the fix (convert first, then shard; or ``mla_compiler.distributed.prepare_fp8_fsdp``).
+
+    An AssertionError so that torch.compile reports it as raised, before it traces the model.
+    """

@@ -1,0 +1,49 @@
+"""Small launches of every kernel for compute-sanitizer (memcheck, racecheck, initcheck).
+
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_kernels.py
+
+Shapes include every invalid-index kind (-1, >= S_kv, large negatives, INT32_MAX), a row with no
+valid index, duplicates, odd heads, topk not a multiple of the block, and a paged FP8 cache.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
+
+
+def main() -> int:
+    torch.manual_seed(0)
+    dev = "cuda"
+    for d_qk, d_v, heads, topk in ((576, 512, 5, 19), (128, 64, 6, 33)):
+        t, s_kv = 7, 40
+        q = torch.randn(t, heads, d_qk, device=dev, dtype=torch.bfloat16)
+        kv = torch.randn(s_kv, 1, d_qk, device=dev, dtype=torch.bfloat16)
+        idx = torch.randint(0, s_kv, (t, 1, topk), device=dev, dtype=torch.int32)
+        fill = torch.tensor([-1, s_kv, -(2**31), 2**31 - 1, -123456], device=dev, dtype=torch.int32)
+        idx[0, 0, ::2] = fill[torch.arange(0, topk, 2, device=dev) % 5]
+        idx[1] = -1
+        idx[2, 0, 1] = idx[2, 0, 0]
+        out, lse = tk.forward(q, kv, idx, 0.1, d_v)
+        dout = torch.randn_like(out)
+        tk.backward(dout, torch.randn_like(lse), q, kv, out, lse, idx, 0.1, d_v, torch.randn(heads, device=dev), torch.full((t,), topk - 3, device=dev, dtype=torch.int32))
+        os.environ[tk.ENV_DETERMINISTIC] = "1"
+        tk.backward(dout, None, q, kv, out, lse, idx, 0.1, d_v)
+        os.environ[tk.ENV_DETERMINISTIC] = "0"
+        if d_qk == 576:
+            cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]).view(5, 8, 656)
+            tk.forward_fp8(q, *fr.flashmla_views(cache.view(40, 656)), idx, 0.1, 512)
+    torch.cuda.synchronize()
+    print("SANITIZE LAUNCHES DONE")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
