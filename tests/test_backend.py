@@ -105,6 +105,14 @@ def test_checked_mask_asserts_at_run_time():
         compiled(q, kv, idx, causal + 0.5)
 
 
+def test_checked_mask_message_fits_cuda_assert():
+    """CUDA's device-side assert refuses messages of 255 bytes or more (seen on H200)."""
+    from mla_compiler.lowering.rewrite import checked_mask_message
+
+    msg = checked_mask_message("l_mask_", "/a/very/long/path/" * 30 + "model.py:145  scores = scores.softmax(dim=-1)")
+    assert len(msg.encode()) < 255 and "l_mask_" in msg and msg.endswith("scores.softmax(dim=-1)")
+
+
 def test_script_without_import_compiles_through_the_entry_point(tmp_path):
     """After ``pip install``, ``backend="sparse_mla"`` works with no import of ours (true Inductor)."""
     script = tmp_path / "user_script.py"

@@ -87,6 +87,17 @@ class _null:
         return False
 
 
+ASSERT_MESSAGE_LIMIT = 254  # CUDA's device-side assert takes at most 255 bytes of message
+
+
+def checked_mask_message(mask_name: str, source: str) -> str:
+    """The run-time mask check's message: what failed and where, within CUDA's assert limit."""
+    head = f"sparse_mla: mask {mask_name} holds a value other than 0 or -inf at a selected key (only 0/-inf masks fold into the indices); at "
+    room = ASSERT_MESSAGE_LIMIT - len(head)
+    where = source if len(source) <= room else "..." + source[-(room - 3):]
+    return (head + where)[:ASSERT_MESSAGE_LIMIT]
+
+
 class _SiteLowering:
     def __init__(self, site: MatchedSite, graph: torch.fx.Graph, fp8_mode: str = "none") -> None:
         self.site = site
@@ -274,12 +285,7 @@ class _SiteLowering:
         if mask.kind == "checked":
             neg_inf = b.call(operator.eq, g, -math.inf)
             ok = b.call(operator.or_, b.call(operator.or_, zero, neg_inf), b.call(operator.invert, valid))
-            msg = (
-                f"sparse_mla: the mask {mask.operand.node.name} added to the attention scores at "
-                f"{self.site.source} holds a value other than 0 or -inf at a selected key; the lowering "
-                f"folds only 0/-inf masks into the indices"
-            )
-            b.call(torch._assert_async, b.method("all", ok), msg)
+            b.call(torch._assert_async, b.method("all", ok), checked_mask_message(mask.operand.node.name, self.site.source))
         return b.call(operator.and_, valid, zero)
 
     def drop_duplicates(self, idx, valid, t_len):
