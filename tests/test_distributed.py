@@ -63,7 +63,20 @@ def _worker(rank, world, port, order, out_path):
         cfg, model = _model()
         config = Float8LinearConfig(emulate=True)
         result = {}
-        if order == "right":
+        if order == "recipe":
+            # The README's recipe, as written: meta-device init, convert, shard, materialize, compile.
+            from mla_compiler.models import TinyMLAModel
+
+            with torch.device("meta"):
+                model = TinyMLAModel(cfg)
+            prepare_fp8_fsdp(model, mesh, float8_config=Float8LinearConfig(emulate=True))
+            model.to_empty(device="cpu")
+            torch.manual_seed(0)
+            model.init_weights()
+            compiled = torch.compile(model, backend="sparse_mla")
+            result["losses"] = _train(model, compiled, _batch(cfg))
+            result["matched"] = counters["sparse_mla"]["matched"]
+        elif order == "right":
             prepare_fp8_fsdp(model, mesh, float8_config=config)
             compiled = torch.compile(model, backend=mla_compiler.make_backend(inner="aot_eager"))
             ops = __import__("mla_compiler.lowering.ops", fromlist=["kernel_for"])
@@ -128,3 +141,9 @@ def test_check_is_silent_without_fsdp_or_fp8():
 
     _, model = _model()
     check_shard_order(model)  # no FSDP, no FP8: nothing to say
+
+
+@pytest.mark.inductor
+def test_readme_recipe_trains(tmp_path):
+    result = _spawn("recipe", tmp_path)
+    assert result["matched"] >= 1 and result["losses"][-1] < result["losses"][0]

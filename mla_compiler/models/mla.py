@@ -227,6 +227,19 @@ class TinyMLAModel(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize parameters and the rotary tables in place: after building on the meta
+        device and ``to_empty(device=...)``, this gives the weights a fresh model would have."""
+        for mod in self.modules():
+            if isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+            elif hasattr(mod, "reset_parameters") and mod is not self:
+                mod.reset_parameters()
+        cos, sin = rotary_tables(self.cfg)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
     def allocate_cache(self, batch: int, max_len: int, dtype: torch.dtype = None, device=None, kv_format: str = "bf16") -> None:
         dtype = dtype or self.embed.weight.dtype
         for layer in self.layers:
