@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from mla_compiler.sites import CompileReport
 
 
-def format_report(graphs: list[CompileReport], recompiles: int = 0) -> str:
+def format_report(graphs: list[CompileReport], recompiles: int = 0, recompile_reasons: Sequence[str] = ()) -> str:
     sites = [(g, s) for g in graphs for s in g.sites]
     rejected = [(g, r) for g in graphs for r in g.rejections]
     lines = [
@@ -54,6 +56,11 @@ def format_report(graphs: list[CompileReport], recompiles: int = 0) -> str:
         lines.append("Failures (the graph or site was compiled unchanged)")
         for g, f in fails:
             lines.append(f"  graph {g.compile_id}: {f}")
+    if recompile_reasons:
+        lines.append("")
+        lines.append("Recompiles (the guard that failed)")
+        for r in recompile_reasons:
+            lines.append(f"  {r.splitlines()[0]}")
     return "\n".join(lines)
 
 
