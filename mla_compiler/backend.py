@@ -140,12 +140,7 @@ class SparseMLABackend:
         dump = self._open_dump(compile_id, attempt, report)
         drawings: dict = {"sites": [], "rejections": []}
         try:
-            report.inputs = describe_inputs(gm)
-            # Rewrite a copy: if anything fails, the user's graph is compiled exactly as captured.
-            rewritten = copy_for_rewrite(gm)
-            self._rewrite(rewritten, report, drawings if dump else None)
-            report.near_misses = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_near_misses(rewritten)]
-            report.fp8_downgrades = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_downgrades(rewritten)]
+            rewritten = self.rewrite_graph(gm, report, drawings if dump else None)
             if dump:
                 dump.pass_diff(1, "lower", readable(gm), readable(rewritten))
             gm = rewritten
@@ -164,6 +159,16 @@ class SparseMLABackend:
         if dump:
             self._close_dump(dump, report, drawings)
         return self._inner(gm, example_inputs, dumping=dump is not None, dump=dump)
+
+    def rewrite_graph(self, gm: torch.fx.GraphModule, report: CompileReport, drawings: Optional[dict] = None) -> torch.fx.GraphModule:
+        """Match and lower every site of a Dynamo graph; fill ``report``. The rewrite is done on a
+        copy: if anything fails, ``gm`` is still the graph as captured."""
+        report.inputs = describe_inputs(gm)
+        rewritten = copy_for_rewrite(gm)
+        self._rewrite(rewritten, report, drawings)
+        report.near_misses = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_near_misses(rewritten)]
+        report.fp8_downgrades = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_downgrades(rewritten)]
+        return rewritten
 
     def _dump_root(self) -> Optional[str]:
         return self.options.dump_dir or os.environ.get(ENV_DUMP) or None
