@@ -260,37 +260,41 @@ def layer_rows(seqlen=4096, heads=128):
 def fp8_rows():
     """FP8 latent (FlashMLA's 656-byte layout, and float8 + per-row scale) against bf16 keys, same
     kernel family, decode and prefill shapes; bytes and FlashMLA-unit TFLOPS."""
-    from mla_compiler.kernels import fp8_reference as fr
-
     scale = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
     copy_bw = next((r["tb_per_s"] for r in ROWS if r.get("impl") == "d2d copy 1 GiB"), float("nan"))
     for name, make in (("v32-decode b64", decode_inputs), ("v32-prefill", prefill_inputs)):
-        q, kv, idx = make()
-        t, heads, d_qk = q.shape
-        fl = flops_fwd(idx, heads, d_qk, 512, kv.shape[0])
-        valid = ((idx >= 0) & (idx < kv.shape[0])).sum().item()
-        cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])
-        lat, scl, rope = fr.flashmla_views(cache)
-        q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
-        rope_bf16 = kv[:, 0, 512:].contiguous()
-        out_bf16, _ = tk.forward(q, kv, idx, scale, 512)
-        qo_bytes = t * heads * (576 + 512) * 2
-        cases = (
-            ("triton bf16 KV", lambda: tk.forward(q, kv, idx, scale, 512), valid * 1152 + qo_bytes),
-            ("triton FP8 KV (FlashMLA 656 B)", lambda: tk.forward_fp8(q, lat, scl, rope, idx, scale, 512), valid * 656 + qo_bytes),
-            ("triton FP8 KV (e4m3 + row scale)", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, scale, 512), valid * (512 + 4 + 128) + qo_bytes),
-        )
-        base = None
-        for impl, fn, nbytes in cases:
-            out, _ = fn()
-            err = ((out.float() - out_bf16.float()).norm() / out_bf16.float().norm()).item()
-            ms = bench(fn)
-            base = base or ms
-            row(section="fp8", shape=name, impl=impl, ms=ms, tflops=fl / ms / 1e9, gb_needed=nbytes / 1e9,
-                hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12) if copy_bw == copy_bw else float("nan"),
-                speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **{k: v for k, v in tk.LAST_LAUNCH.get("forward_fp8" if "FP8" in impl else "forward", {}).items() if k in ("n_regs", "n_spills")})
-        del q, kv, idx, cache, lat, scl, rope, q8, s8, rope_bf16, out_bf16
+        _fp8_case_rows(name, make, scale, copy_bw)
         torch.cuda.empty_cache()
+
+
+def _fp8_case_rows(name, make, scale, copy_bw):
+    """One shape's FP8 rows; its tensors are freed when it returns."""
+    from mla_compiler.kernels import fp8_reference as fr
+
+    q, kv, idx = make()
+    t, heads, d_qk = q.shape
+    fl = flops_fwd(idx, heads, d_qk, 512, kv.shape[0])
+    valid = ((idx >= 0) & (idx < kv.shape[0])).sum().item()
+    cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])
+    lat, scl, rope = fr.flashmla_views(cache)
+    q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
+    rope_bf16 = kv[:, 0, 512:].contiguous()
+    out_bf16, _ = tk.forward(q, kv, idx, scale, 512)
+    qo_bytes = t * heads * (576 + 512) * 2
+    cases = (
+        ("triton bf16 KV", lambda: tk.forward(q, kv, idx, scale, 512), valid * 1152 + qo_bytes),
+        ("triton FP8 KV (FlashMLA 656 B)", lambda: tk.forward_fp8(q, lat, scl, rope, idx, scale, 512), valid * 656 + qo_bytes),
+        ("triton FP8 KV (e4m3 + row scale)", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, scale, 512), valid * (512 + 4 + 128) + qo_bytes),
+    )
+    base = None
+    for impl, fn, nbytes in cases:
+        out, _ = fn()
+        err = ((out.float() - out_bf16.float()).norm() / out_bf16.float().norm()).item()
+        ms = bench(fn)
+        base = base or ms
+        row(section="fp8", shape=name, impl=impl, ms=ms, tflops=fl / ms / 1e9, gb_needed=nbytes / 1e9,
+            hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12) if copy_bw == copy_bw else float("nan"),
+            speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **{k: v for k, v in tk.LAST_LAUNCH.get("forward_fp8" if "FP8" in impl else "forward", {}).items() if k in ("n_regs", "n_spills")})
 
 
 def roofline():

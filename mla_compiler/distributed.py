@@ -18,7 +18,6 @@ import sys
 import weakref
 from typing import Any, Callable, Iterable, Optional
 
-import torch
 import torch.nn as nn
 
 from mla_compiler.errors import ShardOrderError

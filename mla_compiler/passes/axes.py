@@ -290,9 +290,9 @@ def propagate(alg: AxisAlgebra, node: torch.fx.Node, axes_of) -> Axes:
     out_t = fx_ops.meta_tensor(node)
     if kind in ("full", "zeros", "ones", "full_like", "zeros_like", "ones_like", "arange"):
         return alg.leaf(node)
-    if kind in ("to_dtype", "identity", "softmax", "log_softmax", "neg", "triu", "tril", "dropout", "fill", "to_int"):
+    if kind in ("to_dtype", "identity", "softmax", "log_softmax", "neg", "triu", "tril", "dropout", "fill", "to_int", "not"):
         return axes_of(view.input)
-    if kind in ("add", "sub", "mul", "div", "where", "masked_fill"):
+    if kind in ("add", "sub", "mul", "div", "where", "masked_fill", "and", "or"):
         if kind == "where":
             tensors = [view.arg("condition"), view.arg("input"), view.arg("other")]
         elif kind == "masked_fill":

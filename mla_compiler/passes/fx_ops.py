@@ -75,6 +75,10 @@ _fn([torch.exp], "exp", ("input",))
 _fn([torch.sum], "sum", ("input", "dim"))
 _fn([torch.amax], "amax", ("input", "dim"))
 _fn([F.scaled_dot_product_attention], "sdpa", ("query", "key", "value"))
+# Boolean mask algebra: ``sel & causal``, ``~sel``, ``keep | extra``.
+_fn([operator.invert, torch.logical_not, torch.bitwise_not], "not", ("input",))
+_fn([operator.and_, operator.iand, torch.logical_and, torch.bitwise_and], "and", ("input", "other"))
+_fn([operator.or_, operator.ior, torch.logical_or, torch.bitwise_or], "or", ("input", "other"))
 
 _m(["softmax"], "softmax", ("dim", "dtype"))
 _m(["log_softmax"], "log_softmax", ("dim", "dtype"))
@@ -106,6 +110,9 @@ _m(["__getitem__"], "getitem", ("index",))
 _m(["exp", "exp_"], "exp", ())
 _m(["sum"], "sum", ("dim",))
 _m(["amax", "max"], "amax", ("dim",))
+_m(["logical_not", "bitwise_not", "__invert__"], "not", ())
+_m(["logical_and", "bitwise_and", "__and__", "__iand__", "logical_and_", "bitwise_and_"], "and", ("other",))
+_m(["logical_or", "bitwise_or", "__or__", "__ior__", "logical_or_", "bitwise_or_"], "or", ("other",))
 
 
 @dataclass(frozen=True)
@@ -163,7 +170,7 @@ def read(node: torch.fx.Node) -> Optional[OpView]:
         if entry is None:
             return None
         kind, params = entry
-        inplace = node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.imatmul)
+        inplace = node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.imatmul, operator.iand, operator.ior)
         return OpView(kind, node, params, inplace, None)
     if node.op == "call_method":
         entry = _METHODS.get(node.target)

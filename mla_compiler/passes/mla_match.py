@@ -295,7 +295,16 @@ class _Analysis:
             full = self._walk(node, allow_gather, value, reshapes=True)
             if full.gather is not None:
                 return full
-        return self._walk(node, allow_gather, value, reshapes=False)
+        walk = self._walk(node, allow_gather, value, reshapes=False)
+        if allow_gather and not value and fx_ops.kind_of(walk.source) == "getitem" and isinstance(walk.source.args[0], torch.fx.Node):
+            behind = self._walk(walk.source.args[0], allow_gather, value, reshapes=True)
+            if behind.gather is not None:
+                raise Reject(
+                    "keys",
+                    f"the keys {_describe(walk.source)} are a slice of gathered keys; gather the latent and the rope "
+                    "separately, or contract the concatenated keys in one product",
+                )
+        return walk
 
     def _walk(self, node: torch.fx.Node, allow_gather: bool, value: bool, reshapes: bool) -> _Walk:
         chain: list = []
@@ -478,7 +487,17 @@ class _Analysis:
             t = fx_ops.meta_tensor(cond)
             if t is None or t.dtype != torch.bool:
                 raise Reject("mask", f"the masked_fill/where condition {_describe(cond)} is not boolean")
-            masks.append((cond, "fill" if not valid_when_true else "keep", f"{cond.name}: boolean, keys {'kept' if valid_when_true else 'dropped'} where True"))
+            split = self._split_condition(cond, valid_when_true)
+            if split is not None:
+                scatter, path, leaves = split
+                if selection is not None:
+                    raise Reject("mask", "two index masks select keys for the same scores")
+                selection = scatter
+                c.region.update(path)
+            else:
+                leaves = [(cond, valid_when_true)]
+            for leaf, keep in leaves:
+                masks.append((leaf, "keep" if keep else "fill", f"{leaf.name}: boolean, keys {'kept' if keep else 'dropped'} where True"))
 
         if selection is None and not gathers:
             raise Reject("selection", "no top-k selection: the scores are neither masked by a scatter of indices nor computed on gathered keys (dense attention)")
@@ -521,6 +540,59 @@ class _Analysis:
             raise Reject("mask", f"{_describe(scatter)} writes -inf at the selected keys: it masks them out instead of keeping them")
         raise Reject("mask", f"{_describe(scatter)} is an index mask of {mask_values.describe(base)} with {mask_values.describe(src)} at the selected keys; a sparse selection needs -inf elsewhere and 0 at the selected keys")
 
+    def _split_condition(self, cond: torch.fx.Node, keep: bool):
+        """A boolean selection inside a masked_fill/where condition: ``sel & causal`` (keep where
+        True), ``~sel | pad`` (drop where True), with ``sel = zeros(bool).scatter(-1, idx, True)``.
+
+        Returns (the scatter, the nodes between it and the condition, the other terms as
+        (node, keep-where-True)), or None when the condition holds no selection."""
+        path: list = []
+        leaves: list = []
+        found: list = []
+
+        def walk(node, keep_here: bool) -> None:
+            kind = fx_ops.kind_of(node) if isinstance(node, torch.fx.Node) else None
+            if kind in ("unsqueeze", "expand", "view", "identity", "to_dtype") and _single_user(node):
+                path.append(node)
+                return walk(fx_ops.read(node).input, keep_here)
+            if kind == "not" and _single_user(node):
+                path.append(node)
+                return walk(fx_ops.read(node).input, not keep_here)
+            # keep-where-True terms combine with "and"; drop-where-True terms with "or".
+            if kind == ("and" if keep_here else "or") and _single_user(node):
+                path.append(node)
+                view = fx_ops.read(node)
+                walk(view.input, keep_here)
+                walk(view.arg("other"), keep_here)
+                return
+            if kind == "scatter" and self._boolean_selection(node, keep_here):
+                found.append(node)
+                return
+            leaves.append((node, keep_here))
+
+        walk(cond, keep)
+        if not found:
+            return None
+        if len(found) > 1:
+            raise Reject("mask", "two index masks select keys for the same scores")
+        return found[0], path, leaves
+
+    def _boolean_selection(self, scatter: torch.fx.Node, keep: bool) -> bool:
+        """A boolean scatter that keeps exactly the indexed keys under this polarity."""
+        t = fx_ops.meta_tensor(scatter)
+        if t is None or t.dtype != torch.bool:
+            return False
+        view = fx_ops.read(scatter)
+        base = mask_values.value_set(view.input)
+        src_arg = view.arg("src") if view.arg("src") is not None else scatter.kwargs.get("value")
+        src = mask_values.value_set(src_arg)
+        if base is None or src is None or len(base) != 1 or len(src) != 1 or base == src:
+            return False
+        selected_kept = src == frozenset({1.0}) if keep else src == frozenset({0.0})
+        if not selected_kept:
+            raise Reject("mask", f"{_describe(scatter)} marks the selected keys to be masked out instead of kept")
+        return True
+
     def _add_base_chain(self, scatter: torch.fx.Node) -> None:
         self.c.region.add(scatter)
         cur = fx_ops.read(scatter).input
@@ -540,8 +612,10 @@ class _Analysis:
         if not isinstance(dim, int):
             raise Reject("softmax", f"the softmax dim {dim!r} is not a constant")
         dim = dim % len(sm_axes)
+        if not sm_axes[dim]:
+            raise Reject("softmax", f"the softmax runs over dim {dim}, an axis of length 1 (with gathered keys: a top-k of 1 is not supported)")
         if len(sm_axes[dim]) != 1:
-            raise Reject("softmax", f"the softmax runs over dim {dim}, a unit or merged axis")
+            raise Reject("softmax", f"the softmax runs over dim {dim}, a merged axis")
         (a_sm,) = sm_axes[dim]
 
         # Key-side axis of the scores: T for an index mask, K (selected slot) for gathered keys.
@@ -553,8 +627,10 @@ class _Analysis:
             a_t = a_sm
             idx_axes = alg.canon(self.axes_of(fx_ops.read(selection).arg("index")))
             a_k = idx_axes[sdim]
+            if not a_k:  # top-k of one: the indices' slot axis is a unit axis
+                a_k = (alg.fresh(1),)
             if len(a_k) != 1:
-                raise Reject("indices", "the top-k axis of the indices is a unit or merged axis")
+                raise Reject("indices", "the top-k axis of the indices is a merged axis")
             a_k = a_k[0]
         else:
             a_k = a_sm
@@ -674,7 +750,7 @@ class _Analysis:
             mask_terms.append(MaskTerm(self.operand(node, roles), kind, text))
 
         self._check_escapes(out_mm)
-        self._check_mutations(out_mm, [w.source for w in q_parts] + [w.gather.kv if w.gather else w.source for w in kv_parts] + [idx_walk.source] + [m[0] for m in masks])
+        self._check_mutations(out_mm, [w.source for w in q_parts] + [w.gather.kv if w.gather else w.source for w in kv_parts] + [v_walk.gather.kv if v_walk.gather else v_walk.source, idx_walk.source] + [m[0] for m in masks])
 
         # Widths, dtypes, scale.
         # Widths and the head count shape the kernel: a symbolic one is specialized (a guard).
@@ -730,7 +806,7 @@ class _Analysis:
             form="index-mask" if selection is not None else "gather",
             q_parts=tuple(self.operand(w.source, roles) for w in q_parts),
             kv_parts=tuple(self.operand(w.gather.kv if w.gather else w.source, roles) for w in kv_parts),
-            value=self.operand(v_walk.gather.kv if v_walk.gather else v_walk.source, roles),
+            value=self.operand(v_walk.gather.kv if v_walk.gather else v_walk.source, out_roles),
             indices=self.operand(idx_walk.source, roles),
             index_semantics=semantics,
             indices_unique=unique,
@@ -759,16 +835,41 @@ class _Analysis:
         return fixed
 
     def _value_part(self, v_walk: _Walk, kv_parts: list, gathers: list) -> int:
+        """Which key part the value reads. The value may also be the first piece of a key built as
+        ``cat([latent, rope], -1)``: that is the key's ``[..., :d_latent]`` prefix."""
         if v_walk.gather is not None:
             for i, w in enumerate(kv_parts):
                 if w.gather is not None and same_tensor(w.gather.kv, v_walk.gather.kv):
+                    return i
+            for i, w in enumerate(kv_parts):
+                if w.gather is not None and self._take_cat_head(w.gather.kv, v_walk.gather.kv, v_walk):
                     return i
             raise Reject("value", f"the value is gathered from {_describe(v_walk.gather.kv)}, which is not the key latent")
         for i, w in enumerate(kv_parts):
             if w.gather is None and same_tensor(w.source, v_walk.source):
                 return i
+        for i, w in enumerate(kv_parts):
+            if w.gather is None and self._take_cat_head(w.source, v_walk.source, v_walk):
+                return i
         keys = ", ".join(_describe(w.gather.kv if w.gather else w.source) for w in kv_parts)
         raise Reject("value", f"the value {_describe(v_walk.source)} is not the key latent ({keys}); MLA reads values from the same latent as keys")
+
+    @staticmethod
+    def _take_cat_head(key: torch.fx.Node, value: torch.fx.Node, v_walk: _Walk) -> bool:
+        """``key`` is ``cat([value, ...], -1)``: the value is the key's prefix of value's width."""
+        if fx_ops.kind_of(key) != "cat":
+            return False
+        view = fx_ops.read(key)
+        pieces = view.arg("tensors")
+        k_t, v_t = fx_ops.meta_tensor(key), fx_ops.meta_tensor(value)
+        if not pieces or k_t is None or v_t is None or view.arg("dim", 0) % k_t.dim() != k_t.dim() - 1:
+            return False
+        if not same_tensor(pieces[0], value):
+            return False
+        width = v_t.shape[-1]
+        if v_walk.prefix is None:
+            v_walk.prefix = width
+        return True
 
     def operand(self, node: torch.fx.Node, roles: dict) -> Operand:
         axes = []
