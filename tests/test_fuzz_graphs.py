@@ -96,7 +96,11 @@ def compile_and_compare(r: Recipe):
 @given(recipes(miss=False))
 @example(Recipe())
 @example(Recipe(select="gather_flat_invalid", product="bmm", d_rope=0, h=1, topk=5, s=3, t_extra=2))
+# Found by hypothesis: a boolean selection under where, and the value read as cat's first piece.
 @example(Recipe(select="scatter_where", product="matmul_heads_first", causal=True, scale_at="mul_after_mask", softmax="positive_dim", value="matmul", duplicates=True, dtype="bfloat16"))
+# Found by hypothesis: a top-k of one (a unit slot axis), and a gathered no-rope latent.
+@example(Recipe(b=1, s=2, h=1, d_lat=8, d_rope=0, topk=1))
+@example(Recipe(b=1, s=2, h=1, d_lat=8, d_rope=0, topk=2, select="gather_index"))
 def test_sparse_mla_recipes_are_matched_and_compiled_exactly(r):
     sites, said_why = compile_and_compare(r)
     assert len(sites) == 1, f"not matched: {r}; said: {said_why}"
