@@ -11,6 +11,10 @@ from mla_compiler.models import TinyMLAModel, deepseek_v32_small, nam56r_small, 
 
 ops = torch.ops.sparse_mla
 
+# On a GPU machine the same tests run on CUDA tensors (the Triton kernels, TF32 products).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = 1e-5 if DEVICE == "cpu" else 5e-3
+
 
 def _op_nodes(graph: torch.fx.Graph, op) -> list:
     return [n for n in graph.nodes if n.op == "call_function" and n.target in (op, op.default)]
@@ -18,11 +22,11 @@ def _op_nodes(graph: torch.fx.Graph, op) -> list:
 
 def _model(cfg, seed=0):
     torch.manual_seed(seed)
-    return TinyMLAModel(cfg).eval()
+    return TinyMLAModel(cfg).eval().to(DEVICE)
 
 
 def _tokens(cfg, b, s, seed=0):
-    return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def test_rewrite_returns_a_graph_module_with_one_op_per_site():
@@ -36,10 +40,10 @@ def test_rewrite_returns_a_graph_module_with_one_op_per_site():
     report = gm.sparse_mla_report
     assert len(report.sites) == 2 and not report.rejections and not report.failures
     with torch.no_grad():
-        assert rel_err(gm(tok), model(tok)) < 1e-5
+        assert rel_err(gm(tok), model(tok)) < TOL
         # lengths stayed symbolic: another batch and length run through the same graph
         other = _tokens(cfg, 3, 13, seed=1)
-        assert rel_err(gm(other), model(other)) < 1e-5
+        assert rel_err(gm(other), model(other)) < TOL
 
 
 def test_torch_export_keeps_the_op_and_runs_with_dynamic_lengths():
@@ -57,7 +61,7 @@ def test_torch_export_keeps_the_op_and_runs_with_dynamic_lengths():
     with torch.no_grad():
         for b, s in ((3, 13), (1, 60)):  # top-k below and at index_topk
             other = _tokens(cfg, b, s, seed=s)
-            assert rel_err(ep.module()(other), model(other)) < 1e-5
+            assert rel_err(ep.module()(other), model(other)) < TOL
 
 
 def test_rewrite_of_a_near_miss_leaves_the_graph_and_says_why():
@@ -74,7 +78,7 @@ def test_rewrite_keeps_an_fp8_cache_fp8_through_export():
     twin = _model(cfg)
     twin.load_state_dict(model.state_dict())
     for m in (model, twin):
-        m.allocate_cache(1, 32, kv_format="flashmla")
+        m.allocate_cache(1, 32, kv_format="flashmla", device=DEVICE)
     prompt = _tokens(cfg, 1, 8)
     with torch.no_grad():
         gm = mla_compiler.rewrite(model, prompt)
@@ -82,7 +86,7 @@ def test_rewrite_keeps_an_fp8_cache_fp8_through_export():
         assert site.fp8.startswith("preserved")
         ep = torch.export.export(gm, (prompt,))
         assert len(_op_nodes(ep.graph, ops.sparse_attn_fp8kv)) == 1 and not _op_nodes(ep.graph, ops.sparse_attn)
-        assert rel_err(ep.module()(prompt), twin(prompt)) < 1e-5
+        assert rel_err(ep.module()(prompt), twin(prompt)) < TOL
 
 
 def test_a_graph_break_is_an_error_not_a_split():
@@ -106,4 +110,4 @@ def test_aot_inductor_package_runs(tmp_path):
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "mla.pt2"))
     loaded = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
-        assert rel_err(loaded(tok), model(tok)) < 1e-5
+        assert rel_err(loaded(tok), model(tok)) < TOL

@@ -650,15 +650,19 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
 
 
 def _add_per_slot(dkv, rows, indices, topk_length):
-    """Add per-(token, slot) dKV rows into dKV in a fixed order (sorted ``index_put_``)."""
+    """Add per-(token, slot) dKV rows into dKV in a fixed order (sorted ``index_put_``). Invalid
+    slots add zeros to row 0 rather than being filtered out: boolean indexing would synchronize
+    with the host and break CUDA-graph capture."""
     s_kv, h_kv, _ = dkv.shape
     idx = indices.long()
     valid = (idx >= 0) & (idx < s_kv)
     if topk_length is not None:
         valid &= torch.arange(idx.shape[-1], device=idx.device).view(1, 1, -1) < topk_length.view(-1, 1, 1)
     group = torch.arange(h_kv, device=idx.device).view(1, -1, 1).expand_as(idx)
+    safe = torch.where(valid, idx, 0)
+    contribution = torch.where(valid.unsqueeze(-1), rows, 0)
     with _deterministic():
-        dkv.index_put_((idx[valid], group[valid]), rows[valid], accumulate=True)
+        dkv.index_put_((safe, group), contribution, accumulate=True)
 
 
 class _deterministic:
