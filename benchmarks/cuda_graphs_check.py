@@ -130,7 +130,9 @@ def main() -> int:
         os.environ["MLA_COMPILER_DETERMINISTIC"] = deterministic
         err = capture_op_step()
         print(f"torch.cuda.graph capture of sparse_attn fwd+bwd (deterministic={deterministic}): dkv rel err vs uncaptured {err:.2e}")
-        ok &= err < 1e-6
+        # The default dKV adds with fp32 atomics (order varies run to run); the deterministic one
+        # must match bit for bit.
+        ok &= err == 0.0 if deterministic == "1" else err < 1e-3
     os.environ.pop("MLA_COMPILER_DETERMINISTIC")
     print("CUDA GRAPHS: " + ("PASS" if ok else "FAIL"))
     return 0 if ok else 1
