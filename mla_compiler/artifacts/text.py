@@ -14,54 +14,39 @@ def format_report(graphs: list[CompileReport], recompiles: int = 0, recompile_re
         f"sparse_mla: {len(graphs)} graph(s), {len(sites)} site(s) lowered, {len(rejected)} candidate(s) rejected"
         + (f", {recompiles} recompile(s)" if recompiles else "")
     ]
-    if sites:
-        lines.append("")
-        lines.append("Lowered sites")
-    for i, (g, s) in enumerate(sites):
-        where = f"graph {g.compile_id}" + (f" / {s.graph_name}" if s.graph_name else "")
-        lines.append(f"  [{i}] {s.source}")
-        lines.append(f"      {where}, {s.form} form")
-        lines.append(f"      {s.dims}")
-        lines.append(f"      scale {s.scale}")
-        lines.append(f"      kernel {s.kernel} ({s.kernel_reason})")
-        lines.append(f"      FP8: {s.fp8}")
-        for m in s.masks:
-            lines.append(f"      mask {m}")
-        for n in s.notes:
-            lines.append(f"      note: {n}")
-    if rejected:
-        lines.append("")
-        lines.append("Rejected candidates")
-    for i, (g, r) in enumerate(rejected):
-        where = f"graph {g.compile_id}" + (f" / {r.graph_name}" if r.graph_name else "")
-        lines.append(f"  [{i}] {r.source}")
-        lines.append(f"      {where}, check '{r.check}': {r.reason}")
-    near = [(g, n) for g in graphs for n in g.near_misses]
-    if near:
-        lines.append("")
-        lines.append("Near misses (attention-like code with no softmax anchor)")
-        for i, (g, n) in enumerate(near):
-            lines.append(f"  [{i}] {n.source}")
-            lines.append(f"      {n.reason}")
-    downgrades = [(g, n) for g in graphs for n in g.fp8_downgrades]
-    if downgrades:
-        lines.append("")
-        lines.append("Warnings: FP8 downgrades (FP8 storage dequantized before a product)")
-        for i, (g, n) in enumerate(downgrades):
-            lines.append(f"  [{i}] {n.source}")
-            lines.append(f"      {n.reason}")
-    fails = [(g, f) for g in graphs for f in g.failures]
-    if fails:
-        lines.append("")
-        lines.append("Failures (the graph or site was compiled unchanged)")
-        for g, f in fails:
-            lines.append(f"  graph {g.compile_id}: {f}")
-    if recompile_reasons:
-        lines.append("")
-        lines.append("Recompiles (the guard that failed)")
-        for r in recompile_reasons:
-            lines.append(f"  {r.splitlines()[0]}")
+    site_entries = []
+    for g, s in sites:
+        site_entries.append(
+            [s.source, f"{_where(g, s.graph_name)}, {s.form} form", s.dims, f"scale {s.scale}", f"kernel {s.kernel} ({s.kernel_reason})", f"FP8: {s.fp8}"]
+            + [f"mask {m}" for m in s.masks]
+            + [f"note: {n}" for n in s.notes]
+        )
+    _section(lines, "Lowered sites", site_entries)
+    _section(lines, "Rejected candidates", [[r.source, f"{_where(g, r.graph_name)}, check '{r.check}': {r.reason}"] for g, r in rejected])
+    _section(lines, "Near misses (attention-like code with no softmax anchor)", [[n.source, n.reason] for g in graphs for n in g.near_misses])
+    _section(lines, "Warnings: FP8 downgrades (FP8 storage dequantized before a product)", [[n.source, n.reason] for g in graphs for n in g.fp8_downgrades])
+    _plain_section(lines, "Failures (the graph or site was compiled unchanged)", [f"graph {g.compile_id}: {f}" for g in graphs for f in g.failures])
+    _plain_section(lines, "Recompiles (the guard that failed)", [r.splitlines()[0] for r in recompile_reasons])
     return "\n".join(lines)
+
+
+def _where(g: CompileReport, graph_name: str) -> str:
+    return f"graph {g.compile_id}" + (f" / {graph_name}" if graph_name else "")
+
+
+def _section(lines: list[str], title: str, entries: list[list[str]]) -> None:
+    """A numbered section: each entry's first line after ``[i]``, the rest indented under it."""
+    if not entries:
+        return
+    lines += ["", title]
+    for i, (first, *rest) in enumerate(entries):
+        lines.append(f"  [{i}] {first}")
+        lines += [f"      {x}" for x in rest]
+
+
+def _plain_section(lines: list[str], title: str, items: list[str]) -> None:
+    if items:
+        lines += ["", title] + [f"  {x}" for x in items]
 
 
 INPUT_COLUMNS = ("name", "shape", "stride", "dtype", "device", "requires_grad", "type", "storage", "payload_dtype", "scale", "scale_convention", "granularity")
