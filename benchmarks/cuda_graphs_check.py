@@ -34,6 +34,21 @@ def twins(cfg):
     return a, b
 
 
+def capture(fn):
+    """Warm ``fn`` up on a side stream (compile, pick launch configurations, allocate), then
+    capture one call. Returns the graph and the call's static output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def capture_op_step() -> float:
     """Capture sparse_attn + sparse_attn_bwd on static inputs with invalid indices; replay on new
     values; compare with the uncaptured call on the same values."""
@@ -49,15 +64,7 @@ def capture_op_step() -> float:
         out, lse = ops.sparse_attn(q, kv, idx, 0.05, d_v)
         return ops.sparse_attn_bwd(dout, None, q, kv, out, lse, idx, 0.05, d_v)[1]
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_dkv = step()
+    graph, static_dkv = capture(step)
     q.copy_(torch.randn(q.shape, device="cuda", generator=g))
     kv.copy_(torch.randn(kv.shape, device="cuda", generator=g))
     graph.replay()
@@ -109,15 +116,7 @@ def main() -> int:
         prompt = torch.randint(0, cfg.vocab_size, (2, 32), device="cuda")
         step(prompt), twin(prompt)
         static_tok = torch.randint(0, cfg.vocab_size, (2, 1), device="cuda")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                step(static_tok, start_pos=32)  # warm up: compile, pick launch configs, allocate
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = step(static_tok, start_pos=32)
+        graph, static_out = capture(lambda: step(static_tok, start_pos=32))
         new_tok = torch.randint(0, cfg.vocab_size, (2, 1), device="cuda")
         static_tok.copy_(new_tok)
         graph.replay()

@@ -13,7 +13,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from mla_compiler.backend import SparseMLABackend, _validate
+from mla_compiler.backend import make_backend
 from mla_compiler.sites import CompileReport
 
 REPORT_ATTR = "sparse_mla_report"
@@ -29,7 +29,7 @@ def rewrite(model: Union[torch.nn.Module, Callable], *example_inputs: Any, fp8: 
     ``fp8`` is the backend's FP8 policy ("preserve" or "dequantize").
     """
     captured, _guards = torch._dynamo.export(model)(*example_inputs, **example_kwargs)
-    backend = SparseMLABackend(_validate({"strict": True, "fp8": fp8, "inner": "eager"}))
+    backend = make_backend(strict=True, fp8=fp8)
     report = CompileReport(compile_id="rewrite", inner="none")
     rewritten = backend.rewrite_graph(captured, report)
     setattr(rewritten, REPORT_ATTR, report)

@@ -160,12 +160,13 @@ def _softmax(r, scores, like, dim_last):
     return p
 
 
-def _value(r, kv_lat):
+def _value(r, latent):
+    """The value operand ([..., keys, d_lat]), or a near miss of it."""
     if r.miss == "value_tanh":
-        return torch.tanh(kv_lat)
+        return torch.tanh(latent)
     if r.miss == "value_other":
-        return kv_lat.flip(1)  # other tokens' latents: not the keys each score belongs to
-    return kv_lat
+        return latent.flip(-2)  # key j's weight applied to another key's latent
+    return latent
 
 
 def _masked(r: Recipe, scale, q_lat, q_pe, kv_lat, k_pe, idx):
@@ -265,11 +266,7 @@ def _gathered(r: Recipe, scale, q_lat, q_pe, kv_lat, k_pe, idx):
     if r.scale_at == "mul_after_mask":
         scores = scores * scale
     p = _softmax(r, scores, q, dim_last=-1)
-    values = keys_lat
-    if r.miss == "value_tanh":
-        values = torch.tanh(values)
-    elif r.miss == "value_other":
-        values = values.flip(-2)  # slot j's score weighs slot k-1-j's latent
+    values = _value(r, keys_lat)
     if r.value == "matmul":
         out = p @ values
     else:

@@ -57,6 +57,18 @@ def value_set(node: Any, _memo: Optional[dict] = None) -> ValueSet:
     return result
 
 
+def scatter_source(view: "fx_ops.OpView") -> Any:
+    """What a scatter writes: its ``src`` tensor or scalar, or its ``value=`` keyword."""
+    src = view.arg("src")
+    return src if src is not None else view.arg("value")
+
+
+def scatter_value_sets(scatter: torch.fx.Node) -> tuple[ValueSet, ValueSet]:
+    """(values of the scattered-into tensor, values written at the indices)."""
+    view = fx_ops.read(scatter)
+    return value_set(view.input), value_set(scatter_source(view))
+
+
 def _value_set(node: torch.fx.Node, memo: dict) -> ValueSet:
     view = fx_ops.read(node)
     if view is None:
@@ -81,7 +93,7 @@ def _value_set(node: torch.fx.Node, memo: dict) -> ValueSet:
     if kind == "scatter":
         if "reduce" in node.kwargs or len(node.args) > 4:
             return None
-        base, src = vs(view.input), vs(view.arg("src") if view.arg("src") is not None else view.arg("value"))
+        base, src = vs(view.input), vs(scatter_source(view))
         return None if base is None or src is None else base | src
     if kind == "masked_fill":
         base, fill = vs(view.input), vs(view.arg("value"))

@@ -528,10 +528,7 @@ class _Analysis:
         return self._assign_roles(probs, out_mm, parts, v_walk, selection, gathers, idx_walk, masks, semantics)
 
     def _selection(self, scatter: torch.fx.Node) -> bool:
-        view = fx_ops.read(scatter)
-        base = mask_values.value_set(view.input)
-        src_arg = view.arg("src") if view.arg("src") is not None else scatter.kwargs.get("value")
-        src = mask_values.value_set(src_arg)
+        base, src = mask_values.scatter_value_sets(scatter)
         if base is None or src is None:
             return False
         if base == frozenset({mask_values.NEG_INF}) and src == frozenset({0.0}):
@@ -582,10 +579,7 @@ class _Analysis:
         t = fx_ops.meta_tensor(scatter)
         if t is None or t.dtype != torch.bool:
             return False
-        view = fx_ops.read(scatter)
-        base = mask_values.value_set(view.input)
-        src_arg = view.arg("src") if view.arg("src") is not None else scatter.kwargs.get("value")
-        src = mask_values.value_set(src_arg)
+        base, src = mask_values.scatter_value_sets(scatter)
         if base is None or src is None or len(base) != 1 or len(src) != 1 or base == src:
             return False
         selected_kept = src == frozenset({1.0}) if keep else src == frozenset({0.0})
@@ -835,41 +829,25 @@ class _Analysis:
         return fixed
 
     def _value_part(self, v_walk: _Walk, kv_parts: list, gathers: list) -> int:
-        """Which key part the value reads. The value may also be the first piece of a key built as
-        ``cat([latent, rope], -1)``: that is the key's ``[..., :d_latent]`` prefix."""
-        if v_walk.gather is not None:
-            for i, w in enumerate(kv_parts):
-                if w.gather is not None and same_tensor(w.gather.kv, v_walk.gather.kv):
-                    return i
-            for i, w in enumerate(kv_parts):
-                if w.gather is not None and self._take_cat_head(w.gather.kv, v_walk.gather.kv, v_walk):
-                    return i
-            raise Reject("value", f"the value is gathered from {_describe(v_walk.gather.kv)}, which is not the key latent")
-        for i, w in enumerate(kv_parts):
-            if w.gather is None and same_tensor(w.source, v_walk.source):
+        """Which key part the value reads (gathered values from gathered keys, plain from plain).
+        The value may also be the first piece of a key built as ``cat([latent, rope], -1)``: that
+        is the key's ``[..., :d_latent]`` prefix."""
+        gathered = v_walk.gather is not None
+        value = v_walk.gather.kv if gathered else v_walk.source
+        candidates = [(i, w.gather.kv if gathered else w.source) for i, w in enumerate(kv_parts) if (w.gather is not None) == gathered]
+        for i, key in candidates:
+            if same_tensor(key, value):
                 return i
-        for i, w in enumerate(kv_parts):
-            if w.gather is None and self._take_cat_head(w.source, v_walk.source, v_walk):
+        for i, key in candidates:
+            width = _cat_head_width(key, value)
+            if width is not None:
+                if v_walk.prefix is None:
+                    v_walk.prefix = width
                 return i
+        if gathered:
+            raise Reject("value", f"the value is gathered from {_describe(value)}, which is not the key latent")
         keys = ", ".join(_describe(w.gather.kv if w.gather else w.source) for w in kv_parts)
-        raise Reject("value", f"the value {_describe(v_walk.source)} is not the key latent ({keys}); MLA reads values from the same latent as keys")
-
-    @staticmethod
-    def _take_cat_head(key: torch.fx.Node, value: torch.fx.Node, v_walk: _Walk) -> bool:
-        """``key`` is ``cat([value, ...], -1)``: the value is the key's prefix of value's width."""
-        if fx_ops.kind_of(key) != "cat":
-            return False
-        view = fx_ops.read(key)
-        pieces = view.arg("tensors")
-        k_t, v_t = fx_ops.meta_tensor(key), fx_ops.meta_tensor(value)
-        if not pieces or k_t is None or v_t is None or view.arg("dim", 0) % k_t.dim() != k_t.dim() - 1:
-            return False
-        if not same_tensor(pieces[0], value):
-            return False
-        width = v_t.shape[-1]
-        if v_walk.prefix is None:
-            v_walk.prefix = width
-        return True
+        raise Reject("value", f"the value {_describe(value)} is not the key latent ({keys}); MLA reads values from the same latent as keys")
 
     def operand(self, node: torch.fx.Node, roles: dict) -> Operand:
         axes = []
@@ -960,6 +938,19 @@ def _contraction_operands(mm: torch.fx.Node) -> list:
             raise Reject("scores", f"{_describe(mm)} has {len(ops_)} operands; two are expected")
         return ops_
     return [view.input, view.arg("other")]
+
+
+def _cat_head_width(key: torch.fx.Node, value: torch.fx.Node) -> Optional[int]:
+    """The width of ``value`` when ``key`` is ``cat([value, ...], -1)`` (the value is then the
+    key's prefix of that width), else None."""
+    if fx_ops.kind_of(key) != "cat":
+        return None
+    view = fx_ops.read(key)
+    pieces = view.arg("tensors")
+    k_t, v_t = fx_ops.meta_tensor(key), fx_ops.meta_tensor(value)
+    if not pieces or k_t is None or v_t is None or view.arg("dim", 0) % k_t.dim() != k_t.dim() - 1:
+        return None
+    return v_t.shape[-1] if same_tensor(pieces[0], value) else None
 
 
 def _prefix_slice(node: torch.fx.Node) -> Optional[int]:
