@@ -27,10 +27,15 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def twins(cfg):
+def twins(cfg, decode: bool = False):
+    """Two bf16 models with the same weights; ``decode``: in eval mode with KV caches."""
     torch.manual_seed(0)
     a, b = TinyMLAModel(cfg).cuda().bfloat16(), TinyMLAModel(cfg).cuda().bfloat16()
     b.load_state_dict(a.state_dict())
+    if decode:
+        for m in (a, b):
+            m.eval()
+            m.allocate_cache(2, 128, dtype=torch.bfloat16, device="cuda")
     return a, b
 
 
@@ -91,10 +96,7 @@ def main() -> int:
     ok &= err < 2e-2 and gerr < 5e-2
     torch._dynamo.reset()
     # 1b. reduce-overhead, decode steps with a cache
-    model, twin = twins(cfg)
-    model.eval(), twin.eval()
-    for m in (model, twin):
-        m.allocate_cache(2, 128, dtype=torch.bfloat16, device="cuda")
+    model, twin = twins(cfg, decode=True)
     compiled = torch.compile(model, backend=mla_compiler.make_backend(mode="reduce-overhead"))
     with torch.no_grad():
         prompt = torch.randint(0, cfg.vocab_size, (2, 32), device="cuda")
@@ -107,10 +109,7 @@ def main() -> int:
     ok &= worst < 2e-2
     torch._dynamo.reset()
     # 2. torch.cuda.graph around a compiled decode step (fixed position), replayed with new tokens
-    model, twin = twins(cfg)
-    model.eval(), twin.eval()
-    for m in (model, twin):
-        m.allocate_cache(2, 128, dtype=torch.bfloat16, device="cuda")
+    model, twin = twins(cfg, decode=True)
     step = torch.compile(model, backend=mla_compiler.make_backend(inner="aot_eager"))
     with torch.no_grad():
         prompt = torch.randint(0, cfg.vocab_size, (2, 32), device="cuda")
