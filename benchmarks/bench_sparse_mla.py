@@ -257,17 +257,30 @@ def layer_rows(seqlen=4096, heads=128):
         row(section="layer", shape=f"mla layer s={seqlen} h={heads}", impl="speedup", x=results["inductor"][0] / results["sparse_mla"][0], memory_ratio=results["inductor"][1] / max(results["sparse_mla"][1], 1e-9))
 
 
-def fp8_rows():
+FP8_SHAPES = (
+    # (name, inputs, sweep here?) the issue's decode shape first
+    ("v32-decode b64", lambda: decode_inputs(), True),
+    ("v32-decode b64 h16", lambda: decode_inputs(heads=16), True),  # 16 heads a GPU: DeepSeek-V3.2 at TP 8
+    ("v32-decode b2", lambda: decode_inputs(batch=2), False),  # latency: 4 tokens
+    ("v32-prefill", lambda: prefill_inputs(), False),
+)
+
+
+def fp8_rows(sweep=False):
     """FP8 latent (FlashMLA's 656-byte layout, and float8 + per-row scale) against bf16 keys, same
     kernel family, decode and prefill shapes; bytes and FlashMLA-unit TFLOPS."""
     scale = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
     copy_bw = next((r["tb_per_s"] for r in ROWS if r.get("impl") == "d2d copy 1 GiB"), float("nan"))
-    for name, make in (("v32-decode b64", decode_inputs), ("v32-prefill", prefill_inputs)):
-        _fp8_case_rows(name, make, scale, copy_bw)
+    for name, make, sweep_here in FP8_SHAPES:
+        _fp8_case_rows(name, make, scale, copy_bw, sweep and sweep_here)
         torch.cuda.empty_cache()
 
 
-def _fp8_case_rows(name, make, scale, copy_bw):
+# (BLOCK_N, num_warps, num_stages) tried per shape; BLOCK_H is the policy's for the head count.
+FP8_SWEEP = ((64, 8, 2), (32, 8, 2), (32, 4, 3), (64, 4, 3))
+
+
+def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
     """One shape's FP8 rows; its tensors are freed when it returns."""
     from mla_compiler.kernels import fp8_reference as fr
 
@@ -281,20 +294,49 @@ def _fp8_case_rows(name, make, scale, copy_bw):
     rope_bf16 = kv[:, 0, 512:].contiguous()
     out_bf16, _ = tk.forward(q, kv, idx, scale, 512)
     qo_bytes = t * heads * (576 + 512) * 2
+    sub = slice(0, min(t, 32))  # the FP8 reference on the first tokens: the kernel's own error
     cases = (
-        ("triton bf16 KV", lambda: tk.forward(q, kv, idx, scale, 512), valid * 1152 + qo_bytes),
-        ("triton FP8 KV (FlashMLA 656 B)", lambda: tk.forward_fp8(q, lat, scl, rope, idx, scale, 512), valid * 656 + qo_bytes),
-        ("triton FP8 KV (e4m3 + row scale)", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, scale, 512), valid * (512 + 4 + 128) + qo_bytes),
+        ("triton bf16 KV", lambda cfg=None: tk.forward(q, kv, idx, scale, 512, launch=cfg), valid * 1152 + qo_bytes, None),
+        ("triton FP8 KV (FlashMLA 656 B)", lambda cfg=None: tk.forward_fp8(q, lat, scl, rope, idx, scale, 512, launch=cfg), valid * 656 + qo_bytes, (lat, scl, rope)),
+        ("triton FP8 KV (e4m3 + row scale)", lambda cfg=None: tk.forward_fp8(q, q8, s8, rope_bf16, idx, scale, 512, launch=cfg), valid * (512 + 4 + 128) + qo_bytes, (q8, s8, rope_bf16)),
     )
     base = None
-    for impl, fn, nbytes in cases:
+    for impl, fn, nbytes, fp8_parts in cases:
         out, _ = fn()
         err = ((out.float() - out_bf16.float()).norm() / out_bf16.float().norm()).item()
+        extra = {}
+        if fp8_parts is not None:
+            r_out, _ = fr.sparse_attn_fp8kv_reference(q[sub], *fp8_parts, idx[sub], scale, 512)
+            extra["err_vs_fp8_ref"] = ((out[sub].float() - r_out.float()).norm() / r_out.float().norm()).item()
         ms = bench(fn)
         base = base or ms
+        launch = tk.LAST_LAUNCH.get("forward_fp8" if fp8_parts is not None else "forward", {})
         row(section="fp8", shape=name, impl=impl, ms=ms, tflops=fl / ms / 1e9, gb_needed=nbytes / 1e9,
             hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12) if copy_bw == copy_bw else float("nan"),
-            speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **{k: v for k, v in tk.LAST_LAUNCH.get("forward_fp8" if "FP8" in impl else "forward", {}).items() if k in ("n_regs", "n_spills")})
+            speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **extra,
+            **{k: v for k, v in launch.items() if k in ("n_regs", "n_spills", "SPLITS", "DEQUANT")})
+        if launch.get("SPLITS", 1) > 1:  # what the split buys: the same launch, one program per head block
+            one = {k: launch[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "DEQUANT") if k in launch}
+            ms_one = bench(lambda: fn(dict(one, SPLITS=1)))
+            row(section="fp8", shape=name, impl=impl + ", no split", ms=ms_one, tflops=fl / ms_one / 1e9, split_speedup=ms_one / ms)
+        if not sweep:
+            continue
+        forms = [None] if fp8_parts is None else ([tk.DEQUANT_FP32, tk.DEQUANT_COMPUTE] if fp8_parts[1].shape[1] > 1 else [tk.DEQUANT_FOLD])
+        block_h = tk.LaunchPolicy.heads(heads)
+        for form in forms:
+            for block_n, warps, stages in FP8_SWEEP:
+                for splits in ((1, 2) if block_h >= 64 else (1, 2, 4)):
+                    full = dict(BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages, SPLITS=splits)
+                    if form is not None:
+                        full["DEQUANT"] = form
+                    try:
+                        ms_c = bench(lambda: fn(full))
+                    except Exception as exc:  # noqa: BLE001 - a config that does not fit is a row, not a stop
+                        row(section="fp8-config", shape=name, impl=impl, config=str(full), error=type(exc).__name__)
+                        continue
+                    info = tk.LAST_LAUNCH.get("forward_fp8" if fp8_parts is not None else "forward", {})
+                    row(section="fp8-config", shape=name, impl=impl, config=str(full), ms=ms_c, tflops=fl / ms_c / 1e9,
+                        speedup_vs_bf16_policy=base / ms_c, **{k: v for k, v in info.items() if k in ("n_regs", "n_spills")})
 
 
 def roofline():
@@ -353,7 +395,7 @@ def main() -> int:
                 inductor_rows(q, kv, idx, 192**-0.5, 512, 4096, 8192)
                 del q, kv, idx
             elif section == "fp8":
-                fp8_rows()
+                fp8_rows(sweep=args.sweep)
             elif section == "layer":
                 layer_rows()
         except Exception:  # noqa: BLE001 - report and go on to the next section
@@ -375,6 +417,14 @@ def table(rows, env) -> str:
         ms = f"{r['ms']:.3f}" if "ms" in r else ""
         tf = f"{r['tflops']:.0f}" if "tflops" in r else ""
         lines.append(f"{r.get('section', ''):<9} {r.get('shape', ''):<20} {r.get('impl', ''):<30} {ms:>9} {tf:>8}  {other_s}")
+    best: dict = {}
+    for r in rows:  # sweeps: the fastest configuration per (section, shape, impl)
+        if r.get("section", "").endswith("-config") and "ms" in r:
+            k = (r["section"], r.get("shape", ""), r.get("impl", ""))
+            if k not in best or r["ms"] < best[k]["ms"]:
+                best[k] = r
+    for (sec, shape, impl), r in best.items():
+        lines.append(f"best {sec:<14} {shape:<20} {impl:<30} {r['ms']:>9.3f} {r.get('tflops', 0):>8.0f}  {r['config']}")
     return "\n".join(lines)
 
 

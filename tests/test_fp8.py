@@ -53,7 +53,7 @@ def _fp8_case(seed=0, t=6, heads=5, s_kv=40, topk=13, fmt="flashmla"):
     q = torch.randn(t, heads, 576, generator=g).bfloat16()
     idx = torch.randint(1, s_kv, (t, 1, topk), generator=g, dtype=torch.int32)
     idx[0, 0, ::3] = -1
-    idx[1] = torch.tensor([-7, s_kv, 2**31 - 1] * 5, dtype=torch.int32)[:topk]  # a row with nothing valid
+    idx[1] = torch.tensor([-7, s_kv, 2**31 - 1] * topk, dtype=torch.int32)[:topk]  # a row with nothing valid
     if fmt == "flashmla":
         cache = fr.quantize_flashmla(lat, rope)
         cache[0] = 255  # row 0 (never selected) holds NaN bytes everywhere
@@ -89,10 +89,36 @@ def test_triton_fp8_kernel_matches_reference(fmt):
     r_out, r_lse = fr.sparse_attn_fp8kv_reference(*args, 0.05, 512)
     assert not out.isnan().any()
     assert rel_err(out, r_out) < 2e-2
-    # Non-power-of-two scales make the dequantized keys round to bf16; the CPU interpreter's
-    # float->bf16 conversion does not round to nearest like the GPU's, hence the lse tolerance.
-    tol = 1e-5 if fmt == "flashmla" or torch.cuda.is_available() else 1e-2
+    # One scale per row is folded into the scores (DEQUANT_FOLD), so the kernel's keys are not
+    # rounded to bf16 as the reference's dequantized keys are: hence the lse tolerance there.
+    tol = 1e-5 if fmt == "flashmla" else 1e-2
     torch.testing.assert_close(lse, r_lse, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("fmt", ["flashmla", "rowwise"])
+def test_triton_fp8_dequant_forms_and_splits(fmt):
+    """Every dequantization form the kernel has gives the reference's answer: e4m3 x tile scale in
+    fp32; in bf16 (CUDA only: the interpreter's bf16 arithmetic is wrong), bit-equal to fp32 for
+    FlashMLA's power-of-two scales; a row scale folded into scores and P. And the split top-k."""
+    tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
+    if not (torch.cuda.is_available() or tk.interpreted()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case(fmt=fmt, seed=5, topk=37)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = [x.to(dev) for x in (q, kv_lat, kv_scale, kv_rope, idx)]
+    r_out, r_lse = fr.sparse_attn_fp8kv_reference(*args, 0.05, 512)
+    base = tk.LaunchPolicy.forward(576, 512, q.shape[1], q.dtype)[0]
+    forms = [tk.DEQUANT_FP32] + ([tk.DEQUANT_COMPUTE] if dev == "cuda" else []) + ([tk.DEQUANT_FOLD] if fmt == "rowwise" else [])
+    outs = {}
+    for form in forms:
+        for splits in (1, 3):
+            out, lse = tk.forward_fp8(*args, 0.05, 512, launch=dict(base, DEQUANT=form, SPLITS=splits))
+            assert not out.isnan().any(), (form, splits)
+            assert rel_err(out, r_out) < 2e-2, (form, splits)
+            torch.testing.assert_close(lse, r_lse, rtol=1e-2, atol=1e-2)
+            outs[form, splits] = out
+    if dev == "cuda" and fmt == "flashmla":
+        assert torch.equal(outs[tk.DEQUANT_COMPUTE, 1], outs[tk.DEQUANT_FP32, 1])
 
 
 def test_fp8_op_contract_names_the_argument():

@@ -69,6 +69,38 @@ def test_kernels_match_reference(name, dtype, extras):
 
 
 @needs_interpreter_or_gpu
+@pytest.mark.parametrize("name", ["deepseek-like 512+64/512", "40 heads: several head blocks", "two key groups, 40 wide"])
+@pytest.mark.parametrize("splits", [2, 3])
+def test_split_topk_matches_reference(name, splits):
+    """Flash-decoding: SPLITS programs per (token, head block), merged by the combine kernel. With
+    topk 19 and 16-key blocks, 3 splits leave the last one empty; sink, topk_length, a row with no
+    valid index and NaN in unselected KV rows are all in the case."""
+    shape = dict(SHAPES[name], topk=max(SHAPES[name]["topk"], 19))
+    q, kv, idx, scale, d_v = _case(shape, torch.float32, seed=splits)
+    kv[0] = float("nan")  # make_case never selects row 0
+    assert not ((idx == 0).any())
+    t, heads = q.shape[:2]
+    g = torch.Generator().manual_seed(splits)
+    sink = torch.randn(heads, generator=g).to(DEVICE)
+    topk_len = torch.randint(0, idx.shape[-1] + 1, (t,), generator=g, dtype=torch.int32).to(DEVICE)
+    cfg = dict(tk.LaunchPolicy.forward(q.shape[-1], d_v, heads // kv.shape[1], q.dtype)[0], SPLITS=splits)
+    for extras in ((None, None), (sink, topk_len)):
+        out, lse = tk.forward(q, kv, idx, scale, d_v, *extras, launch=cfg)
+        r_out, r_lse = reference.sparse_attn_reference(q, kv, idx, scale, d_v, *extras)
+        assert not out.isnan().any()
+        assert _rel(out, r_out) < 1e-5
+        torch.testing.assert_close(lse, r_lse, rtol=1e-5, atol=1e-5)  # +inf rows included
+
+
+def test_split_policy():
+    """Split only when the programs do not fill the SMs; each split keeps >= 4 key blocks."""
+    assert tk.LaunchPolicy.splits(programs=256, topk=2048, block_n=64, sms=132) == 1
+    assert tk.LaunchPolicy.splits(programs=2, topk=2048, block_n=64, sms=132) == 8  # 2048 / (4 * 64)
+    assert tk.LaunchPolicy.splits(programs=32, topk=2048, block_n=32, sms=132) == 5
+    assert tk.LaunchPolicy.splits(programs=1, topk=64, block_n=64, sms=132) == 1
+
+
+@needs_interpreter_or_gpu
 def test_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     q, kv, idx, scale, d_v = _case(SHAPES["two key groups, 40 wide"], torch.float32, seed=4)
     out, lse = reference.sparse_attn_reference(q, kv, idx, scale, d_v)

@@ -98,6 +98,14 @@ class LaunchPolicy:
         ]
 
     @staticmethod
+    def splits(programs: int, topk: int, block_n: int, sms: int) -> int:
+        """How many programs share one (token, head block)'s top-k: enough to give every SM a
+        program when the tokens alone do not (decode at small batch), each keeping >= 4 key blocks."""
+        if programs >= sms:
+            return 1
+        return max(1, min(triton.cdiv(sms, programs), topk // (4 * block_n), 16))
+
+    @staticmethod
     def backward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
         block_h = LaunchPolicy.heads(hpg)
         if interpreted():
@@ -154,7 +162,7 @@ def _launch(kernel, name: str, key: tuple, candidates: list[dict], grid_of, args
     last = None
     for cfg in tried:
         try:
-            compiled = kernel[grid_of(cfg)](*args, **constexprs, **cfg)
+            compiled = kernel[grid_of(cfg)](*args, **{**constexprs, **cfg})
         except OutOfResources as exc:
             last = exc
             continue
@@ -181,17 +189,31 @@ def _load_keys(
     kv_grp, idx, valid, offs_a, stride_kvs,
     KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK,
     D_A: tl.constexpr, D_B: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DEQUANT: tl.constexpr,
 ):
-    """The gathered latent rows [BLOCK_N, D_A] and rope rows [BLOCK_N, D_B] of one key block.
-    FP8: the latent is dequantized here, in registers (e4m3 * per-tile scale -> compute dtype)."""
+    """The gathered latent rows [BLOCK_N, D_A], rope rows [BLOCK_N, D_B] and, for DEQUANT_FOLD, the
+    rows' scales [BLOCK_N] of one key block. FP8: the latent is dequantized here, in registers, as
+    DEQUANT says (see forward_fp8)."""
     rows = idx.to(tl.int64)
+    row_scale = tl.full([BLOCK_N], 1.0, tl.float32)
     if FP8:
-        tile: tl.constexpr = D_A // N_TILES
-        offs_t = tl.arange(0, N_TILES)
-        p3 = kv_grp + rows[:, None, None] * stride_kvs + offs_t[None, :, None] * tile + tl.arange(0, tile)[None, None, :]
-        raw = tl.load(p3, mask=valid[:, None, None], other=0.0)
-        sc = tl.load(KV_SCALE + rows[:, None] * stride_ss + offs_t[None, :], mask=valid[:, None], other=0.0)
-        k_a = tl.reshape((raw.to(tl.float32) * sc[:, :, None]).to(COMPUTE), (BLOCK_N, D_A))
+        if DEQUANT == 2:
+            # One scale per row: the latent goes to the MMA unscaled (e4m3 -> bf16 is exact) and the
+            # scale multiplies the scores and P instead, BLOCK_N values instead of BLOCK_N x D_A.
+            raw = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
+            k_a = raw.to(COMPUTE)
+            row_scale = tl.load(KV_SCALE + rows * stride_ss, mask=valid, other=0.0)
+        else:
+            tile: tl.constexpr = D_A // N_TILES
+            offs_t = tl.arange(0, N_TILES)
+            p3 = kv_grp + rows[:, None, None] * stride_kvs + offs_t[None, :, None] * tile + tl.arange(0, tile)[None, None, :]
+            raw = tl.load(p3, mask=valid[:, None, None], other=0.0)
+            sc = tl.load(KV_SCALE + rows[:, None] * stride_ss + offs_t[None, :], mask=valid[:, None], other=0.0)
+            if DEQUANT == 1:
+                # In the compute dtype (bf16): exact for power-of-two scales, half the registers of fp32.
+                k_a = tl.reshape(raw.to(COMPUTE) * sc.to(COMPUTE)[:, :, None], (BLOCK_N, D_A))
+            else:
+                k_a = tl.reshape((raw.to(tl.float32) * sc[:, :, None]).to(COMPUTE), (BLOCK_N, D_A))
     else:
         k_a = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
     if D_B > 0:
@@ -203,7 +225,25 @@ def _load_keys(
             k_b = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_b[None, :], mask=b_mask, other=0.0)
     else:
         k_b = k_a  # unused
-    return k_a, k_b
+    return k_a, k_b, row_scale
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, heads, h_ok, o_row, lse_row, SINK, stride_oh, DV: tl.constexpr, DV_P: tl.constexpr, HAS_SINK: tl.constexpr):
+    """Normalize one block of heads' accumulator (m in base 2) and store the output and lse."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    out = acc / l_safe[:, None]
+    if HAS_SINK:
+        sink = tl.load(SINK + heads, mask=h_ok, other=0.0)
+        # out * exp(lse) / (exp(lse) + exp(sink)) = out * sigmoid(lse - sink); an empty row stays 0.
+        w = tl.where(empty, 0.0, 1.0 / (1.0 + tl.exp(sink - tl.where(empty, 0.0, lse))))
+        out = out * w[:, None]
+    offs_o = tl.arange(0, DV_P)
+    o_ptr = o_row + heads[:, None] * stride_oh + offs_o[None, :]
+    tl.store(o_ptr, out.to(o_row.dtype.element_ty), mask=h_ok[:, None] & (offs_o[None, :] < DV))
+    tl.store(lse_row + heads, lse, mask=h_ok)
 
 
 @triton.jit
@@ -219,10 +259,12 @@ def _fwd_kernel(
     V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
     KV_SCALE=None, KV_ROPE=None, stride_ss=0, stride_rs=0, FP8: tl.constexpr = False, N_TILES: tl.constexpr = 1,
+    DEQUANT: tl.constexpr = 0, SPLITS: tl.constexpr = 1, PARTIAL=None,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)
-    hb = tl.program_id(2)
+    hb = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < HPG
     heads = g * HPG + offs_h
@@ -237,22 +279,32 @@ def _fwd_kernel(
     topk = TOPK
     if HAS_TOPK_LEN:
         topk = tl.minimum(tl.load(TOPK_LEN + t), TOPK)
+    # This program's share of the top-k: all of it, or one of SPLITS whole-block chunks (decode
+    # with few tokens: more programs in flight, merged by _combine_kernel).
+    chunk = tl.cdiv(tl.cdiv(TOPK, SPLITS), BLOCK_N) * BLOCK_N
+    n_lo = split * chunk
+    n_hi = tl.minimum(n_lo + chunk, TOPK)
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, DV_P], dtype=tl.float32)
     idx_row = IDX + t * stride_it + g * stride_ig
     kv_grp = KV + g * stride_kvg
-    for n0 in tl.range(0, TOPK, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for n0 in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         idx = tl.load(idx_row + offs_n, mask=offs_n < topk, other=-1)
         valid = (idx >= 0) & (idx < S_KV)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
-        k_a, k_b = _load_keys(kv_grp, idx, valid, offs_a, stride_kvs, KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK, D_A, D_B, FP8, N_TILES, Q.dtype.element_ty, BLOCK_N)
+        k_a, k_b, row_scale = _load_keys(
+            kv_grp, idx, valid, offs_a, stride_kvs, KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK,
+            D_A, D_B, FP8, N_TILES, Q.dtype.element_ty, BLOCK_N, DEQUANT,
+        )
         if RELOAD_Q:
             # Q read from L1/L2 each step instead of held in registers: frees them for the accumulator.
             q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
         s = _mm(q_a, tl.trans(k_a), IEEE, UPCAST)
+        if DEQUANT == 2:
+            s = s * row_scale[None, :]
         if D_B > 0:
             if RELOAD_Q:
                 q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
@@ -268,22 +320,49 @@ def _fwd_kernel(
             v = k_a
         else:
             v = tl.load(k_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
+        if DEQUANT == 2:
+            p = p * row_scale[None, :]
         acc += _mm(p.to(v.dtype), v, IEEE, UPCAST)
         m_i = m_new
 
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
-    out = acc / l_safe[:, None]
-    if HAS_SINK:
-        sink = tl.load(SINK + heads, mask=h_ok, other=0.0)
-        # out * exp(lse) / (exp(lse) + exp(sink)) = out * sigmoid(lse - sink); an empty row stays 0.
-        w = tl.where(empty, 0.0, 1.0 / (1.0 + tl.exp(sink - tl.where(empty, 0.0, lse))))
-        out = out * w[:, None]
+    if SPLITS == 1:
+        _finish(acc, m_i, l_i, heads, h_ok, OUT + t * stride_ot, LSE + t * stride_lt, SINK, stride_oh, DV, DV_P, HAS_SINK)
+    else:
+        # Unnormalized partial: acc [DV_P], then m (base 2) and l, per (split, token, head).
+        n_heads = HPG * tl.num_programs(1)
+        part = (split * tl.num_programs(0) + t) * n_heads + heads
+        offs_o = tl.arange(0, DV_P)
+        tl.store(PARTIAL + part[:, None] * (DV_P + 2) + offs_o[None, :], acc, mask=h_ok[:, None])
+        tl.store(PARTIAL + part * (DV_P + 2) + DV_P, m_i, mask=h_ok)
+        tl.store(PARTIAL + part * (DV_P + 2) + DV_P + 1, l_i, mask=h_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    PARTIAL, OUT, LSE, SINK, stride_ot, stride_oh, stride_lt, N_HEADS,
+    DV: tl.constexpr, DV_P: tl.constexpr, HAS_SINK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Merge the SPLITS partial softmax states of one token's block of heads (flash-decoding)."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < N_HEADS
     offs_o = tl.arange(0, DV_P)
-    o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + offs_o[None, :]
-    tl.store(o_ptr, out.to(OUT.dtype.element_ty), mask=h_ok[:, None] & (offs_o[None, :] < DV))
-    tl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, DV_P], dtype=tl.float32)
+    for split in tl.static_range(SPLITS):
+        part = (split * tl.num_programs(0) + t) * N_HEADS + heads
+        m_s = tl.load(PARTIAL + part * (DV_P + 2) + DV_P, mask=h_ok, other=float("-inf"))
+        l_s = tl.load(PARTIAL + part * (DV_P + 2) + DV_P + 1, mask=h_ok, other=0.0)
+        a_s = tl.load(PARTIAL + part[:, None] * (DV_P + 2) + offs_o[None, :], mask=h_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_i, m_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w_old = tl.exp2(m_i - m_use)
+        w_s = tl.exp2(m_s - m_use)
+        l_i = l_i * w_old + l_s * w_s
+        acc = acc * w_old[:, None] + a_s * w_s[:, None]
+        m_i = m_new
+    _finish(acc, m_i, l_i, heads, h_ok, OUT + t * stride_ot, LSE + t * stride_lt, SINK, stride_oh, DV, DV_P, HAS_SINK)
 
 
 @triton.jit
@@ -476,28 +555,19 @@ def _record(name: str, compiled, cfg: dict) -> None:
 def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
     t, heads, d_qk, h_kv, hpg, d_a, d_b, dv_p = _geometry(q, kv, d_v)
-    out = torch.empty((t, heads, d_v), dtype=q.dtype, device=q.device)
-    lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
-    if t == 0:
-        return out, lse
-    candidates = [launch] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
-    dummy = lse
-    args = (
-        q, kv, indices, out, lse,
-        attn_sink if attn_sink is not None else dummy,
-        topk_length if topk_length is not None else dummy,
-        q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        kv.shape[0], indices.shape[-1], hpg, d_qk, float(sm_scale) * LOG2E,
-    )
+    args = (q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.shape[0], hpg, d_qk)
     constexprs = dict(
         D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
-        HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, IEEE=q.dtype == torch.float32,
-        UPCAST=interpreted() and q.dtype != torch.float32,
+        IEEE=q.dtype == torch.float32, UPCAST=interpreted() and q.dtype != torch.float32,
     )
-    key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg, launch and tuple(sorted(launch.items())))
-    _launch(_fwd_kernel, "forward", key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"])), args, constexprs)
-    return out, lse
+    key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg)
+    return _forward_launch("forward", key, q, kv, indices, sm_scale, d_v, h_kv, args, constexprs, attn_sink, topk_length, launch)
+
+
+# FP8 latent dequantization (DEQUANT): 0 = e4m3 x scale in fp32; 1 = in the compute dtype (bf16:
+# exact for power-of-two scales, FlashMLA's rule; any other scale is rounded to bf16's 8 significant
+# bits, 2^-9 relative, far below e4m3's own 2^-4); 2 = one scale per row folded into the scores and P.
+DEQUANT_FP32, DEQUANT_COMPUTE, DEQUANT_FOLD = 0, 1, 2
 
 
 def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
@@ -505,32 +575,69 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
     ``d_lat / n_tiles`` columns; the rope part is read as is."""
     q, indices = q.contiguous(), indices.contiguous()
-    t, heads, d_qk = q.shape
-    d_lat = kv_latent.shape[1]
+    d_qk = q.shape[2]
+    d_lat, n_tiles = kv_latent.shape[1], kv_scale.shape[1]
     d_rope = kv_rope.shape[1] if kv_rope is not None else 0
     d_b = 0 if d_rope == 0 else max(16, triton.next_power_of_2(d_rope))
+    if n_tiles == 1:
+        dequant = DEQUANT_FOLD
+    else:
+        # (The CPU interpreter's bf16 arithmetic is wrong: there the fp32 form, the same values.)
+        dequant = DEQUANT_COMPUTE if q.dtype == torch.bfloat16 and not interpreted() else DEQUANT_FP32
+    args = (q.stride(0), q.stride(1), kv_latent.stride(0), 0, kv_latent.shape[0], q.shape[1], d_qk)
+    constexprs = dict(
+        D_A=d_lat, D_B=d_b, DV=d_v, DV_P=max(16, triton.next_power_of_2(d_v)), V_IS_A=True, IEEE=False,
+        UPCAST=interpreted(), KV_SCALE=kv_scale, KV_ROPE=kv_rope if kv_rope is not None else kv_scale,
+        stride_ss=kv_scale.stride(0), stride_rs=kv_rope.stride(0) if kv_rope is not None else 0,
+        FP8=True, N_TILES=n_tiles, DEQUANT=dequant,
+    )
+    key = ("fwd-fp8", q.device.index, q.dtype, d_lat, d_rope, n_tiles, q.shape[1])
+    return _forward_launch("forward_fp8", key, q, kv_latent, indices, sm_scale, d_v, 1, args, constexprs, attn_sink, topk_length, launch)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: splitting buys nothing, tests ask for it explicitly
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _forward_launch(name, key, q, kv, indices, sm_scale, d_v, h_kv, args, constexprs, attn_sink, topk_length, launch):
+    """Launch _fwd_kernel (and _combine_kernel when the top-k is split) for the bf16 or FP8 keys."""
+    t, heads, d_qk = q.shape
+    hpg = heads // h_kv
+    topk = indices.shape[-1]
+    dv_p = constexprs["DV_P"]
     out = torch.empty((t, heads, d_v), dtype=q.dtype, device=q.device)
     lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
-    candidates = [launch] if launch else LaunchPolicy.forward(d_qk, d_v, heads, q.dtype)
-    args = (
-        q, kv_latent, indices, out, lse,
+    candidates = [dict(launch)] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
+    first = candidates[0]
+    splits = first.get("SPLITS") or LaunchPolicy.splits(t * h_kv * triton.cdiv(hpg, first["BLOCK_H"]), topk, first["BLOCK_N"], _sm_count(q.device))
+    for cfg in candidates:
+        cfg["SPLITS"] = splits
+    # Per (split, token, head): the unnormalized accumulator, then m and l.
+    partial = torch.empty((splits, t, heads, dv_p + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
+    stride_q_t, stride_q_h, stride_kvs, stride_kvg, s_kv, hpg_arg, d_qk_arg = args
+    full_args = (
+        q, kv, indices, out, lse,
         attn_sink if attn_sink is not None else lse,
         topk_length if topk_length is not None else lse,
-        q.stride(0), q.stride(1), kv_latent.stride(0), 0, indices.stride(0), indices.stride(1),
+        stride_q_t, stride_q_h, stride_kvs, stride_kvg, indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        kv_latent.shape[0], indices.shape[-1], heads, d_qk, float(sm_scale) * LOG2E,
+        s_kv, topk, hpg_arg, d_qk_arg, float(sm_scale) * LOG2E,
     )
-    constexprs = dict(
-        D_A=d_lat, D_B=d_b, DV=d_v, DV_P=max(16, triton.next_power_of_2(d_v)), V_IS_A=True,
-        HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, IEEE=False,
-        UPCAST=interpreted(), KV_SCALE=kv_scale, KV_ROPE=kv_rope if kv_rope is not None else kv_scale,
-        stride_ss=kv_scale.stride(0), stride_rs=kv_rope.stride(0) if kv_rope is not None else 0,
-        FP8=True, N_TILES=kv_scale.shape[1],
-    )
-    key = ("fwd-fp8", q.device.index, q.dtype, d_lat, d_rope, kv_scale.shape[1], heads, launch and tuple(sorted(launch.items())))
-    _launch(_fwd_kernel, "forward_fp8", key, candidates, lambda cfg: (t, 1, triton.cdiv(heads, cfg["BLOCK_H"])), args, constexprs)
+    full_constexprs = dict(constexprs, HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, PARTIAL=partial)
+    key = key + (splits, launch and tuple(sorted(launch.items())))
+    _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]) * splits), full_args, full_constexprs)
+    if "DEQUANT" in constexprs and name in LAST_LAUNCH:
+        LAST_LAUNCH[name].setdefault("DEQUANT", constexprs["DEQUANT"])
+    if splits > 1:
+        block_h = 16 if interpreted() else 32
+        _combine_kernel[(t, triton.cdiv(heads, block_h))](
+            partial, out, lse, attn_sink if attn_sink is not None else lse, out.stride(0), out.stride(1), lse.stride(0), heads,
+            DV=d_v, DV_P=dv_p, HAS_SINK=attn_sink is not None, SPLITS=splits, BLOCK_H=block_h, num_warps=4,
+        )
     return out, lse
 
 
