@@ -271,13 +271,30 @@ def fp8_rows(sweep=False):
     kernel family, decode and prefill shapes; bytes and FlashMLA-unit TFLOPS."""
     scale = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
     copy_bw = next((r["tb_per_s"] for r in ROWS if r.get("impl") == "d2d copy 1 GiB"), float("nan"))
+    only = [n for n in os.environ.get("MLA_BENCH_FP8_SHAPES", "").split(",") if n]
     for name, make, sweep_here in FP8_SHAPES:
+        if only and name not in only:
+            continue
         _fp8_case_rows(name, make, scale, copy_bw, sweep and sweep_here)
         torch.cuda.empty_cache()
 
 
-# (BLOCK_N, num_warps, num_stages) tried per shape; BLOCK_H is the policy's for the head count.
-FP8_SWEEP = ((64, 8, 2), (32, 8, 2), (32, 4, 3), (64, 4, 3))
+def fp8_sweep_configs(block_h: int) -> list[dict]:
+    """Launches tried per shape: many heads are bound by registers (8 warps); few heads by loads
+    in flight (more stages, more programs per token)."""
+    if block_h >= 64:
+        return [dict(BLOCK_H=block_h, BLOCK_N=n, num_warps=8, num_stages=st, SPLITS=1) for n, st in ((64, 2), (32, 2), (64, 1))]
+    return [dict(BLOCK_H=block_h, BLOCK_N=n, num_warps=w, num_stages=st, SPLITS=sp) for n, w, st, sp in ((64, 8, 2, 2), (32, 8, 2, 2), (64, 8, 2, 4), (32, 4, 3, 2))]
+
+
+def fp8_sweep_forms(n_tiles: int) -> list[dict]:
+    """Dequantization forms tried: per-tile scales (fp32, bf16); one scale per row (fp32, folded,
+    folded with the next block prefetched, FP8 tensor cores for Q K^T or for both products)."""
+    if n_tiles > 1:
+        return [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_COMPUTE)]
+    return [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)] + [
+        dict(DEQUANT=form, PREFETCH=prefetch) for form in (tk.MMA_FP8_QK, tk.MMA_FP8_QK_PV) for prefetch in (False, True)
+    ]
 
 
 def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
@@ -321,22 +338,21 @@ def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
             row(section="fp8", shape=name, impl=impl + ", no split", ms=ms_one, tflops=fl / ms_one / 1e9, split_speedup=ms_one / ms)
         if not sweep:
             continue
-        forms = [None] if fp8_parts is None else ([tk.DEQUANT_FP32, tk.DEQUANT_COMPUTE] if fp8_parts[1].shape[1] > 1 else [tk.DEQUANT_FOLD])
-        block_h = tk.LaunchPolicy.heads(heads)
+        forms = [{}] if fp8_parts is None else fp8_sweep_forms(fp8_parts[1].shape[1])
+        r_sub = out_bf16[sub] if fp8_parts is None else r_out
         for form in forms:
-            for block_n, warps, stages in FP8_SWEEP:
-                for splits in ((1, 2) if block_h >= 64 else (1, 2, 4)):
-                    full = dict(BLOCK_H=block_h, BLOCK_N=block_n, num_warps=warps, num_stages=stages, SPLITS=splits)
-                    if form is not None:
-                        full["DEQUANT"] = form
-                    try:
-                        ms_c = bench(lambda: fn(full))
-                    except Exception as exc:  # noqa: BLE001 - a config that does not fit is a row, not a stop
-                        row(section="fp8-config", shape=name, impl=impl, config=str(full), error=type(exc).__name__)
-                        continue
-                    info = tk.LAST_LAUNCH.get("forward_fp8" if fp8_parts is not None else "forward", {})
-                    row(section="fp8-config", shape=name, impl=impl, config=str(full), ms=ms_c, tflops=fl / ms_c / 1e9,
-                        speedup_vs_bf16_policy=base / ms_c, **{k: v for k, v in info.items() if k in ("n_regs", "n_spills")})
+            for cfg in fp8_sweep_configs(tk.LaunchPolicy.heads(heads)):
+                full = dict(cfg, **form)
+                try:
+                    out_c, _ = fn(full)
+                    ms_c = bench(lambda: fn(full))
+                except Exception as exc:  # noqa: BLE001 - a config that does not fit is a row, not a stop
+                    row(section="fp8-config", shape=name, impl=impl, config=str(full), error=type(exc).__name__)
+                    continue
+                info = tk.LAST_LAUNCH.get("forward_fp8" if fp8_parts is not None else "forward", {})
+                err_c = ((out_c[sub].float() - r_sub.float()).norm() / r_sub.float().norm()).item()
+                row(section="fp8-config", shape=name, impl=impl, config=str(full), ms=ms_c, tflops=fl / ms_c / 1e9,
+                    speedup_vs_bf16_policy=base / ms_c, err_vs_ref=err_c, **{k: v for k, v in info.items() if k in ("n_regs", "n_spills")})
 
 
 def roofline():

@@ -99,7 +99,8 @@ def test_triton_fp8_kernel_matches_reference(fmt):
 def test_triton_fp8_dequant_forms_and_splits(fmt):
     """Every dequantization form the kernel has gives the reference's answer: e4m3 x tile scale in
     fp32; in bf16 (CUDA only: the interpreter's bf16 arithmetic is wrong), bit-equal to fp32 for
-    FlashMLA's power-of-two scales; a row scale folded into scores and P. And the split top-k."""
+    FlashMLA's power-of-two scales; a row scale folded into scores and P. With the split top-k and
+    with the next block's latent prefetched."""
     tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
     if not (torch.cuda.is_available() or tk.interpreted()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
@@ -111,14 +112,57 @@ def test_triton_fp8_dequant_forms_and_splits(fmt):
     forms = [tk.DEQUANT_FP32] + ([tk.DEQUANT_COMPUTE] if dev == "cuda" else []) + ([tk.DEQUANT_FOLD] if fmt == "rowwise" else [])
     outs = {}
     for form in forms:
-        for splits in (1, 3):
-            out, lse = tk.forward_fp8(*args, 0.05, 512, launch=dict(base, DEQUANT=form, SPLITS=splits))
-            assert not out.isnan().any(), (form, splits)
-            assert rel_err(out, r_out) < 2e-2, (form, splits)
+        for splits, prefetch in ((1, False), (3, False), (1, True), (3, True)):
+            out, lse = tk.forward_fp8(*args, 0.05, 512, launch=dict(base, DEQUANT=form, SPLITS=splits, PREFETCH=prefetch))
+            assert not out.isnan().any(), (form, splits, prefetch)
+            assert rel_err(out, r_out) < 2e-2, (form, splits, prefetch)
             torch.testing.assert_close(lse, r_lse, rtol=1e-2, atol=1e-2)
-            outs[form, splits] = out
+            outs[form, splits, prefetch] = out
+        assert torch.equal(outs[form, 1, True], outs[form, 1, False])  # prefetching changes no value
     if dev == "cuda" and fmt == "flashmla":
-        assert torch.equal(outs[tk.DEQUANT_COMPUTE, 1], outs[tk.DEQUANT_FP32, 1])
+        assert torch.equal(outs[tk.DEQUANT_COMPUTE, 1, False], outs[tk.DEQUANT_FP32, 1, False])
+
+
+def _q_on_e4m3_grid(q: torch.Tensor) -> torch.Tensor:
+    """q whose latent part each head quantizes to e4m3 without rounding (values on the grid times
+    2^-4, head maximum 448 * 2^-4): the interpreter's float -> e4m3 rounding is wrong when a value
+    rounds up into the next binade, so CPU tests of the FP8 tensor-core forms use exact values."""
+    lat = (q[..., :512].float() * 30).to(torch.float8_e4m3fn).float()
+    lat[..., 0] = 448.0
+    out = q.clone()
+    out[..., :512] = (lat / 16).to(q.dtype)
+    return out
+
+
+def _q_quantized_like_the_kernel(q: torch.Tensor) -> torch.Tensor:
+    lat = q[..., :512].float()
+    scale = lat.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 448.0
+    out = q.clone()
+    out[..., :512] = ((lat / scale).to(torch.float8_e4m3fn).float() * scale).to(q.dtype)
+    return out
+
+
+def test_triton_fp8_tensor_core_forms():
+    """One scale per row on FP8 tensor cores: Q quantized per head (MMA_FP8_QK) gives the reference
+    on the quantized Q; P quantized too (MMA_FP8_QK_PV) adds P's e4m3 rounding. On CPU Q is put on
+    the e4m3 grid first (see _q_on_e4m3_grid); on CUDA Q is random and quantized by the kernel."""
+    tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
+    if not (torch.cuda.is_available() or tk.interpreted()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case(fmt="rowwise", seed=7, topk=37)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        q = _q_on_e4m3_grid(q)
+    args = [x.to(dev) for x in (q, kv_lat, kv_scale, kv_rope, idx)]
+    r_out, r_lse = fr.sparse_attn_fp8kv_reference(_q_quantized_like_the_kernel(args[0]), *args[1:], 0.05, 512)
+    base = tk.LaunchPolicy.forward(576, 512, q.shape[1], q.dtype)[0]
+    for form, tol in ((tk.MMA_FP8_QK, 1e-2), (tk.MMA_FP8_QK_PV, 5e-2)):
+        for splits, prefetch in ((1, False), (3, True)):
+            out, lse = tk.forward_fp8(*args, 0.05, 512, launch=dict(base, DEQUANT=form, SPLITS=splits, PREFETCH=prefetch))
+            assert not out.isnan().any(), (form, splits)
+            assert rel_err(out, r_out) < tol, (form, splits, rel_err(out, r_out))
+            assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isposinf(lse[1]).all()  # no valid index
+            torch.testing.assert_close(lse, r_lse, rtol=2e-2, atol=2e-2)
 
 
 def test_fp8_op_contract_names_the_argument():

@@ -185,47 +185,45 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_keys(
-    kv_grp, idx, valid, offs_a, stride_kvs,
-    KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK,
-    D_A: tl.constexpr, D_B: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DEQUANT: tl.constexpr,
+def _gather_latent(
+    kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss,
+    D_A: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr,
 ):
-    """The gathered latent rows [BLOCK_N, D_A], rope rows [BLOCK_N, D_B] and, for DEQUANT_FOLD, the
-    rows' scales [BLOCK_N] of one key block. FP8: the latent is dequantized here, in registers, as
-    DEQUANT says (see forward_fp8)."""
+    """Memory side of one key block: its indices, which are valid, the gathered latent rows (bf16
+    [BLOCK_N, D_A]; FP8 [BLOCK_N, D_A], or [BLOCK_N, N_TILES, D_A / N_TILES] with per-tile scales)
+    and the FP8 scales ([BLOCK_N] per row for DEQUANT_FOLD, [BLOCK_N, N_TILES] otherwise)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    idx = tl.load(idx_row + offs_n, mask=offs_n < n_end, other=-1)
+    valid = (idx >= 0) & (idx < S_KV)
     rows = idx.to(tl.int64)
-    row_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-    if FP8:
-        if DEQUANT == 2:
-            # One scale per row: the latent goes to the MMA unscaled (e4m3 -> bf16 is exact) and the
-            # scale multiplies the scores and P instead, BLOCK_N values instead of BLOCK_N x D_A.
-            raw = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
-            k_a = raw.to(COMPUTE)
-            row_scale = tl.load(KV_SCALE + rows * stride_ss, mask=valid, other=0.0)
-        else:
-            tile: tl.constexpr = D_A // N_TILES
-            offs_t = tl.arange(0, N_TILES)
-            p3 = kv_grp + rows[:, None, None] * stride_kvs + offs_t[None, :, None] * tile + tl.arange(0, tile)[None, None, :]
-            raw = tl.load(p3, mask=valid[:, None, None], other=0.0)
-            sc = tl.load(KV_SCALE + rows[:, None] * stride_ss + offs_t[None, :], mask=valid[:, None], other=0.0)
-            if DEQUANT == 1:
-                # In the compute dtype (bf16): exact for power-of-two scales, half the registers of fp32.
-                k_a = tl.reshape(raw.to(COMPUTE) * sc.to(COMPUTE)[:, :, None], (BLOCK_N, D_A))
-            else:
-                k_a = tl.reshape((raw.to(tl.float32) * sc[:, :, None]).to(COMPUTE), (BLOCK_N, D_A))
+    if FP8 and DEQUANT < 2:
+        tile: tl.constexpr = D_A // N_TILES
+        offs_t = tl.arange(0, N_TILES)
+        p3 = kv_grp + rows[:, None, None] * stride_kvs + offs_t[None, :, None] * tile + tl.arange(0, tile)[None, None, :]
+        raw = tl.load(p3, mask=valid[:, None, None], other=0.0)
+        sc = tl.load(KV_SCALE + rows[:, None] * stride_ss + offs_t[None, :], mask=valid[:, None], other=0.0)
     else:
-        k_a = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
-    if D_B > 0:
-        offs_b = D_A + tl.arange(0, D_B)
-        b_mask = valid[:, None] & (offs_b[None, :] < D_QK)
+        raw = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
         if FP8:
-            k_b = tl.load(KV_ROPE + rows[:, None] * stride_rs + (offs_b - D_A)[None, :], mask=b_mask, other=0.0)
+            sc = tl.load(KV_SCALE + rows * stride_ss, mask=valid, other=0.0)
         else:
-            k_b = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_b[None, :], mask=b_mask, other=0.0)
+            sc = tl.full([BLOCK_N], 1.0, tl.float32)
+    return idx, valid, raw, sc
+
+
+@triton.jit
+def _latent_operand(raw, sc, D_A: tl.constexpr, FP8: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr):
+    """The latent block as the MMA takes it, in registers: FP8 is dequantized as DEQUANT says (see
+    forward_fp8); with DEQUANT_FOLD it stays unscaled and the caller applies the row scales."""
+    if not FP8 or DEQUANT == 4:
+        return raw
+    elif DEQUANT >= 2:
+        return raw.to(COMPUTE)  # e4m3 -> bf16 is exact
+    elif DEQUANT == 1:
+        # In the compute dtype (bf16): exact for power-of-two scales, half the registers of fp32.
+        return tl.reshape(raw.to(COMPUTE) * sc.to(COMPUTE)[:, :, None], (BLOCK_N, D_A))
     else:
-        k_b = k_a  # unused
-    return k_a, k_b, row_scale
+        return tl.reshape((raw.to(tl.float32) * sc[:, :, None]).to(COMPUTE), (BLOCK_N, D_A))
 
 
 @triton.jit
@@ -259,7 +257,7 @@ def _fwd_kernel(
     V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
     KV_SCALE=None, KV_ROPE=None, stride_ss=0, stride_rs=0, FP8: tl.constexpr = False, N_TILES: tl.constexpr = 1,
-    DEQUANT: tl.constexpr = 0, SPLITS: tl.constexpr = 1, PARTIAL=None,
+    DEQUANT: tl.constexpr = 0, SPLITS: tl.constexpr = 1, PARTIAL=None, PREFETCH: tl.constexpr = False,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -276,6 +274,10 @@ def _fwd_kernel(
         q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
     if not V_IS_A:
         offs_v = tl.arange(0, DV_P)
+    if DEQUANT >= 3:
+        # FP8 tensor cores for Q K^T: Q's latent part quantized to e4m3 once, one scale per head.
+        q_scale = tl.maximum(tl.max(tl.abs(q_a.to(tl.float32)), 1), 1e-30) / 448.0
+        q8 = (q_a.to(tl.float32) / q_scale[:, None]).to(KV.dtype.element_ty)
     topk = TOPK
     if HAS_TOPK_LEN:
         topk = tl.minimum(tl.load(TOPK_LEN + t), TOPK)
@@ -290,21 +292,36 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_H, DV_P], dtype=tl.float32)
     idx_row = IDX + t * stride_it + g * stride_ig
     kv_grp = KV + g * stride_kvg
+    n_end = tl.minimum(topk, n_hi)
+    if PREFETCH:
+        # The next block's latent is loaded while this one is used: the loads feeding the
+        # dequantization are not pipelined by the compiler as loads feeding an MMA are.
+        idx_nx, valid_nx, raw_nx, sc_nx = _gather_latent(kv_grp, idx_row, n_lo, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
     for n0 in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        idx = tl.load(idx_row + offs_n, mask=offs_n < topk, other=-1)
-        valid = (idx >= 0) & (idx < S_KV)
+        if PREFETCH:
+            idx, valid, raw, sc = idx_nx, valid_nx, raw_nx, sc_nx
+            idx_nx, valid_nx, raw_nx, sc_nx = _gather_latent(kv_grp, idx_row, n0 + BLOCK_N, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
+        else:
+            idx, valid, raw, sc = _gather_latent(kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
-        k_a, k_b, row_scale = _load_keys(
-            kv_grp, idx, valid, offs_a, stride_kvs, KV_SCALE, KV_ROPE, stride_ss, stride_rs, D_QK,
-            D_A, D_B, FP8, N_TILES, Q.dtype.element_ty, BLOCK_N, DEQUANT,
-        )
+        k_a = _latent_operand(raw, sc, D_A, FP8, Q.dtype.element_ty, BLOCK_N, DEQUANT)
+        row_scale = sc
+        if D_B > 0:
+            offs_kb = D_A + tl.arange(0, D_B)
+            b_mask = valid[:, None] & (offs_kb[None, :] < D_QK)
+            if FP8:
+                k_b = tl.load(KV_ROPE + idx.to(tl.int64)[:, None] * stride_rs + (offs_kb - D_A)[None, :], mask=b_mask, other=0.0)
+            else:
+                k_b = tl.load(k_rows + offs_kb[None, :], mask=b_mask, other=0.0)
         if RELOAD_Q:
             # Q read from L1/L2 each step instead of held in registers: frees them for the accumulator.
             q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
-        s = _mm(q_a, tl.trans(k_a), IEEE, UPCAST)
-        if DEQUANT == 2:
-            s = s * row_scale[None, :]
+        if DEQUANT >= 3:
+            s = _mm(q8, tl.trans(raw), IEEE, UPCAST) * (q_scale[:, None] * row_scale[None, :])
+        else:
+            s = _mm(q_a, tl.trans(k_a), IEEE, UPCAST)
+            if DEQUANT == 2:
+                s = s * row_scale[None, :]
         if D_B > 0:
             if RELOAD_Q:
                 q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
@@ -320,9 +337,16 @@ def _fwd_kernel(
             v = k_a
         else:
             v = tl.load(k_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
-        if DEQUANT == 2:
-            p = p * row_scale[None, :]
-        acc += _mm(p.to(v.dtype), v, IEEE, UPCAST)
+        if DEQUANT == 4:
+            # P V on FP8 tensor cores too: P times the row scales over their block maximum, in e4m3.
+            c = tl.max(row_scale, 0)
+            c = tl.where(c > 0.0, c, 1.0)
+            p8 = (p * (row_scale / c)[None, :]).to(raw.dtype)
+            acc += _mm(p8, raw, IEEE, UPCAST) * c
+        else:
+            if DEQUANT >= 2:
+                p = p * row_scale[None, :]
+            acc += _mm(p.to(v.dtype), v, IEEE, UPCAST)
         m_i = m_new
 
     if SPLITS == 1:
@@ -568,6 +592,9 @@ def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, lau
 # exact for power-of-two scales, FlashMLA's rule; any other scale is rounded to bf16's 8 significant
 # bits, 2^-9 relative, far below e4m3's own 2^-4); 2 = one scale per row folded into the scores and P.
 DEQUANT_FP32, DEQUANT_COMPUTE, DEQUANT_FOLD = 0, 1, 2
+# One scale per row, FP8 tensor cores (Q quantized to e4m3 per head): 3 = Q K^T in FP8, P V in bf16;
+# 4 = both in FP8 (P quantized too). Not chosen by default: they add Q's (and P's) e4m3 rounding.
+MMA_FP8_QK, MMA_FP8_QK_PV = 3, 4
 
 
 def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
