@@ -331,9 +331,9 @@ def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
         row(section="fp8", shape=name, impl=impl, ms=ms, tflops=fl / ms / 1e9, gb_needed=nbytes / 1e9,
             hbm_fraction=nbytes / (ms * 1e-3) / (copy_bw * 1e12) if copy_bw == copy_bw else float("nan"),
             speedup_vs_bf16=base / ms, rel_err_vs_bf16=err, **extra,
-            **{k: v for k, v in launch.items() if k in ("n_regs", "n_spills", "SPLITS", "DEQUANT")})
+            **{k: v for k, v in launch.items() if k in ("n_regs", "n_spills", "SPLITS", "DEQUANT", "PREFETCH")})
         if launch.get("SPLITS", 1) > 1:  # what the split buys: the same launch, one program per head block
-            one = {k: launch[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "DEQUANT") if k in launch}
+            one = {k: launch[k] for k in ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "DEQUANT", "PREFETCH") if k in launch}
             ms_one = bench(lambda: fn(dict(one, SPLITS=1)))
             row(section="fp8", shape=name, impl=impl + ", no split", ms=ms_one, tflops=fl / ms_one / 1e9, split_speedup=ms_one / ms)
         if not sweep:

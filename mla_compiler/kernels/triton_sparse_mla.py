@@ -98,10 +98,28 @@ class LaunchPolicy:
         ]
 
     @staticmethod
+    def forward_fp8(d_qk: int, d_v: int, heads: int, dtype: torch.dtype, n_tiles: int) -> list[dict]:
+        """The forward's launches with the FP8 latent's dequantization form (DEQUANT, PREFETCH).
+        Measured on H200 (benchmarks/RESULTS.md, FP8 section): e4m3 x scale in fp32 is the fastest
+        form with 64-head blocks (register-bound); with few heads (load-bound) one scale per row
+        folded into scores and P, with the next block prefetched, in 32-key blocks, is."""
+        block_h = LaunchPolicy.heads(heads)
+        per_row = n_tiles == 1
+        if interpreted() or block_h >= 64 or not per_row:
+            form = dict(DEQUANT=DEQUANT_FOLD if per_row and interpreted() else DEQUANT_FP32)
+            few_heads = [] if interpreted() or block_h >= 64 else [dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=3)]
+        else:
+            form = dict(DEQUANT=DEQUANT_FOLD, PREFETCH=True)
+            few_heads = [dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=3)]
+        return [dict(cfg, **form) for cfg in few_heads + LaunchPolicy.forward(d_qk, d_v, heads, dtype)]
+
+    @staticmethod
     def splits(programs: int, topk: int, block_n: int, sms: int) -> int:
         """How many programs share one (token, head block)'s top-k: enough to give every SM a
-        program when the tokens alone do not (decode at small batch), each keeping >= 4 key blocks."""
-        if programs >= sms:
+        program when the tokens alone fill fewer than half of them (decode at small batch; at
+        128 programs on 132 SMs, H200 measured splitting 5-10 % slower), each keeping >= 4 key
+        blocks."""
+        if 2 * programs > sms:
             return 1
         return max(1, min(triton.cdiv(sms, programs), topk // (4 * block_n), 16))
 
@@ -606,20 +624,20 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     d_lat, n_tiles = kv_latent.shape[1], kv_scale.shape[1]
     d_rope = kv_rope.shape[1] if kv_rope is not None else 0
     d_b = 0 if d_rope == 0 else max(16, triton.next_power_of_2(d_rope))
-    if n_tiles == 1:
-        dequant = DEQUANT_FOLD
-    else:
-        # (The CPU interpreter's bf16 arithmetic is wrong: there the fp32 form, the same values.)
-        dequant = DEQUANT_COMPUTE if q.dtype == torch.bfloat16 and not interpreted() else DEQUANT_FP32
     args = (q.stride(0), q.stride(1), kv_latent.stride(0), 0, kv_latent.shape[0], q.shape[1], d_qk)
     constexprs = dict(
         D_A=d_lat, D_B=d_b, DV=d_v, DV_P=max(16, triton.next_power_of_2(d_v)), V_IS_A=True, IEEE=False,
         UPCAST=interpreted(), KV_SCALE=kv_scale, KV_ROPE=kv_rope if kv_rope is not None else kv_scale,
         stride_ss=kv_scale.stride(0), stride_rs=kv_rope.stride(0) if kv_rope is not None else 0,
-        FP8=True, N_TILES=n_tiles, DEQUANT=dequant,
+        FP8=True, N_TILES=n_tiles,
     )
     key = ("fwd-fp8", q.device.index, q.dtype, d_lat, d_rope, n_tiles, q.shape[1])
-    return _forward_launch("forward_fp8", key, q, kv_latent, indices, sm_scale, d_v, 1, args, constexprs, attn_sink, topk_length, launch)
+    if launch is None:
+        launch_list = LaunchPolicy.forward_fp8(d_qk, d_v, q.shape[1], q.dtype, n_tiles)
+    else:
+        launch_list = [dict(launch)]
+        launch_list[0].setdefault("DEQUANT", DEQUANT_FOLD if n_tiles == 1 else DEQUANT_FP32)
+    return _forward_launch("forward_fp8", key, q, kv_latent, indices, sm_scale, d_v, 1, args, constexprs, attn_sink, topk_length, launch_list)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -638,7 +656,10 @@ def _forward_launch(name, key, q, kv, indices, sm_scale, d_v, h_kv, args, conste
     lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
-    candidates = [dict(launch)] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
+    if isinstance(launch, list):
+        candidates = [dict(c) for c in launch]
+    else:
+        candidates = [dict(launch)] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
     first = candidates[0]
     splits = first.get("SPLITS") or LaunchPolicy.splits(t * h_kv * triton.cdiv(hpg, first["BLOCK_H"]), topk, first["BLOCK_N"], _sm_count(q.device))
     for cfg in candidates:
@@ -655,10 +676,8 @@ def _forward_launch(name, key, q, kv, indices, sm_scale, d_v, h_kv, args, conste
         s_kv, topk, hpg_arg, d_qk_arg, float(sm_scale) * LOG2E,
     )
     full_constexprs = dict(constexprs, HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, PARTIAL=partial)
-    key = key + (splits, launch and tuple(sorted(launch.items())))
+    key = key + (splits, tuple(tuple(sorted(c.items())) for c in candidates) if launch else None)
     _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]) * splits), full_args, full_constexprs)
-    if "DEQUANT" in constexprs and name in LAST_LAUNCH:
-        LAST_LAUNCH[name].setdefault("DEQUANT", constexprs["DEQUANT"])
     if splits > 1:
         block_h = 16 if interpreted() else 32
         _combine_kernel[(t, triton.cdiv(heads, block_h))](
