@@ -1,0 +1,95 @@
+"""Decode launch choices timed in interleaved rounds: few heads (16 a GPU, DeepSeek-V3.2 at TP 8)
+and small batch, where one program per (token, head block) leaves SMs idle and single timings of
+random-gather kernels move between runs. Each round times every candidate once, in order; the table
+gives the median over rounds and the spread (max/min).
+
+    python benchmarks/bench_decode_launch.py --rounds 5 --out decode_launch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_sparse_mla import bench, decode_inputs  # noqa: E402
+
+from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
+
+SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
+
+
+def candidates(heads: int, tokens: int) -> list[tuple[str, dict]]:
+    """(label, launch) pairs: the policy (None) and the alternatives the sweep found close."""
+    block_h = tk.LaunchPolicy.heads(heads)
+    out = [("policy", None)]
+    for n, w, st in ((64, 8, 2), (32, 4, 3)):
+        for sp in (1, 2, 4) if tokens * math.ceil(heads / block_h) > 64 else (1, 4, 8):
+            out.append((f"{n}x{w}w{st}s split{sp}", dict(BLOCK_H=block_h, BLOCK_N=n, num_warps=w, num_stages=st, SPLITS=sp)))
+    return out
+
+
+def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
+    q, kv, idx = decode_inputs(batch=batch, heads=heads)
+    t = q.shape[0]
+    lat, scl, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
+    q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
+    rope_bf16 = kv[:, 0, 512:].contiguous()
+    keys = {
+        "bf16": lambda cfg: tk.forward(q, kv, idx, SCALE, 512, launch=cfg),
+        "fp8 FlashMLA": lambda cfg: tk.forward_fp8(q, lat, scl, rope, idx, SCALE, 512, launch=cfg),
+        "fp8 row": lambda cfg: tk.forward_fp8(q, q8, s8, rope_bf16, idx, SCALE, 512, launch=cfg),
+    }
+    forms = {"bf16": [{}], "fp8 FlashMLA": [dict(DEQUANT=tk.DEQUANT_FP32)], "fp8 row": [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)]}
+    runs = []
+    for key, fn in keys.items():
+        for label, cfg in candidates(heads, t):
+            for form in forms[key] if cfg is not None else [{}]:
+                full = None if cfg is None else dict(cfg, **form)
+                runs.append((key, label + ("" if not form else f" {form}"), fn, full))
+    times: dict = {}
+    for _ in range(rounds):
+        for key, label, fn, full in runs:
+            try:
+                times.setdefault((key, label), []).append(bench(lambda: fn(full), warmup_ms=25, rep_ms=100))
+            except Exception as exc:  # noqa: BLE001 - a launch that does not fit is a row
+                times[(key, label)] = [float("nan")]
+                print(f"{key} {label}: {type(exc).__name__}", flush=True)
+    rows = []
+    for (key, label), ts in times.items():
+        rows.append(dict(shape=name, keys=key, launch=label, ms=statistics.median(ts), spread=max(ts) / min(ts)))
+        print(f"{name:<16} {key:<13} {label:<60} {rows[-1]['ms']:.4f} ms  spread {rows[-1]['spread']:.2f}", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "decode_launch.json"))
+    args = parser.parse_args()
+    rows = []
+    for name, batch, heads in (("b64 h16", 64, 16), ("b2 h128", 2, 128), ("b8 h128", 8, 128)):
+        rows += shape_rows(name, batch, heads, args.rounds)
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+    print("\nfastest per shape and keys (median of rounds):")
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for keys in dict.fromkeys(r["keys"] for r in rows):
+            mine = [r for r in rows if r["shape"] == shape and r["keys"] == keys and r["ms"] == r["ms"]]
+            best = min(mine, key=lambda r: r["ms"])
+            pol = next(r for r in mine if r["launch"] == "policy")
+            print(f"{shape:<10} {keys:<13} policy {pol['ms']:.4f} ms | best {best['ms']:.4f} ms ({best['launch']}, spread {best['spread']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
