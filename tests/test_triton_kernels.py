@@ -93,12 +93,12 @@ def test_split_topk_matches_reference(name, splits):
 
 
 def test_split_policy():
-    """Split only when the programs fill fewer than half the SMs; each split keeps >= 4 key blocks."""
+    """Split only when the programs do not fill the SMs; each split keeps >= 8 key blocks."""
     assert tk.LaunchPolicy.splits(programs=256, topk=2048, block_n=64, sms=132) == 1
-    assert tk.LaunchPolicy.splits(programs=128, topk=2048, block_n=64, sms=132) == 1
-    assert tk.LaunchPolicy.splits(programs=2, topk=2048, block_n=64, sms=132) == 8  # 2048 / (4 * 64)
+    assert tk.LaunchPolicy.splits(programs=128, topk=2048, block_n=32, sms=132) == 2  # b64 at 16 heads
+    assert tk.LaunchPolicy.splits(programs=4, topk=2048, block_n=64, sms=132) == 4  # 2048 / (8 * 64)
     assert tk.LaunchPolicy.splits(programs=32, topk=2048, block_n=32, sms=132) == 5
-    assert tk.LaunchPolicy.splits(programs=1, topk=64, block_n=64, sms=132) == 1
+    assert tk.LaunchPolicy.splits(programs=1, topk=256, block_n=64, sms=132) == 1
 
 
 @needs_interpreter_or_gpu

@@ -84,6 +84,15 @@ class LaunchPolicy:
         if interpreted():
             return [dict(BLOCK_H=block_h, BLOCK_N=16, num_warps=4, num_stages=1)]
         small_h = min(block_h, 32)
+        if d_qk > 256 and block_h < 64:
+            # Few heads (16 a GPU: DeepSeek-V3.2 at TP 8) are bound by loads in flight, not by the
+            # accumulator: H200 decode b64 h16, 32 keys x 4 warps x 3 stages, 0.116 ms vs 0.134 ms
+            # for 64 x 8 x 2 (benchmarks/bench_decode_launch.py).
+            return [
+                dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=3),
+                dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=2),
+                dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1),
+            ]
         if d_qk > 256:
             return [
                 dict(BLOCK_H=block_h, BLOCK_N=64, num_warps=8, num_stages=2),
@@ -101,27 +110,28 @@ class LaunchPolicy:
     def forward_fp8(d_qk: int, d_v: int, heads: int, dtype: torch.dtype, n_tiles: int) -> list[dict]:
         """The forward's launches with the FP8 latent's dequantization form (DEQUANT, PREFETCH).
         Measured on H200 (benchmarks/RESULTS.md, FP8 section): e4m3 x scale in fp32 is the fastest
-        form with 64-head blocks (register-bound); with few heads (load-bound) one scale per row
-        folded into scores and P, with the next block prefetched, in 32-key blocks, is."""
-        block_h = LaunchPolicy.heads(heads)
+        form for per-tile scales, and for one scale per row with 64-head blocks (register-bound);
+        with few heads (load-bound) one scale per row folded into scores and P, with the next
+        block prefetched, is."""
         per_row = n_tiles == 1
-        if interpreted() or block_h >= 64 or not per_row:
-            form = dict(DEQUANT=DEQUANT_FOLD if per_row and interpreted() else DEQUANT_FP32)
-            few_heads = [] if interpreted() or block_h >= 64 else [dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=3)]
-        else:
+        few_heads = LaunchPolicy.heads(heads) < 64
+        if interpreted():
+            form = dict(DEQUANT=DEQUANT_FOLD if per_row else DEQUANT_FP32)
+        elif per_row and few_heads:
             form = dict(DEQUANT=DEQUANT_FOLD, PREFETCH=True)
-            few_heads = [dict(BLOCK_H=block_h, BLOCK_N=32, num_warps=4, num_stages=3)]
-        return [dict(cfg, **form) for cfg in few_heads + LaunchPolicy.forward(d_qk, d_v, heads, dtype)]
+        else:
+            form = dict(DEQUANT=DEQUANT_FP32)
+        return [dict(cfg, **form) for cfg in LaunchPolicy.forward(d_qk, d_v, heads, dtype)]
 
     @staticmethod
     def splits(programs: int, topk: int, block_n: int, sms: int) -> int:
         """How many programs share one (token, head block)'s top-k: enough to give every SM a
-        program when the tokens alone fill fewer than half of them (decode at small batch; at
-        128 programs on 132 SMs, H200 measured splitting 5-10 % slower), each keeping >= 4 key
-        blocks."""
-        if 2 * programs > sms:
+        program when the tokens alone do not (decode at small batch or with few heads), each
+        keeping >= 8 key blocks (H200, bench_decode_launch.py: batch 2 and 8 at 128 heads
+        measured best at 4 splits of 2048 keys, batch 64 at 16 heads at 2)."""
+        if programs >= sms:
             return 1
-        return max(1, min(triton.cdiv(sms, programs), topk // (4 * block_n), 16))
+        return max(1, min(triton.cdiv(sms, programs), topk // (8 * block_n), 16))
 
     @staticmethod
     def backward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
