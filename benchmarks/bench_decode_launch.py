@@ -31,7 +31,7 @@ def candidates(heads: int, tokens: int) -> list[tuple[str, dict]]:
     """(label, launch) pairs: the policy (None) and the alternatives the sweep found close."""
     block_h = tk.LaunchPolicy.heads(heads)
     out = [("policy", None)]
-    for n, w, st in ((64, 8, 2), (32, 4, 3)):
+    for n, w, st in ((64, 8, 2), (32, 4, 3), (32, 4, 1)):
         for sp in (1, 2, 4) if tokens * math.ceil(heads / block_h) > 64 else (1, 4, 8):
             out.append((f"{n}x{w}w{st}s split{sp}", dict(BLOCK_H=block_h, BLOCK_N=n, num_warps=w, num_stages=st, SPLITS=sp)))
     return out
@@ -74,9 +74,13 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "decode_launch.json"))
+    parser.add_argument("--shapes", default="b64 h16,b2 h128,b8 h128", help="comma-separated subset of the shape names")
     args = parser.parse_args()
     rows = []
+    wanted = args.shapes.split(",")
     for name, batch, heads in (("b64 h16", 64, 16), ("b2 h128", 2, 128), ("b8 h128", 8, 128)):
+        if name not in wanted:
+            continue
         rows += shape_rows(name, batch, heads, args.rounds)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
