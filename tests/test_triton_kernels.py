@@ -101,6 +101,19 @@ def test_split_policy():
     assert tk.LaunchPolicy.splits(programs=1, topk=256, block_n=64, sms=132) == 1
 
 
+def test_fp8_launch_policy_on_gpu(monkeypatch):
+    """The GPU's choice of FP8 dequantization form and first launch (measured on H200, see
+    benchmarks/RESULTS.md): fp32 at 64-head blocks, folded row scale + prefetch for few heads with
+    one scale per row, one stage for few heads with per-tile scales."""
+    monkeypatch.setattr(tk, "interpreted", lambda: False)
+    many = tk.LaunchPolicy.forward_fp8(576, 512, 128, torch.bfloat16, n_tiles=4)[0]
+    assert many["DEQUANT"] == tk.DEQUANT_FP32 and many["BLOCK_H"] == 64 and "PREFETCH" not in many
+    row_few = tk.LaunchPolicy.forward_fp8(576, 512, 16, torch.bfloat16, n_tiles=1)[0]
+    assert row_few["DEQUANT"] == tk.DEQUANT_FOLD and row_few["PREFETCH"] and row_few["num_stages"] == 3
+    tile_few = tk.LaunchPolicy.forward_fp8(576, 512, 16, torch.bfloat16, n_tiles=4)[0]
+    assert tile_few["DEQUANT"] == tk.DEQUANT_FP32 and tile_few["num_stages"] == 1 and tile_few["BLOCK_N"] == 32
+
+
 @needs_interpreter_or_gpu
 def test_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     q, kv, idx, scale, d_v = _case(SHAPES["two key groups, 40 wide"], torch.float32, seed=4)
