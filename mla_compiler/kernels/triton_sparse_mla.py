@@ -5,7 +5,10 @@ top-k indices BLOCK_N at a time, gathers those key rows once (latent part ``D_A`
 rest, rope, ``D_B`` wide) and uses them for all BLOCK_H heads: S = Q_a K_a^T + Q_b K_b^T, online
 softmax in base 2 (the scale folded with log2 e), O += P V with V the first d_v columns of the same
 rows (the loaded latent tile itself when d_v == D_A). Gathering once per key block for many heads
-is what keeps the kernel compute-bound.
+is what keeps the kernel compute-bound. When the programs would not fill the GPU (decode at small
+batch, few heads), SPLITS programs share a (token, head block)'s top-k and _combine_kernel merges
+their unnormalized states (flash-decoding). The FP8-latent variant gathers the FP8 rows and
+dequantizes them in registers in the form DEQUANT names (see forward_fp8).
 
 Backward, three passes over chunks of tokens, none carrying a wide accumulator: (1) per (token,
 head block) the same walk recomputes P from the saved lse, dP = dO V^T, dS = P (dP - delta), and
