@@ -59,6 +59,9 @@ def main() -> int:
             fn()
             torch.cuda.synchronize()
             ir = captured[name].asm["ttgir"]
+            if os.environ.get("OUT"):  # the IR itself, to read what the counts summarize
+                with open(os.path.join(os.environ["OUT"], f"ttgir_h{heads}_{re.sub('[^a-z0-9]+', '_', label.lower())}.mlir"), "w") as f:
+                    f.write(ir)
             counts = {k: len(re.findall(p, ir)) for k, p in OPS.items()}
             rows.append((heads, label, counts, tk.LAST_LAUNCH[name].get("n_spills")))
     print(f"{'heads':>5} {'keys / form':<26} " + " ".join(f"{k:>16}" for k in OPS) + "   spills")
