@@ -31,8 +31,8 @@ def candidates(heads: int, tokens: int) -> list[tuple[str, dict]]:
     """(label, launch) pairs: the policy (None) and the alternatives the sweep found close."""
     block_h = tk.LaunchPolicy.heads(heads)
     out = [("policy", None)]
-    for n, w, st in ((64, 8, 2), (32, 4, 3), (32, 4, 1)):
-        for sp in (1, 2, 4) if tokens * math.ceil(heads / block_h) > 64 else (1, 4, 8):
+    for n, w, st in ((64, 8, 2), (64, 8, 3), (32, 4, 3), (32, 4, 1)):
+        for sp in (1,) if tokens * math.ceil(heads / block_h) >= 256 else (1, 2, 4) if tokens * math.ceil(heads / block_h) > 64 else (1, 4, 8):
             out.append((f"{n}x{w}w{st}s split{sp}", dict(BLOCK_H=block_h, BLOCK_N=n, num_warps=w, num_stages=st, SPLITS=sp)))
     return out
 
@@ -78,7 +78,7 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     wanted = args.shapes.split(",")
-    for name, batch, heads in (("b64 h16", 64, 16), ("b2 h128", 2, 128), ("b8 h128", 8, 128)):
+    for name, batch, heads in (("b64 h16", 64, 16), ("b2 h128", 2, 128), ("b8 h128", 8, 128), ("b64 h128", 64, 128)):
         if name not in wanted:
             continue
         rows += shape_rows(name, batch, heads, args.rounds)
