@@ -48,7 +48,7 @@ def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
         "fp8 FlashMLA": lambda cfg: tk.forward_fp8(q, lat, scl, rope, idx, SCALE, 512, launch=cfg),
         "fp8 row": lambda cfg: tk.forward_fp8(q, q8, s8, rope_bf16, idx, SCALE, 512, launch=cfg),
     }
-    forms = {"bf16": [{}], "fp8 FlashMLA": [dict(DEQUANT=tk.DEQUANT_FP32)], "fp8 row": [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True), dict(DEQUANT=tk.DEQUANT_FOLD, KEYS_A=True)]}
+    forms = {"bf16": [{}], "fp8 FlashMLA": [dict(DEQUANT=tk.DEQUANT_FP32)], "fp8 row": [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)]}
     runs = []
     for key, fn in keys.items():
         for label, cfg in candidates(heads, t):

@@ -53,7 +53,6 @@ def main() -> int:
             ("row, fp32 dequant", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=0)), "forward_fp8"),
             ("row, folded", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2)), "forward_fp8"),
             ("row, folded + prefetch", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2, PREFETCH=True)), "forward_fp8"),
-            ("row, keys as left operand", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2, KEYS_A=True)), "forward_fp8"),
             ("row, FP8 Q K^T", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=3)), "forward_fp8"),
         ]
         for label, fn, name in cases:

@@ -399,89 +399,6 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _fwd_keys_a_kernel(
-    Q, KV, IDX, OUT, LSE, SINK, TOPK_LEN,
-    stride_qt, stride_qh,
-    stride_kvs, stride_kvg,
-    stride_it, stride_ig,
-    stride_ot, stride_oh,
-    stride_lt,
-    S_KV, TOPK, HPG, D_QK, sm_scale_log2,
-    D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
-    V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-    KV_SCALE=None, KV_ROPE=None, stride_ss=0, stride_rs=0, FP8: tl.constexpr = True, N_TILES: tl.constexpr = 1,
-    DEQUANT: tl.constexpr = 0, SPLITS: tl.constexpr = 1, PARTIAL=None, PREFETCH: tl.constexpr = False, KEYS_A: tl.constexpr = True,
-):
-    """_fwd_kernel with the products transposed, for FP8 keys: S^T = K Q^T and O^T += V^T P^T, so
-    the dequantized keys are the MMA's left operand, which the MMA takes from registers, instead
-    of its right operand, which it reads from shared memory (the dequantized tile would be written
-    back there); Q^T and P^T take that role. V = the latent (V_IS_A); one scale per row, folded
-    (DEQUANT_FOLD)."""
-    tl.static_assert(DEQUANT == 2, "keys as the left operand: one scale per row, folded")
-    t = tl.program_id(0)
-    hb = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
-    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    h_ok = offs_h < HPG
-    heads = offs_h
-    offs_a = tl.arange(0, D_A)
-    q_row = Q + t * stride_qt + heads[:, None] * stride_qh
-    qt_a = tl.trans(tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0))
-    if D_B > 0:
-        offs_b = D_A + tl.arange(0, D_B)
-        qt_b = tl.trans(tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0))
-    topk = TOPK
-    if HAS_TOPK_LEN:
-        topk = tl.minimum(tl.load(TOPK_LEN + t), TOPK)
-    chunk = tl.cdiv(tl.cdiv(TOPK, SPLITS), BLOCK_N) * BLOCK_N
-    n_lo = split * chunk
-    n_hi = tl.minimum(n_lo + chunk, TOPK)
-    n_end = tl.minimum(topk, n_hi)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc_t = tl.zeros([DV_P, BLOCK_H], dtype=tl.float32)
-    idx_row = IDX + t * stride_it
-    for n0 in tl.range(n_lo, n_hi, BLOCK_N):
-        idx, valid, raw, sc = _gather_latent(KV, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
-        k_a = _latent_operand(raw, sc, D_A, FP8, Q.dtype.element_ty, BLOCK_N, DEQUANT)
-        st = _mm(k_a, qt_a, IEEE, UPCAST)
-        if DEQUANT == 2:
-            st = st * sc[:, None]
-        if D_B > 0:
-            offs_kb = tl.arange(0, D_B)
-            b_mask = valid[:, None] & (offs_kb[None, :] < D_QK - D_A)
-            k_b = tl.load(KV_ROPE + idx.to(tl.int64)[:, None] * stride_rs + offs_kb[None, :], mask=b_mask, other=0.0)
-            st += _mm(k_b, qt_b, IEEE, UPCAST)
-        st = tl.where(valid[:, None], st * sm_scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(st, 0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p_t = tl.exp2(st - m_use[None, :])
-        l_i = l_i * alpha + tl.sum(p_t, 0)
-        acc_t = acc_t * alpha[None, :]
-        if DEQUANT == 2:
-            p_t = p_t * sc[:, None]
-        # V^T converted again from the gathered FP8 tile, transposed (not a transpose of k_a,
-        # which would take a trip through shared memory); its row scales are in p_t.
-        v_t = tl.trans(raw).to(Q.dtype.element_ty)
-        acc_t += _mm(v_t, p_t.to(Q.dtype.element_ty), IEEE, UPCAST)
-        m_i = m_new
-
-    acc = tl.trans(acc_t)
-    if SPLITS == 1:
-        _finish(acc, m_i, l_i, heads, h_ok, OUT + t * stride_ot, LSE + t * stride_lt, SINK, stride_oh, DV, DV_P, HAS_SINK)
-    else:
-        n_heads = HPG
-        part = (split * tl.num_programs(0) + t) * n_heads + heads
-        offs_o = tl.arange(0, DV_P)
-        tl.store(PARTIAL + part[:, None] * (DV_P + 2) + offs_o[None, :], acc, mask=h_ok[:, None])
-        tl.store(PARTIAL + part * (DV_P + 2) + DV_P, m_i, mask=h_ok)
-        tl.store(PARTIAL + part * (DV_P + 2) + DV_P + 1, l_i, mask=h_ok)
-
-
-@triton.jit
 def _combine_kernel(
     PARTIAL, OUT, LSE, SINK, stride_ot, stride_oh, stride_lt, N_HEADS,
     DV: tl.constexpr, DV_P: tl.constexpr, HAS_SINK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -779,8 +696,7 @@ def _forward_launch(name, key, q, kv, indices, sm_scale, d_v, h_kv, args, conste
     )
     full_constexprs = dict(constexprs, HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, PARTIAL=partial)
     key = key + (splits, tuple(tuple(sorted(c.items())) for c in candidates) if launch else None)
-    kernel = _fwd_keys_a_kernel if candidates[0].get("KEYS_A") else _fwd_kernel
-    _launch(kernel, name, key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]) * splits), full_args, full_constexprs)
+    _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]) * splits), full_args, full_constexprs)
     if splits > 1:
         block_h = 16 if interpreted() else 32
         _combine_kernel[(t, triton.cdiv(heads, block_h))](
