@@ -331,8 +331,9 @@ def _fwd_kernel(
     kv_grp = KV + g * stride_kvg
     n_end = tl.minimum(topk, n_hi)
     if PREFETCH:
-        # The next block's latent is loaded while this one is used: the loads feeding the
-        # dequantization are not pipelined by the compiler as loads feeding an MMA are.
+        # The next block's latent is loaded into registers while this one is used, instead of the
+        # compiler's shared-memory ring (which the dequantization reads back into registers): a
+        # gain with few heads, where registers are free (benchmarks/RESULTS.md, FP8 section).
         idx_nx, valid_nx, raw_nx, sc_nx = _gather_latent(kv_grp, idx_row, n_lo, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
     for n0 in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         if PREFETCH:
