@@ -18,7 +18,7 @@ NEG_INF = float("-inf")
 
 # Where the keys come from: every key scored then a mask keeps the selected ones, or the selected
 # keys gathered first.
-MASK_SELECTIONS = ("scatter_add", "scatter_where", "masked_fill")
+MASK_SELECTIONS = ("scatter_add", "scatter_where", "masked_fill", "keys_first_transposed", "squeezed")
 GATHER_SELECTIONS = ("gather_index", "torch_gather", "gather_flat_invalid")
 MASK_PRODUCTS = ("einsum_split", "einsum_concat", "matmul_heads_first", "at", "bmm")
 GATHER_PRODUCTS = ("einsum_split", "einsum_concat", "at", "bmm")
@@ -198,7 +198,12 @@ def _masked(r: Recipe, scale, q_lat, q_pe, kv_lat, k_pe, idx):
             mask = mask + torch.zeros(s, t, device=q.device, dtype=scores.dtype).masked_fill(~keep_causal, NEG_INF)
         scores = scores + mask.unsqueeze(head_axis)
     else:
-        sel = torch.zeros(b, s, t, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
+        if r.select == "keys_first_transposed":  # built [b, t, s] (keys on dim 1), then transposed
+            sel = torch.zeros(b, t, s, dtype=torch.bool, device=q.device).scatter(1, idx.transpose(1, 2), True).transpose(1, 2)
+        elif r.select == "squeezed":  # built with a unit axis, then squeezed
+            sel = torch.zeros(b, 1, s, t, dtype=torch.bool, device=q.device).scatter(-1, idx.unsqueeze(1), True).squeeze(1)
+        else:
+            sel = torch.zeros(b, s, t, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
         if r.causal:
             sel = sel & keep_causal
         if r.select == "scatter_where":

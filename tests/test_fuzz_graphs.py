@@ -101,6 +101,9 @@ def compile_and_compare(r: Recipe):
 # Found by hypothesis: a top-k of one (a unit slot axis), and a gathered no-rope latent.
 @example(Recipe(b=1, s=2, h=1, d_lat=8, d_rope=0, topk=1))
 @example(Recipe(b=1, s=2, h=1, d_lat=8, d_rope=0, topk=2, select="gather_index"))
+# Boolean selections through a transpose or a squeeze before the mask is applied.
+@example(Recipe(select="keys_first_transposed", causal=True, t_extra=2, product="matmul_heads_first"))
+@example(Recipe(select="squeezed", product="bmm", dtype="bfloat16"))
 def test_sparse_mla_recipes_are_matched_and_compiled_exactly(r):
     sites, said_why = compile_and_compare(r)
     assert len(sites) == 1, f"not matched: {r}; said: {said_why}"
@@ -124,6 +127,32 @@ def test_every_near_miss_kind_is_rejected(miss):
     for sel in {select, "scatter_add"}:
         sites, said_why = compile_and_compare(Recipe(miss=miss, select=sel))
         assert not sites and said_why, (miss, sel)
+
+
+def test_a_selection_transposed_onto_the_query_axis_is_rejected_with_the_reason():
+    """The walk through layout ops checks axes, not spellings: a keys-first selection used without
+    transposing it back selects along the queries, and is refused."""
+    import fuzz_modules as fm
+
+    class Misaligned(torch.nn.Module):
+        def forward(self, q, kv, idx):  # s == t: the shapes broadcast, the axes do not line up
+            b, s, h, _ = q.shape
+            t = kv.size(1)
+            scores = torch.einsum("bshd,btd->bsht", q, kv)
+            sel = torch.zeros(b, t, s, dtype=torch.bool).scatter(1, idx.transpose(1, 2), True)
+            scores = scores.masked_fill(~sel.unsqueeze(2), fm.NEG_INF)
+            return torch.einsum("bsht,btd->bshd", scores.softmax(-1), kv)
+
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 4, 2, 8, generator=g), torch.randn(1, 4, 8, generator=g)
+    idx = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(4)]).unsqueeze(0)
+    reports = []
+    backend = make_backend(inner="eager", on_report=reports.append)
+    got = torch.compile(Misaligned(), backend=backend, fullgraph=True)(q, kv, idx)
+    torch.testing.assert_close(got, Misaligned()(q, kv, idx), equal_nan=True)
+    assert not [s for r in reports for s in r.sites]
+    reasons = " ".join(x.reason for r in reports for x in (*r.rejections, *r.near_misses))
+    assert "another axis" in reasons, reasons
 
 
 def test_top_k_of_one_with_gathered_keys_is_rejected_with_the_reason():

@@ -549,7 +549,9 @@ class _Analysis:
 
         def walk(node, keep_here: bool) -> None:
             kind = fx_ops.kind_of(node) if isinstance(node, torch.fx.Node) else None
-            if kind in ("unsqueeze", "expand", "view", "identity", "to_dtype") and _single_user(node):
+            # Layout ops are followed; whether the selected axis still lines up with the softmax
+            # axis is checked on the propagated axes (_assign_roles).
+            if (kind in LAYOUT or kind == "to_dtype") and _single_user(node):
                 path.append(node)
                 return walk(fx_ops.read(node).input, keep_here)
             if kind == "not" and _single_user(node):
