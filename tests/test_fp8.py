@@ -47,9 +47,13 @@ def test_flashmla_quantization_follows_the_layout_rules():
     assert torch.equal(again, deq) and torch.equal(again_rope, deq_rope)
 
 
-def _fp8_case(seed=0, t=6, heads=5, s_kv=40, topk=13, fmt="flashmla"):
+def _fp8_case(seed=0, t=6, heads=5, s_kv=40, topk=13, fmt="flashmla", tile_spread=0.0):
+    """tile_spread: each 128-wide tile of each row scaled by 2^U(-spread, spread), so the per-tile
+    scales differ (a kernel reading one tile's scale for all would be far off)."""
     g = torch.Generator().manual_seed(seed)
     lat, rope = torch.randn(s_kv, 512, generator=g) * 2, torch.randn(s_kv, 64, generator=g)
+    if tile_spread:
+        lat = (lat.view(s_kv, 4, 128) * torch.exp2((torch.rand(s_kv, 4, 1, generator=g) * 2 - 1) * tile_spread)).view(s_kv, 512)
     q = torch.randn(t, heads, 576, generator=g).bfloat16()
     idx = torch.randint(1, s_kv, (t, 1, topk), generator=g, dtype=torch.int32)
     idx[0, 0, ::3] = -1
@@ -104,28 +108,42 @@ def test_triton_fp8_dequant_forms_and_splits(fmt):
     tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
     if not (torch.cuda.is_available() or tk.interpreted()):
         pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case(fmt=fmt, seed=5, topk=37)
+    q, kv_lat, kv_scale, kv_rope, idx = _fp8_case(fmt=fmt, seed=5, topk=37, tile_spread=4.0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args = [x.to(dev) for x in (q, kv_lat, kv_scale, kv_rope, idx)]
-    r_out, r_lse = fr.sparse_attn_fp8kv_reference(*args, 0.05, 512)
+    g = torch.Generator().manual_seed(2)
+    sink = torch.randn(q.shape[1], generator=g).to(dev)
+    topk_len = torch.randint(0, idx.shape[-1] + 1, (q.shape[0],), generator=g, dtype=torch.int32).to(dev)
+    refs = {extras: fr.sparse_attn_fp8kv_reference(*args, 0.05, 512, *extras) for extras in ((None, None), (sink, topk_len))}
     base = tk.LaunchPolicy.forward(576, 512, q.shape[1], q.dtype)[0]
     forms = [tk.DEQUANT_FP32] + ([tk.DEQUANT_COMPUTE] if dev == "cuda" else []) + ([tk.DEQUANT_FOLD] if fmt == "rowwise" else [])
     outs = {}
     for form in forms:
+        # FlashMLA's power-of-two scales make e4m3 x scale exact, as in the reference; one scale
+        # per row is rounded to bf16 in the reference (the interpreter's rounding differs from the
+        # GPU's) and folded (not rounded) by DEQUANT_FOLD.
+        exact = fmt == "flashmla" or (form == tk.DEQUANT_FP32 and dev == "cuda")
+        lse_tol, out_tol = (1e-4, 1e-2) if exact else (1e-2, 2e-2)
         for splits, prefetch in ((1, False), (3, False), (1, True), (3, True)):
-            out, lse = tk.forward_fp8(*args, 0.05, 512, launch=dict(base, DEQUANT=form, SPLITS=splits, PREFETCH=prefetch))
-            assert not out.isnan().any(), (form, splits, prefetch)
-            assert rel_err(out, r_out) < 2e-2, (form, splits, prefetch)
-            torch.testing.assert_close(lse, r_lse, rtol=1e-2, atol=1e-2)
-            outs[form, splits, prefetch] = out
+            for extras, (r_out, r_lse) in refs.items():
+                out, lse = tk.forward_fp8(*args, 0.05, 512, *extras, launch=dict(base, DEQUANT=form, SPLITS=splits, PREFETCH=prefetch))
+                what = (form, splits, prefetch, extras[0] is not None)
+                assert not out.isnan().any(), what
+                assert rel_err(out, r_out) < out_tol, what
+                torch.testing.assert_close(lse, r_lse, rtol=lse_tol, atol=lse_tol, msg=str(what))
+                outs[form, splits, prefetch, extras[0] is not None] = out
         # Prefetching changes no value; on the GPU the two compile to different MMA layouts, so
         # the last bf16 bit may differ.
         if dev == "cpu":
-            assert torch.equal(outs[form, 1, True], outs[form, 1, False])
+            assert torch.equal(outs[form, 1, True, True], outs[form, 1, False, True])
         else:
-            assert rel_err(outs[form, 1, True], outs[form, 1, False]) < 2e-3
+            assert rel_err(outs[form, 1, True, True], outs[form, 1, False, True]) < 2e-3
+    if fmt == "flashmla":  # the per-row forms refuse per-tile scales instead of reading one of them
+        for form in (tk.DEQUANT_FOLD, tk.MMA_FP8_QK, tk.MMA_FP8_QK_PV):
+            with pytest.raises(mla_compiler.SparseAttnArgumentError, match="argument 'launch'.*4 scales a row"):
+                tk.forward_fp8(*args, 0.05, 512, launch=dict(base, DEQUANT=form))
     if dev == "cuda" and fmt == "flashmla":
-        assert torch.equal(outs[tk.DEQUANT_COMPUTE, 1, False], outs[tk.DEQUANT_FP32, 1, False])
+        assert torch.equal(outs[tk.DEQUANT_COMPUTE, 1, False, False], outs[tk.DEQUANT_FP32, 1, False, False])
 
 
 def _q_on_e4m3_grid(q: torch.Tensor) -> torch.Tensor:

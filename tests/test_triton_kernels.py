@@ -68,14 +68,18 @@ def test_kernels_match_reference(name, dtype, extras):
         assert _rel(a, b) < 3 * tol, what
 
 
+SPLIT_SHAPES = dict(SHAPES, **{"long top-k: several blocks a split": dict(t=3, heads=5, d_qk=576, d_v=512, s_kv=170, topk=150)})
+
+
 @needs_interpreter_or_gpu
-@pytest.mark.parametrize("name", ["deepseek-like 512+64/512", "40 heads: several head blocks", "two key groups, 40 wide"])
+@pytest.mark.parametrize("name", ["deepseek-like 512+64/512", "40 heads: several head blocks", "two key groups, 40 wide", "long top-k: several blocks a split"])
 @pytest.mark.parametrize("splits", [2, 3])
 def test_split_topk_matches_reference(name, splits):
     """Flash-decoding: SPLITS programs per (token, head block), merged by the combine kernel. With
-    topk 19 and 16-key blocks, 3 splits leave the last one empty; sink, topk_length, a row with no
-    valid index and NaN in unselected KV rows are all in the case."""
-    shape = dict(SHAPES[name], topk=max(SHAPES[name]["topk"], 19))
+    topk 19 and 16-key blocks, 3 splits leave the last one empty; with topk 150 every split walks
+    several blocks (32-key blocks on the GPU: 2-3 a split); sink, topk_length, a row with no valid
+    index and NaN in unselected KV rows are all in the case."""
+    shape = dict(SPLIT_SHAPES[name], topk=max(SPLIT_SHAPES[name]["topk"], 19))
     q, kv, idx, scale, d_v = _case(shape, torch.float32, seed=splits)
     kv[0] = float("nan")  # make_case never selects row 0
     assert not ((idx == 0).any())
@@ -99,6 +103,8 @@ def test_split_policy():
     assert tk.LaunchPolicy.splits(programs=4, topk=2048, block_n=64, sms=132) == 4  # 2048 / (8 * 64)
     assert tk.LaunchPolicy.splits(programs=32, topk=2048, block_n=32, sms=132) == 5
     assert tk.LaunchPolicy.splits(programs=1, topk=256, block_n=64, sms=132) == 1
+    # never an empty split: 129 blocks over 16 wanted splits of 9 blocks leave 15 (the last has 3)
+    assert tk.LaunchPolicy.splits(programs=4, topk=8200, block_n=64, sms=132) == 15
 
 
 def test_fp8_launch_policy_on_gpu(monkeypatch):

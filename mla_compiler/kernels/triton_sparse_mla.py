@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mla_compiler.errors import SparseAttnArgumentError
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 ENV_DETERMINISTIC = "MLA_COMPILER_DETERMINISTIC"
@@ -120,9 +122,12 @@ class LaunchPolicy:
         block_h = LaunchPolicy.heads(heads)
         few_heads = block_h < 64
         launches = LaunchPolicy.forward(d_qk, d_v, heads, dtype)
+        # Folding multiplies P by the row scales in the compute dtype: fp16's range would
+        # underflow small scales, so only bf16 (fp32's exponent range) folds.
+        fold = per_row and dtype == torch.bfloat16
         if interpreted():
-            form = dict(DEQUANT=DEQUANT_FOLD if per_row else DEQUANT_FP32)
-        elif per_row and few_heads:
+            form = dict(DEQUANT=DEQUANT_FOLD if fold else DEQUANT_FP32)
+        elif fold and few_heads:
             form = dict(DEQUANT=DEQUANT_FOLD, PREFETCH=True)
         else:
             form = dict(DEQUANT=DEQUANT_FP32)
@@ -136,11 +141,15 @@ class LaunchPolicy:
     def splits(programs: int, topk: int, block_n: int, sms: int) -> int:
         """How many programs share one (token, head block)'s top-k: enough to give every SM a
         program when the tokens alone do not (decode at small batch or with few heads), each
-        keeping >= 8 key blocks (H200, bench_decode_launch.py: batch 2 and 8 at 128 heads
-        measured best at 4 splits of 2048 keys, batch 64 at 16 heads at 2)."""
+        getting about 8 key blocks or more (the last may get fewer), none empty (H200,
+        bench_decode_launch.py: batch 2 and 8 at 128 heads measured best at 4 splits of 2048
+        keys, batch 64 at 16 heads at 2)."""
         if programs >= sms:
             return 1
-        return max(1, min(triton.cdiv(sms, programs), topk // (8 * block_n), 16))
+        wanted = max(1, min(triton.cdiv(sms, programs), topk // (8 * block_n), 16))
+        # The kernel gives each split cdiv(blocks, splits) whole blocks: drop splits left empty.
+        blocks = triton.cdiv(topk, block_n)
+        return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 
     @staticmethod
     def backward(d_qk: int, d_v: int, hpg: int, dtype: torch.dtype) -> list[dict]:
@@ -392,7 +401,7 @@ def _fwd_kernel(
     else:
         # Unnormalized partial: acc [DV_P], then m (base 2) and l, per (split, token, head).
         n_heads = HPG * tl.num_programs(1)
-        part = (split * tl.num_programs(0) + t) * n_heads + heads
+        part = ((split * tl.num_programs(0) + t) * n_heads + heads).to(tl.int64)
         offs_o = tl.arange(0, DV_P)
         tl.store(PARTIAL + part[:, None] * (DV_P + 2) + offs_o[None, :], acc, mask=h_ok[:, None])
         tl.store(PARTIAL + part * (DV_P + 2) + DV_P, m_i, mask=h_ok)
@@ -413,7 +422,7 @@ def _combine_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, DV_P], dtype=tl.float32)
     for split in tl.static_range(SPLITS):
-        part = (split * tl.num_programs(0) + t) * N_HEADS + heads
+        part = ((split * tl.num_programs(0) + t) * N_HEADS + heads).to(tl.int64)
         m_s = tl.load(PARTIAL + part * (DV_P + 2) + DV_P, mask=h_ok, other=float("-inf"))
         l_s = tl.load(PARTIAL + part * (DV_P + 2) + DV_P + 1, mask=h_ok, other=0.0)
         a_s = tl.load(PARTIAL + part[:, None] * (DV_P + 2) + offs_o[None, :], mask=h_ok[:, None], other=0.0)
@@ -656,7 +665,12 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
         launch_list = LaunchPolicy.forward_fp8(d_qk, d_v, q.shape[1], q.dtype, n_tiles)
     else:
         launch_list = [dict(launch)]
-        launch_list[0].setdefault("DEQUANT", DEQUANT_FOLD if n_tiles == 1 else DEQUANT_FP32)
+        launch_list[0].setdefault("DEQUANT", DEQUANT_FOLD if n_tiles == 1 and q.dtype == torch.bfloat16 else DEQUANT_FP32)
+        if launch_list[0]["DEQUANT"] >= DEQUANT_FOLD and n_tiles != 1:
+            raise SparseAttnArgumentError(
+                f"forward_fp8: argument 'launch' asks for DEQUANT={launch_list[0]['DEQUANT']}, a form for one scale per row, "
+                f"but kv_scale has {n_tiles} scales a row; use DEQUANT={DEQUANT_FP32} or {DEQUANT_COMPUTE} for per-tile scales"
+            )
     return _forward_launch("forward_fp8", key, q, kv_latent, indices, sm_scale, d_v, 1, args, constexprs, attn_sink, topk_length, launch_list)
 
 
