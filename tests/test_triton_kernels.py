@@ -97,7 +97,7 @@ def test_split_topk_matches_reference(name, splits):
 
 
 def test_split_policy():
-    """Split only when the programs do not fill the SMs; each split keeps >= 8 key blocks."""
+    """Split only when the programs do not fill the SMs; about 8 key blocks a split or more, none empty."""
     assert tk.LaunchPolicy.splits(programs=256, topk=2048, block_n=64, sms=132) == 1
     assert tk.LaunchPolicy.splits(programs=128, topk=2048, block_n=32, sms=132) == 2  # b64 at 16 heads
     assert tk.LaunchPolicy.splits(programs=4, topk=2048, block_n=64, sms=132) == 4  # 2048 / (8 * 64)
