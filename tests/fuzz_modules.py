@@ -26,8 +26,10 @@ SCALES = ("mul_scores", "div_scores", "scale_q", "mul_after_mask")
 SOFTMAXES = ("method", "functional", "torch_float", "dtype_arg", "positive_dim")
 VALUE_PRODUCTS = ("einsum", "matmul")
 # Not sparse MLA: each changes what is computed in a way no sparse-MLA kernel computes.
-MISSES = ("softmax_dim", "value_tanh", "value_other", "mask_keeps_unselected", "square", "abs", "softcap", "scale_after_softmax")
-MASK_ONLY_MISSES = ("mask_keeps_unselected",)
+MISSES = ("softmax_dim", "value_tanh", "value_other", "mask_keeps_unselected", "selection_on_queries", "square", "abs", "softcap", "scale_after_softmax")
+MASK_ONLY_MISSES = ("mask_keeps_unselected", "selection_on_queries")
+# selection_on_queries: the mask is built keys-first ([b, t, s]) and used without transposing it
+# back, so it selects along the queries (needs s == t for the shapes to broadcast).
 
 
 @dataclass(frozen=True)
@@ -192,13 +194,19 @@ def _masked(r: Recipe, scale, q_lat, q_pe, kv_lat, k_pe, idx):
     head_axis = 1 if heads_first else 2
     fill = -1e4 if r.miss == "mask_keeps_unselected" else NEG_INF
     keep_causal = torch.ones(s, t, dtype=torch.bool, device=q.device).tril(r.t_extra)
+    on_queries = r.miss == "selection_on_queries"
     if r.select == "scatter_add":
-        mask = torch.full((b, s, t), fill, device=q.device, dtype=scores.dtype).scatter(-1, idx, 0.0)
+        if on_queries:
+            mask = torch.full((b, t, s), fill, device=q.device, dtype=scores.dtype).scatter(1, idx.transpose(1, 2), 0.0)
+        else:
+            mask = torch.full((b, s, t), fill, device=q.device, dtype=scores.dtype).scatter(-1, idx, 0.0)
         if r.causal:
             mask = mask + torch.zeros(s, t, device=q.device, dtype=scores.dtype).masked_fill(~keep_causal, NEG_INF)
         scores = scores + mask.unsqueeze(head_axis)
     else:
-        if r.select == "keys_first_transposed":  # built [b, t, s] (keys on dim 1), then transposed
+        if on_queries:
+            sel = torch.zeros(b, t, s, dtype=torch.bool, device=q.device).scatter(1, idx.transpose(1, 2), True)
+        elif r.select == "keys_first_transposed":  # built [b, t, s] (keys on dim 1), then transposed
             sel = torch.zeros(b, t, s, dtype=torch.bool, device=q.device).scatter(1, idx.transpose(1, 2), True).transpose(1, 2)
         elif r.select == "squeezed":  # built with a unit axis, then squeezed
             sel = torch.zeros(b, 1, s, t, dtype=torch.bool, device=q.device).scatter(-1, idx.unsqueeze(1), True).squeeze(1)
