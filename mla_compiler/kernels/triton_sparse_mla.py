@@ -352,7 +352,6 @@ def _fwd_kernel(
             idx, valid, raw, sc = _gather_latent(kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
         k_a = _latent_operand(raw, sc, D_A, FP8, Q.dtype.element_ty, BLOCK_N, DEQUANT)
-        row_scale = sc
         if D_B > 0:
             offs_kb = D_A + tl.arange(0, D_B)
             b_mask = valid[:, None] & (offs_kb[None, :] < D_QK)
@@ -364,11 +363,11 @@ def _fwd_kernel(
             # Q read from L1/L2 each step instead of held in registers: frees them for the accumulator.
             q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
         if DEQUANT >= 3:
-            s = _mm(q8, tl.trans(raw), IEEE, UPCAST) * (q_scale[:, None] * row_scale[None, :])
+            s = _mm(q8, tl.trans(raw), IEEE, UPCAST) * (q_scale[:, None] * sc[None, :])
         else:
             s = _mm(q_a, tl.trans(k_a), IEEE, UPCAST)
             if DEQUANT == 2:
-                s = s * row_scale[None, :]
+                s = s * sc[None, :]
         if D_B > 0:
             if RELOAD_Q:
                 q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
@@ -386,13 +385,13 @@ def _fwd_kernel(
             v = tl.load(k_rows + offs_v[None, :], mask=valid[:, None] & (offs_v[None, :] < DV), other=0.0)
         if DEQUANT == 4:
             # P V on FP8 tensor cores too: P times the row scales over their block maximum, in e4m3.
-            c = tl.max(row_scale, 0)
+            c = tl.max(sc, 0)
             c = tl.where(c > 0.0, c, 1.0)
-            p8 = (p * (row_scale / c)[None, :]).to(raw.dtype)
+            p8 = (p * (sc / c)[None, :]).to(raw.dtype)
             acc += _mm(p8, raw, IEEE, UPCAST) * c
         else:
             if DEQUANT >= 2:
-                p = p * row_scale[None, :]
+                p = p * sc[None, :]
             acc += _mm(p.to(v.dtype), v, IEEE, UPCAST)
         m_i = m_new
 
@@ -626,13 +625,13 @@ def _record(name: str, compiled, cfg: dict) -> None:
 def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.contiguous()
     t, heads, d_qk, h_kv, hpg, d_a, d_b, dv_p = _geometry(q, kv, d_v)
-    args = (q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.shape[0], hpg, d_qk)
     constexprs = dict(
         D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
         IEEE=q.dtype == torch.float32, UPCAST=interpreted() and q.dtype != torch.float32,
     )
     key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg)
-    return _forward_launch("forward", key, q, kv, indices, sm_scale, d_v, h_kv, args, constexprs, attn_sink, topk_length, launch)
+    candidates = [dict(launch)] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
+    return _forward_launch("forward", key, q, kv, kv.stride(1), h_kv, indices, sm_scale, d_v, constexprs, attn_sink, topk_length, candidates, bool(launch))
 
 
 # FP8 latent dequantization (DEQUANT): 0 = e4m3 x scale in fp32; 1 = in the compute dtype (bf16:
@@ -653,7 +652,6 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     d_lat, n_tiles = kv_latent.shape[1], kv_scale.shape[1]
     d_rope = kv_rope.shape[1] if kv_rope is not None else 0
     d_b = 0 if d_rope == 0 else max(16, triton.next_power_of_2(d_rope))
-    args = (q.stride(0), q.stride(1), kv_latent.stride(0), 0, kv_latent.shape[0], q.shape[1], d_qk)
     constexprs = dict(
         D_A=d_lat, D_B=d_b, DV=d_v, DV_P=max(16, triton.next_power_of_2(d_v)), V_IS_A=True, IEEE=False,
         UPCAST=interpreted(), KV_SCALE=kv_scale, KV_ROPE=kv_rope if kv_rope is not None else kv_scale,
@@ -662,16 +660,17 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     )
     key = ("fwd-fp8", q.device.index, q.dtype, d_lat, d_rope, n_tiles, q.shape[1])
     if launch is None:
-        launch_list = LaunchPolicy.forward_fp8(d_qk, d_v, q.shape[1], q.dtype, n_tiles)
+        candidates = LaunchPolicy.forward_fp8(d_qk, d_v, q.shape[1], q.dtype, n_tiles)
     else:
-        launch_list = [dict(launch)]
-        launch_list[0].setdefault("DEQUANT", DEQUANT_FOLD if n_tiles == 1 and q.dtype == torch.bfloat16 else DEQUANT_FP32)
-        if launch_list[0]["DEQUANT"] >= DEQUANT_FOLD and n_tiles != 1:
+        candidates = [dict(launch)]
+        candidates[0].setdefault("DEQUANT", DEQUANT_FOLD if n_tiles == 1 and q.dtype == torch.bfloat16 else DEQUANT_FP32)
+        if candidates[0]["DEQUANT"] >= DEQUANT_FOLD and n_tiles != 1:
             raise SparseAttnArgumentError(
-                f"forward_fp8: argument 'launch' asks for DEQUANT={launch_list[0]['DEQUANT']}, a form for one scale per row, "
+                f"forward_fp8: argument 'launch' asks for DEQUANT={candidates[0]['DEQUANT']}, a form for one scale per row, "
                 f"but kv_scale has {n_tiles} scales a row; use DEQUANT={DEQUANT_FP32} or {DEQUANT_COMPUTE} for per-tile scales"
             )
-    return _forward_launch("forward_fp8", key, q, kv_latent, indices, sm_scale, d_v, 1, args, constexprs, attn_sink, topk_length, launch_list)
+    # One key group: the group stride is never used.
+    return _forward_launch("forward_fp8", key, q, kv_latent, 0, 1, indices, sm_scale, d_v, constexprs, attn_sink, topk_length, candidates, launch is not None)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -680,8 +679,10 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _forward_launch(name, key, q, kv, indices, sm_scale, d_v, h_kv, args, constexprs, attn_sink, topk_length, launch):
-    """Launch _fwd_kernel (and _combine_kernel when the top-k is split) for the bf16 or FP8 keys."""
+def _forward_launch(name, key, q, kv, stride_kvg, h_kv, indices, sm_scale, d_v, constexprs, attn_sink, topk_length, candidates, overridden):
+    """Launch _fwd_kernel (and _combine_kernel when the top-k is split) for the bf16 or FP8 keys
+    (``kv`` is the keys or the FP8 latent, rows first). ``candidates``: launches, best first;
+    ``overridden``: they are the caller's, not the policy's (part of the cache key)."""
     t, heads, d_qk = q.shape
     hpg = heads // h_kv
     topk = indices.shape[-1]
@@ -690,27 +691,22 @@ def _forward_launch(name, key, q, kv, indices, sm_scale, d_v, h_kv, args, conste
     lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
-    if isinstance(launch, list):
-        candidates = [dict(c) for c in launch]
-    else:
-        candidates = [dict(launch)] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
     first = candidates[0]
     splits = first.get("SPLITS") or LaunchPolicy.splits(t * h_kv * triton.cdiv(hpg, first["BLOCK_H"]), topk, first["BLOCK_N"], _sm_count(q.device))
     for cfg in candidates:
         cfg["SPLITS"] = splits
     # Per (split, token, head): the unnormalized accumulator, then m and l.
     partial = torch.empty((splits, t, heads, dv_p + 2), dtype=torch.float32, device=q.device) if splits > 1 else None
-    stride_q_t, stride_q_h, stride_kvs, stride_kvg, s_kv, hpg_arg, d_qk_arg = args
     full_args = (
         q, kv, indices, out, lse,
         attn_sink if attn_sink is not None else lse,
         topk_length if topk_length is not None else lse,
-        stride_q_t, stride_q_h, stride_kvs, stride_kvg, indices.stride(0), indices.stride(1),
+        q.stride(0), q.stride(1), kv.stride(0), stride_kvg, indices.stride(0), indices.stride(1),
         out.stride(0), out.stride(1), lse.stride(0),
-        s_kv, topk, hpg_arg, d_qk_arg, float(sm_scale) * LOG2E,
+        kv.shape[0], topk, hpg, d_qk, float(sm_scale) * LOG2E,
     )
     full_constexprs = dict(constexprs, HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, PARTIAL=partial)
-    key = key + (splits, tuple(tuple(sorted(c.items())) for c in candidates) if launch else None)
+    key = key + (splits, tuple(tuple(sorted(c.items())) for c in candidates) if overridden else None)
     _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]) * splits), full_args, full_constexprs)
     if splits > 1:
         block_h = 16 if interpreted() else 32
