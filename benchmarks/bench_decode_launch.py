@@ -19,9 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, decode_inputs  # noqa: E402
+from bench_sparse_mla import bench, decode_inputs, fp8_key_sets  # noqa: E402
 
-from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
@@ -40,13 +39,11 @@ def candidates(heads: int, tokens: int) -> list[tuple[str, dict]]:
 def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
     q, kv, idx = decode_inputs(batch=batch, heads=heads)
     t = q.shape[0]
-    lat, scl, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-    q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
-    rope_bf16 = kv[:, 0, 512:].contiguous()
+    fp8 = fp8_key_sets(kv)
     keys = {
         "bf16": lambda cfg: tk.forward(q, kv, idx, SCALE, 512, launch=cfg),
-        "fp8 FlashMLA": lambda cfg: tk.forward_fp8(q, lat, scl, rope, idx, SCALE, 512, launch=cfg),
-        "fp8 row": lambda cfg: tk.forward_fp8(q, q8, s8, rope_bf16, idx, SCALE, 512, launch=cfg),
+        "fp8 FlashMLA": lambda cfg: tk.forward_fp8(q, *fp8["flashmla"], idx, SCALE, 512, launch=cfg),
+        "fp8 row": lambda cfg: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512, launch=cfg),
     }
     forms = {"bf16": [{}], "fp8 FlashMLA": [dict(DEQUANT=tk.DEQUANT_FP32)], "fp8 row": [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)]}
     runs = []

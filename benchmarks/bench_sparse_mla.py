@@ -297,6 +297,16 @@ def fp8_sweep_forms(n_tiles: int) -> list[dict]:
     ]
 
 
+def fp8_key_sets(kv: torch.Tensor) -> dict:
+    """The bf16 keys [S, 1, 576] as the two FP8 latents benchmarked, each (latent, scale, rope) as
+    forward_fp8 takes them: FlashMLA's 656-byte layout, and e4m3 with one scale a row."""
+    from mla_compiler.kernels import fp8_reference as fr
+
+    flashmla = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
+    q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
+    return {"flashmla": flashmla, "row": (q8, s8, kv[:, 0, 512:].contiguous())}
+
+
 def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
     """One shape's FP8 rows; its tensors are freed when it returns."""
     from mla_compiler.kernels import fp8_reference as fr
@@ -305,17 +315,14 @@ def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
     t, heads, d_qk = q.shape
     fl = flops_fwd(idx, heads, d_qk, 512, kv.shape[0])
     valid = ((idx >= 0) & (idx < kv.shape[0])).sum().item()
-    cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])
-    lat, scl, rope = fr.flashmla_views(cache)
-    q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
-    rope_bf16 = kv[:, 0, 512:].contiguous()
+    fp8 = fp8_key_sets(kv)
     out_bf16, _ = tk.forward(q, kv, idx, scale, 512)
     qo_bytes = t * heads * (576 + 512) * 2
     sub = slice(0, min(t, 32))  # the FP8 reference on the first tokens: the kernel's own error
     cases = (
         ("triton bf16 KV", lambda cfg=None: tk.forward(q, kv, idx, scale, 512, launch=cfg), valid * 1152 + qo_bytes, None),
-        ("triton FP8 KV (FlashMLA 656 B)", lambda cfg=None: tk.forward_fp8(q, lat, scl, rope, idx, scale, 512, launch=cfg), valid * 656 + qo_bytes, (lat, scl, rope)),
-        ("triton FP8 KV (e4m3 + row scale)", lambda cfg=None: tk.forward_fp8(q, q8, s8, rope_bf16, idx, scale, 512, launch=cfg), valid * (512 + 4 + 128) + qo_bytes, (q8, s8, rope_bf16)),
+        ("triton FP8 KV (FlashMLA 656 B)", lambda cfg=None: tk.forward_fp8(q, *fp8["flashmla"], idx, scale, 512, launch=cfg), valid * 656 + qo_bytes, fp8["flashmla"]),
+        ("triton FP8 KV (e4m3 + row scale)", lambda cfg=None: tk.forward_fp8(q, *fp8["row"], idx, scale, 512, launch=cfg), valid * (512 + 4 + 128) + qo_bytes, fp8["row"]),
     )
     base = None
     for impl, fn, nbytes, fp8_parts in cases:

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from bench_sparse_mla import fp8_key_sets  # noqa: E402
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 
 OPS = {
@@ -43,17 +43,16 @@ def main() -> int:
         q = torch.randn(8, heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
         kv = torch.randn(4096, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
         idx = torch.randint(0, 4096, (8, 1, 2048), device="cuda", dtype=torch.int32, generator=g)
-        lat, scl, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-        q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
-        rope_bf16 = kv[:, 0, 512:].contiguous()
+        fp8 = fp8_key_sets(kv)
+        flashmla, row = fp8["flashmla"], fp8["row"]
         base = tk.LaunchPolicy.forward(576, 512, heads, torch.bfloat16)[0]
         cases = [
             ("bf16 keys", lambda: tk.forward(q, kv, idx, 0.1, 512, launch=dict(base, SPLITS=1)), "forward"),
-            ("FlashMLA, fp32 dequant", lambda: tk.forward_fp8(q, lat, scl, rope, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=0)), "forward_fp8"),
-            ("row, fp32 dequant", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=0)), "forward_fp8"),
-            ("row, folded", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2)), "forward_fp8"),
-            ("row, folded + prefetch", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2, PREFETCH=True)), "forward_fp8"),
-            ("row, FP8 Q K^T", lambda: tk.forward_fp8(q, q8, s8, rope_bf16, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=3)), "forward_fp8"),
+            ("FlashMLA, fp32 dequant", lambda: tk.forward_fp8(q, *flashmla, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=0)), "forward_fp8"),
+            ("row, fp32 dequant", lambda: tk.forward_fp8(q, *row, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=0)), "forward_fp8"),
+            ("row, folded", lambda: tk.forward_fp8(q, *row, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2)), "forward_fp8"),
+            ("row, folded + prefetch", lambda: tk.forward_fp8(q, *row, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=2, PREFETCH=True)), "forward_fp8"),
+            ("row, FP8 Q K^T", lambda: tk.forward_fp8(q, *row, idx, 0.1, 512, launch=dict(base, SPLITS=1, DEQUANT=3)), "forward_fp8"),
         ]
         for label, fn, name in cases:
             fn()
