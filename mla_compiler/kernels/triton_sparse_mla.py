@@ -629,6 +629,11 @@ def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, lau
         D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
         IEEE=q.dtype == torch.float32, UPCAST=interpreted() and q.dtype != torch.float32,
     )
+    if launch is None and d_a == 512 and d_b == 64 and d_qk == 576:
+        # Hopper, DeepSeek widths: the warp-specialized kernel (gluon_sparse_mla.py) where it applies.
+        out = _warp_specialized(q, kv[:, 0, :512], None, kv[:, 0, 512:], indices, sm_scale, d_v, attn_sink, topk_length, h_kv)
+        if out is not None:
+            return out
     key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg)
     candidates = [dict(launch)] if launch else LaunchPolicy.forward(d_qk, d_v, hpg, q.dtype)
     return _forward_launch("forward", key, q, kv, kv.stride(1), h_kv, indices, sm_scale, d_v, constexprs, attn_sink, topk_length, candidates, bool(launch))
@@ -643,11 +648,36 @@ DEQUANT_FP32, DEQUANT_COMPUTE, DEQUANT_FOLD = 0, 1, 2
 MMA_FP8_QK, MMA_FP8_QK_PV = 3, 4
 
 
+def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv):
+    """(out, lse) from the warp-specialized Gluon forward, or None where it declines (recorded)."""
+    if interpreted() or q.device.type != "cuda":
+        return None
+    from mla_compiler.kernels import gluon_sparse_mla as ws
+
+    reason = ws.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
+    name = "forward_fp8" if kv_scale is not None else "forward"
+    if reason is not None:
+        WS_DECLINED[name] = reason
+        return None
+    out = ws.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
+    LAST_LAUNCH[name] = dict(kernel="gluon warp-specialized", **(ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16))
+    return out
+
+
+# Why the last forward call did not take the warp-specialized kernel, per entry point (for reports).
+WS_DECLINED: dict = {}
+
+
 def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
     """Sparse MLA over an FP8 latent (see fp8_reference.py for the operands): the latent rows are
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
-    ``d_lat / n_tiles`` columns; the rope part is read as is."""
+    ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths the
+    warp-specialized kernel (gluon_sparse_mla.py) takes the call where it applies."""
     q, indices = q.contiguous(), indices.contiguous()
+    if launch is None:
+        out = _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, 1)
+        if out is not None:
+            return out
     d_qk = q.shape[2]
     d_lat, n_tiles = kv_latent.shape[1], kv_scale.shape[1]
     d_rope = kv_rope.shape[1] if kv_rope is not None else 0

@@ -1,0 +1,154 @@
+"""The warp-specialized (Gluon) sparse MLA forward against the Triton forward, at the DeepSeek-V3.2
+decode shape (batch 64, s_q 2, 128 heads, topk 2048, s_kv 32768), for bf16 keys and the two FP8
+latents (FlashMLA's 656-byte layout, e4m3 with one scale a row). Timed in interleaved rounds;
+the check part compares against the pure-torch references on awkward inputs first.
+
+    python benchmarks/bench_ws_decode.py check          # correctness, small shapes
+    python benchmarks/bench_ws_decode.py time --rounds 5 --out ws.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, prefill_inputs  # noqa: E402
+
+from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from mla_compiler.kernels import gluon_sparse_mla as gk  # noqa: E402
+from mla_compiler.kernels import reference  # noqa: E402
+from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
+
+SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
+
+
+def triton_only(fn):
+    """fn with the warp-specialized kernel switched off (the Triton forward's own numbers)."""
+    def run():
+        os.environ[gk.ENV_OFF] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ[gk.ENV_OFF]
+    return run
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def awkward_inputs(t=6, heads=80, s_kv=3000, topk=200, seed=1):
+    """Invalid indices (-1, >= s_kv), a token with none valid, NaN in rows no index selects."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(t, heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(s_kv, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, s_kv - 100, (t, 1, topk), device="cuda", generator=g, dtype=torch.int32)
+    idx[0, 0, ::7] = -1
+    idx[1, 0, ::5] = s_kv + 3
+    idx[2] = -1  # nothing to attend
+    kv[s_kv - 100:] = float("nan")  # never selected
+    return q, kv, idx
+
+
+def check() -> int:
+    failures = 0
+    for heads, topk in ((80, 200), (128, 2048), (64, 64)):
+        q, kv, idx = awkward_inputs(heads=heads, topk=topk)
+        ref_out, ref_lse = reference.sparse_attn_reference(q, kv, idx, SCALE, 512)
+        out, lse = gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE)
+        fin = torch.isfinite(ref_lse)
+        err, dl = rel(out, ref_out), (lse[fin] - ref_lse[fin]).abs().max().item()
+        ok = err < 1e-2 and dl < 1e-3 and torch.isinf(lse[2]).all().item() and (out[2] == 0).all().item()
+        print(f"bf16 keys h{heads} topk{topk}: rel err {err:.2e}, max |dlse| {dl:.2e}: {'ok' if ok else 'FAIL'}", flush=True)
+        failures += not ok
+        # FP8: quantize the keys with the NaN rows zeroed, then put NaN bytes back in those rows.
+        clean = kv.clone()
+        clean[-100:] = 0
+        for name, parts in fp8_key_sets(clean).items():
+            latent, scale, rope = parts
+            latent.view(torch.uint8)[-100:] = 0x7F  # e4m3 NaN
+            r_out, r_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
+            out, lse = gk.forward(q, latent, scale, rope, idx, SCALE)
+            err, dl = rel(out, r_out), (lse[fin] - r_lse[fin]).abs().max().item()
+            ok = err < 1e-2 and dl < 1e-3 and torch.isinf(lse[2]).all().item() and (out[2] == 0).all().item()
+            print(f"FP8 {name} h{heads} topk{topk}: rel err {err:.2e}, max |dlse| {dl:.2e}: {'ok' if ok else 'FAIL'}", flush=True)
+            failures += not ok
+    return failures
+
+
+def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) -> None:
+    q, kv, idx = decode_inputs() if shape == "decode" else prefill_inputs()
+    fl = flops_fwd(idx, q.shape[1], 576, 512, kv.shape[0])
+    fp8 = fp8_key_sets(kv)
+    ref_out, _ = triton_only(lambda: tk.forward(q, kv, idx, SCALE, 512))()
+    cands = [
+        ("triton bf16", triton_only(lambda: tk.forward(q, kv, idx, SCALE, 512))),
+        ("triton FP8 FlashMLA", triton_only(lambda: tk.forward_fp8(q, *fp8["flashmla"], idx, SCALE, 512))),
+        ("triton FP8 row", triton_only(lambda: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512))),
+        ("dispatch bf16 (policy)", lambda: tk.forward(q, kv, idx, SCALE, 512)),
+        ("dispatch FP8 FlashMLA (policy)", lambda: tk.forward_fp8(q, *fp8["flashmla"], idx, SCALE, 512)),
+        ("dispatch FP8 row (policy)", lambda: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512)),
+    ]
+    for cfg in launches:
+        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']} f{cfg['IN_FLIGHT']}"
+        cands += [
+            (f"ws bf16 {tag}", lambda c=cfg: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=c)),
+            (f"ws FP8 FlashMLA {tag}", lambda c=cfg: gk.forward(q, *fp8["flashmla"], idx, SCALE, launch=c)),
+            (f"ws FP8 row {tag}", lambda c=cfg: gk.forward(q, *fp8["row"], idx, SCALE, launch=c)),
+        ]
+    errs, times = {}, {name: [] for name, _ in cands}
+    for name, fn in cands:
+        try:
+            out, _ = fn()
+            torch.cuda.synchronize()
+            errs[name] = rel(out, ref_out)
+        except Exception as exc:  # a launch that does not fit: reported, not timed
+            errs[name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            print(f"{name}: {errs[name]}", flush=True)
+    live = [(n, f) for n, f in cands if not isinstance(errs[n], str)]
+    for _ in range(rounds):
+        for name, fn in live:
+            times[name].append(bench(fn))
+    rows = []
+    base = statistics.median(times["triton bf16"])
+    for name, _ in live:
+        ms = statistics.median(times[name])
+        rows.append(dict(impl=name, ms=ms, tflops=fl / ms / 1e9, vs_triton_bf16=base / ms, err_vs_bf16_keys=errs[name],
+                         spread=max(times[name]) / min(times[name])))
+    print(f"\n[{shape}] {'impl':35s} {'ms':>7s} {'TFLOPS':>7s} {'vs bf16':>8s} {'err':>9s} {'spread':>6s}")
+    for r in rows:
+        print(f"{r['impl']:44s} {r['ms']:7.3f} {r['tflops']:7.0f} {r['vs_triton_bf16']:7.2f}x {r['err_vs_bf16_keys']:9.2e} {r['spread']:6.2f}")
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(dict(shape=shape, device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, errors={k: v for k, v in errs.items() if isinstance(v, str)}), f, indent=1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("part", choices=["check", "time"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--launches", default="232/40/64/2/4", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_FLIGHT, comma-separated")
+    p.add_argument("--shape", choices=["decode", "prefill"], default="decode")
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.part == "check":
+        return 1 if check() else 0
+    launches = []
+    for spec in a.launches.split(","):
+        c, pr, n, s, f = (int(x) for x in spec.split("/"))
+        launches.append(dict(CONSUMER_REGS=c, PRODUCER_REGS=pr, BLOCK_N=n, STAGES=s, IN_FLIGHT=f))
+    timing(a.rounds, launches, a.out, a.shape)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One GPU call for the warp-specialized forward: CUDA tests (unless SKIP_TESTS), then interleaved
+# timings against the Triton forward at the V3.2 decode shape, and at prefill when PREFILL names
+# launches. Logs and JSON under $OUT.
+# Usage: bash benchmarks/gpu_ws.sh ["consumer/producer/BLOCK_N/STAGES/IN_FLIGHT,..."] [rounds]
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-.}
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.log"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/env.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_kernel.py tests/test_triton_kernels.py tests/test_fp8.py 2>&1 | tail -15 | tee "$OUT/pytest.log"
+fi
+timeout 200 python3 benchmarks/bench_ws_decode.py time --rounds "${2:-3}" --launches "${1:-224/56/64/2/4,200/112/64/2/4}" --out "$OUT/ws_decode.json" 2>&1 | tail -40 | tee "$OUT/ws_decode.log"
+if [ -n "${PREFILL:-}" ]; then
+  timeout 200 python3 benchmarks/bench_ws_decode.py time --shape prefill --rounds 2 --launches "$PREFILL" --out "$OUT/ws_prefill.json" 2>&1 | tail -20 | tee "$OUT/ws_prefill.log"
+fi

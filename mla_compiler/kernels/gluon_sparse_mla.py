@@ -1,0 +1,355 @@
+"""Warp-specialized sparse MLA forward for Hopper, in Triton's Gluon dialect (explicit shared
+memory, barriers and partitions). The reference beside it is reference.py / fp8_reference.py.
+
+Why a second forward: in the Triton kernel, an FP8 latent is gathered into shared memory, read
+back into registers, dequantized and written to shared memory again as bf16 before the MMA, all on
+the MMA warps' critical path, and its ring is one stage deep (benchmarks/RESULTS.md). Here a
+producer partition (4 warps) gathers the key rows of a block, dequantizes them and writes bf16 tiles
+into a ring of shared-memory slots, while two consumer warpgroups run the MMAs on the previous slot.
+
+One program per (query token, block of 64 heads). Each consumer warpgroup owns 256 of the 512
+value columns: it computes the full 64 x BLOCK_N scores itself (Q K^T over 576 columns, Q read from
+shared memory), runs the online softmax, and adds P V for its columns. The two warpgroups repeat
+the Q K^T product (1.53x the FLOPs of the minimal schedule) and in exchange share nothing but the
+ring: no scores or P cross between them. Both compute bit-identical scores, so their softmax
+statistics agree.
+
+Shapes are those of DeepSeek's MLA: latent 512 (the value) + rope 64, one key group; other shapes
+and options (sink, topk_length) take the Triton kernel (``declines`` says why).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+try:  # Gluon: Triton >= 3.5; its Hopper API is what this module is written against (3.6).
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+    )
+
+    # Renamed after Triton 3.6: one barrier over a partition's warps; cp.async into shared memory.
+    partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    async_rows = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    HAVE_GLUON = True
+except (ImportError, AttributeError):  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+ENV_OFF = "MLA_COMPILER_WS"  # =0: never take this kernel
+_D_LAT, _D_ROPE, _BLOCK_H = 512, 64, 64
+if HAVE_GLUON:  # kernels read module globals only as constexpr
+    D_LAT, D_ROPE, BLOCK_H, V_HALF = gl.constexpr(_D_LAT), gl.constexpr(_D_ROPE), gl.constexpr(_BLOCK_H), gl.constexpr(_D_LAT // 2)
+
+
+def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
+             d_v: int, attn_sink=None, topk_length=None, h_kv: int = 1) -> Optional[str]:
+    """Why the warp-specialized kernel does not take this call (None when it does). ``kv_latent``:
+    the first 512 columns of bf16 keys (``kv_scale`` None) or an FP8 latent with ``kv_scale``."""
+    if os.environ.get(ENV_OFF, "1") in ("0", ""):
+        return f"{ENV_OFF}=0"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon dialect"
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not a Hopper GPU (wgmma and setmaxnreg are sm_90 instructions)"
+    if q.dtype != torch.bfloat16:
+        return f"query dtype {q.dtype} (bf16 only)"
+    if h_kv != 1:
+        return f"{h_kv} key groups (one only)"
+    if kv_latent.shape[1] != _D_LAT or kv_rope is None or kv_rope.shape[1] != _D_ROPE or d_v != _D_LAT:
+        rope = None if kv_rope is None else kv_rope.shape[1]
+        return f"latent {kv_latent.shape[1]} / rope {rope} / d_v {d_v} (512 / 64 / 512 only)"
+    if q.shape[1] < _BLOCK_H:
+        return f"{q.shape[1]} heads (64 or more: wgmma tiles 64 rows, fewer would idle the tensor cores)"
+    if attn_sink is not None or topk_length is not None:
+        return "attn_sink / topk_length (not implemented here)"
+    if kv_scale is not None and kv_scale.shape[1] not in (1, 4):
+        return f"{kv_scale.shape[1]} scales a row (one, or one per 128 columns)"
+    programs = q.shape[0] * triton.cdiv(q.shape[1], _BLOCK_H)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    if programs < sms:
+        return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)"
+    for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
+        if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
+            return f"{name} rows not contiguous and 16-byte aligned"
+    return None
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _consumer(
+        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty,
+        OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
+        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        t = gl.program_id(0)
+        hb = gl.program_id(1)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
+        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            mbarrier.wait(full.index(slot), (i // STAGES) & 1)
+            # Which keys of the block are valid: written by the producer beside the rows (no
+            # per-thread index pointers held here).
+            valid = ok_ring.index(slot).load(col_s) != 0
+            k_tile = k_ring.index(slot)
+            s = warpgroup_mma(q_a_smem, k_tile.permute((1, 0)), s_zero, use_acc=False)
+            s = warpgroup_mma(q_b_smem, r_ring.index(slot).permute((1, 0)), s)
+            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+            acc = warpgroup_mma(p_op, k_tile.slice(WG * V_HALF, V_HALF, dim=1), acc)
+            m_i = m_new
+            # Every warp of this warpgroup is past its MMAs on the slot: hand it back.
+            partition_barrier()
+            mbarrier.arrive(empty.index(slot))
+
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
+        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, o_layout))
+        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+        gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
+        if WG == 0:
+            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
+            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+
+    @gluon.jit
+    def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
+        """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row), into the slot as bf16."""
+        k_slot.slice(c * CHUNK, CHUNK, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+
+    @gluon.jit
+    def _producer(
+        k_ring, r_ring, ok_ring, full, empty,
+        KV, KV_SCALE, KV_ROPE, IDX,
+        stride_kvs, stride_ss, stride_rs, stride_it,
+        S_KV, TOPK,
+        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
+    ):
+        """Gathers each key block's rows into a ring slot as bf16: the FP8 latent through registers
+        (dequantized there, 128 columns at a time), bf16 parts by asynchronous copies."""
+        t = gl.program_id(0)
+        # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
+        stride_rs = gl.multiple_of(stride_rs, 8)
+        stride_kvs = gl.multiple_of(stride_kvs, 16)
+        CHUNK: gl.constexpr = 128
+        # 16-byte vectors: 16 e4m3 or 8 bf16 values per thread and access.
+        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        b16_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        idx_row = IDX + t * stride_it
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            k_slot = k_ring.index(slot)
+            # Rope (bf16 in every layout): straight into the slot.
+            offs_nr = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rope_layout))
+            idx_r = gl.load(idx_row + offs_nr, mask=offs_nr < TOPK, other=-1)
+            rows_r = gl.where((idx_r >= 0) & (idx_r < S_KV), idx_r, -1).to(gl.int64)
+            rope_ptr = KV_ROPE + rows_r[:, None] * stride_rs + gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))[None, :]
+            # Pointers passed into a partition lose the launch's alignment facts: restate them
+            # (16-byte rows; the host checks) so loads and copies move 16 bytes at a time.
+            rope_ptr = gl.max_contiguous(gl.multiple_of(rope_ptr, [16, 16]), [1, D_ROPE])
+            if FP8:
+                offs_n = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, fp8_layout))
+                idx = gl.load(idx_row + offs_n, mask=offs_n < TOPK, other=-1)
+                valid = (idx >= 0) & (idx < S_KV)
+                rows = idx.to(gl.int64)
+                cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
+                base = gl.max_contiguous(gl.multiple_of(KV + rows[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, CHUNK])
+                sc_ptr = KV_SCALE + rows * stride_ss
+                sc0 = gl.load(sc_ptr, mask=valid, other=0.0)
+                if N_TILES == 4:
+                    sc1 = gl.load(sc_ptr + 1, mask=valid, other=0.0)
+                    sc2 = gl.load(sc_ptr + 2, mask=valid, other=0.0)
+                    sc3 = gl.load(sc_ptr + 3, mask=valid, other=0.0)
+                else:
+                    sc1 = sc0
+                    sc2 = sc0
+                    sc3 = sc0
+                if IN_FLIGHT == 4:
+                    # All four chunks in flight before the first is converted (more registers).
+                    raw0 = gl.load(base, mask=valid[:, None], other=0.0)
+                    raw1 = gl.load(base + CHUNK, mask=valid[:, None], other=0.0)
+                    raw2 = gl.load(base + 2 * CHUNK, mask=valid[:, None], other=0.0)
+                    raw3 = gl.load(base + 3 * CHUNK, mask=valid[:, None], other=0.0)
+                    mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+                    async_rows(r_ring.index(slot), rope_ptr, mask=(rows_r >= 0)[:, None])
+                    async_copy.commit_group()
+                    ok_ring.index(slot).store(valid.to(gl.int32))
+                    _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
+                    _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
+                    _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
+                    _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
+                else:
+                    # Two chunks at a time: half the registers, a second round trip a block.
+                    raw0 = gl.load(base, mask=valid[:, None], other=0.0)
+                    raw1 = gl.load(base + CHUNK, mask=valid[:, None], other=0.0)
+                    mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+                    async_rows(r_ring.index(slot), rope_ptr, mask=(rows_r >= 0)[:, None])
+                    async_copy.commit_group()
+                    ok_ring.index(slot).store(valid.to(gl.int32))
+                    raw2 = gl.load(base + 2 * CHUNK, mask=valid[:, None], other=0.0)
+                    raw3 = gl.load(base + 3 * CHUNK, mask=valid[:, None], other=0.0)
+                    _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
+                    _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
+                    _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
+                    _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
+            else:
+                offs_n = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, b16_layout))
+                idx = gl.load(idx_row + offs_n, mask=offs_n < TOPK, other=-1)
+                valid = (idx >= 0) & (idx < S_KV)
+                rows = idx.to(gl.int64)
+                cols = gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, b16_layout))
+                base = gl.max_contiguous(gl.multiple_of(KV + rows[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, 2 * CHUNK])
+                mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+                ok_ring.index(slot).store(valid.to(gl.int32))
+                async_rows(r_ring.index(slot), rope_ptr, mask=(rows_r >= 0)[:, None])
+                async_rows(k_slot.slice(0, 2 * CHUNK, dim=1), base, mask=valid[:, None])
+                async_rows(k_slot.slice(2 * CHUNK, 2 * CHUNK, dim=1), base + 2 * CHUNK, mask=valid[:, None])
+                async_copy.commit_group()
+            async_copy.wait_group(0)
+            # Generic-proxy writes become visible to the MMA's async proxy, then one arrive.
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(full.index(slot))
+
+    @gluon.jit
+    def _ws_fwd_kernel(
+        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE,
+        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
+        S_KV, TOPK, H, sm_scale_log2,
+        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_FLIGHT: gl.constexpr,
+    ):
+        t = gl.program_id(0)
+        hb = gl.program_id(1)
+        q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
+        q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
+        k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.bfloat16)
+        r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
+        q_a_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], q_a_layout)
+        q_b_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], q_b_layout)
+        k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], k_layout)
+        r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
+        ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(full.index(s), count=1)
+            mbarrier.init(empty.index(s), count=2)
+
+        # Q of this block of heads into shared memory, 128 columns at a time (padded heads are 0).
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
+        h_ok = (heads < H)[:, None]
+        q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, q_layout))
+        for c in gl.static_range(D_LAT // 128):
+            q_a_smem.slice(c * 128, 128, dim=1).store(gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0))
+        rope_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
+        q_b_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
+        fence_async_shared()
+        partition_barrier()
+
+        gl.warp_specialize(
+            [
+                (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                             TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                             TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it,
+                             S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+            ],
+            [4, 4],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+# Register split between the two consumer warpgroups and the producer, and the producer's loads
+# in flight (FP8: all four 128-column chunks of a block, 64 registers of payload). Measured on H200
+# at the V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md): bf16 keys 224/56 0.265 ms
+# (232/40 0.275, 200/112 0.296); FP8 200/112 with 4 chunks 0.305-0.322 ms (216/72 with 2 chunks
+# 0.37-0.41, 232/40 spills in the producer: 1.7 ms).
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_FLIGHT=4)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=200, PRODUCER_REGS=112, IN_FLIGHT=4)
+
+
+def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
+    """The kernel compiled for sm_90 on any machine (no GPU needed), with the alignment facts a
+    launch would give: for checking shared memory, registers and the PTX (``.asm``) off the GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {"Q": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16", "KV_SCALE": "*fp32", "KV_ROPE": "*bf16", "IDX": "*i32",
+           "OUT": "*bf16", "LSE": "*fp32"}
+    for name in ("stride_qt", "stride_qh", "stride_kvs", "stride_ss", "stride_rs", "stride_it", "stride_ot", "stride_oh",
+                 "stride_lt", "S_KV", "TOPK", "H"):
+        sig[name] = "i32"
+    sig["sm_scale_log2"] = "fp32"
+    constexprs = dict(FP8=fp8, N_TILES=n_tiles, **(launch or (LAUNCH_FP8 if fp8 else LAUNCH_BF16)))
+    sig.update({k: "constexpr" for k in constexprs})
+    names = list(sig)
+    aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "stride_qt", "stride_qh", "stride_kvs", "stride_it", "stride_ot", "stride_oh")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(GluonASTSource(_ws_fwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
+    """out [T, H, 512] and lse [T, H] of sparse MLA over a latent in FP8 (``kv_scale`` one scale
+    per row or per 128-column tile) or bf16 (``kv_scale`` None), rope bf16; indices [T, 1, topk]."""
+    fp8 = kv_scale is not None
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    t, heads, _ = q.shape
+    q, indices = q.contiguous(), indices.contiguous()
+    topk = indices.shape[-1]
+    out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
+    lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    n_tiles = kv_scale.shape[1] if fp8 else 1
+    if n_tiles not in (1, 4):
+        raise ValueError(f"kv_scale has {n_tiles} scales a row; the warp-specialized kernel takes 1 or 4")
+    for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
+        # The producer moves 16-byte vectors: rows must start on 16-byte boundaries.
+        if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
+            raise ValueError(f"{name}: rows must be contiguous and 16-byte aligned (stride {tensor.stride()}, "
+                             f"address {tensor.data_ptr()} mod 16 = {tensor.data_ptr() % 16}); pass a contiguous copy")
+    scale = kv_scale if fp8 else lse
+    _ws_fwd_kernel[(t, triton.cdiv(heads, _BLOCK_H))](
+        q, kv_latent, scale, kv_rope, indices, out, lse,
+        q.stride(0), q.stride(1), kv_latent.stride(0), scale.stride(0) if fp8 else 0, kv_rope.stride(0),
+        indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        kv_latent.shape[0], topk, heads, float(sm_scale) * LOG2E,
+        FP8=fp8, N_TILES=n_tiles, num_warps=4, **cfg,
+    )
+    return out, lse

@@ -1,0 +1,107 @@
+"""The warp-specialized (Gluon) forward: it compiles for Hopper with the installed Triton (CPU, no
+GPU needed), it declines what it does not take with a reason, and on a Hopper GPU it matches the
+references on awkward inputs and is what the forward entry points dispatch to."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import gluon_sparse_mla as ws
+from mla_compiler.kernels import reference
+from mla_compiler.kernels import triton_sparse_mla as tk
+
+needs_gluon = pytest.mark.skipif(not ws.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+SCALE = 576**-0.5
+
+
+@needs_gluon
+def test_compiles_for_hopper_within_shared_memory():
+    # In a child process: the tests run under TRITON_INTERPRET=1, which compiles nothing.
+    script = (
+        "import json; from mla_compiler.kernels import gluon_sparse_mla as ws\n"
+        "out = {}\n"
+        "for name, fp8, tiles in (('bf16', False, 1), ('fp8-tiles', True, 4), ('fp8-rows', True, 1)):\n"
+        "    c = ws.compile_for_hopper(fp8, tiles)\n"
+        "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, info in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        # The ring of two 64-key slots plus Q nearly fills Hopper's 227 KiB: it must still fit.
+        assert 200 * 1024 < info["shared"] <= 227 * 1024, (name, info)
+        assert info["wgmma"] and info["setmaxnreg"], (name, info)  # tensor-core MMAs, registers rebalanced
+
+
+def test_declines_with_reasons():
+    q = torch.randn(4, 128, 576, dtype=torch.bfloat16)
+    kv = torch.randn(64, 576, dtype=torch.bfloat16)
+    reason = ws.declines(q, kv[:, :512], None, kv[:, 512:], 512)
+    assert reason in ("not a CUDA tensor", "this Triton has no Gluon dialect")
+    os.environ[ws.ENV_OFF] = "0"
+    try:
+        assert ws.declines(q, kv[:, :512], None, kv[:, 512:], 512) == f"{ws.ENV_OFF}=0"
+    finally:
+        del os.environ[ws.ENV_OFF]
+
+
+def awkward(heads, topk, t=6, s_kv=3000, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(t, heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(s_kv, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, s_kv - 100, (t, 1, topk), device="cuda", generator=g, dtype=torch.int32)
+    idx[0, 0, ::7] = -1
+    idx[1, 0, ::5] = s_kv + 3
+    idx[2] = -1  # a token with nothing to attend
+    return q, kv, idx
+
+
+def check(out, lse, ref_out, ref_lse):
+    fin = torch.isfinite(ref_lse)
+    assert ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item() < 1e-2
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 1e-3
+    assert torch.isinf(lse[2]).all() and (out[2] == 0).all()
+
+
+@needs_hopper
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64)])
+def test_bf16_keys_match_the_reference(heads, topk):
+    q, kv, idx = awkward(heads, topk)
+    kv[-100:] = float("nan")  # rows no index selects
+    out, lse = ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE)
+    check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["flashmla", "row"])
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048)])
+def test_fp8_latents_match_the_reference(layout, heads, topk):
+    q, kv, idx = awkward(heads, topk)
+    if layout == "flashmla":
+        latent, scale, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
+    else:
+        latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
+        rope = kv[:, 0, 512:].contiguous()
+    latent.view(torch.uint8)[-100:] = 0x7F  # e4m3 NaN in rows no index selects
+    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE)
+    check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+
+
+@needs_hopper
+def test_forward_entry_points_dispatch_to_it_where_it_applies():
+    q, kv, idx = awkward(128, 256, t=200)  # 400 programs: more than the SMs
+    out, lse = tk.forward(q, kv, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward"]["kernel"] == "gluon warp-specialized"
+    check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
+    # Where it does not apply (a sink), the Triton kernel runs and the reason is kept.
+    tk.forward(q, kv, idx, SCALE, 512, attn_sink=torch.zeros(128, device="cuda"))
+    assert "attn_sink" in tk.WS_DECLINED["forward"]
