@@ -77,11 +77,12 @@ def check() -> int:
             latent, scale, rope = parts
             latent.view(torch.uint8)[-100:] = 0x7F  # e4m3 NaN
             r_out, r_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
-            out, lse = gk.forward(q, latent, scale, rope, idx, SCALE)
-            err, dl = rel(out, r_out), (lse[fin] - r_lse[fin]).abs().max().item()
-            ok = err < 1e-2 and dl < 1e-3 and torch.isinf(lse[2]).all().item() and (out[2] == 0).all().item()
-            print(f"FP8 {name} h{heads} topk{topk}: rel err {err:.2e}, max |dlse| {dl:.2e}: {'ok' if ok else 'FAIL'}", flush=True)
-            failures += not ok
+            for label, launch in (("", None), (" unsplit", dict(SPLIT_S=False))):
+                out, lse = gk.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+                err, dl = rel(out, r_out), (lse[fin] - r_lse[fin]).abs().max().item()
+                ok = err < 1e-2 and dl < 1e-3 and torch.isinf(lse[2]).all().item() and (out[2] == 0).all().item()
+                print(f"FP8 {name}{label} h{heads} topk{topk}: rel err {err:.2e}, max |dlse| {dl:.2e}: {'ok' if ok else 'FAIL'}", flush=True)
+                failures += not ok
     return failures
 
 
@@ -99,7 +100,7 @@ def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) 
         ("dispatch FP8 row (policy)", lambda: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512)),
     ]
     for cfg in launches:
-        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']} f{cfg['IN_FLIGHT']}"
+        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']} f{cfg['IN_FLIGHT']}{' split' if cfg['SPLIT_S'] else ''}"
         cands += [
             (f"ws bf16 {tag}", lambda c=cfg: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=c)),
             (f"ws FP8 FlashMLA {tag}", lambda c=cfg: gk.forward(q, *fp8["flashmla"], idx, SCALE, launch=c)),
@@ -136,7 +137,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("part", choices=["check", "time"])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--launches", default="232/40/64/2/4", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_FLIGHT, comma-separated")
+    p.add_argument("--launches", default="232/40/64/2/4", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_FLIGHT[/SPLIT_S 0|1], comma-separated")
     p.add_argument("--shape", choices=["decode", "prefill"], default="decode")
     p.add_argument("--out")
     a = p.parse_args()
@@ -144,8 +145,8 @@ def main() -> int:
         return 1 if check() else 0
     launches = []
     for spec in a.launches.split(","):
-        c, pr, n, s, f = (int(x) for x in spec.split("/"))
-        launches.append(dict(CONSUMER_REGS=c, PRODUCER_REGS=pr, BLOCK_N=n, STAGES=s, IN_FLIGHT=f))
+        c, pr, n, s, f, *split = (int(x) for x in spec.split("/"))
+        launches.append(dict(CONSUMER_REGS=c, PRODUCER_REGS=pr, BLOCK_N=n, STAGES=s, IN_FLIGHT=f, SPLIT_S=bool(split[0]) if split else True))
     timing(a.rounds, launches, a.out, a.shape)
     return 0
 

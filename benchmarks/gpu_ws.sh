@@ -13,6 +13,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+if [ -n "${CHECK:-}" ]; then
+  timeout 200 python3 benchmarks/bench_ws_decode.py check 2>&1 | tail -20 | tee "$OUT/ws_check.log"
+fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_kernel.py tests/test_triton_kernels.py tests/test_fp8.py 2>&1 | tail -15 | tee "$OUT/pytest.log"
 fi

@@ -8,11 +8,12 @@ producer partition (4 warps) gathers the key rows of a block, dequantizes them a
 into a ring of shared-memory slots, while two consumer warpgroups run the MMAs on the previous slot.
 
 One program per (query token, block of 64 heads). Each consumer warpgroup owns 256 of the 512
-value columns: it computes the full 64 x BLOCK_N scores itself (Q K^T over 576 columns, Q read from
-shared memory), runs the online softmax, and adds P V for its columns. The two warpgroups repeat
-the Q K^T product (1.53x the FLOPs of the minimal schedule) and in exchange share nothing but the
-ring: no scores or P cross between them. Both compute bit-identical scores, so their softmax
-statistics agree.
+value columns and computes the scores of half of each key block (Q K^T over 576 columns, Q read
+from shared memory); the two exchange their row maxima and their halves of P through shared
+memory (two barrier hand-offs a block), then each adds P V over all the block's keys for its
+columns. No product is computed twice, and a warpgroup holds a 64 x 32 score tile instead of
+64 x 64. (``SPLIT_S=False``: each warpgroup computes all scores itself, nothing is exchanged,
+the Q K^T product is computed twice: 1.53x the FLOPs; kept for comparison.)
 
 Shapes are those of DeepSeek's MLA: latent 512 (the value) + rope 64, one key group; other shapes
 and options (sink, topk_length) take the Triton kernel (``declines`` says why).
@@ -143,8 +144,83 @@ if HAVE_GLUON:
             gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
 
     @gluon.jit
+    def _consumer_split(
+        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
+        OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
+        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    ):
+        """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
+        the two exchange their row maxima and their P halves through shared memory, then each adds
+        P V (all keys) for its 256 value columns. No product is computed twice."""
+        t = gl.program_id(0)
+        hb = gl.program_id(1)
+        HALF: gl.constexpr = BLOCK_N // 2
+        OTHER: gl.constexpr = 1 - WG
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)  # over this warpgroup's keys; summed at the end
+        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
+        s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            mbarrier.wait(full.index(slot), (i // STAGES) & 1)
+            k_tile = k_ring.index(slot)
+            s = warpgroup_mma(q_a_smem, k_tile.slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
+            s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s)
+            valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
+            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+            m_mine = gl.max(s, 1)
+            # Single buffers suffice: a warpgroup writes block i+1's values only after the other
+            # has arrived for block i+1, i.e. after it read block i's.
+            xmax.index(WG).store(m_mine)
+            partition_barrier()
+            mbarrier.arrive(bar_x.index(WG))
+            mbarrier.wait(bar_x.index(OTHER), i & 1)
+            m_new = gl.maximum(m_i, gl.maximum(m_mine, xmax.index(OTHER).load(row_s)))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_half.index(WG).store(p.to(gl.bfloat16))
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(bar_p.index(WG))
+            mbarrier.wait(bar_p.index(OTHER), i & 1)
+            v = k_tile.slice(WG * V_HALF, V_HALF, dim=1)
+            acc = warpgroup_mma(p_half.index(0), v.slice(0, HALF, dim=0), acc)
+            acc = warpgroup_mma(p_half.index(1), v.slice(HALF, HALF, dim=0), acc)
+            m_i = m_new
+            partition_barrier()
+            mbarrier.arrive(empty.index(slot))
+
+        lsum.index(WG).store(l_i)
+        partition_barrier()
+        mbarrier.arrive(bar_l.index(WG))
+        mbarrier.wait(bar_l.index(OTHER), 0)
+        l_i = l_i + lsum.index(OTHER).load(row_s)
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
+        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, o_layout))
+        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+        gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
+        if WG == 0:
+            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
+            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+
+    @gluon.jit
     def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
-        """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row), into the slot as bf16."""
+        """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row) in fp32, into the slot
+        as bf16. (The product in bf16, exact for power-of-two scales, measured slower: 0.47 vs 0.31 ms.)"""
         k_slot.slice(c * CHUNK, CHUNK, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
 
     @gluon.jit
@@ -249,7 +325,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_FLIGHT: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_FLIGHT: gl.constexpr, SPLIT_S: gl.constexpr = True,
     ):
         t = gl.program_id(0)
         hb = gl.program_id(1)
@@ -281,27 +357,56 @@ if HAVE_GLUON:
         fence_async_shared()
         partition_barrier()
 
-        gl.warp_specialize(
-            [
-                (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                             TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
-                (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                             TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
-                (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it,
-                             S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
-            ],
-            [4, 4],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        if SPLIT_S:
+            vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], gl.bfloat16)
+            xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
+            lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
+            p_half = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N // 2], p_layout)
+            bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for w in gl.static_range(2):
+                mbarrier.init(bar_x.index(w), count=1)
+                mbarrier.init(bar_p.index(w), count=1)
+                mbarrier.init(bar_l.index(w), count=1)
+            fence_async_shared()
+            partition_barrier()
+            gl.warp_specialize(
+                [
+                    (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                       bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                    (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                       bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                    (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                 TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                    (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                 TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                    (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
 
 
 # Register split between the two consumer warpgroups and the producer, and the producer's loads
 # in flight (FP8: all four 128-column chunks of a block, 64 registers of payload). Measured on H200
-# at the V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md): bf16 keys 224/56 0.265 ms
-# (232/40 0.275, 200/112 0.296); FP8 200/112 with 4 chunks 0.305-0.322 ms (216/72 with 2 chunks
-# 0.37-0.41, 232/40 spills in the producer: 1.7 ms).
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_FLIGHT=4)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=200, PRODUCER_REGS=112, IN_FLIGHT=4)
+# at the V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md), split scores: bf16 keys
+# 224/56 0.219 ms (200/112 0.252, 184/136 0.259); FP8 row scale 200/112 0.270 ms (184/136 0.278),
+# FlashMLA layout 0.308; with 224/56 the FP8 producer spills (1.24 ms). Without the split: bf16
+# 0.265, FP8 0.305-0.318.
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_FLIGHT=4, SPLIT_S=True)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=200, PRODUCER_REGS=112, IN_FLIGHT=4, SPLIT_S=True)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
