@@ -5,6 +5,7 @@ the check part compares against the pure-torch references on awkward inputs firs
 
     python benchmarks/bench_ws_decode.py check          # correctness, small shapes
     python benchmarks/bench_ws_decode.py time --rounds 5 --out ws.json
+    python benchmarks/bench_ws_decode.py stress --repeats 200   # bitwise repeatability
 """
 
 from __future__ import annotations
@@ -86,6 +87,29 @@ def check() -> int:
     return failures
 
 
+def stress(repeats: int) -> int:
+    """Bitwise repeatability under back-to-back launches: a hand-off race between the partitions
+    would show as an output that differs from the first run's."""
+    bad = 0
+    for shape, make in (("decode", decode_inputs), ("awkward h80", lambda: awkward_inputs(t=300))):
+        q, kv, idx = make()
+        kv = torch.nan_to_num(kv)
+        fp8 = fp8_key_sets(kv)
+        for name, fn in (
+            ("bf16", lambda: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE)),
+            ("FP8 FlashMLA", lambda: gk.forward(q, *fp8["flashmla"], idx, SCALE)),
+            ("FP8 row", lambda: gk.forward(q, *fp8["row"], idx, SCALE)),
+        ):
+            first, lse0 = fn()
+            diff = 0
+            for _ in range(repeats):
+                out, lse = fn()
+                diff += int(not (torch.equal(out, first) and torch.equal(lse, lse0)))
+            print(f"stress {shape} {name}: {repeats} launches, {diff} differ from the first", flush=True)
+            bad += diff
+    return bad
+
+
 def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) -> None:
     q, kv, idx = decode_inputs() if shape == "decode" else prefill_inputs()
     fl = flops_fwd(idx, q.shape[1], 576, 512, kv.shape[0])
@@ -135,7 +159,8 @@ def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("part", choices=["check", "time"])
+    p.add_argument("part", choices=["check", "time", "stress"])
+    p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--launches", default="232/40/64/2/4", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_FLIGHT[/SPLIT_S 0|1], comma-separated")
     p.add_argument("--shape", choices=["decode", "prefill"], default="decode")
@@ -143,6 +168,8 @@ def main() -> int:
     a = p.parse_args()
     if a.part == "check":
         return 1 if check() else 0
+    if a.part == "stress":
+        return 1 if stress(a.repeats) else 0
     launches = []
     for spec in a.launches.split(","):
         c, pr, n, s, f, *split = (int(x) for x in spec.split("/"))

@@ -3,7 +3,8 @@
     compute-sanitizer --tool memcheck python3 benchmarks/sanitize_kernels.py
 
 Shapes include every invalid-index kind (-1, >= S_kv, large negatives, INT32_MAX), a row with no
-valid index, duplicates, odd heads, topk not a multiple of the block, and a paged FP8 cache.
+valid index, duplicates, odd heads, topk not a multiple of the block, and a paged FP8 cache; the
+warp-specialized forward (bf16 keys, both FP8 latents, split and unsplit scores) on Hopper.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 
 
@@ -40,6 +42,20 @@ def main() -> int:
         if d_qk == 576:
             cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]).view(5, 8, 656)
             tk.forward_fp8(q, *fr.flashmla_views(cache.view(40, 656)), idx, 0.1, 512)
+    # The warp-specialized forward, called directly (the dispatch takes it only at many programs):
+    # 80 heads (a padded head block), topk 19 (one partial key block), every invalid-index kind.
+    t, s_kv, heads, topk = 7, 40, 80, 19
+    q = torch.randn(t, heads, 576, device=dev, dtype=torch.bfloat16)
+    kv = torch.randn(s_kv, 1, 576, device=dev, dtype=torch.bfloat16)
+    idx = torch.randint(0, s_kv, (t, 1, topk), device=dev, dtype=torch.int32)
+    idx[0, 0, ::2] = fill[torch.arange(0, topk, 2, device=dev) % 5]
+    idx[1] = -1
+    latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
+    for split in (True, False):
+        launch = dict(SPLIT_S=split)
+        ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
+        ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
+        ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
     torch.cuda.synchronize()
     print("SANITIZE LAUNCHES DONE")
     return 0
