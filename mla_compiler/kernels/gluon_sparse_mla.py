@@ -326,6 +326,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_FLIGHT: gl.constexpr, SPLIT_S: gl.constexpr = True,
+        PRODUCER_DEFAULT: gl.constexpr = False,
     ):
         t = gl.program_id(0)
         hb = gl.program_id(1)
@@ -372,18 +373,35 @@ if HAVE_GLUON:
                 mbarrier.init(bar_l.index(w), count=1)
             fence_async_shared()
             partition_barrier()
-            gl.warp_specialize(
-                [
-                    (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                       bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
-                    (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                       bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
-                    (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
-                ],
-                [4, 4],
-                [CONSUMER_REGS, PRODUCER_REGS],
-            )
+            if PRODUCER_DEFAULT:
+                # The producer runs in the kernel's own warps (the default partition) and gets the
+                # registers the two consumer warpgroups leave (PRODUCER_REGS is not used); both
+                # consumers are workers with CONSUMER_REGS each.
+                gl.warp_specialize(
+                    [
+                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                    ],
+                    [4, 4],
+                    [CONSUMER_REGS, CONSUMER_REGS],
+                )
+            else:
+                gl.warp_specialize(
+                    [
+                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                    ],
+                    [4, 4],
+                    [CONSUMER_REGS, PRODUCER_REGS],
+                )
         else:
             gl.warp_specialize(
                 [
@@ -402,11 +420,12 @@ if HAVE_GLUON:
 # Register split between the two consumer warpgroups and the producer, and the producer's loads
 # in flight (FP8: all four 128-column chunks of a block, 64 registers of payload). Measured on H200
 # at the V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md), split scores: bf16 keys
-# 224/56 0.219 ms (200/112 0.252, 184/136 0.259); FP8 row scale 200/112 0.270 ms (184/136 0.278),
-# FlashMLA layout 0.308; with 224/56 the FP8 producer spills (1.24 ms). Without the split: bf16
-# 0.265, FP8 0.305-0.318.
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_FLIGHT=4, SPLIT_S=True)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=200, PRODUCER_REGS=112, IN_FLIGHT=4, SPLIT_S=True)
+# 224/56 0.217-0.219 ms (200/112 0.245-0.252, 184/136 0.259); FP8 with the producer in the
+# default partition (PRODUCER_DEFAULT: it gets what two 192-register consumers leave, 120):
+# FlashMLA layout 0.292 ms, row scale 0.268 (producer as a worker with 112: 0.309 / 0.271;
+# consumers at 224 spill the FP8 producer: 1.24 ms). Without the split: bf16 0.265-0.271.
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_FLIGHT=4, SPLIT_S=True, PRODUCER_DEFAULT=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=192, PRODUCER_REGS=120, IN_FLIGHT=4, SPLIT_S=True, PRODUCER_DEFAULT=True)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
