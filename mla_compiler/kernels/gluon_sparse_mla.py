@@ -74,19 +74,48 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
         return f"{q.shape[1]} heads (64 or more: wgmma tiles 64 rows, fewer would idle the tensor cores)"
     if attn_sink is not None or topk_length is not None:
         return "attn_sink / topk_length (not implemented here)"
-    if kv_scale is not None and kv_scale.shape[1] not in (1, 4):
-        return f"{kv_scale.shape[1]} scales a row (one, or one per 128 columns)"
+    if q.shape[2] != _D_LAT + _D_ROPE:
+        return f"query width {q.shape[2]} (576 only)"
+    if kv_rope.dtype != torch.bfloat16:
+        return f"rope dtype {kv_rope.dtype} (bf16 only)"
+    if kv_scale is None and kv_latent.dtype != torch.bfloat16:
+        return f"key dtype {kv_latent.dtype} without scales (bf16 keys or an e4m3 latent with scales)"
+    if kv_scale is not None:
+        if kv_latent.dtype != torch.float8_e4m3fn:
+            return f"latent dtype {kv_latent.dtype} (float8_e4m3fn)"
+        if kv_scale.dim() != 2 or kv_scale.dtype != torch.float32 or kv_scale.stride(1) != 1:
+            return "kv_scale not a float32 [rows, scales] tensor with contiguous scales"
+        if kv_scale.shape[1] not in (1, 4):
+            return f"{kv_scale.shape[1]} scales a row (one, or one per 128 columns)"
     programs = q.shape[0] * triton.cdiv(q.shape[1], _BLOCK_H)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs < sms:
         return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)"
     for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
         if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
-            return f"{name} rows not contiguous and 16-byte aligned"
+            return f"{name} rows not contiguous, or not starting on 16-byte boundaries"
     return None
 
 
 if HAVE_GLUON:
+
+    @gluon.jit
+    def _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H,
+                      WG: gl.constexpr, row_s: gl.constexpr, o_layout: gl.constexpr):
+        """Normalize this warpgroup's 256 output columns and store them; warpgroup 0 stores the lse
+        (natural log; +inf and a zero row where no key was valid, as the reference)."""
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
+        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, o_layout))
+        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+        gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
+        if WG == 0:
+            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
+            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
 
     @gluon.jit
     def _consumer(
@@ -94,7 +123,7 @@ if HAVE_GLUON:
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
         WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ):
-        t = gl.program_id(0)
+        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         hb = gl.program_id(1)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
@@ -131,17 +160,7 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
 
-        empty_row = l_i == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_i)
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
-        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, o_layout))
-        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
-        gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
-        if WG == 0:
-            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
-            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
     def _consumer_split(
@@ -152,7 +171,7 @@ if HAVE_GLUON:
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
         P V (all keys) for its 256 value columns. No product is computed twice."""
-        t = gl.program_id(0)
+        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         hb = gl.program_id(1)
         HALF: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
@@ -176,8 +195,9 @@ if HAVE_GLUON:
             valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_mine = gl.max(s, 1)
-            # Single buffers suffice: a warpgroup writes block i+1's values only after the other
-            # has arrived for block i+1, i.e. after it read block i's.
+            # Single buffers suffice: a warpgroup writes block i+1's maximum only after waiting for
+            # the other's P hand-off of block i, which the other makes after reading block i's
+            # maximum (keep that read before the bar_p arrive); P halves likewise after bar_x.
             xmax.index(WG).store(m_mine)
             partition_barrier()
             mbarrier.arrive(bar_x.index(WG))
@@ -205,17 +225,7 @@ if HAVE_GLUON:
         mbarrier.arrive(bar_l.index(WG))
         mbarrier.wait(bar_l.index(OTHER), 0)
         l_i = l_i + lsum.index(OTHER).load(row_s)
-        empty_row = l_i == 0.0
-        l_safe = gl.where(empty_row, 1.0, l_i)
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
-        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, o_layout))
-        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
-        gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
-        if WG == 0:
-            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
-            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
     def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
@@ -233,7 +243,7 @@ if HAVE_GLUON:
     ):
         """Gathers each key block's rows into a ring slot as bf16: the FP8 latent through registers
         (dequantized there, 128 columns at a time), bf16 parts by asynchronous copies."""
-        t = gl.program_id(0)
+        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
         stride_rs = gl.multiple_of(stride_rs, 8)
         stride_kvs = gl.multiple_of(stride_kvs, 16)
@@ -328,7 +338,7 @@ if HAVE_GLUON:
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_FLIGHT: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False,
     ):
-        t = gl.program_id(0)
+        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         hb = gl.program_id(1)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
         q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
