@@ -91,9 +91,16 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs < sms:
         return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)"
+    return _misaligned(kv_latent, kv_rope)
+
+
+def _misaligned(kv_latent: torch.Tensor, kv_rope: torch.Tensor) -> Optional[str]:
+    """Which operand breaks the producer's 16-byte vectors (rows contiguous, row strides a
+    multiple of 16 latent / 8 rope elements, 16-byte aligned base), or None."""
     for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
         if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
-            return f"{name} rows not contiguous, or not starting on 16-byte boundaries"
+            return (f"{name}: rows not contiguous or not 16-byte aligned (stride {tuple(tensor.stride())}, "
+                    f"address mod 16 = {tensor.data_ptr() % 16})")
     return None
 
 
@@ -473,11 +480,9 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     n_tiles = kv_scale.shape[1] if fp8 else 1
     if n_tiles not in (1, 4):
         raise ValueError(f"kv_scale has {n_tiles} scales a row; the warp-specialized kernel takes 1 or 4")
-    for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
-        # The producer moves 16-byte vectors: rows must start on 16-byte boundaries.
-        if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
-            raise ValueError(f"{name}: rows must be contiguous and 16-byte aligned (stride {tensor.stride()}, "
-                             f"address {tensor.data_ptr()} mod 16 = {tensor.data_ptr() % 16}); pass a contiguous copy")
+    bad = _misaligned(kv_latent, kv_rope)
+    if bad is not None:
+        raise ValueError(f"{bad}; pass a contiguous copy")
     scale = kv_scale if fp8 else lse
     _ws_fwd_kernel[(t, triton.cdiv(heads, _BLOCK_H))](
         q, kv_latent, scale, kv_rope, indices, out, lse,
