@@ -2,7 +2,7 @@
 # One GPU call for the warp-specialized forward: CUDA tests (unless SKIP_TESTS), then interleaved
 # timings against the Triton forward at the V3.2 decode shape, and at prefill when PREFILL names
 # launches. Logs and JSON under $OUT.
-# Usage: bash benchmarks/gpu_ws.sh ["consumer/producer/BLOCK_N/STAGES/IN_FLIGHT,..."] [rounds]
+# Usage: bash benchmarks/gpu_ws.sh ["consumer/producer/BLOCK_N/STAGES/PREFETCH[/SPLIT_S[/PRODUCER_DEFAULT]],..."] [rounds]
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
@@ -19,7 +19,7 @@ fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gluon_kernel.py tests/test_triton_kernels.py tests/test_fp8.py 2>&1 | tail -15 | tee "$OUT/pytest.log"
 fi
-timeout 200 python3 benchmarks/bench_ws_decode.py time --rounds "${2:-3}" --launches "${1:-224/56/64/2/4,200/112/64/2/4}" --out "$OUT/ws_decode.json" 2>&1 | tail -40 | tee "$OUT/ws_decode.log"
+timeout 420 python3 benchmarks/bench_ws_decode.py time --rounds "${2:-3}" --launches "${1:-224/56/64/2/0,192/120/64/2/0/1/1,192/120/64/2/1/1/1}" --out "$OUT/ws_decode.json" 2>&1 | tail -40 | tee "$OUT/ws_decode.log"
 if [ -n "${PREFILL:-}" ]; then
   timeout 200 python3 benchmarks/bench_ws_decode.py time --shape prefill --rounds 2 --launches "$PREFILL" --out "$OUT/ws_prefill.json" 2>&1 | tail -20 | tee "$OUT/ws_prefill.log"
 fi

@@ -27,8 +27,9 @@ def test_compiles_for_hopper_within_shared_memory():
     script = (
         "import json; from mla_compiler.kernels import gluon_sparse_mla as ws\n"
         "out = {}\n"
-        "for name, fp8, tiles in (('bf16', False, 1), ('fp8-tiles', True, 4), ('fp8-rows', True, 1)):\n"
-        "    c = ws.compile_for_hopper(fp8, tiles)\n"
+        "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
+        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, PREFETCH=not ws.LAUNCH_FP8['PREFETCH']))):\n"
+        "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
         "print(json.dumps(out))\n"
     )
@@ -79,9 +80,10 @@ def test_bf16_keys_match_the_reference(heads, topk):
 
 
 @needs_hopper
+@pytest.mark.parametrize("launch", [None, dict(PREFETCH=True), dict(PREFETCH=False)], ids=["default", "rolling", "block-at-a-time"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
-@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048)])
-def test_fp8_latents_match_the_reference(layout, heads, topk):
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
+def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
     q, kv, idx = awkward(heads, topk)
     if layout == "flashmla":
         latent, scale, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
@@ -89,7 +91,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk):
         latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
         rope = kv[:, 0, 512:].contiguous()
     latent.view(torch.uint8)[-100:] = 0x7F  # e4m3 NaN in rows no index selects
-    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE)
+    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
 
 

@@ -37,9 +37,19 @@ try:  # Gluon: Triton >= 3.5; its Hopper API is what this module is written agai
         warpgroup_mma,
     )
 
-    # Renamed after Triton 3.6: one barrier over a partition's warps; cp.async into shared memory.
+    from triton.experimental.gluon.language._core import builtin
+
+    # Renamed after Triton 3.6: one barrier over a partition's warps; cp.async into shared memory;
+    # a shared-memory view as another dtype.
     partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     async_rows = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
+    @builtin
+    def smem_view(desc, dtype, shape, layout, _semantic=None):
+        """``desc`` reinterpreted as ``dtype`` / ``shape`` / ``layout`` (the same bytes)."""
+        view = getattr(desc, "reinterpret", None) or desc._reinterpret
+        return view(dtype, shape, layout, _semantic=_semantic)
+
     HAVE_GLUON = True
 except (ImportError, AttributeError):  # pragma: no cover - older Triton
     HAVE_GLUON = False
@@ -246,7 +256,7 @@ if HAVE_GLUON:
         KV, KV_SCALE, KV_ROPE, IDX,
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK,
-        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_FLIGHT: gl.constexpr,
+        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16: the FP8 latent through registers
         (dequantized there, 128 columns at a time), bf16 parts by asynchronous copies."""
@@ -254,87 +264,209 @@ if HAVE_GLUON:
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
         stride_rs = gl.multiple_of(stride_rs, 8)
         stride_kvs = gl.multiple_of(stride_kvs, 16)
-        CHUNK: gl.constexpr = 128
-        # 16-byte vectors: 16 e4m3 or 8 bf16 values per thread and access.
-        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        idx_row = IDX + t * stride_it
+        if FP8:
+            if PREFETCH:
+                _producer_fp8_rolling(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
+                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, N_TILES, BLOCK_N, STAGES)
+            else:
+                _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
+                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, N_TILES, BLOCK_N, STAGES)
+        else:
+            _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
+                           BLOCK_N, STAGES)
+
+    @gluon.jit
+    def _rope_rows(r_slot, KV_ROPE, rows, stride_rs, rope_layout: gl.constexpr):
+        """Starts the asynchronous copy of the block's rope rows (bf16 in every layout; rows -1 are
+        skipped and left as they are: the consumers mask those keys)."""
+        rows = gl.convert_layout(rows, gl.SliceLayout(1, rope_layout))
+        rope_ptr = KV_ROPE + rows.to(gl.int64)[:, None] * stride_rs + gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))[None, :]
+        # Pointers passed into a partition lose the launch's alignment facts: restate them
+        # (16-byte rows; the host checks) so copies move 16 bytes at a time.
+        rope_ptr = gl.max_contiguous(gl.multiple_of(rope_ptr, [16, 16]), [1, D_ROPE])
+        async_rows(r_slot, rope_ptr, mask=(rows >= 0)[:, None])
+
+    @gluon.jit
+    def _hand_over(full, slot):
+        """Waits for this block's copies, makes the generic-proxy writes visible to the MMAs' async
+        proxy, and marks the slot full (one arrive after every producer warp is done)."""
+        async_copy.wait_group(0)
+        fence_async_shared()
+        partition_barrier()
+        mbarrier.arrive(full.index(slot))
+
+    @gluon.jit
+    def _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N: gl.constexpr, row_layout: gl.constexpr):
+        """Block i's key rows, -1 where the index is invalid (-1, >= S_KV, past top-k). int32 (held
+        across blocks, int64 would take twice the registers); widen before multiplying by a stride."""
+        offs = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_layout)
+        idx = gl.load(idx_row + offs, mask=offs < TOPK, other=-1)
+        return gl.where((idx >= 0) & (idx < S_KV), idx, -1)
+
+    @gluon.jit
+    def _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
+                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """bf16 keys: every part of a block by asynchronous copies, issued once its slot is free."""
         b16_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        idx_row = IDX + t * stride_it
-        n_blocks = gl.cdiv(TOPK, BLOCK_N)
-        for i in range(n_blocks):
+        cols = gl.arange(0, 256, layout=gl.SliceLayout(0, b16_layout))
+        for i in range(gl.cdiv(TOPK, BLOCK_N)):
             slot = i % STAGES
             k_slot = k_ring.index(slot)
-            # Rope (bf16 in every layout): straight into the slot.
-            offs_nr = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, rope_layout))
-            idx_r = gl.load(idx_row + offs_nr, mask=offs_nr < TOPK, other=-1)
-            rows_r = gl.where((idx_r >= 0) & (idx_r < S_KV), idx_r, -1).to(gl.int64)
-            rope_ptr = KV_ROPE + rows_r[:, None] * stride_rs + gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))[None, :]
-            # Pointers passed into a partition lose the launch's alignment facts: restate them
-            # (16-byte rows; the host checks) so loads and copies move 16 bytes at a time.
-            rope_ptr = gl.max_contiguous(gl.multiple_of(rope_ptr, [16, 16]), [1, D_ROPE])
-            if FP8:
-                offs_n = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, fp8_layout))
-                idx = gl.load(idx_row + offs_n, mask=offs_n < TOPK, other=-1)
-                valid = (idx >= 0) & (idx < S_KV)
-                rows = idx.to(gl.int64)
-                cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
-                base = gl.max_contiguous(gl.multiple_of(KV + rows[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, CHUNK])
-                sc_ptr = KV_SCALE + rows * stride_ss
-                sc0 = gl.load(sc_ptr, mask=valid, other=0.0)
-                if N_TILES == 4:
-                    sc1 = gl.load(sc_ptr + 1, mask=valid, other=0.0)
-                    sc2 = gl.load(sc_ptr + 2, mask=valid, other=0.0)
-                    sc3 = gl.load(sc_ptr + 3, mask=valid, other=0.0)
-                else:
-                    sc1 = sc0
-                    sc2 = sc0
-                    sc3 = sc0
-                if IN_FLIGHT == 4:
-                    # All four chunks in flight before the first is converted (more registers).
-                    raw0 = gl.load(base, mask=valid[:, None], other=0.0)
-                    raw1 = gl.load(base + CHUNK, mask=valid[:, None], other=0.0)
-                    raw2 = gl.load(base + 2 * CHUNK, mask=valid[:, None], other=0.0)
-                    raw3 = gl.load(base + 3 * CHUNK, mask=valid[:, None], other=0.0)
-                    mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-                    async_rows(r_ring.index(slot), rope_ptr, mask=(rows_r >= 0)[:, None])
-                    async_copy.commit_group()
-                    ok_ring.index(slot).store(valid.to(gl.int32))
-                    _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
-                    _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
-                    _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
-                    _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
-                else:
-                    # Two chunks at a time: half the registers, a second round trip a block.
-                    raw0 = gl.load(base, mask=valid[:, None], other=0.0)
-                    raw1 = gl.load(base + CHUNK, mask=valid[:, None], other=0.0)
-                    mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-                    async_rows(r_ring.index(slot), rope_ptr, mask=(rows_r >= 0)[:, None])
-                    async_copy.commit_group()
-                    ok_ring.index(slot).store(valid.to(gl.int32))
-                    raw2 = gl.load(base + 2 * CHUNK, mask=valid[:, None], other=0.0)
-                    raw3 = gl.load(base + 3 * CHUNK, mask=valid[:, None], other=0.0)
-                    _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
-                    _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
-                    _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
-                    _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
+            rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, b16_layout))
+            valid = rows >= 0
+            base = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, 256])
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            ok_ring.index(slot).store(valid.to(gl.int32))
+            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+            async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
+            async_rows(k_slot.slice(256, 256, dim=1), base + 256, mask=valid[:, None])
+            async_copy.commit_group()
+            _hand_over(full, slot)
+
+    @gluon.jit
+    def _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss, stride_rs,
+                      S_KV, TOPK, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """FP8 latent, one block at a time: its four 128-column chunks are loaded into registers
+        (issued before the slot is free), then dequantized into the slot as bf16. The next block's
+        loads start only after this block is stored."""
+        CHUNK: gl.constexpr = 128
+        # 16-byte vectors: 16 e4m3 values per thread and access.
+        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
+        for i in range(gl.cdiv(TOPK, BLOCK_N)):
+            slot = i % STAGES
+            k_slot = k_ring.index(slot)
+            rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, fp8_layout))
+            valid = rows >= 0
+            base = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, CHUNK])
+            sc_ptr = KV_SCALE + rows.to(gl.int64) * stride_ss
+            sc0, sc1, sc2, sc3 = _scale_loads(sc_ptr, valid, N_TILES)
+            raw0 = gl.load(base, mask=valid[:, None], other=0.0)
+            raw1 = gl.load(base + CHUNK, mask=valid[:, None], other=0.0)
+            raw2 = gl.load(base + 2 * CHUNK, mask=valid[:, None], other=0.0)
+            raw3 = gl.load(base + 3 * CHUNK, mask=valid[:, None], other=0.0)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+            async_copy.commit_group()
+            ok_ring.index(slot).store(valid.to(gl.int32))
+            _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
+            _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
+            _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
+            _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
+            _hand_over(full, slot)
+
+    @gluon.jit
+    def _scale_loads(sc_ptr, valid, N_TILES: gl.constexpr):
+        """The four chunks' scales of a block's rows (one per 128 columns, or the row's one four times)."""
+        sc0 = gl.load(sc_ptr, mask=valid, other=0.0)
+        if N_TILES == 4:
+            sc1 = gl.load(sc_ptr + 1, mask=valid, other=0.0)
+            sc2 = gl.load(sc_ptr + 2, mask=valid, other=0.0)
+            sc3 = gl.load(sc_ptr + 3, mask=valid, other=0.0)
+        else:
+            sc1 = sc0
+            sc2 = sc0
+            sc3 = sc0
+        return sc0, sc1, sc2, sc3
+
+    @gluon.jit
+    def _producer_fp8_rolling(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
+                              stride_rs, S_KV, TOPK, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """FP8 latent with the loads rolling across blocks: as soon as chunk c of block i is
+        dequantized, chunk c of block i+1 is loaded into the same registers, so the gather latency
+        of the next block overlaps this block's conversion and the wait for a free slot (same
+        registers as one block at a time). The indices are read two blocks ahead.
+
+        The payload is held as 32-bit words (four e4m3 values each): held across iterations as
+        8-bit values, every byte would take a register of its own."""
+        W: gl.constexpr = 32  # words in a 128-column chunk
+        w_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        k32_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, w_layout)
+        words = KV.to(gl.pointer_type(gl.int32), bitcast=True)
+        stride_w = gl.multiple_of(stride_kvs // 4, 4)
+        cols = gl.arange(0, W, layout=gl.SliceLayout(0, w_layout))
+        rows = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
+        rows_next = _block_rows(idx_row, 1, S_KV, TOPK, BLOCK_N, row_layout)
+        sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, rows >= 0, N_TILES)
+        raw0 = _word_load(words, rows, cols, stride_w, 0)
+        raw1 = _word_load(words, rows, cols, stride_w, W)
+        raw2 = _word_load(words, rows, cols, stride_w, 2 * W)
+        raw3 = _word_load(words, rows, cols, stride_w, 3 * W)
+        for i in range(gl.cdiv(TOPK, BLOCK_N)):
+            slot = i % STAGES
+            k32 = smem_view(k_ring.index(slot), gl.int32, [BLOCK_N, D_LAT // 2], k32_layout)
+            # Past the last block the rows are all -1: the loads below are masked off entirely.
+            rows_after = _block_rows(idx_row, i + 2, S_KV, TOPK, BLOCK_N, row_layout)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+            async_copy.commit_group()
+            ok_ring.index(slot).store(gl.convert_layout((rows >= 0).to(gl.int32), gl.SliceLayout(1, rope_layout)))
+            _dequant_words_store(k32, raw0, sc0, 0)
+            raw0 = _word_load(words, rows_next, cols, stride_w, 0)
+            sc0 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss, mask=rows_next >= 0, other=0.0)
+            _dequant_words_store(k32, raw1, sc1, 1)
+            raw1 = _word_load(words, rows_next, cols, stride_w, W)
+            _dequant_words_store(k32, raw2, sc2, 2)
+            raw2 = _word_load(words, rows_next, cols, stride_w, 2 * W)
+            _dequant_words_store(k32, raw3, sc3, 3)
+            raw3 = _word_load(words, rows_next, cols, stride_w, 3 * W)
+            if N_TILES == 4:
+                sc1 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss + 1, mask=rows_next >= 0, other=0.0)
+                sc2 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss + 2, mask=rows_next >= 0, other=0.0)
+                sc3 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss + 3, mask=rows_next >= 0, other=0.0)
             else:
-                offs_n = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, b16_layout))
-                idx = gl.load(idx_row + offs_n, mask=offs_n < TOPK, other=-1)
-                valid = (idx >= 0) & (idx < S_KV)
-                rows = idx.to(gl.int64)
-                cols = gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, b16_layout))
-                base = gl.max_contiguous(gl.multiple_of(KV + rows[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, 2 * CHUNK])
-                mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-                ok_ring.index(slot).store(valid.to(gl.int32))
-                async_rows(r_ring.index(slot), rope_ptr, mask=(rows_r >= 0)[:, None])
-                async_rows(k_slot.slice(0, 2 * CHUNK, dim=1), base, mask=valid[:, None])
-                async_rows(k_slot.slice(2 * CHUNK, 2 * CHUNK, dim=1), base + 2 * CHUNK, mask=valid[:, None])
-                async_copy.commit_group()
-            async_copy.wait_group(0)
-            # Generic-proxy writes become visible to the MMA's async proxy, then one arrive.
-            fence_async_shared()
-            partition_barrier()
-            mbarrier.arrive(full.index(slot))
+                sc1 = sc0
+                sc2 = sc0
+                sc3 = sc0
+            _hand_over(full, slot)
+            rows = rows_next
+            rows_next = rows_after
+
+    @gluon.jit
+    def _word_load(words, rows, cols, stride_w, offset: gl.constexpr):
+        """One 128-column chunk of a block's FP8 rows as 32-bit words (rows -1 read nothing, give 0)."""
+        ptr = words + rows.to(gl.int64)[:, None] * stride_w + (cols[None, :] + offset)
+        ptr = gl.max_contiguous(gl.multiple_of(ptr, [4, 4]), [1, 32])
+        return gl.load(ptr, mask=(rows >= 0)[:, None], other=0)
+
+    @gluon.jit
+    def _dequant_words_store(k32, raw, sc, c: gl.constexpr):
+        """Chunk c of the block: each word's four e4m3 values times the row's scale (in fp32, one
+        rounding to bf16: the same values as ``_dequant_store``), stored as two bf16 pairs."""
+        lo, hi = gl.inline_asm_elementwise(
+            asm="""{
+            .reg .b16 q0, q1, h0, h1, h2, h3;
+            .reg .b32 p0, p1;
+            .reg .f32 f0, f1, f2, f3;
+            mov.b32 {q0, q1}, $2;
+            cvt.rn.f16x2.e4m3x2 p0, q0;
+            cvt.rn.f16x2.e4m3x2 p1, q1;
+            mov.b32 {h0, h1}, p0;
+            mov.b32 {h2, h3}, p1;
+            cvt.f32.f16 f0, h0;
+            cvt.f32.f16 f1, h1;
+            cvt.f32.f16 f2, h2;
+            cvt.f32.f16 f3, h3;
+            mul.rn.f32 f0, f0, $3;
+            mul.rn.f32 f1, f1, $3;
+            mul.rn.f32 f2, f2, $3;
+            mul.rn.f32 f3, f3, $3;
+            cvt.rn.bf16x2.f32 $0, f1, f0;
+            cvt.rn.bf16x2.f32 $1, f3, f2;
+            }""",
+            constraints="=r,=r,r,r",
+            args=[raw, sc[:, None]],
+            dtype=(gl.int32, gl.int32),
+            is_pure=True,
+            pack=1,
+        )
+        # (lo, hi) of word j are bf16 columns 4j..4j+3: interleaved, they are 32-bit columns 2j, 2j+1.
+        k32.slice(c * 64, 64, dim=1).store(gl.reshape(gl.join(lo, hi), [lo.shape[0], 64]))
 
     @gluon.jit
     def _ws_fwd_kernel(
@@ -342,7 +474,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_FLIGHT: gl.constexpr, SPLIT_S: gl.constexpr = True,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False,
     ):
         t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
@@ -397,7 +529,7 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, PREFETCH)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
@@ -414,7 +546,7 @@ if HAVE_GLUON:
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, PREFETCH)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -427,7 +559,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_FLIGHT)),
+                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, PREFETCH)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -441,8 +573,10 @@ if HAVE_GLUON:
 # default partition (PRODUCER_DEFAULT: it gets what two 192-register consumers leave, 120):
 # FlashMLA layout 0.292 ms, row scale 0.268 (producer as a worker with 112: 0.309 / 0.271;
 # consumers at 224 spill the FP8 producer: 1.24 ms). Without the split: bf16 0.265-0.271.
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_FLIGHT=4, SPLIT_S=True, PRODUCER_DEFAULT=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=192, PRODUCER_REGS=120, IN_FLIGHT=4, SPLIT_S=True, PRODUCER_DEFAULT=True)
+# PREFETCH (the rolling FP8 producer) measured slower on 2026-11-28: 192/120 FlashMLA 0.431 / row
+# 0.351 ms, 184/136 0.334 / 0.266, against 0.290 / 0.267 for the producer below.
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, PREFETCH=False, SPLIT_S=True, PRODUCER_DEFAULT=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=192, PRODUCER_REGS=120, PREFETCH=False, SPLIT_S=True, PRODUCER_DEFAULT=True)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
