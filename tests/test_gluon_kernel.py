@@ -4,6 +4,7 @@ references on awkward inputs and is what the forward entry points dispatch to.""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def test_compiles_for_hopper_within_shared_memory():
         "import json; from mla_compiler.kernels import gluon_sparse_mla as ws\n"
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, PREFETCH=not ws.LAUNCH_FP8['PREFETCH']))):\n"
+        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT']))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
         "print(json.dumps(out))\n"
@@ -70,17 +71,30 @@ def check(out, lse, ref_out, ref_lse):
     assert (lse[2] == float("inf")).all() and (out[2] == 0).all()
 
 
+def test_launch_settings_are_checked():
+    ws.check_launch(dict(ws.LAUNCH_BF16))
+    for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
+                      (dict(CONSUMER_REGS=240, PRODUCER_REGS=40), "<= 512"), (dict(STAGE=2), "unknown")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
+
+
+SCHEDULES = [None, dict(SEESAW=True)]
+
+
 @needs_hopper
-@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64)])
-def test_bf16_keys_match_the_reference(heads, topk):
+@pytest.mark.parametrize("launch", SCHEDULES, ids=["default", "seesaw"])
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
+def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward(heads, topk)
     kv[-100:] = float("nan")  # rows no index selects
-    out, lse = ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE)
+    out, lse = ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=launch)
     check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(PREFETCH=True), dict(PREFETCH=False)], ids=["default", "rolling", "block-at-a-time"])
+@pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
+                                    dict(SEESAW=True)], ids=["default", "in-slot", "in-registers", "seesaw"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):

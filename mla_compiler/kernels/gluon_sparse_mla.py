@@ -245,6 +245,107 @@ if HAVE_GLUON:
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
+    def _consumer_seesaw(
+        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, lsum, bars,
+        OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
+        WG: gl.constexpr, BLOCK_N: gl.constexpr,
+    ):
+        """Key blocks two at a time, staggered between the warpgroups (FlashMLA's "seesaw"
+        schedule, docs/20250422-new-kernel-deep-dive.md): warpgroup 0 owns output columns 0..255
+        and scores one block of the pair, warpgroup 1 owns columns 256..511 and scores the other
+        (pair j: warpgroup 0 slot j % 2). Each takes the row maximum from the one before it, so one
+        warpgroup's softmax runs while the other's products are on the tensor cores:
+
+            0: S0 = Q K0^T; m0 = max(m, rowmax S0); P0 = exp(S0 - m0); O_L = O_L a0 + P0 V0_L
+            1: S1 = Q K1^T; m1 = max(m0, rowmax S1); P1 = exp(S1 - m1); O_R = O_R a0 a1 + P1 V1_R
+            0: P0 *= a1; O_L = O_L a1 + P1 V1_L          1: O_R += P0 V0_R
+        with a0 = exp(m - m0), a1 = exp(m0 - m1). A block's own P is the MMA operand from
+        registers; the other warpgroup's comes through shared memory, written into the rope rows
+        of the block's slot (64 x 64 bf16 like P, and no longer read once its scores are done)."""
+        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
+        hb = gl.program_id(1)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)  # the same in both after each pair
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)  # this warpgroup's block's share; summed at the end
+        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
+        for j in range(gl.cdiv(TOPK, 2 * BLOCK_N)):
+            phase = j & 1
+            # The pair's two blocks sit in slots 0 and 1; which warpgroup scores which alternates
+            # (the order inside a pair does not matter). A slot index that changes with j also
+            # keeps the 40 shared-memory descriptors of the MMAs out of the loop's live registers.
+            own = (j + WG) & 1
+            other = 1 - own
+            mbarrier.wait(full.index(own), phase)
+            k_own = k_ring.index(own)
+            s = warpgroup_mma(q_a_smem, k_own.permute((1, 0)), s_zero, use_acc=False)
+            s = warpgroup_mma(q_b_smem, r_ring.index(own).permute((1, 0)), s)
+            valid = ok_ring.index(own).load(col_s) != 0
+            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+            if WG == 0:
+                m0 = gl.maximum(m_i, gl.max(s, 1))
+                xmax.index(0).store(m0)
+                partition_barrier()
+                mbarrier.arrive(bars.index(0))
+                m0_use = gl.where(m0 == float("-inf"), 0.0, m0)
+                a0 = gl.exp2(m_i - m0_use)
+                p = gl.exp2(s - m0_use[:, None])
+                l_i = l_i * a0 + gl.sum(p, 1)
+                # Held as bf16 until the second block's maximum is known (fp32 would spill).
+                p = p.to(gl.bfloat16)
+                acc = acc * gl.convert_layout(a0, row_o)[:, None]
+                acc = warpgroup_mma(gl.convert_layout(p, p_layout), k_own.slice(0, V_HALF, dim=1), acc)
+                # The second block's maximum and P (in slot 1's rope rows) from warpgroup 1.
+                mbarrier.wait(bars.index(1), phase)
+                m1 = xmax.index(1).load(row_s)
+                a1 = gl.exp2(m0 - gl.where(m1 == float("-inf"), 0.0, m1))  # 0 while nothing was valid
+                r_ring.index(own).store((p.to(gl.float32) * a1[:, None]).to(gl.bfloat16))
+                fence_async_shared()
+                partition_barrier()
+                mbarrier.arrive(bars.index(2))
+                l_i = l_i * a1
+                acc = acc * gl.convert_layout(a1, row_o)[:, None]
+                acc = warpgroup_mma(r_ring.index(other), k_ring.index(other).slice(0, V_HALF, dim=1), acc)
+                m_i = m1
+            else:
+                mbarrier.wait(bars.index(0), phase)
+                m0 = xmax.index(0).load(row_s)
+                m1 = gl.maximum(m0, gl.max(s, 1))
+                m0_use = gl.where(m0 == float("-inf"), 0.0, m0)
+                m1_use = gl.where(m1 == float("-inf"), 0.0, m1)
+                a01 = gl.exp2(m_i - m0_use) * gl.exp2(m0 - m1_use)
+                p = gl.exp2(s - m1_use[:, None])
+                # This slot's rope rows are read only by this warpgroup's scores, done above.
+                xmax.index(1).store(m1)
+                r_ring.index(own).store(p.to(gl.bfloat16))
+                fence_async_shared()
+                partition_barrier()
+                mbarrier.arrive(bars.index(1))
+                l_i = l_i * a01 + gl.sum(p, 1)
+                acc = acc * gl.convert_layout(a01, row_o)[:, None]
+                acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), k_own.slice(V_HALF, V_HALF, dim=1), acc)
+                mbarrier.wait(bars.index(2), phase)
+                acc = warpgroup_mma(r_ring.index(other), k_ring.index(other).slice(V_HALF, V_HALF, dim=1), acc)
+                m_i = m1
+            # Both slots are done with for this warpgroup (its MMAs are complete): hand them back.
+            partition_barrier()
+            mbarrier.arrive(empty.index(0))
+            mbarrier.arrive(empty.index(1))
+
+        lsum.index(WG).store(l_i)
+        partition_barrier()
+        mbarrier.arrive(bars.index(3 + WG))
+        mbarrier.wait(bars.index(4 - WG), 0)
+        l_i = l_i + lsum.index(1 - WG).load(row_s)
+        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
+
+    @gluon.jit
     def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
         """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row) in fp32, into the slot
         as bf16. (The product in bf16, exact for power-of-two scales, measured slower: 0.47 vs 0.31 ms.)"""
@@ -256,25 +357,29 @@ if HAVE_GLUON:
         KV, KV_SCALE, KV_ROPE, IDX,
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK,
-        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PREFETCH: gl.constexpr,
+        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
+        PAIRS: gl.constexpr,
     ):
-        """Gathers each key block's rows into a ring slot as bf16: the FP8 latent through registers
-        (dequantized there, 128 columns at a time), bf16 parts by asynchronous copies."""
+        """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
+        an FP8 latent staged in the slot or through registers, then dequantized). With PAIRS the
+        block count is rounded up to even (the consumers take blocks two at a time; the extra
+        block has no valid key)."""
+        n_blocks = gl.cdiv(TOPK, 2 * BLOCK_N) * 2 if PAIRS else gl.cdiv(TOPK, BLOCK_N)
         t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
         stride_rs = gl.multiple_of(stride_rs, 8)
         stride_kvs = gl.multiple_of(stride_kvs, 16)
         idx_row = IDX + t * stride_it
         if FP8:
-            if PREFETCH:
-                _producer_fp8_rolling(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, N_TILES, BLOCK_N, STAGES)
+            if IN_SLOT:
+                _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
+                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES)
             else:
                 _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, N_TILES, BLOCK_N, STAGES)
+                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES)
         else:
             _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                           BLOCK_N, STAGES)
+                           n_blocks, BLOCK_N, STAGES)
 
     @gluon.jit
     def _rope_rows(r_slot, KV_ROPE, rows, stride_rs, rope_layout: gl.constexpr):
@@ -306,12 +411,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                       n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """bf16 keys: every part of a block by asynchronous copies, issued once its slot is free."""
         b16_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         cols = gl.arange(0, 256, layout=gl.SliceLayout(0, b16_layout))
-        for i in range(gl.cdiv(TOPK, BLOCK_N)):
+        for i in range(n_blocks):
             slot = i % STAGES
             k_slot = k_ring.index(slot)
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, b16_layout))
@@ -327,7 +432,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss, stride_rs,
-                      S_KV, TOPK, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """FP8 latent, one block at a time: its four 128-column chunks are loaded into registers
         (issued before the slot is free), then dequantized into the slot as bf16. The next block's
         loads start only after this block is stored."""
@@ -336,7 +441,7 @@ if HAVE_GLUON:
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
-        for i in range(gl.cdiv(TOPK, BLOCK_N)):
+        for i in range(n_blocks):
             slot = i % STAGES
             k_slot = k_ring.index(slot)
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, fp8_layout))
@@ -373,100 +478,49 @@ if HAVE_GLUON:
         return sc0, sc1, sc2, sc3
 
     @gluon.jit
-    def _producer_fp8_rolling(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
-                              stride_rs, S_KV, TOPK, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """FP8 latent with the loads rolling across blocks: as soon as chunk c of block i is
-        dequantized, chunk c of block i+1 is loaded into the same registers, so the gather latency
-        of the next block overlaps this block's conversion and the wait for a free slot (same
-        registers as one block at a time). The indices are read two blocks ahead.
-
-        The payload is held as 32-bit words (four e4m3 values each): held across iterations as
-        8-bit values, every byte would take a register of its own."""
-        W: gl.constexpr = 32  # words in a 128-column chunk
-        w_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+    def _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
+                              stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
+        registers held while in flight) into the upper half of the slot's latent bytes, then
+        dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
+        bytes [16K g, 16K (g+1)) of the slot (128-byte swizzle slabs, 64 rows each); raw chunk g
+        is bytes [32K + 8K g, 32K + 8K (g+1)). Chunks 0 and 1 write below the raw bytes; chunk 2
+        overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites itself (read
+        into registers, then a barrier)."""
+        CHUNK: gl.constexpr = 128
+        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        k32_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        row_layout: gl.constexpr = gl.SliceLayout(1, w_layout)
-        words = KV.to(gl.pointer_type(gl.int32), bitcast=True)
-        stride_w = gl.multiple_of(stride_kvs // 4, 4)
-        cols = gl.arange(0, W, layout=gl.SliceLayout(0, w_layout))
-        rows = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
-        rows_next = _block_rows(idx_row, 1, S_KV, TOPK, BLOCK_N, row_layout)
-        sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, rows >= 0, N_TILES)
-        raw0 = _word_load(words, rows, cols, stride_w, 0)
-        raw1 = _word_load(words, rows, cols, stride_w, W)
-        raw2 = _word_load(words, rows, cols, stride_w, 2 * W)
-        raw3 = _word_load(words, rows, cols, stride_w, 3 * W)
-        for i in range(gl.cdiv(TOPK, BLOCK_N)):
+        raw_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
+        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
+        rows_next = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
+        for i in range(n_blocks):
             slot = i % STAGES
-            k32 = smem_view(k_ring.index(slot), gl.int32, [BLOCK_N, D_LAT // 2], k32_layout)
-            # Past the last block the rows are all -1: the loads below are masked off entirely.
-            rows_after = _block_rows(idx_row, i + 2, S_KV, TOPK, BLOCK_N, row_layout)
-            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
-            async_copy.commit_group()
-            ok_ring.index(slot).store(gl.convert_layout((rows >= 0).to(gl.int32), gl.SliceLayout(1, rope_layout)))
-            _dequant_words_store(k32, raw0, sc0, 0)
-            raw0 = _word_load(words, rows_next, cols, stride_w, 0)
-            sc0 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss, mask=rows_next >= 0, other=0.0)
-            _dequant_words_store(k32, raw1, sc1, 1)
-            raw1 = _word_load(words, rows_next, cols, stride_w, W)
-            _dequant_words_store(k32, raw2, sc2, 2)
-            raw2 = _word_load(words, rows_next, cols, stride_w, 2 * W)
-            _dequant_words_store(k32, raw3, sc3, 3)
-            raw3 = _word_load(words, rows_next, cols, stride_w, 3 * W)
-            if N_TILES == 4:
-                sc1 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss + 1, mask=rows_next >= 0, other=0.0)
-                sc2 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss + 2, mask=rows_next >= 0, other=0.0)
-                sc3 = gl.load(KV_SCALE + rows_next.to(gl.int64) * stride_ss + 3, mask=rows_next >= 0, other=0.0)
-            else:
-                sc1 = sc0
-                sc2 = sc0
-                sc3 = sc0
-            _hand_over(full, slot)
+            k_slot = k_ring.index(slot)
+            # The slot's 64 KiB of latent as 1024 byte columns; the upper 512 hold the raw rows.
+            raw = smem_view(k_slot, gl.float8e4nv, [BLOCK_N, 2 * D_LAT], raw_layout).slice(D_LAT, D_LAT, dim=1)
             rows = rows_next
-            rows_next = rows_after
-
-    @gluon.jit
-    def _word_load(words, rows, cols, stride_w, offset: gl.constexpr):
-        """One 128-column chunk of a block's FP8 rows as 32-bit words (rows -1 read nothing, give 0)."""
-        ptr = words + rows.to(gl.int64)[:, None] * stride_w + (cols[None, :] + offset)
-        ptr = gl.max_contiguous(gl.multiple_of(ptr, [4, 4]), [1, 32])
-        return gl.load(ptr, mask=(rows >= 0)[:, None], other=0)
-
-    @gluon.jit
-    def _dequant_words_store(k32, raw, sc, c: gl.constexpr):
-        """Chunk c of the block: each word's four e4m3 values times the row's scale (in fp32, one
-        rounding to bf16: the same values as ``_dequant_store``), stored as two bf16 pairs."""
-        lo, hi = gl.inline_asm_elementwise(
-            asm="""{
-            .reg .b16 q0, q1, h0, h1, h2, h3;
-            .reg .b32 p0, p1;
-            .reg .f32 f0, f1, f2, f3;
-            mov.b32 {q0, q1}, $2;
-            cvt.rn.f16x2.e4m3x2 p0, q0;
-            cvt.rn.f16x2.e4m3x2 p1, q1;
-            mov.b32 {h0, h1}, p0;
-            mov.b32 {h2, h3}, p1;
-            cvt.f32.f16 f0, h0;
-            cvt.f32.f16 f1, h1;
-            cvt.f32.f16 f2, h2;
-            cvt.f32.f16 f3, h3;
-            mul.rn.f32 f0, f0, $3;
-            mul.rn.f32 f1, f1, $3;
-            mul.rn.f32 f2, f2, $3;
-            mul.rn.f32 f3, f3, $3;
-            cvt.rn.bf16x2.f32 $0, f1, f0;
-            cvt.rn.bf16x2.f32 $1, f3, f2;
-            }""",
-            constraints="=r,=r,r,r",
-            args=[raw, sc[:, None]],
-            dtype=(gl.int32, gl.int32),
-            is_pure=True,
-            pack=1,
-        )
-        # (lo, hi) of word j are bf16 columns 4j..4j+3: interleaved, they are 32-bit columns 2j, 2j+1.
-        k32.slice(c * 64, 64, dim=1).store(gl.reshape(gl.join(lo, hi), [lo.shape[0], 64]))
+            rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
+            valid = rows >= 0
+            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
+            base = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, CHUNK])
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            ok_ring.index(slot).store(valid.to(gl.int32))
+            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+            # Invalid rows copy nothing and are zero-filled (no stale byte can read as NaN).
+            for g in gl.static_range(4):
+                async_rows(raw.slice(g * CHUNK, CHUNK, dim=1), base + g * CHUNK, mask=valid[:, None])
+            async_copy.commit_group()
+            async_copy.wait_group(0)
+            partition_barrier()  # every producer thread's copies have landed
+            _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(fp8_layout), sc0, 0, CHUNK)
+            _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(fp8_layout), sc1, 1, CHUNK)
+            partition_barrier()  # raw chunks 0 and 1 are read: chunk 2 may overwrite them
+            _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(fp8_layout), sc2, 2, CHUNK)
+            last = raw.slice(3 * CHUNK, CHUNK, dim=1).load(fp8_layout)
+            partition_barrier()  # raw chunks 2 and 3 are read: chunk 3 may overwrite them
+            _dequant_store(k_slot, last, sc3, 3, CHUNK)
+            _hand_over(full, slot)
 
     @gluon.jit
     def _ws_fwd_kernel(
@@ -474,8 +528,8 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PREFETCH: gl.constexpr, SPLIT_S: gl.constexpr = True,
-        PRODUCER_DEFAULT: gl.constexpr = False,
+        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
+        PRODUCER_DEFAULT: gl.constexpr = False, SEESAW: gl.constexpr = False,
     ):
         t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         hb = gl.program_id(1)
@@ -507,7 +561,44 @@ if HAVE_GLUON:
         fence_async_shared()
         partition_barrier()
 
-        if SPLIT_S:
+        if SEESAW:
+            vec_layout_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+            xmax_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout_s)
+            lsum_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout_s)
+            # bars: 0 the first block's row maximum (0 -> 1), 1 the second block's maximum and P
+            # (1 -> 0), 2 the first block's rescaled P (0 -> 1), 3 and 4 the row sums at the end.
+            bars = gl.allocate_shared_memory(gl.int64, [5, 1], mbarrier.MBarrierLayout())
+            for w in gl.static_range(5):
+                mbarrier.init(bars.index(w), count=1)
+            fence_async_shared()
+            partition_barrier()
+            if PRODUCER_DEFAULT:
+                gl.warp_specialize(
+                    [
+                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
+                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
+                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N)),
+                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
+                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N)),
+                    ],
+                    [4, 4],
+                    [CONSUMER_REGS, CONSUMER_REGS],
+                )
+            else:
+                gl.warp_specialize(
+                    [
+                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
+                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N)),
+                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
+                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N)),
+                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
+                    ],
+                    [4, 4],
+                    [CONSUMER_REGS, PRODUCER_REGS],
+                )
+        elif SPLIT_S:
             vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
             p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], gl.bfloat16)
             xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
@@ -523,13 +614,12 @@ if HAVE_GLUON:
             fence_async_shared()
             partition_barrier()
             if PRODUCER_DEFAULT:
-                # The producer runs in the kernel's own warps (the default partition) and gets the
-                # registers the two consumer warpgroups leave (PRODUCER_REGS is not used); both
-                # consumers are workers with CONSUMER_REGS each.
+                # The producer runs in the kernel's own warps (the default partition, PRODUCER_REGS
+                # registers); both consumers are workers with CONSUMER_REGS each.
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, PREFETCH)),
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
@@ -546,7 +636,7 @@ if HAVE_GLUON:
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, PREFETCH)),
+                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -559,24 +649,29 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, PREFETCH)),
+                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
             )
 
 
-# Register split between the two consumer warpgroups and the producer, and the producer's loads
-# in flight (FP8: all four 128-column chunks of a block, 64 registers of payload). Measured on H200
-# at the V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md), split scores: bf16 keys
-# 224/56 0.217-0.219 ms (200/112 0.245-0.252, 184/136 0.259); FP8 with the producer in the
-# default partition (PRODUCER_DEFAULT: it gets what two 192-register consumers leave, 120):
-# FlashMLA layout 0.292 ms, row scale 0.268 (producer as a worker with 112: 0.309 / 0.271;
-# consumers at 224 spill the FP8 producer: 1.24 ms). Without the split: bf16 0.265-0.271.
-# PREFETCH (the rolling FP8 producer) measured slower on 2026-11-28: 192/120 FlashMLA 0.431 / row
-# 0.351 ms, 184/136 0.334 / 0.266, against 0.290 / 0.267 for the producer below.
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, PREFETCH=False, SPLIT_S=True, PRODUCER_DEFAULT=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=192, PRODUCER_REGS=120, PREFETCH=False, SPLIT_S=True, PRODUCER_DEFAULT=True)
+# Register split between the two consumer warpgroups and the producer. Measured on H200 at the
+# V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md), split scores: bf16 keys 224/56
+# 0.217-0.225 ms (216/72 0.220, 200/112 0.245-0.252, 184/136 0.259; without the split 0.265-0.271).
+# FP8 latent staged in the slot (IN_SLOT, 2026-11-28), producer a worker: 216/72 FlashMLA layout
+# 0.274 ms / row scale 0.240, 224/56 0.330 / 0.251, the producer in the default partition with
+# 192/120 0.295 / 0.256. FP8 through registers (IN_SLOT False: 64 registers of payload in flight,
+# so the consumers get fewer): 192/120 in the default partition 0.289-0.292 / 0.266-0.268, as a
+# worker with 112: 0.309 / 0.271, consumers at 224 spill that producer: 1.24-1.33 ms. A rolling
+# FP8 producer (the next block's payload loaded while this one is converted; commit f10912f):
+# 192/120 0.431 / 0.351, 184/136 0.334 / 0.266. SEESAW (2026-11-28): bf16 0.262, FP8 216/72 0.328 /
+# 0.283 ms, prefill bf16 5.92-6.07 ms: with two slots a pair holds both, so no gather overlaps the
+# MMAs (FlashMLA's dense kernel loads by TMA at L2 latency and pipelines finer than a block).
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
+                   SEESAW=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
+                  SEESAW=False)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
@@ -599,11 +694,28 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     return triton.compile(GluonASTSource(_ws_fwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
+def check_launch(cfg: dict) -> None:
+    """Raises ValueError naming the launch setting this kernel cannot run with."""
+    unknown = set(cfg) - set(LAUNCH_BF16)
+    if unknown:
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {sorted(LAUNCH_BF16)}")
+    if cfg["BLOCK_N"] != 64 or cfg["STAGES"] != 2:
+        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: only 64 and 2 (Q and two 64-key slots fill "
+                         "shared memory; the FP8 staging and the pair schedule assume them)")
+    for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
+        if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
+            raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
+    if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 512:
+        raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: two consumer "
+                         "warpgroups and the producer need 2 * consumer + producer <= 512 (65536 registers, 128 threads each)")
+
+
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
     """out [T, H, 512] and lse [T, H] of sparse MLA over a latent in FP8 (``kv_scale`` one scale
     per row or per 128-column tile) or bf16 (``kv_scale`` None), rope bf16; indices [T, 1, topk]."""
     fp8 = kv_scale is not None
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    check_launch(cfg)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     topk = indices.shape[-1]
