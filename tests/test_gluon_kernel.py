@@ -79,11 +79,8 @@ def test_launch_settings_are_checked():
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
 
 
-SCHEDULES = [None, dict(SEESAW=True)]
-
-
 @needs_hopper
-@pytest.mark.parametrize("launch", SCHEDULES, ids=["default", "seesaw"])
+@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56)], ids=["default", "unsplit"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward(heads, topk)
@@ -94,7 +91,7 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(SEESAW=True)], ids=["default", "in-slot", "in-registers", "seesaw"])
+                                    dict(SPLIT_S=False)], ids=["default", "in-slot", "in-registers", "unsplit"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
@@ -118,3 +115,5 @@ def test_forward_entry_points_dispatch_to_it_where_it_applies():
     # Where it does not apply (a sink), the Triton kernel runs and the reason is kept.
     tk.forward(q, kv, idx, SCALE, 512, attn_sink=torch.zeros(128, device="cuda"))
     assert "attn_sink" in tk.WS_DECLINED["forward"]
+    tk.forward(q, kv, idx, SCALE, 512)
+    assert "forward" not in tk.WS_DECLINED  # taken again: the old reason is gone

@@ -193,3 +193,26 @@ def test_backward_in_token_chunks(monkeypatch):
     chunked = tk.backward(dout, None, q, kv, out, lse, idx, scale, d_v)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                    reason="needs a CUDA GPU with 40 GiB")
+@pytest.mark.parametrize("warp_specialized", ["0", "1"])
+def test_token_offsets_past_int32(monkeypatch, warp_specialized):
+    """Query and output elements of the last tokens lie past 2^31: their row offsets must be 64-bit
+    (an int32 t * stride wraps and reads or writes another token's rows)."""
+    from mla_compiler.kernels import gluon_sparse_mla as ws
+
+    monkeypatch.setenv(ws.ENV_OFF, warp_specialized)
+    t, heads, s_kv, topk = 29200, 128, 4096, 64  # q: t * heads * 576 = 2.15e9 elements
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(t, heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(s_kv, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, s_kv, (t, 1, topk), device="cuda", dtype=torch.int32, generator=g)
+    out, lse = tk.forward(q, kv, idx, 0.05, 512)
+    expected = "gluon warp-specialized" if warp_specialized == "1" and ws.declines(q, kv[:, 0, :512], None, kv[:, 0, 512:], 512) is None else "triton"
+    assert tk.LAST_LAUNCH["forward"].get("kernel", "triton") == expected
+    for rows in (slice(0, 3), slice(t - 3, t)):
+        ref_out, ref_lse = reference.sparse_attn_reference(q[rows], kv, idx[rows], 0.05, 512)
+        assert _rel(out[rows], ref_out) < 1e-2
+        assert (lse[rows] - ref_lse).abs().max().item() < 1e-3

@@ -4,8 +4,11 @@ memory, barriers and partitions). The reference beside it is reference.py / fp8_
 Why a second forward: in the Triton kernel, an FP8 latent is gathered into shared memory, read
 back into registers, dequantized and written to shared memory again as bf16 before the MMA, all on
 the MMA warps' critical path, and its ring is one stage deep (benchmarks/RESULTS.md). Here a
-producer partition (4 warps) gathers the key rows of a block, dequantizes them and writes bf16 tiles
-into a ring of shared-memory slots, while two consumer warpgroups run the MMAs on the previous slot.
+producer partition (4 warps) gathers the key rows of a block into a ring of two shared-memory slots
+while two consumer warpgroups run the MMAs on the other slot. bf16 keys arrive by asynchronous
+copies; an FP8 latent is copied the same way into the upper half of its slot and dequantized there,
+in place, into the bf16 tile (``IN_SLOT``; through registers instead, the payload in flight takes
+registers the consumers need).
 
 One program per (query token, block of 64 heads). Each consumer warpgroup owns 256 of the 512
 value columns and computes the scores of half of each key block (Q K^T over 576 columns, Q read
@@ -245,107 +248,6 @@ if HAVE_GLUON:
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
-    def _consumer_seesaw(
-        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, lsum, bars,
-        OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-        WG: gl.constexpr, BLOCK_N: gl.constexpr,
-    ):
-        """Key blocks two at a time, staggered between the warpgroups (FlashMLA's "seesaw"
-        schedule, docs/20250422-new-kernel-deep-dive.md): warpgroup 0 owns output columns 0..255
-        and scores one block of the pair, warpgroup 1 owns columns 256..511 and scores the other
-        (pair j: warpgroup 0 slot j % 2). Each takes the row maximum from the one before it, so one
-        warpgroup's softmax runs while the other's products are on the tensor cores:
-
-            0: S0 = Q K0^T; m0 = max(m, rowmax S0); P0 = exp(S0 - m0); O_L = O_L a0 + P0 V0_L
-            1: S1 = Q K1^T; m1 = max(m0, rowmax S1); P1 = exp(S1 - m1); O_R = O_R a0 a1 + P1 V1_R
-            0: P0 *= a1; O_L = O_L a1 + P1 V1_L          1: O_R += P0 V0_R
-        with a0 = exp(m - m0), a1 = exp(m0 - m1). A block's own P is the MMA operand from
-        registers; the other warpgroup's comes through shared memory, written into the rope rows
-        of the block's slot (64 x 64 bf16 like P, and no longer read once its scores are done)."""
-        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
-        hb = gl.program_id(1)
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)  # the same in both after each pair
-        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)  # this warpgroup's block's share; summed at the end
-        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
-        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
-        for j in range(gl.cdiv(TOPK, 2 * BLOCK_N)):
-            phase = j & 1
-            # The pair's two blocks sit in slots 0 and 1; which warpgroup scores which alternates
-            # (the order inside a pair does not matter). A slot index that changes with j also
-            # keeps the 40 shared-memory descriptors of the MMAs out of the loop's live registers.
-            own = (j + WG) & 1
-            other = 1 - own
-            mbarrier.wait(full.index(own), phase)
-            k_own = k_ring.index(own)
-            s = warpgroup_mma(q_a_smem, k_own.permute((1, 0)), s_zero, use_acc=False)
-            s = warpgroup_mma(q_b_smem, r_ring.index(own).permute((1, 0)), s)
-            valid = ok_ring.index(own).load(col_s) != 0
-            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
-            if WG == 0:
-                m0 = gl.maximum(m_i, gl.max(s, 1))
-                xmax.index(0).store(m0)
-                partition_barrier()
-                mbarrier.arrive(bars.index(0))
-                m0_use = gl.where(m0 == float("-inf"), 0.0, m0)
-                a0 = gl.exp2(m_i - m0_use)
-                p = gl.exp2(s - m0_use[:, None])
-                l_i = l_i * a0 + gl.sum(p, 1)
-                # Held as bf16 until the second block's maximum is known (fp32 would spill).
-                p = p.to(gl.bfloat16)
-                acc = acc * gl.convert_layout(a0, row_o)[:, None]
-                acc = warpgroup_mma(gl.convert_layout(p, p_layout), k_own.slice(0, V_HALF, dim=1), acc)
-                # The second block's maximum and P (in slot 1's rope rows) from warpgroup 1.
-                mbarrier.wait(bars.index(1), phase)
-                m1 = xmax.index(1).load(row_s)
-                a1 = gl.exp2(m0 - gl.where(m1 == float("-inf"), 0.0, m1))  # 0 while nothing was valid
-                r_ring.index(own).store((p.to(gl.float32) * a1[:, None]).to(gl.bfloat16))
-                fence_async_shared()
-                partition_barrier()
-                mbarrier.arrive(bars.index(2))
-                l_i = l_i * a1
-                acc = acc * gl.convert_layout(a1, row_o)[:, None]
-                acc = warpgroup_mma(r_ring.index(other), k_ring.index(other).slice(0, V_HALF, dim=1), acc)
-                m_i = m1
-            else:
-                mbarrier.wait(bars.index(0), phase)
-                m0 = xmax.index(0).load(row_s)
-                m1 = gl.maximum(m0, gl.max(s, 1))
-                m0_use = gl.where(m0 == float("-inf"), 0.0, m0)
-                m1_use = gl.where(m1 == float("-inf"), 0.0, m1)
-                a01 = gl.exp2(m_i - m0_use) * gl.exp2(m0 - m1_use)
-                p = gl.exp2(s - m1_use[:, None])
-                # This slot's rope rows are read only by this warpgroup's scores, done above.
-                xmax.index(1).store(m1)
-                r_ring.index(own).store(p.to(gl.bfloat16))
-                fence_async_shared()
-                partition_barrier()
-                mbarrier.arrive(bars.index(1))
-                l_i = l_i * a01 + gl.sum(p, 1)
-                acc = acc * gl.convert_layout(a01, row_o)[:, None]
-                acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), p_layout), k_own.slice(V_HALF, V_HALF, dim=1), acc)
-                mbarrier.wait(bars.index(2), phase)
-                acc = warpgroup_mma(r_ring.index(other), k_ring.index(other).slice(V_HALF, V_HALF, dim=1), acc)
-                m_i = m1
-            # Both slots are done with for this warpgroup (its MMAs are complete): hand them back.
-            partition_barrier()
-            mbarrier.arrive(empty.index(0))
-            mbarrier.arrive(empty.index(1))
-
-        lsum.index(WG).store(l_i)
-        partition_barrier()
-        mbarrier.arrive(bars.index(3 + WG))
-        mbarrier.wait(bars.index(4 - WG), 0)
-        l_i = l_i + lsum.index(1 - WG).load(row_s)
-        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
-
-    @gluon.jit
     def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
         """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row) in fp32, into the slot
         as bf16. (The product in bf16, exact for power-of-two scales, measured slower: 0.47 vs 0.31 ms.)"""
@@ -358,13 +260,10 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        PAIRS: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
-        an FP8 latent staged in the slot or through registers, then dequantized). With PAIRS the
-        block count is rounded up to even (the consumers take blocks two at a time; the extra
-        block has no valid key)."""
-        n_blocks = gl.cdiv(TOPK, 2 * BLOCK_N) * 2 if PAIRS else gl.cdiv(TOPK, BLOCK_N)
+        an FP8 latent staged in the slot or through registers, then dequantized)."""
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
         t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
         stride_rs = gl.multiple_of(stride_rs, 8)
@@ -529,7 +428,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
-        PRODUCER_DEFAULT: gl.constexpr = False, SEESAW: gl.constexpr = False,
+        PRODUCER_DEFAULT: gl.constexpr = False,
     ):
         t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         hb = gl.program_id(1)
@@ -561,44 +460,7 @@ if HAVE_GLUON:
         fence_async_shared()
         partition_barrier()
 
-        if SEESAW:
-            vec_layout_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-            xmax_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout_s)
-            lsum_s = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout_s)
-            # bars: 0 the first block's row maximum (0 -> 1), 1 the second block's maximum and P
-            # (1 -> 0), 2 the first block's rescaled P (0 -> 1), 3 and 4 the row sums at the end.
-            bars = gl.allocate_shared_memory(gl.int64, [5, 1], mbarrier.MBarrierLayout())
-            for w in gl.static_range(5):
-                mbarrier.init(bars.index(w), count=1)
-            fence_async_shared()
-            partition_barrier()
-            if PRODUCER_DEFAULT:
-                gl.warp_specialize(
-                    [
-                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
-                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
-                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N)),
-                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
-                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N)),
-                    ],
-                    [4, 4],
-                    [CONSUMER_REGS, CONSUMER_REGS],
-                )
-            else:
-                gl.warp_specialize(
-                    [
-                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
-                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N)),
-                        (_consumer_seesaw, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax_s, lsum_s, bars,
-                                            OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N)),
-                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
-                    ],
-                    [4, 4],
-                    [CONSUMER_REGS, PRODUCER_REGS],
-                )
-        elif SPLIT_S:
+        if SPLIT_S:
             vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
             p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], gl.bfloat16)
             xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
@@ -619,7 +481,7 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
@@ -636,7 +498,7 @@ if HAVE_GLUON:
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
+                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -649,7 +511,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, SEESAW)),
+                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -658,20 +520,19 @@ if HAVE_GLUON:
 
 # Register split between the two consumer warpgroups and the producer. Measured on H200 at the
 # V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md), split scores: bf16 keys 224/56
-# 0.217-0.225 ms (216/72 0.220, 200/112 0.245-0.252, 184/136 0.259; without the split 0.265-0.271).
+# 0.217-0.225 ms (216/72 0.219-0.220, prefill 5.66 ms against 5.72-5.91; 200/112 0.245-0.252, 184/136 0.259; without
+# the split 0.265-0.271).
 # FP8 latent staged in the slot (IN_SLOT, 2026-11-28), producer a worker: 216/72 FlashMLA layout
 # 0.274 ms / row scale 0.240, 224/56 0.330 / 0.251, the producer in the default partition with
 # 192/120 0.295 / 0.256. FP8 through registers (IN_SLOT False: 64 registers of payload in flight,
 # so the consumers get fewer): 192/120 in the default partition 0.289-0.292 / 0.266-0.268, as a
 # worker with 112: 0.309 / 0.271, consumers at 224 spill that producer: 1.24-1.33 ms. A rolling
 # FP8 producer (the next block's payload loaded while this one is converted; commit f10912f):
-# 192/120 0.431 / 0.351, 184/136 0.334 / 0.266. SEESAW (2026-11-28): bf16 0.262, FP8 216/72 0.328 /
-# 0.283 ms, prefill bf16 5.92-6.07 ms: with two slots a pair holds both, so no gather overlaps the
-# MMAs (FlashMLA's dense kernel loads by TMA at L2 latency and pipelines finer than a block).
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=224, PRODUCER_REGS=56, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   SEESAW=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  SEESAW=False)
+# 192/120 0.431 / 0.351, 184/136 0.334 / 0.266. FlashMLA's "seesaw" consumer schedule (blocks two at
+# a time, staggered warpgroups; commit 733e8ec): bf16 0.262, FP8 216/72 0.328 / 0.283 ms, prefill
+# bf16 5.92-6.07 ms: with two slots a pair holds both, so no gather overlaps the MMAs.
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):

@@ -305,7 +305,7 @@ def _fwd_kernel(
     KV_SCALE=None, KV_ROPE=None, stride_ss=0, stride_rs=0, FP8: tl.constexpr = False, N_TILES: tl.constexpr = 1,
     DEQUANT: tl.constexpr = 0, SPLITS: tl.constexpr = 1, PARTIAL=None, PREFETCH: tl.constexpr = False,
 ):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride passes 2^31 at large T
     g = tl.program_id(1)
     hb = tl.program_id(2) // SPLITS
     split = tl.program_id(2) % SPLITS
@@ -413,7 +413,7 @@ def _combine_kernel(
     DV: tl.constexpr, DV_P: tl.constexpr, HAS_SINK: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Merge the SPLITS partial softmax states of one token's block of heads (flash-decoding)."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # t * stride passes 2^31 at large T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = heads < N_HEADS
     offs_o = tl.arange(0, DV_P)
@@ -452,7 +452,7 @@ def _bwd_ds_kernel(
     """Pass 1 of the backward, for one (token, key group, head block): recompute P from the saved
     lse, dP = dO V^T, dS = P (dP - delta); write dS and P (bf16). No accumulator is carried
     across key blocks, so the tiles can be large."""
-    r = tl.program_id(0)
+    r = tl.program_id(0).to(tl.int64)  # row offsets pass 2^31 at large T
     t = t0 + r
     g = tl.program_id(1)
     hb = tl.program_id(2)
@@ -515,7 +515,7 @@ def _bwd_dq_kernel(
     programs, so they read the token's dS from L2."""
     c = tl.program_id(0)
     rg = tl.program_id(1)
-    r = rg // H_KV
+    r = (rg // H_KV).to(tl.int64)  # row offsets pass 2^31 at large T
     g = rg % H_KV
     t = t0 + r
     hb = tl.program_id(2)
@@ -561,7 +561,7 @@ def _bwd_dkv_kernel(
     they read dS and P from L2."""
     c = tl.program_id(0)
     rg = tl.program_id(1)
-    r = rg // H_KV
+    r = (rg // H_KV).to(tl.int64)  # row offsets pass 2^31 at large T
     g = rg % H_KV
     t = t0 + r
     cols = c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -660,6 +660,7 @@ def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, a
         WS_DECLINED[name] = reason
         return None
     out = ws.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
+    WS_DECLINED.pop(name, None)  # a reason from an earlier call no longer describes this one
     LAST_LAUNCH[name] = dict(kernel="gluon warp-specialized", **(ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16))
     return out
 
