@@ -74,13 +74,15 @@ def check(out, lse, ref_out, ref_lse):
 def test_launch_settings_are_checked():
     ws.check_launch(dict(ws.LAUNCH_BF16))
     for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
-                      (dict(CONSUMER_REGS=240, PRODUCER_REGS=40), "<= 512"), (dict(STAGE=2), "unknown")):
+                      (dict(CONSUMER_REGS=240, PRODUCER_REGS=40), "<= 512"), (dict(STAGE=2), "unknown"),
+                      (dict(CHUNKED=True, SPLIT_S=False), "CHUNKED=True needs SPLIT_S")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56)], ids=["default", "unsplit"])
+@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56), dict(CHUNKED=True)],
+                         ids=["default", "unsplit", "chunked"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward(heads, topk)
@@ -91,7 +93,9 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(SPLIT_S=False)], ids=["default", "in-slot", "in-registers", "unsplit"])
+                                    dict(SPLIT_S=False), dict(CHUNKED=True), dict(CHUNKED=True, IN_SLOT=True),
+                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
+                         ids=["default", "in-slot", "in-registers", "unsplit", "chunked", "chunked-in-slot", "chunked-in-registers"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):

@@ -38,6 +38,7 @@ try:  # Gluon: Triton >= 3.5; its Hopper API is what this module is written agai
         fence_async_shared,
         mbarrier,
         warpgroup_mma,
+        warpgroup_mma_wait,
     )
 
     from triton.experimental.gluon.language._core import builtin
@@ -186,7 +187,7 @@ if HAVE_GLUON:
     def _consumer_split(
         q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr,
     ):
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
@@ -208,10 +209,24 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             slot = i % STAGES
-            mbarrier.wait(full.index(slot), (i // STAGES) & 1)
             k_tile = k_ring.index(slot)
-            s = warpgroup_mma(q_a_smem, k_tile.slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
-            s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s)
+            if CHUNKED:
+                # FlashMLA's fine-grained copy-GEMM pipelining: the scores over each 128-column
+                # chunk start as soon as that chunk is in the slot.
+                k_half = k_tile.slice(WG * HALF, HALF, dim=0)
+                mbarrier.wait(full.index(slot * 4), (i // STAGES) & 1)
+                s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+                s = warpgroup_mma(q_a_smem.slice(0, 128, dim=1), k_half.slice(0, 128, dim=1).permute((1, 0)), s, is_async=True)
+                for c in gl.static_range(1, 4):
+                    mbarrier.wait(full.index(slot * 4 + c), (i // STAGES) & 1)
+                    s = warpgroup_mma(q_a_smem.slice(c * 128, 128, dim=1), k_half.slice(c * 128, 128, dim=1).permute((1, 0)), s,
+                                      is_async=True)
+                s = warpgroup_mma_wait(0, deps=[s])
+            else:
+                mbarrier.wait(full.index(slot), (i // STAGES) & 1)
+                s = warpgroup_mma(q_a_smem, k_tile.slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
+                s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s)
             valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_mine = gl.max(s, 1)
@@ -260,6 +275,7 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
+        CHUNKED: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized)."""
@@ -272,13 +288,13 @@ if HAVE_GLUON:
         if FP8:
             if IN_SLOT:
                 _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES)
+                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
             else:
                 _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES)
+                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
         else:
             _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                           n_blocks, BLOCK_N, STAGES)
+                           n_blocks, BLOCK_N, STAGES, CHUNKED)
 
     @gluon.jit
     def _rope_rows(r_slot, KV_ROPE, rows, stride_rs, rope_layout: gl.constexpr):
@@ -290,6 +306,15 @@ if HAVE_GLUON:
         # (16-byte rows; the host checks) so copies move 16 bytes at a time.
         rope_ptr = gl.max_contiguous(gl.multiple_of(rope_ptr, [16, 16]), [1, D_ROPE])
         async_rows(r_slot, rope_ptr, mask=(rows >= 0)[:, None])
+
+    @gluon.jit
+    def _chunk_ready(full, slot, c: gl.constexpr, CHUNKED: gl.constexpr):
+        """With CHUNKED: 128-column chunk c of the slot is in place (its generic-proxy writes made
+        visible to the MMAs' async proxy), so the consumers' scores over it may start."""
+        if CHUNKED:
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(full.index(slot * 4 + c))
 
     @gluon.jit
     def _hand_over(full, slot):
@@ -310,11 +335,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                       n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """bf16 keys: every part of a block by asynchronous copies, issued once its slot is free."""
+                       n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr):
+        """bf16 keys: every part of a block by asynchronous copies, issued once its slot is free
+        (CHUNKED: one copy group per 128 columns, each handed over as it lands)."""
         b16_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         cols = gl.arange(0, 256, layout=gl.SliceLayout(0, b16_layout))
+        cols128 = gl.arange(0, 128, layout=gl.SliceLayout(0, b16_layout))
         for i in range(n_blocks):
             slot = i % STAGES
             k_slot = k_ring.index(slot)
@@ -324,14 +351,30 @@ if HAVE_GLUON:
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
-            async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
-            async_rows(k_slot.slice(256, 256, dim=1), base + 256, mask=valid[:, None])
-            async_copy.commit_group()
-            _hand_over(full, slot)
+            if CHUNKED:
+                base128 = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols128[None, :], [16, 16]), [1, 128])
+                for c in gl.static_range(4):
+                    async_rows(k_slot.slice(c * 128, 128, dim=1), base128 + c * 128, mask=valid[:, None])
+                    async_copy.commit_group()
+                # Groups complete in order: chunk c (the rope with the first) once 3 - c remain.
+                async_copy.wait_group(3)
+                _chunk_ready(full, slot, 0, CHUNKED)
+                async_copy.wait_group(2)
+                _chunk_ready(full, slot, 1, CHUNKED)
+                async_copy.wait_group(1)
+                _chunk_ready(full, slot, 2, CHUNKED)
+                async_copy.wait_group(0)
+                _chunk_ready(full, slot, 3, CHUNKED)
+            else:
+                async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
+                async_rows(k_slot.slice(256, 256, dim=1), base + 256, mask=valid[:, None])
+                async_copy.commit_group()
+                _hand_over(full, slot)
 
     @gluon.jit
     def _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss, stride_rs,
-                      S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                      S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      CHUNKED: gl.constexpr):
         """FP8 latent, one block at a time: its four 128-column chunks are loaded into registers
         (issued before the slot is free), then dequantized into the slot as bf16. The next block's
         loads start only after this block is stored."""
@@ -356,11 +399,19 @@ if HAVE_GLUON:
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
             async_copy.commit_group()
             ok_ring.index(slot).store(valid.to(gl.int32))
+            if CHUNKED:
+                async_copy.wait_group(0)  # the rope goes with the first chunk
             _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
+            _chunk_ready(full, slot, 0, CHUNKED)
             _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
+            _chunk_ready(full, slot, 1, CHUNKED)
             _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
+            _chunk_ready(full, slot, 2, CHUNKED)
             _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
-            _hand_over(full, slot)
+            if CHUNKED:
+                _chunk_ready(full, slot, 3, CHUNKED)
+            else:
+                _hand_over(full, slot)
 
     @gluon.jit
     def _scale_loads(sc_ptr, valid, N_TILES: gl.constexpr):
@@ -378,7 +429,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
-                              stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                              stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                              CHUNKED: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
@@ -413,13 +465,25 @@ if HAVE_GLUON:
             async_copy.wait_group(0)
             partition_barrier()  # every producer thread's copies have landed
             _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(fp8_layout), sc0, 0, CHUNK)
+            _chunk_ready(full, slot, 0, CHUNKED)
             _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(fp8_layout), sc1, 1, CHUNK)
-            partition_barrier()  # raw chunks 0 and 1 are read: chunk 2 may overwrite them
+            # Raw chunks 0 and 1 are read: chunk 2 may overwrite them (CHUNKED: its hand-over's barrier).
+            if CHUNKED:
+                _chunk_ready(full, slot, 1, CHUNKED)
+            else:
+                partition_barrier()
             _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(fp8_layout), sc2, 2, CHUNK)
             last = raw.slice(3 * CHUNK, CHUNK, dim=1).load(fp8_layout)
-            partition_barrier()  # raw chunks 2 and 3 are read: chunk 3 may overwrite them
+            # Raw chunks 2 and 3 are read: chunk 3 may overwrite them.
+            if CHUNKED:
+                _chunk_ready(full, slot, 2, CHUNKED)
+            else:
+                partition_barrier()
             _dequant_store(k_slot, last, sc3, 3, CHUNK)
-            _hand_over(full, slot)
+            if CHUNKED:
+                _chunk_ready(full, slot, 3, CHUNKED)
+            else:
+                _hand_over(full, slot)
 
     @gluon.jit
     def _ws_fwd_kernel(
@@ -428,7 +492,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
-        PRODUCER_DEFAULT: gl.constexpr = False,
+        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False,
     ):
         t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
         hb = gl.program_id(1)
@@ -441,10 +505,13 @@ if HAVE_GLUON:
         k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], k_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
         ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # full: one barrier a slot, or one a 128-column chunk of a slot (CHUNKED).
+        N_FULL: gl.constexpr = STAGES * 4 if CHUNKED else STAGES
+        full = gl.allocate_shared_memory(gl.int64, [N_FULL, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
+        for s in gl.static_range(N_FULL):
             mbarrier.init(full.index(s), count=1)
+        for s in gl.static_range(STAGES):
             mbarrier.init(empty.index(s), count=2)
 
         # Q of this block of heads into shared memory, 128 columns at a time (padded heads are 0).
@@ -481,11 +548,11 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT)),
+                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -494,11 +561,11 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT)),
+                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -511,7 +578,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT)),
+                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -531,8 +598,13 @@ if HAVE_GLUON:
 # 192/120 0.431 / 0.351, 184/136 0.334 / 0.266. FlashMLA's "seesaw" consumer schedule (blocks two at
 # a time, staggered warpgroups; commit 733e8ec): bf16 0.262, FP8 216/72 0.328 / 0.283 ms, prefill
 # bf16 5.92-6.07 ms: with two slots a pair holds both, so no gather overlaps the MMAs.
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False)
+# CHUNKED (a barrier per 128-column chunk, the scores over a chunk start as it lands; FlashMLA's
+# fine-grained copy-GEMM pipelining), 216/72, 2026-11-28: bf16 0.217 ms (0.221 without, within the
+# spread), FP8 FlashMLA 0.295 / row 0.266 (0.273 / 0.242 without): off by default.
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
+                   CHUNKED=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
+                  CHUNKED=False)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
@@ -566,6 +638,8 @@ def check_launch(cfg: dict) -> None:
     for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
+    if cfg["CHUNKED"] and not cfg["SPLIT_S"]:
+        raise ValueError("launch CHUNKED=True needs SPLIT_S=True (the unsplit consumer waits for whole slots)")
     if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 512:
         raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: two consumer "
                          "warpgroups and the producer need 2 * consumer + producer <= 512 (65536 registers, 128 threads each)")
