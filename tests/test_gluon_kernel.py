@@ -74,8 +74,9 @@ def check(out, lse, ref_out, ref_lse):
 def test_launch_settings_are_checked():
     ws.check_launch(dict(ws.LAUNCH_BF16))
     for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
-                      (dict(CONSUMER_REGS=240, PRODUCER_REGS=40), "<= 512"), (dict(STAGE=2), "unknown"),
-                      (dict(CHUNKED=True, SPLIT_S=False), "CHUNKED=True needs SPLIT_S")):
+                      (dict(CONSUMER_REGS=200, PRODUCER_REGS=112), "would get 192"), (dict(STAGE=2), "unknown"),
+                      (dict(CHUNKED=True, SPLIT_S=False), "need SPLIT_S=True"),
+                      (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
 

@@ -298,8 +298,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _rope_rows(r_slot, KV_ROPE, rows, stride_rs, rope_layout: gl.constexpr):
-        """Starts the asynchronous copy of the block's rope rows (bf16 in every layout; rows -1 are
-        skipped and left as they are: the consumers mask those keys)."""
+        """Starts the asynchronous copy of the block's rope rows (bf16 in every layout; rows -1 copy
+        nothing and are zero-filled; the consumers mask those keys)."""
         rows = gl.convert_layout(rows, gl.SliceLayout(1, rope_layout))
         rope_ptr = KV_ROPE + rows.to(gl.int64)[:, None] * stride_rs + gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))[None, :]
         # Pointers passed into a partition lose the launch's alignment facts: restate them
@@ -327,8 +327,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N: gl.constexpr, row_layout: gl.constexpr):
-        """Block i's key rows, -1 where the index is invalid (-1, >= S_KV, past top-k). int32 (held
-        across blocks, int64 would take twice the registers); widen before multiplying by a stride."""
+        """Block i's key rows, -1 where the index is invalid (-1, >= S_KV, past top-k), in the
+        indices' dtype (int32 from the model's top-k: half the registers of int64 where rows are
+        held across blocks); widened to int64 before any stride multiply."""
         offs = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_layout)
         idx = gl.load(idx_row + offs, mask=offs < TOPK, other=-1)
         return gl.where((idx >= 0) & (idx < S_KV), idx, -1)
@@ -436,8 +437,8 @@ if HAVE_GLUON:
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
         bytes [16K g, 16K (g+1)) of the slot (128-byte swizzle slabs, 64 rows each); raw chunk g
         is bytes [32K + 8K g, 32K + 8K (g+1)). Chunks 0 and 1 write below the raw bytes; chunk 2
-        overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites itself (read
-        into registers, then a barrier)."""
+        overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites raw chunks 2 and
+        3 (chunk 3 read into registers first, then a barrier)."""
         CHUNK: gl.constexpr = 128
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -543,8 +544,8 @@ if HAVE_GLUON:
             fence_async_shared()
             partition_barrier()
             if PRODUCER_DEFAULT:
-                # The producer runs in the kernel's own warps (the default partition, PRODUCER_REGS
-                # registers); both consumers are workers with CONSUMER_REGS each.
+                # The producer runs in the kernel's own warps (the default partition): it gets what
+                # two CONSUMER_REGS workers leave, 504 - 2 * CONSUMER_REGS (check_launch).
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
@@ -585,7 +586,8 @@ if HAVE_GLUON:
             )
 
 
-# Register split between the two consumer warpgroups and the producer. Measured on H200 at the
+# Register split between the two consumer warpgroups and the producer ("200/112" below ran
+# consumer warpgroup 0 at 192: see check_launch). Measured on H200 at the
 # V3.2 decode shape (benchmarks/bench_ws_decode.py, RESULTS.md), split scores: bf16 keys 224/56
 # 0.217-0.225 ms (216/72 0.219-0.220, prefill 5.66 ms against 5.72-5.91; 200/112 0.245-0.252, 184/136 0.259; without
 # the split 0.265-0.271).
@@ -619,12 +621,17 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                  "stride_lt", "S_KV", "TOPK", "H"):
         sig[name] = "i32"
     sig["sm_scale_log2"] = "fp32"
-    constexprs = dict(FP8=fp8, N_TILES=n_tiles, **(launch or (LAUNCH_FP8 if fp8 else LAUNCH_BF16)))
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    check_launch(cfg)
+    constexprs = dict(FP8=fp8, N_TILES=n_tiles, **cfg)
     sig.update({k: "constexpr" for k in constexprs})
     names = list(sig)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "stride_qt", "stride_qh", "stride_kvs", "stride_it", "stride_ot", "stride_oh")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return triton.compile(GluonASTSource(_ws_fwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+REG_BUDGET = 504  # registers a thread-slot for the three 128-thread partitions (168 x 384 / 128)
 
 
 def check_launch(cfg: dict) -> None:
@@ -638,11 +645,18 @@ def check_launch(cfg: dict) -> None:
     for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
-    if cfg["CHUNKED"] and not cfg["SPLIT_S"]:
-        raise ValueError("launch CHUNKED=True needs SPLIT_S=True (the unsplit consumer waits for whole slots)")
-    if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 512:
-        raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: two consumer "
-                         "warpgroups and the producer need 2 * consumer + producer <= 512 (65536 registers, 128 threads each)")
+    if not cfg["SPLIT_S"] and (cfg["CHUNKED"] or cfg["PRODUCER_DEFAULT"]):
+        raise ValueError("launch CHUNKED / PRODUCER_DEFAULT need SPLIT_S=True (the unsplit schedule waits for whole slots "
+                         "and always runs the producer as a worker)")
+    # The launch gets 168 registers a thread for 384 threads: 504 per 128-thread partition, of
+    # which the default partition keeps what the two workers do not take.
+    c, p = cfg["CONSUMER_REGS"], cfg["PRODUCER_REGS"]
+    if cfg["PRODUCER_DEFAULT"] and p != REG_BUDGET - 2 * c:
+        raise ValueError(f"launch PRODUCER_DEFAULT with CONSUMER_REGS={c}: the producer gets {REG_BUDGET} - 2 * {c} = "
+                         f"{REG_BUDGET - 2 * c} registers, not PRODUCER_REGS={p}; pass PRODUCER_REGS={REG_BUDGET - 2 * c}")
+    if not cfg["PRODUCER_DEFAULT"] and 2 * c + p > REG_BUDGET:
+        raise ValueError(f"launch CONSUMER_REGS={c} PRODUCER_REGS={p}: consumer warpgroup 0 (the default partition) would get "
+                         f"{REG_BUDGET - c - p}, not {c}; keep 2 * consumer + producer <= {REG_BUDGET}")
 
 
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
@@ -664,6 +678,12 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     bad = _misaligned(kv_latent, kv_rope)
     if bad is not None:
         raise ValueError(f"{bad}; pass a contiguous copy")
+    rows = kv_latent.shape[0]
+    for name, part in (("kv_rope", kv_rope), ("kv_scale", kv_scale)):
+        if part is not None and part.shape[0] < rows:
+            raise ValueError(f"{name} has {part.shape[0]} rows for a latent of {rows}: one per latent row")
+    if fp8 and kv_scale.stride(1) != 1:
+        raise ValueError(f"kv_scale stride {tuple(kv_scale.stride())}: a row's scales must be contiguous; pass kv_scale.contiguous()")
     scale = kv_scale if fp8 else lse
     _ws_fwd_kernel[(t, triton.cdiv(heads, _BLOCK_H))](
         q, kv_latent, scale, kv_rope, indices, out, lse,
