@@ -326,6 +326,14 @@ if HAVE_GLUON:
         mbarrier.arrive(full.index(slot))
 
     @gluon.jit
+    def _slot_done(full, slot, CHUNKED: gl.constexpr):
+        """The slot's last chunk is in place: its hand-over (CHUNKED: the last chunk's barrier)."""
+        if CHUNKED:
+            _chunk_ready(full, slot, 3, CHUNKED)
+        else:
+            _hand_over(full, slot)
+
+    @gluon.jit
     def _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N: gl.constexpr, row_layout: gl.constexpr):
         """Block i's key rows, -1 where the index is invalid (-1, >= S_KV, past top-k), in the
         indices' dtype (int32 from the model's top-k: half the registers of int64 where rows are
@@ -409,10 +417,7 @@ if HAVE_GLUON:
             _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
             _chunk_ready(full, slot, 2, CHUNKED)
             _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
-            if CHUNKED:
-                _chunk_ready(full, slot, 3, CHUNKED)
-            else:
-                _hand_over(full, slot)
+            _slot_done(full, slot, CHUNKED)
 
     @gluon.jit
     def _scale_loads(sc_ptr, valid, N_TILES: gl.constexpr):
@@ -481,10 +486,7 @@ if HAVE_GLUON:
             else:
                 partition_barrier()
             _dequant_store(k_slot, last, sc3, 3, CHUNK)
-            if CHUNKED:
-                _chunk_ready(full, slot, 3, CHUNKED)
-            else:
-                _hand_over(full, slot)
+            _slot_done(full, slot, CHUNKED)
 
     @gluon.jit
     def _ws_fwd_kernel(
