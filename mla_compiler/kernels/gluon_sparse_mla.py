@@ -297,14 +297,19 @@ if HAVE_GLUON:
                            n_blocks, BLOCK_N, STAGES, CHUNKED)
 
     @gluon.jit
+    def _row_ptrs(BASE, rows, cols, stride, WIDTH: gl.constexpr):
+        """Pointers to columns ``cols`` of rows ``rows`` (widened to int64) of a row-major operand.
+        Pointers passed into a partition lose the launch's alignment facts: restate them (16-byte
+        aligned rows; the host checks) so loads and copies move 16 bytes at a time."""
+        ptr = BASE + rows.to(gl.int64)[:, None] * stride + cols[None, :]
+        return gl.max_contiguous(gl.multiple_of(ptr, [16, 16]), [1, WIDTH])
+
+    @gluon.jit
     def _rope_rows(r_slot, KV_ROPE, rows, stride_rs, rope_layout: gl.constexpr):
         """Starts the asynchronous copy of the block's rope rows (bf16 in every layout; rows -1 copy
         nothing and are zero-filled; the consumers mask those keys)."""
         rows = gl.convert_layout(rows, gl.SliceLayout(1, rope_layout))
-        rope_ptr = KV_ROPE + rows.to(gl.int64)[:, None] * stride_rs + gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))[None, :]
-        # Pointers passed into a partition lose the launch's alignment facts: restate them
-        # (16-byte rows; the host checks) so copies move 16 bytes at a time.
-        rope_ptr = gl.max_contiguous(gl.multiple_of(rope_ptr, [16, 16]), [1, D_ROPE])
+        rope_ptr = _row_ptrs(KV_ROPE, rows, gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout)), stride_rs, D_ROPE)
         async_rows(r_slot, rope_ptr, mask=(rows >= 0)[:, None])
 
     @gluon.jit
@@ -356,12 +361,12 @@ if HAVE_GLUON:
             k_slot = k_ring.index(slot)
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, b16_layout))
             valid = rows >= 0
-            base = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, 256])
+            base = _row_ptrs(KV, rows, cols, stride_kvs, 256)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
             if CHUNKED:
-                base128 = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols128[None, :], [16, 16]), [1, 128])
+                base128 = _row_ptrs(KV, rows, cols128, stride_kvs, 128)
                 for c in gl.static_range(4):
                     async_rows(k_slot.slice(c * 128, 128, dim=1), base128 + c * 128, mask=valid[:, None])
                     async_copy.commit_group()
@@ -397,7 +402,7 @@ if HAVE_GLUON:
             k_slot = k_ring.index(slot)
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, fp8_layout))
             valid = rows >= 0
-            base = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, CHUNK])
+            base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             sc_ptr = KV_SCALE + rows.to(gl.int64) * stride_ss
             sc0, sc1, sc2, sc3 = _scale_loads(sc_ptr, valid, N_TILES)
             raw0 = gl.load(base, mask=valid[:, None], other=0.0)
@@ -460,7 +465,7 @@ if HAVE_GLUON:
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
             sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
-            base = gl.max_contiguous(gl.multiple_of(KV + rows.to(gl.int64)[:, None] * stride_kvs + cols[None, :], [16, 16]), [1, CHUNK])
+            base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
