@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels.awkward_inputs import awkward_inputs, poison_unselected
 from mla_compiler.kernels import gluon_sparse_mla as ws
 from mla_compiler.kernels import reference
 from mla_compiler.kernels import triton_sparse_mla as tk
@@ -53,15 +54,8 @@ def test_declines_with_reasons(monkeypatch):
     assert ws.declines(q, kv[:, :512], None, kv[:, 512:], 512) == f"{ws.ENV_OFF}=0"
 
 
-def awkward(heads, topk, t=6, s_kv=3000, seed=1):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(t, heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
-    kv = torch.randn(s_kv, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
-    idx = torch.randint(0, s_kv - 100, (t, 1, topk), device="cuda", generator=g, dtype=torch.int32)
-    idx[0, 0, ::7] = -1
-    idx[1, 0, ::5] = s_kv + 3
-    idx[2] = -1  # a token with nothing to attend
-    return q, kv, idx
+def awkward(heads, topk, t=6):
+    return awkward_inputs(t=t, heads=heads, topk=topk)
 
 
 def check(out, lse, ref_out, ref_lse):
@@ -87,7 +81,7 @@ def test_launch_settings_are_checked():
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward(heads, topk)
-    kv[-100:] = float("nan")  # rows no index selects
+    poison_unselected(kv)
     out, lse = ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=launch)
     check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
 
@@ -106,8 +100,28 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
     else:
         latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
         rope = kv[:, 0, 512:].contiguous()
-    latent.view(torch.uint8)[-100:] = 0x7F  # e4m3 NaN in rows no index selects
+    poison_unselected(latent, scale, rope)
     out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+
+
+@needs_hopper
+@pytest.mark.parametrize("layout", ["flashmla", "row"])
+def test_fp8_latents_keep_extreme_scales(layout):
+    # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
+    # overflows or flushes that the fp32 reference keeps.
+    q, kv, idx = awkward(80, 200)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    kv = kv * torch.exp2(torch.randint(-20, 5, (kv.shape[0], 1, 1), device="cuda", generator=g)).to(kv.dtype)
+    q = q * torch.logspace(-2, 1, q.shape[1], device="cuda")[None, :, None].to(q.dtype)
+    q[:, 5] = 0
+    if layout == "flashmla":
+        latent, scale, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
+    else:
+        latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
+        rope = kv[:, 0, 512:].contiguous()
+    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE)
+    assert torch.isfinite(out).all()
     check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
 
 

@@ -121,6 +121,15 @@ def _misaligned(kv_latent: torch.Tensor, kv_rope: torch.Tensor) -> Optional[str]
 if HAVE_GLUON:
 
     @gluon.jit
+    def _program_coords(H):
+        """(query token as int64, block of heads) of this program. Head blocks vary fastest: the
+        programs that gather the same token's key rows run side by side, so one of them reads the
+        rows from L2 instead of HBM (token-major order re-read them from HBM a wave later)."""
+        pid = gl.program_id(0)
+        n_hb = gl.cdiv(H, BLOCK_H)
+        return (pid // n_hb).to(gl.int64), pid % n_hb
+
+    @gluon.jit
     def _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H,
                       WG: gl.constexpr, row_s: gl.constexpr, o_layout: gl.constexpr):
         """Normalize this warpgroup's 256 output columns and store them; warpgroup 0 stores the lse
@@ -144,8 +153,7 @@ if HAVE_GLUON:
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
         WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
     ):
-        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
-        hb = gl.program_id(1)
+        t, hb = _program_coords(H)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -192,8 +200,7 @@ if HAVE_GLUON:
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
         P V (all keys) for its 256 value columns. No product is computed twice."""
-        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
-        hb = gl.program_id(1)
+        t, hb = _program_coords(H)
         HALF: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
@@ -273,14 +280,14 @@ if HAVE_GLUON:
         k_ring, r_ring, ok_ring, full, empty,
         KV, KV_SCALE, KV_ROPE, IDX,
         stride_kvs, stride_ss, stride_rs, stride_it,
-        S_KV, TOPK,
+        S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
         CHUNKED: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized)."""
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
-        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
+        t, _ = _program_coords(H)
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
         stride_rs = gl.multiple_of(stride_rs, 8)
         stride_kvs = gl.multiple_of(stride_kvs, 16)
@@ -502,8 +509,7 @@ if HAVE_GLUON:
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False,
     ):
-        t = gl.program_id(0).to(gl.int64)  # row offsets t * stride pass 2^31 at large T
-        hb = gl.program_id(1)
+        t, hb = _program_coords(H)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
         q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.bfloat16)
@@ -556,7 +562,7 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
+                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
@@ -573,7 +579,7 @@ if HAVE_GLUON:
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
+                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -586,7 +592,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
+                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -692,7 +698,7 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     if fp8 and kv_scale.stride(1) != 1:
         raise ValueError(f"kv_scale stride {tuple(kv_scale.stride())}: a row's scales must be contiguous; pass kv_scale.contiguous()")
     scale = kv_scale if fp8 else lse
-    _ws_fwd_kernel[(t, triton.cdiv(heads, _BLOCK_H))](
+    _ws_fwd_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
         q, kv_latent, scale, kv_rope, indices, out, lse,
         q.stride(0), q.stride(1), kv_latent.stride(0), scale.stride(0) if fp8 else 0, kv_rope.stride(0),
         indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
