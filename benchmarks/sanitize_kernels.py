@@ -52,7 +52,7 @@ def main() -> int:
     idx[1] = -1
     latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
     for split in (True, False):
-        launch = dict(SPLIT_S=split, STAGE_F16=split)
+        launch = dict(SPLIT_S=split)
         ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
         ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)

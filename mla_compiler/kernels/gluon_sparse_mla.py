@@ -193,20 +193,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer_split(
-        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l, q_rowf,
+        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr, STAGE_F16: gl.constexpr,
+        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr,
     ):
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
-        P V (all keys) for its 256 value columns. No product is computed twice.
-
-        STAGE_F16 (FP8 latents): the slot holds the latent as f16 divided by the row's largest scale
-        m (exact: e4m3 and power-of-two scale ratios fit f16), ``ok_ring`` holds m (-1: invalid),
-        and slot STAGES + s the block's largest m, Q's latent part is f16 times 2^k a head
-        (``q_rowf`` = 2^-k). The scores take m and 2^-k
-        back; P V takes P m / C in f16 (in [0, 1]), with the accumulator kept in units of C, the
-        largest m so far."""
+        P V (all keys) for its 256 value columns. No product is computed twice."""
         t, hb = _program_coords(H)
         HALF: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
@@ -220,28 +213,11 @@ if HAVE_GLUON:
         l_i = gl.zeros([BLOCK_H], gl.float32, row_s)  # over this warpgroup's keys; summed at the end
         acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
         s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
-        if STAGE_F16:
-            row_f = q_rowf.load(row_s) * sm_scale_log2
-            big_c = gl.max(gl.zeros([HALF], gl.float32, col_s), 0)
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             slot = i % STAGES
             k_tile = k_ring.index(slot)
-            if STAGE_F16:
-                mbarrier.wait(full.index(slot), (i // STAGES) & 1)
-                s_n = warpgroup_mma(q_a_smem, k_tile.slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False,
-                                    is_async=True)
-                s_r = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero,
-                                    use_acc=False, is_async=True)
-                s_n, s_r = warpgroup_mma_wait(0, deps=[s_n, s_r])
-                m_key = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
-                valid = m_key >= 0.0
-                s = s_n * row_f[:, None] * m_key[None, :] + s_r * sm_scale_log2
-                s = gl.where(valid[None, :], s, float("-inf"))
-                # The block's largest m, which the producer wrote beside every key (a reduction
-                # here, across the warpgroup's warps, costs the consumer ~50 spilled registers).
-                c_new = gl.maximum(big_c, gl.max(ok_ring.index(STAGES + slot).slice(WG * HALF, HALF).load(col_s), 0))
-            elif CHUNKED:
+            if CHUNKED:
                 # FlashMLA's fine-grained copy-GEMM pipelining: the scores over each 128-column
                 # chunk start as soon as that chunk is in the slot.
                 k_half = k_tile.slice(WG * HALF, HALF, dim=0)
@@ -258,9 +234,8 @@ if HAVE_GLUON:
                 mbarrier.wait(full.index(slot), (i // STAGES) & 1)
                 s = warpgroup_mma(q_a_smem, k_tile.slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
                 s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s)
-            if not STAGE_F16:
-                valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
-                s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+            valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
+            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_mine = gl.max(s, 1)
             # Single buffers suffice: a warpgroup writes block i+1's maximum only after waiting for
             # the other's P hand-off of block i, which the other makes after reading block i's
@@ -274,17 +249,8 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + gl.sum(p, 1)
-            if STAGE_F16:
-                # The accumulator moves to units of c_new (a ratio <= 1: nothing overflows); no
-                # valid key yet (c_new 0): nothing to rescale.
-                inv_c = gl.where(c_new > 0.0, 1.0 / c_new, 0.0)  # one division a block
-                acc = acc * gl.convert_layout(alpha * gl.where(c_new > 0.0, big_c * inv_c, 1.0), row_o)[:, None]
-                weight = gl.maximum(m_key, 0.0) * inv_c
-                p_half.index(WG).store((p * weight[None, :]).to(gl.float16))
-                big_c = c_new
-            else:
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-                p_half.index(WG).store(p.to(gl.bfloat16))
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p_half.index(WG).store(p.to(gl.bfloat16))
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(bar_p.index(WG))
@@ -296,8 +262,6 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
 
-        if STAGE_F16:
-            acc = acc * big_c
         lsum.index(WG).store(l_i)
         partition_barrier()
         mbarrier.arrive(bar_l.index(WG))
@@ -306,20 +270,10 @@ if HAVE_GLUON:
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
-    def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr, STAGE_F16: gl.constexpr = False,
-                       N_TILES: gl.constexpr = 1):
-        """Chunk c (CHUNK columns) of the FP8 rows into the slot: times its scales (per row) in fp32,
-        as bf16 (the product in bf16, exact for power-of-two scales, measured slower: 0.47 vs
-        0.31 ms); or (STAGE_F16) as f16 times the tile's scale over the row's largest (``sc``: that
-        ratio; one scale a row: the e4m3 values alone, one conversion instruction a pair)."""
-        if STAGE_F16:
-            if N_TILES == 1:
-                val = raw.to(gl.float16)
-            else:
-                val = raw.to(gl.float16) * sc[:, None].to(gl.float16)
-        else:
-            val = (raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16)
-        k_slot.slice(c * CHUNK, CHUNK, dim=1).store(val)
+    def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
+        """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row) in fp32, into the slot
+        as bf16. (The product in bf16, exact for power-of-two scales, measured slower: 0.47 vs 0.31 ms.)"""
+        k_slot.slice(c * CHUNK, CHUNK, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
 
     @gluon.jit
     def _producer(
@@ -328,7 +282,7 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        CHUNKED: gl.constexpr, STAGE_F16: gl.constexpr,
+        CHUNKED: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized)."""
@@ -341,8 +295,7 @@ if HAVE_GLUON:
         if FP8:
             if IN_SLOT:
                 _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED,
-                                      STAGE_F16)
+                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
             else:
                 _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                               stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
@@ -495,7 +448,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
                               stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                              CHUNKED: gl.constexpr, STAGE_F16: gl.constexpr):
+                              CHUNKED: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
@@ -519,23 +472,9 @@ if HAVE_GLUON:
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
             sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
-            if STAGE_F16:
-                # The row's largest scale goes to the consumers; the tiles keep their ratio to it.
-                m_row = gl.maximum(gl.maximum(sc0, sc1), gl.maximum(sc2, sc3))
-                if N_TILES == 4:
-                    inv_m = gl.where(m_row > 0.0, 1.0 / m_row, 1.0)
-                    sc0 = sc0 * inv_m
-                    sc1 = sc1 * inv_m
-                    sc2 = sc2 * inv_m
-                    sc3 = sc3 * inv_m
             base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-            if STAGE_F16:
-                m_key = gl.where(valid, m_row, -1.0)
-                ok_ring.index(slot).store(m_key)
-                ok_ring.index(STAGES + slot).store(gl.zeros_like(m_key) + gl.max(m_key, 0))
-            else:
-                ok_ring.index(slot).store(valid.to(gl.int32))
+            ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
             # Invalid rows copy nothing and are zero-filled (no stale byte can read as NaN).
             for g in gl.static_range(4):
@@ -543,22 +482,22 @@ if HAVE_GLUON:
             async_copy.commit_group()
             async_copy.wait_group(0)
             partition_barrier()  # every producer thread's copies have landed
-            _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(fp8_layout), sc0, 0, CHUNK, STAGE_F16, N_TILES)
+            _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(fp8_layout), sc0, 0, CHUNK)
             _chunk_ready(full, slot, 0, CHUNKED)
-            _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(fp8_layout), sc1, 1, CHUNK, STAGE_F16, N_TILES)
+            _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(fp8_layout), sc1, 1, CHUNK)
             # Raw chunks 0 and 1 are read: chunk 2 may overwrite them (CHUNKED: its hand-over's barrier).
             if CHUNKED:
                 _chunk_ready(full, slot, 1, CHUNKED)
             else:
                 partition_barrier()
-            _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(fp8_layout), sc2, 2, CHUNK, STAGE_F16, N_TILES)
+            _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(fp8_layout), sc2, 2, CHUNK)
             last = raw.slice(3 * CHUNK, CHUNK, dim=1).load(fp8_layout)
             # Raw chunks 2 and 3 are read: chunk 3 may overwrite them.
             if CHUNKED:
                 _chunk_ready(full, slot, 2, CHUNKED)
             else:
                 partition_barrier()
-            _dequant_store(k_slot, last, sc3, 3, CHUNK, STAGE_F16, N_TILES)
+            _dequant_store(k_slot, last, sc3, 3, CHUNK)
             _slot_done(full, slot, CHUNKED)
 
     @gluon.jit
@@ -568,25 +507,18 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
-        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, STAGE_F16: gl.constexpr = False,
+        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False,
     ):
         t, hb = _program_coords(H)
-        # STAGE_F16 (FP8 latents, set by the host only for them): Q's latent part and the key
-        # tiles in f16; one float a key row in ok_ring (its largest scale, -1 invalid).
-        KEY_T: gl.constexpr = gl.float16 if STAGE_F16 else gl.bfloat16
-        OK_T: gl.constexpr = gl.float32 if STAGE_F16 else gl.int32
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
         q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.bfloat16)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
-        q_a_smem = gl.allocate_shared_memory(KEY_T, [BLOCK_H, D_LAT], q_a_layout)
+        q_a_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], q_a_layout)
         q_b_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], q_b_layout)
-        k_ring = gl.allocate_shared_memory(KEY_T, [STAGES, BLOCK_N, D_LAT], k_layout)
+        k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], k_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
-        # (STAGE_F16: slots STAGES.. hold each block's largest m, repeated for every key.)
-        N_OK: gl.constexpr = 2 * STAGES if STAGE_F16 else STAGES
-        ok_ring = gl.allocate_shared_memory(OK_T, [N_OK, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        q_rowf = gl.allocate_shared_memory(gl.float32, [BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         # full: one barrier a slot, or one a 128-column chunk of a slot (CHUNKED).
         N_FULL: gl.constexpr = STAGES * 4 if CHUNKED else STAGES
         full = gl.allocate_shared_memory(gl.int64, [N_FULL, 1], mbarrier.MBarrierLayout())
@@ -602,22 +534,8 @@ if HAVE_GLUON:
         h_ok = (heads < H)[:, None]
         q_row = Q + t * stride_qt + heads[:, None] * stride_qh
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, q_layout))
-        if STAGE_F16:
-            # f16 times 2^k a head, k such that the head's largest |q| is in [2^13, 2^14): exact
-            # (f16 holds bf16's 8 significant bits; only values 2^-37 below that maximum round).
-            amax = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, q_layout))
-            for c in gl.static_range(D_LAT // 128):
-                part = gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0)
-                amax = gl.maximum(amax, gl.max(gl.abs(part.to(gl.float32)), 1))
-            expo = gl.maximum((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF, 14)  # biased; tiny and zero rows: 14
-            q_mul = ((267 - expo) << 23).to(gl.float32, bitcast=True)  # 2^(140 - expo)
-            q_rowf.store(((expo - 13) << 23).to(gl.float32, bitcast=True))  # 1 / q_mul
-            for c in gl.static_range(D_LAT // 128):
-                part = gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0)
-                q_a_smem.slice(c * 128, 128, dim=1).store((part.to(gl.float32) * q_mul[:, None]).to(gl.float16))
-        else:
-            for c in gl.static_range(D_LAT // 128):
-                q_a_smem.slice(c * 128, 128, dim=1).store(gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0))
+        for c in gl.static_range(D_LAT // 128):
+            q_a_smem.slice(c * 128, 128, dim=1).store(gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0))
         rope_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
         q_b_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
         fence_async_shared()
@@ -628,7 +546,7 @@ if HAVE_GLUON:
             p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], gl.bfloat16)
             xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
             lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
-            p_half = gl.allocate_shared_memory(KEY_T, [2, BLOCK_H, BLOCK_N // 2], p_layout)
+            p_half = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N // 2], p_layout)
             bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -644,13 +562,11 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, STAGE_F16)),
+                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, q_rowf, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           STAGE_F16)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, q_rowf, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           STAGE_F16)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -659,13 +575,11 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, q_rowf, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           STAGE_F16)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, q_rowf, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           STAGE_F16)),
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, STAGE_F16)),
+                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -678,7 +592,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, STAGE_F16)),
+                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -702,20 +616,10 @@ if HAVE_GLUON:
 # CHUNKED (a barrier per 128-column chunk, the scores over a chunk start as it lands; FlashMLA's
 # fine-grained copy-GEMM pipelining), 216/72, 2026-11-28: bf16 0.217 ms (0.221 without, within the
 # spread), FP8 FlashMLA 0.295 / row 0.266 (0.273 / 0.242 without): off by default.
-# IN_SLOT and STAGE_F16 apply to FP8 latents only (bf16 keys ignore them).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, STAGE_F16=False)
+                   CHUNKED=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False, STAGE_F16=True)
-
-
-def _launch_for(fp8: bool, launch: Optional[dict]) -> dict:
-    """The checked launch settings of a call: the key type's defaults, ``launch`` over them."""
-    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    check_launch(cfg)
-    if not fp8:
-        cfg.update(IN_SLOT=False, STAGE_F16=False)
-    return cfg
+                  CHUNKED=False)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
@@ -730,7 +634,9 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                  "stride_lt", "S_KV", "TOPK", "H"):
         sig[name] = "i32"
     sig["sm_scale_log2"] = "fp32"
-    constexprs = dict(FP8=fp8, N_TILES=n_tiles, **_launch_for(fp8, launch))
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    check_launch(cfg)
+    constexprs = dict(FP8=fp8, N_TILES=n_tiles, **cfg)
     sig.update({k: "constexpr" for k in constexprs})
     names = list(sig)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "stride_qt", "stride_qh", "stride_kvs", "stride_it", "stride_ot", "stride_oh")
@@ -752,9 +658,6 @@ def check_launch(cfg: dict) -> None:
     for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
-    if cfg["STAGE_F16"] and (not cfg["IN_SLOT"] or not cfg["SPLIT_S"] or cfg["CHUNKED"]):
-        raise ValueError("launch STAGE_F16 needs IN_SLOT=True, SPLIT_S=True and CHUNKED=False (f16 staging is written for the "
-                         "in-slot producer and the split-score consumer)")
     if not cfg["SPLIT_S"] and (cfg["CHUNKED"] or cfg["PRODUCER_DEFAULT"]):
         raise ValueError("launch CHUNKED / PRODUCER_DEFAULT need SPLIT_S=True (the unsplit schedule waits for whole slots "
                          "and always runs the producer as a worker)")
@@ -773,7 +676,8 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     """out [T, H, 512] and lse [T, H] of sparse MLA over a latent in FP8 (``kv_scale`` one scale
     per row or per 128-column tile) or bf16 (``kv_scale`` None), rope bf16; indices [T, 1, topk]."""
     fp8 = kv_scale is not None
-    cfg = _launch_for(fp8, launch)
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    check_launch(cfg)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     topk = indices.shape[-1]
