@@ -616,6 +616,11 @@ if HAVE_GLUON:
 # CHUNKED (a barrier per 128-column chunk, the scores over a chunk start as it lands; FlashMLA's
 # fine-grained copy-GEMM pipelining), 216/72, 2026-11-28: bf16 0.217 ms (0.221 without, within the
 # spread), FP8 FlashMLA 0.295 / row 0.266 (0.273 / 0.242 without): off by default.
+# Head blocks fastest in the grid (2026-11-28, later), 216/72: bf16 0.199-0.200 ms, FP8 FlashMLA
+# 0.265-0.266 / row 0.236-0.237. f16 staging of the FP8 latent (commit f2b4ce2): 0.355 / 0.273.
+# Two producer warpgroups (512 threads) do not compile: ptxas then caps every thread at 128
+# registers, and the 64 x 256 accumulator's wgmma needs 154.
+# IN_SLOT picks the FP8 producer; bf16 keys are always copied straight into the slot and ignore it.
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
                    CHUNKED=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
