@@ -58,6 +58,19 @@ def awkward(heads, topk, t=6):
     return awkward_inputs(t=t, heads=heads, topk=topk)
 
 
+def test_awkward_inputs_never_select_poisoned_rows():
+    q, kv, idx = awkward_inputs(t=5, heads=3, s_kv=400, topk=50, device="cpu", seed=3)
+    valid = (idx >= 0) & (idx < 400)
+    assert (idx[0, 0, ::7] == -1).all() and (idx[1, 0, ::5] == 403).all() and not valid[2].any()
+    assert valid.any() and idx[valid].min() >= 1 and idx[valid].max() < 400 - 100
+    latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
+    poison_unselected(kv, latent)
+    assert kv[0].isnan().all() and kv[-100:].isnan().all() and not kv[1:-100].isnan().any()
+    assert (latent.view(torch.uint8)[0] == 0x7F).all() and latent[1:-100].float().isfinite().all()
+    out, lse = reference.sparse_attn_reference(q, kv, idx, SCALE, 512)
+    assert out.isfinite().all() and lse[2].isinf().all()
+
+
 def check(out, lse, ref_out, ref_lse):
     fin = torch.isfinite(ref_lse)
     assert ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item() < 1e-2
