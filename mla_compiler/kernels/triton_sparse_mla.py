@@ -305,10 +305,13 @@ def _fwd_kernel(
     KV_SCALE=None, KV_ROPE=None, stride_ss=0, stride_rs=0, FP8: tl.constexpr = False, N_TILES: tl.constexpr = 1,
     DEQUANT: tl.constexpr = 0, SPLITS: tl.constexpr = 1, PARTIAL=None, PREFETCH: tl.constexpr = False,
 ):
-    t = tl.program_id(0).to(tl.int64)  # t * stride passes 2^31 at large T
+    # Axis 0 is (token, head block, split) with the split and then the head block varying fastest:
+    # a token's programs run side by side, so they share its gathered rows in L2.
+    per_token = tl.cdiv(HPG, BLOCK_H) * SPLITS
+    t = (tl.program_id(0) // per_token).to(tl.int64)  # t * stride passes 2^31 at large T
     g = tl.program_id(1)
-    hb = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
+    hb = (tl.program_id(0) % per_token) // SPLITS
+    split = tl.program_id(0) % SPLITS
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < HPG
     heads = g * HPG + offs_h
@@ -400,7 +403,7 @@ def _fwd_kernel(
     else:
         # Unnormalized partial: acc [DV_P], then m (base 2) and l, per (split, token, head).
         n_heads = HPG * tl.num_programs(1)
-        part = ((split * tl.num_programs(0) + t) * n_heads + heads).to(tl.int64)
+        part = ((split * (tl.num_programs(0) // per_token) + t) * n_heads + heads).to(tl.int64)
         offs_o = tl.arange(0, DV_P)
         tl.store(PARTIAL + part[:, None] * (DV_P + 2) + offs_o[None, :], acc, mask=h_ok[:, None])
         tl.store(PARTIAL + part * (DV_P + 2) + DV_P, m_i, mask=h_ok)
@@ -738,7 +741,7 @@ def _forward_launch(name, key, q, kv, stride_kvg, h_kv, indices, sm_scale, d_v, 
     )
     full_constexprs = dict(constexprs, HAS_SINK=attn_sink is not None, HAS_TOPK_LEN=topk_length is not None, PARTIAL=partial)
     key = key + (splits, tuple(tuple(sorted(c.items())) for c in candidates) if overridden else None)
-    _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t, h_kv, triton.cdiv(hpg, cfg["BLOCK_H"]) * splits), full_args, full_constexprs)
+    _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t * triton.cdiv(hpg, cfg["BLOCK_H"]) * splits, h_kv), full_args, full_constexprs)
     if splits > 1:
         block_h = 16 if interpreted() else 32
         _combine_kernel[(t, triton.cdiv(heads, block_h))](
