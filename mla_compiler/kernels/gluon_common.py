@@ -1,0 +1,45 @@
+"""Triton's Gluon dialect for Hopper, as the warp-specialized sparse MLA kernels use it: the
+imports (with the names Triton renamed after 3.6), the shapes the kernels are written for, and the
+program's coordinates shared by every partition."""
+
+from __future__ import annotations
+
+try:  # Gluon: Triton >= 3.5; its Hopper API is what these kernels are written against (3.6).
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language._core import builtin
+    from triton.experimental.gluon.language.nvidia.hopper import (  # noqa: F401 (used by the partitions' modules)
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    # Renamed after Triton 3.6: one barrier over a partition's warps; cp.async into shared memory;
+    # a shared-memory view as another dtype.
+    partition_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    async_rows = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
+    @builtin
+    def smem_view(desc, dtype, shape, layout, _semantic=None):
+        """``desc`` reinterpreted as ``dtype`` / ``shape`` / ``layout`` (the same bytes)."""
+        view = getattr(desc, "reinterpret", None) or desc._reinterpret
+        return view(dtype, shape, layout, _semantic=_semantic)
+
+    HAVE_GLUON = True
+except (ImportError, AttributeError):  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+_D_LAT, _D_ROPE, _BLOCK_H = 512, 64, 64
+if HAVE_GLUON:  # kernels read module globals only as constexpr
+    D_LAT, D_ROPE, BLOCK_H, V_HALF = gl.constexpr(_D_LAT), gl.constexpr(_D_ROPE), gl.constexpr(_BLOCK_H), gl.constexpr(_D_LAT // 2)
+
+    @gluon.jit
+    def _program_coords(H):
+        """(query token as int64, block of heads) of this program. Head blocks vary fastest: the
+        programs that gather the same token's key rows run side by side, so one of them reads the
+        rows from L2 instead of HBM (token-major order re-read them from HBM a wave later)."""
+        pid = gl.program_id(0)
+        n_hb = gl.cdiv(H, BLOCK_H)
+        return (pid // n_hb).to(gl.int64), pid % n_hb
