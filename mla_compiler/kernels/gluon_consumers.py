@@ -39,6 +39,15 @@ if HAVE_GLUON:
             gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
 
     @gluon.jit
+    def _online_softmax_step(s, m_i, m_new, l_i, acc, row_o: gl.constexpr):
+        """P of the scores ``s`` (base 2) under the new row maxima, the running sum and the value
+        accumulator rescaled to them (rows with no valid key yet stay at 0)."""
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        return p, l_i * alpha + gl.sum(p, 1), acc * gl.convert_layout(alpha, row_o)[:, None]
+
+    @gluon.jit
     def _consumer(
         q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
@@ -68,11 +77,7 @@ if HAVE_GLUON:
             s = warpgroup_mma(q_b_smem, r_ring.index(slot).permute((1, 0)), s)
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p, l_i, acc = _online_softmax_step(s, m_i, m_new, l_i, acc, row_o)
             p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
             acc = warpgroup_mma(p_op, k_tile.slice(WG * V_HALF, V_HALF, dim=1), acc)
             m_i = m_new
@@ -136,11 +141,7 @@ if HAVE_GLUON:
             mbarrier.arrive(bar_x.index(WG))
             mbarrier.wait(bar_x.index(OTHER), i & 1)
             m_new = gl.maximum(m_i, gl.maximum(m_mine, xmax.index(OTHER).load(row_s)))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            p, l_i, acc = _online_softmax_step(s, m_i, m_new, l_i, acc, row_o)
             p_half.index(WG).store(p.to(gl.bfloat16))
             fence_async_shared()
             partition_barrier()
