@@ -54,8 +54,12 @@ def test_declines_with_reasons(monkeypatch):
     assert ws.declines(q, kv[:, :512], None, kv[:, 512:], 512) == f"{ws.ENV_OFF}=0"
 
 
-def awkward(heads, topk, t=6):
-    return awkward_inputs(t=t, heads=heads, topk=topk)
+def fp8_keys(kv, layout):
+    """kv [rows, 1, 576] as (latent, scale, rope): FlashMLA's 656-byte rows or e4m3 with a row scale."""
+    if layout == "flashmla":
+        return fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
+    latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
+    return latent, scale, kv[:, 0, 512:].contiguous()
 
 
 def test_awkward_inputs_never_select_poisoned_rows():
@@ -93,7 +97,7 @@ def test_launch_settings_are_checked():
                          ids=["default", "unsplit", "chunked"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
-    q, kv, idx = awkward(heads, topk)
+    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
     poison_unselected(kv)
     out, lse = ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=launch)
     check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
@@ -107,12 +111,8 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
-    q, kv, idx = awkward(heads, topk)
-    if layout == "flashmla":
-        latent, scale, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-    else:
-        latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
-        rope = kv[:, 0, 512:].contiguous()
+    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
+    latent, scale, rope = fp8_keys(kv, layout)
     poison_unselected(latent, scale, rope)
     out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
@@ -123,16 +123,12 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 def test_fp8_latents_keep_extreme_scales(layout):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.
-    q, kv, idx = awkward(80, 200)
+    q, kv, idx = awkward_inputs(heads=80, topk=200)
     g = torch.Generator(device="cuda").manual_seed(7)
     kv = kv * torch.exp2(torch.randint(-20, 5, (kv.shape[0], 1, 1), device="cuda", generator=g)).to(kv.dtype)
     q = q * torch.logspace(-2, 1, q.shape[1], device="cuda")[None, :, None].to(q.dtype)
     q[:, 5] = 0
-    if layout == "flashmla":
-        latent, scale, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-    else:
-        latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
-        rope = kv[:, 0, 512:].contiguous()
+    latent, scale, rope = fp8_keys(kv, layout)
     out, lse = ws.forward(q, latent, scale, rope, idx, SCALE)
     assert torch.isfinite(out).all()
     check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
@@ -140,7 +136,7 @@ def test_fp8_latents_keep_extreme_scales(layout):
 
 @needs_hopper
 def test_forward_entry_points_dispatch_to_it_where_it_applies():
-    q, kv, idx = awkward(128, 256, t=200)  # 400 programs: more than the SMs
+    q, kv, idx = awkward_inputs(t=200, heads=128, topk=256)  # 400 programs: more than the SMs
     out, lse = tk.forward(q, kv, idx, SCALE, 512)
     assert tk.LAST_LAUNCH["forward"]["kernel"] == "gluon warp-specialized"
     check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
