@@ -10,6 +10,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from mla_compiler import explain, make_backend  # noqa: E402
+from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels import reference  # noqa: E402
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 from mla_compiler.lowering.dispatch import Problem, choose_kernel  # noqa: E402
@@ -195,8 +196,11 @@ def test_backward_in_token_chunks(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
-                    reason="needs a CUDA GPU with 40 GiB")
+needs_40gib = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 40 * 2**30,
+                                 reason="needs a CUDA GPU with 40 GiB")
+
+
+@needs_40gib
 @pytest.mark.parametrize("warp_specialized", ["0", "1"])
 def test_token_offsets_past_int32(monkeypatch, warp_specialized):
     """Query and output elements of the last tokens lie past 2^31: their row offsets must be 64-bit
@@ -216,3 +220,32 @@ def test_token_offsets_past_int32(monkeypatch, warp_specialized):
         ref_out, ref_lse = reference.sparse_attn_reference(q[rows], kv, idx[rows], 0.05, 512)
         assert _rel(out[rows], ref_out) < 1e-2
         assert (lse[rows] - ref_lse).abs().max().item() < 1e-3
+    del out, lse
+    # The FP8 forward (FlashMLA's layout) over the same queries.
+    latent, scale, rope = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
+    out, lse = tk.forward_fp8(q, latent, scale, rope, idx, 0.05, 512)
+    for rows in (slice(0, 3), slice(t - 3, t)):
+        ref_out, ref_lse = fr.sparse_attn_fp8kv_reference(q[rows], latent, scale, rope, idx[rows], 0.05, 512)
+        assert _rel(out[rows], ref_out) < 1e-2
+        assert (lse[rows] - ref_lse).abs().max().item() < 1e-3
+
+
+@needs_40gib
+def test_backward_offsets_past_int32():
+    """The three backward passes where q's offsets pass 2^31. The last tokens alone select keys
+    from the cache's upper half, so those dKV rows are theirs and the reference on just those
+    tokens gives them (and their dQ)."""
+    t, heads, s_kv, topk, tail = 29200, 128, 4096, 64, 3
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(t, heads, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(s_kv, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
+    idx = torch.randint(0, s_kv // 2, (t, 1, topk), device="cuda", dtype=torch.int32, generator=g)
+    idx[-tail:] = torch.randint(s_kv // 2, s_kv, (tail, 1, topk), device="cuda", dtype=torch.int32, generator=g)
+    idx[-tail:, :, ::5] = -1
+    out, lse = tk.forward(q, kv, idx, 0.05, 512)
+    dout = torch.randn_like(out)
+    dq, dkv, _ = tk.backward(dout, None, q, kv, out, lse, idx, 0.05, 512)
+    rows, upper = slice(t - tail, t), slice(s_kv // 2, s_kv)
+    ref_dq, ref_dkv, _ = reference.sparse_attn_backward_reference(dout[rows], None, q[rows], kv, out[rows], lse[rows], idx[rows], 0.05, 512)
+    assert _rel(dq[rows], ref_dq) < 2e-2
+    assert _rel(dkv[upper], ref_dkv[upper]) < 2e-2

@@ -454,11 +454,14 @@ def _bwd_ds_kernel(
 ):
     """Pass 1 of the backward, for one (token, key group, head block): recompute P from the saved
     lse, dP = dO V^T, dS = P (dP - delta); write dS and P (bf16). No accumulator is carried
-    across key blocks, so the tiles can be large."""
-    r = tl.program_id(0).to(tl.int64)  # row offsets pass 2^31 at large T
+    across key blocks, so the tiles can be large. Head blocks vary fastest on axis 0: a token's
+    head blocks run side by side and gather its key rows once from HBM, the others from L2 (as
+    in the forward)."""
+    n_hb = tl.cdiv(HPG, BLOCK_H)
+    r = (tl.program_id(0) // n_hb).to(tl.int64)  # row offsets pass 2^31 at large T
+    hb = tl.program_id(0) % n_hb
     t = t0 + r
     g = tl.program_id(1)
-    hb = tl.program_id(2)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     h_ok = offs_h < HPG
     heads = g * HPG + offs_h
@@ -829,7 +832,7 @@ def backward(dout, dlse, q, kv, out, lse, indices, sm_scale, d_v, attn_sink=None
             D_A=d_a, D_B=d_b, DV=d_v, DV_P=dv_p, V_IS_A=(d_v == d_a),
             HAS_TOPK_LEN=topk_length is not None, IEEE=ieee, UPCAST=upcast,
         )
-        _launch(_bwd_ds_kernel, "backward_ds", ds_key, ds_candidates, lambda c, n=n: (n, h_kv, triton.cdiv(hpg, c["BLOCK_H"])), args, constexprs)
+        _launch(_bwd_ds_kernel, "backward_ds", ds_key, ds_candidates, lambda c, n=n: (n * triton.cdiv(hpg, c["BLOCK_H"]), h_kv), args, constexprs)
         args = (
             kv, indices, ds_buf, dq, tl_arg,
             kv.stride(0), kv.stride(1), indices.stride(0), indices.stride(1),
