@@ -59,8 +59,9 @@ class BackendOptions:
     on_report: called with each graph's ``CompileReport`` (``explain`` uses it).
     fp8:       "preserve" (default): a site whose key latent is FP8 storage runs the FP8 kernel on
                payload + scale; a layout no FP8 kernel takes raises ``FP8DispatchError``.
-               "dequantize": such a site may run the bf16 kernels on the dequantized copy
-               instead (warned once per site, counted as ``fp8_dequantized``).
+               "dequantize": such a site (only) may run the bf16 kernels on the dequantized copy
+               instead (warned once per site, counted as ``fp8_dequantized``); the others still
+               run the FP8 kernel.
     mode:      Inductor's mode, as ``torch.compile(mode=...)`` takes it for the inductor backend:
                "reduce-overhead" captures the compiled graphs in CUDA graphs, "max-autotune" ...
     dump_dir:  write what each compile saw, matched, rejected and ran under this folder (see
@@ -128,7 +129,7 @@ class SparseMLABackend:
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
         # Counts booked per compile id, taken back when Dynamo retries the same frame.
-        self._booked: dict[str, dict[str, int]] = {}
+        self._booked: dict[str, tuple] = {}
 
     def __repr__(self) -> str:
         return f"SparseMLABackend({self.options})"
@@ -205,10 +206,15 @@ class SparseMLABackend:
             if n:
                 counters[COUNTER][key] += n
         if report.compile_id != "?":
-            self._booked[report.compile_id] = booked
+            # With the counter object booked into: after torch._dynamo.reset() or counters.clear()
+            # compile ids start again, and a new compile must not take back counts already gone.
+            self._booked[report.compile_id] = (counters[COUNTER], booked)
 
     def _unbook(self, compile_id: str) -> None:
-        for key, n in self._booked.pop(compile_id, {}).items():
+        into, booked = self._booked.pop(compile_id, (None, {}))
+        if into is not counters[COUNTER]:
+            return
+        for key, n in booked.items():
             if n:
                 counters[COUNTER][key] -= n
 
@@ -275,10 +281,8 @@ class SparseMLABackend:
         why = f.unsupported
         if why is None and any(_requires_grad(p.node) for p in site.q_parts + site.kv_parts):
             why = "the site needs gradients and there is no FP8 backward kernel"
-        if why is None:
-            if self.options.fp8 == "preserve":
-                return "preserve", f"preserved: {f.describe()} -> payload + scale to the FP8 kernel"
-            why = "make_backend(fp8='dequantize')"
+        if why is None:  # under either policy: "dequantize" only allows the fallback where it is needed
+            return "preserve", f"preserved: {f.describe()} -> payload + scale to the FP8 kernel"
         if self.options.fp8 == "dequantize":
             key = (site.source, f.kind)
             if key not in _fp8_warned:

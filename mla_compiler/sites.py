@@ -92,7 +92,8 @@ class Fp8Latent:
         "flashmla"     ``flashmla_kv_dequant(cache)``: ``source`` is the uint8 [..., 656] cache
         "subclass"     ``t.dequantize()`` of an FP8 tensor subclass: ``source`` is the subclass
                        value; ``payload_field``/``scale_field`` name its tensors
-        "payload*scale"  ``payload.float() * scale``: ``source`` the float8 payload, ``scale`` the scale
+        "payload*scale"  ``payload.float() * scale`` or ``/ scale``: ``source`` the float8 payload,
+                       ``scale`` the scale node, or ``scale_const`` a Python number
     ``unsupported`` says why no FP8 kernel takes this layout (None when one does).
     """
 
@@ -103,7 +104,8 @@ class Fp8Latent:
     payload_field: str = ""
     scale_field: str = ""
     payload_dtype: Any = None  # the float8 dtype to view a uint8 payload as (Transformer Engine)
-    quant_scale: bool = False  # the scale multiplies toward fp8 (torchao training): take its reciprocal
+    quant_scale: bool = False  # the scale multiplies toward fp8 (torchao training, or ``payload / scale``): take its reciprocal
+    scale_const: Optional[float] = None  # payload*scale with a Python-number scale (already the dequant multiplier)
     n_tiles: int = 1
     rope_in_cache: bool = False  # flashmla: the rope part is the cache's own bf16 rope
     unsupported: Optional[str] = None

@@ -1,13 +1,17 @@
 """Is a site's key latent FP8 storage that the user's graph dequantizes? Read where it comes from.
 
-Three shapes of dequantization are recognized at the Dynamo level, where the storage is visible:
-``flashmla_kv_dequant(cache)`` (FlashMLA's 656-byte layout), ``t.dequantize()`` of an FP8 tensor
-subclass (torchao, Transformer Engine; identified by storage facts, never by ``.dtype``), and
-``payload.float() * scale`` with a float8 payload and a per-row or per-tensor scale.
+The shapes of dequantization recognized at the Dynamo level, where the storage is visible:
+``flashmla_kv_dequant(cache)`` (FlashMLA's 656-byte layout), ``t.dequantize()`` (or torchao
+training's ``t.to_original_precision()``) of an FP8 tensor subclass (torchao, Transformer Engine;
+identified by storage facts, never by ``.dtype``), and ``payload.float() * scale`` or
+``payload.float() / scale`` with a float8 payload and a per-row or per-tensor scale, a tensor or a
+Python number. A latent concatenated with the rope before the product is recognized too, and
+reported as a layout the FP8 kernels do not take (they read the latent and the rope separately).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Optional
 
@@ -48,32 +52,59 @@ def fp8_latent(latent_source: torch.fx.Node, rope_source: Optional[torch.fx.Node
         in_cache = rope is not None and rope.op == "call_function" and rope.target is operator.getitem and rope.args[0] is dequant and rope.args[1] == 1
         facts = storage_facts(fx_ops.meta_tensor(cache))
         return Fp8Latent("flashmla", facts, cache, n_tiles=4, rope_in_cache=in_cache)
-    # A tensor subclass dequantized with .dequantize()
-    if node.op == "call_method" and node.target == "dequantize" and isinstance(node.args[0], torch.fx.Node):
+    # A tensor subclass dequantized with .dequantize() (torchao training: .to_original_precision())
+    if node.op == "call_method" and node.target in ("dequantize", "to_original_precision") and isinstance(node.args[0], torch.fx.Node):
         sub = node.args[0]
         value = fx_ops.meta_value(sub)
         facts = storage_facts(value)
         if not is_fp8(facts):
             return None
         return _subclass_latent(sub, value, facts)
-    # payload.float() * scale
-    if fx_ops.kind_of(node) == "mul":
-        a, b = node.args[0], node.args[1]
-        for payload, scale in ((a, b), (b, a)):
-            p = _strip(payload) if isinstance(payload, torch.fx.Node) else None
-            if p is not None and _float8(p) and isinstance(scale, torch.fx.Node):
-                pt, st = fx_ops.meta_tensor(p), fx_ops.meta_tensor(scale)
-                if st is None:
-                    continue
-                facts = StorageFacts("float8 payload with a separate scale", str(fx_ops.meta_tensor(node).dtype).replace("torch.", ""),
-                                     str(pt.dtype).replace("torch.", ""), f"{scale.name} {list(st.shape)}", "dequant",
-                                     "per-row" if st.dim() and st.shape[-1] == 1 and st.numel() > 1 else ("per-tensor" if st.numel() == 1 else f"{list(st.shape)}"))
-                why = None
-                if not (st.numel() == 1 or (st.dim() == pt.dim() and st.shape[-1] == 1)):
-                    why = f"scale of shape {list(st.shape)} for a payload of shape {list(pt.shape)} (per-row [..., 1] or per-tensor only)"
-                elif st.dtype != torch.float32:
-                    why = f"scale dtype {st.dtype} (float32 only)"
-                return Fp8Latent("payload*scale", facts, p, scale=scale, unsupported=why)
+    # payload.float() * scale, payload.float() / scale
+    if fx_ops.kind_of(node) in ("mul", "div"):
+        return _payload_times_scale(node)
+    # The latent concatenated with the rope (or anything) along the features before the product
+    if fx_ops.kind_of(node) == "cat":
+        parts = fx_ops.read(node).arg("tensors")
+        for part in parts if isinstance(parts, (list, tuple)) else ():
+            inner = fp8_latent(part, None) if isinstance(part, torch.fx.Node) else None
+            if inner is not None:
+                return dataclasses.replace(inner, unsupported=(
+                    f"the FP8 latent is concatenated ({node.name}) with other features before the attention products; the "
+                    "FP8 kernels read the latent's payload + scale and the bf16 rope as separate operands: keep them apart "
+                    "(score = q_lat . latent + q_rope . rope)"))
+    return None
+
+
+def _payload_times_scale(node: torch.fx.Node) -> Optional[Fp8Latent]:
+    """``payload.float() * scale`` (either order) or ``payload.float() / scale``, the scale a tensor
+    or a Python number; None when neither operand is a float8 payload."""
+    a, b = node.args[0], node.args[1]
+    divides = fx_ops.kind_of(node) == "div"
+    for payload, scale in ((a, b),) if divides else ((a, b), (b, a)):
+        p = _strip(payload) if isinstance(payload, torch.fx.Node) else None
+        if p is None or not _float8(p):
+            continue
+        pt = fx_ops.meta_tensor(p)
+        out = str(fx_ops.meta_tensor(node).dtype).replace("torch.", "")
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            const = 1.0 / float(scale) if divides else float(scale)
+            facts = StorageFacts("float8 payload with a separate scale", out, str(pt.dtype).replace("torch.", ""),
+                                 f"the number {scale!r}", "dequant" if not divides else "quant (divides)", "per-tensor")
+            return Fp8Latent("payload*scale", facts, p, scale_const=const)
+        st = fx_ops.meta_tensor(scale) if isinstance(scale, torch.fx.Node) else None
+        if st is None:
+            continue
+        granularity = "per-tensor" if st.numel() == 1 else ("per-row" if st.dim() and st.shape[-1] == 1 else f"{list(st.shape)}")
+        facts = StorageFacts("float8 payload with a separate scale", out, str(pt.dtype).replace("torch.", ""),
+                             f"{scale.name} {list(st.shape)}", "quant (divides)" if divides else "dequant", granularity)
+        why = None
+        if not (st.numel() == 1 or (st.dim() == pt.dim() and st.shape[-1] == 1 and list(st.shape[:-1]) == list(pt.shape[:-1]))):
+            why = (f"scale of shape {list(st.shape)} for a payload of shape {list(pt.shape)}: the FP8 kernels take one scale "
+                   "per tensor or one per row ([..., 1] over the payload's rows), not one shared by a group of rows")
+        elif not st.dtype.is_floating_point:
+            why = f"scale dtype {st.dtype} (a floating-point scale)"
+        return Fp8Latent("payload*scale", facts, p, scale=scale, quant_scale=divides, unsupported=why)
     return None
 
 

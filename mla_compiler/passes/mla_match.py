@@ -771,9 +771,8 @@ class _Analysis:
         if coef0.const <= 0:
             raise Reject("scale", f"the softmax scale {coef0.const} is not positive")
 
-        fp8 = None
-        if kv_parts[0].gather is None:
-            fp8 = fp8_latent(kv_parts[0].source, kv_parts[1].source if len(kv_parts) > 1 else None)
+        fp8 = fp8_latent(kv_parts[0].source, kv_parts[1].source if len(kv_parts) > 1 else None)
+        if True:
             if fp8 is not None and fp8.unsupported is None:
                 axes0 = self.operand(kv_parts[0].source, roles).axes
                 if axes0[-1] != ("D0",) or len(kv_parts) > 2:
