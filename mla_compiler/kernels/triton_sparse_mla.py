@@ -675,12 +675,20 @@ def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, a
 WS_DECLINED: dict = {}
 
 
+def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself when its last axis is unit-stride (or of length 1: a per-row scale, possibly a
+    stride-0 view of one per-tensor scale), else a contiguous copy."""
+    return t if t is None or t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
+
+
 def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
     """Sparse MLA over an FP8 latent (see fp8_reference.py for the operands): the latent rows are
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
     ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths the
     warp-specialized kernel (gluon_sparse_mla.py) takes the call where it applies."""
     q, indices = q.contiguous(), indices.contiguous()
+    # The kernels read a row's columns (latent, scales, rope) at unit stride; any row stride works.
+    kv_latent, kv_scale, kv_rope = (_unit_columns(t) for t in (kv_latent, kv_scale, kv_rope))
     if launch is None:
         out = _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, 1)
         if out is not None:

@@ -214,6 +214,10 @@ class _SiteLowering:
                 scale = b.method("reciprocal", scale)
         else:
             payload, scale = f.source, f.scale
+            if f.scale_const is not None:  # a Python-number scale: one fp32 element beside the payload
+                scale = b.call(torch.full, (1,), f.scale_const, dtype=torch.float32, device=b.call(getattr, payload, "device"))
+            elif f.quant_scale:
+                scale = b.method("reciprocal", b.method("float", scale))
         # One scale per row and tile; a per-tensor scale becomes a stride-0 view, never a buffer.
         pt, st = _example(payload), _example(scale)
         if st.dim() != pt.dim() or st.shape[:-1] != pt.shape[:-1]:
@@ -356,7 +360,35 @@ def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[d
     for node in sorted(site.region, key=order.__getitem__, reverse=True):
         if not node.users:
             graph.erase_node(node)
+    if fp8_mode == "preserve":
+        _erase_unused(graph, [p.node for p in site.kv_parts] + [site.value.node])
     return replacement
+
+
+# Ops that only compute a value (a user's dequantized copy and its layout steps): safe to drop once
+# unused. Anything else (in-place methods, cache writes, custom ops) stays, used or not.
+_PURE_METHODS = {"dequantize", "to_original_precision", "float", "to", "bfloat16", "half", "reshape", "view", "contiguous",
+                 "unsqueeze", "squeeze", "permute", "transpose", "expand", "mul", "div", "type_as", "flatten", "__getitem__"}
+_PURE_FUNCTIONS = {operator.getitem, operator.mul, operator.truediv, torch.mul, torch.div, torch.cat, torch.reshape,
+                   torch.ops.sparse_mla.flashmla_kv_dequant, torch.ops.sparse_mla.flashmla_kv_dequant.default}
+
+
+def _erase_unused(graph: torch.fx.Graph, starts: list) -> None:
+    """Drops the user's dequantized copy of an FP8 latent that the FP8 op made unused (with the
+    eager inner compiler or in an exported program it would otherwise still run every call)."""
+    stack = [n for n in starts if isinstance(n, torch.fx.Node)]
+    erased: set = set()
+    while stack:
+        node = stack.pop()
+        if node in erased or node.graph is not graph or node.users or node.op not in ("call_method", "call_function"):
+            continue
+        pure = node.target in _PURE_METHODS if node.op == "call_method" else node.target in _PURE_FUNCTIONS
+        if not pure:
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        stack.extend(inputs)
 
 
 def _renamed(site: MatchedSite, replaced: dict) -> MatchedSite:
