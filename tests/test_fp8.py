@@ -288,7 +288,7 @@ def test_unsupported_layout_raises_under_preserve_and_falls_back_under_dequantiz
             torch.compile(_decode_attention, backend=make_backend(inner="aot_eager"))(*args)
         text = str(err.value)
         assert "FP8DispatchError" in text and "cannot stay FP8" in text and "fp8='dequantize'" in text
-        assert "_rowwise_scale_inv" in text or "scale" in text  # names the storage
+        assert "MXFP8Tensor" in text and "storage:" in text  # names the storage
         torch._dynamo.reset()
         counters.clear()
         reports = []
@@ -300,6 +300,142 @@ def test_unsupported_layout_raises_under_preserve_and_falls_back_under_dequantiz
         assert [d for r in reports for d in r.fp8_downgrades]  # and the report says so
     finally:
         te_standin.uninstall()
+
+
+def _spelled_attention(q_lat, q_pe, kv, k_pe, idx, scale=0.06):
+    """_decode_attention on an already dequantized latent ``kv``."""
+    b, s = q_lat.shape[:2]
+    scores = (torch.einsum("bshc,btc->bsht", q_lat.float(), kv.float()) + torch.einsum("bshr,btr->bsht", q_pe.float(), k_pe.float())) * scale
+    mask = torch.full((b, s, kv.size(1)), float("-inf")).scatter_(-1, idx, 0)
+    p = (scores + mask.unsqueeze(2)).softmax(-1, dtype=torch.float32)
+    return torch.einsum("bsht,btc->bshc", p.type_as(q_lat), kv)
+
+
+def _compile_fp8(fn, args, **opts):
+    torch._dynamo.reset()
+    counters.clear()
+    reports = []
+    got = torch.compile(fn, backend=make_backend(inner="aot_eager", on_report=reports.append, **opts))(*args)
+    return got, [s for r in reports for s in r.sites]
+
+
+def _payload_and_row_scales(lat):
+    amax = lat.float().abs().amax(-1, keepdim=True)
+    scale = amax / 448.0
+    return (lat.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+@pytest.mark.parametrize("spelling", ["divide by the inverse scale", "Python-number scale", "bf16 scale",
+                                      "torchao training to_original_precision"])
+def test_other_dequantize_spellings_stay_fp8(spelling):
+    q_lat, q_pe, lat, k_pe, idx = _decode_inputs(lambda x: x)
+    payload, scale = _payload_and_row_scales(lat)
+    if spelling == "divide by the inverse scale":
+        fn = lambda q, qp, p, inv, kp, i: _spelled_attention(q, qp, (p.float() / inv).bfloat16(), kp, i)  # noqa: E731
+        args = (q_lat, q_pe, payload, 1.0 / scale, k_pe, idx)
+    elif spelling == "Python-number scale":
+        payload = (lat.float() / 0.05).to(torch.float8_e4m3fn)
+        fn = lambda q, qp, p, kp, i: _spelled_attention(q, qp, (p.float() * 0.05).bfloat16(), kp, i)  # noqa: E731
+        args = (q_lat, q_pe, payload, k_pe, idx)
+    elif spelling == "bf16 scale":
+        scale = scale.bfloat16()
+        payload = (lat.float() / scale.float()).to(torch.float8_e4m3fn)
+        fn = lambda q, qp, p, sc, kp, i: _spelled_attention(q, qp, p.bfloat16() * sc, kp, i)  # noqa: E731
+        args = (q_lat, q_pe, payload, scale, k_pe, idx)
+    else:
+        from torchao.float8.float8_training_tensor import hp_tensor_and_scale_to_float8
+
+        x8 = hp_tensor_and_scale_to_float8(lat, torch.tensor(448.0) / lat.float().abs().max(), torch.float8_e4m3fn)
+        fn = lambda q, qp, x, kp, i: _spelled_attention(q, qp, x.to_original_precision(), kp, i)  # noqa: E731
+        args = (q_lat, q_pe, x8, k_pe, idx)
+    got, sites = _compile_fp8(fn, args)
+    assert counters["sparse_mla"]["fp8_preserved"] == 1 and counters["sparse_mla"]["fp8_dequantized"] == 0, [s.fp8 for s in sites]
+    assert rel_err(got, fn(*args)) < 1e-2
+
+
+def test_gathered_keys_stay_fp8_and_a_concatenated_latent_is_refused():
+    from mla_compiler.models import spellings as sp
+
+    x = sp.make_inputs(b=2, s=6, h=4, d_lat=64, d_rope=32, topk=4, dtype=torch.bfloat16)
+    kv8 = Float8Tensor.from_hp(x.kv_lat, granularity=PerRow())
+
+    def gathered(q_lat, q_pe, kv8, k_pe, idx, causal):
+        return sp.gather_torch_gather(q_lat, q_pe, kv8.dequantize(), k_pe, idx, causal, x.scale)
+
+    args = (x.q_lat, x.q_pe, kv8, x.k_pe, x.idx, x.causal)
+    got, sites = _compile_fp8(gathered, args)
+    assert counters["sparse_mla"]["fp8_preserved"] == 1, [s.fp8 for s in sites]
+    assert rel_err(got, gathered(*args)) < 1e-2
+
+    def concatenated(q_lat, q_pe, kv8, k_pe, idx, causal):  # kv = cat([latent, rope]) before kv[b, idx]
+        return sp.gather_python_index(q_lat, q_pe, kv8.dequantize(), k_pe, idx, causal, x.scale)
+
+    with pytest.raises(Exception, match="concatenated") as err:
+        _compile_fp8(concatenated, args)
+    assert isinstance(err.value.inner_exception, mla_compiler.FP8DispatchError)  # what BackendCompilerFailed wraps
+    got, sites = _compile_fp8(concatenated, args, fp8="dequantize")
+    assert counters["sparse_mla"]["fp8_dequantized"] == 1 and rel_err(got, concatenated(*args)) < 1e-2
+
+
+def test_a_scale_shared_by_a_group_of_rows_is_refused_not_lowered_as_bf16():
+    q_lat, q_pe, lat, k_pe, idx = _decode_inputs(lambda x: x)
+    scale = lat.float().abs().amax((1, 2), keepdim=True) / 448.0  # one scale per batch row: [B, 1, 1]
+    payload = (lat.float() / scale).to(torch.float8_e4m3fn)
+    fn = lambda q, qp, p, sc, kp, i: _spelled_attention(q, qp, (p.float() * sc).bfloat16(), kp, i)  # noqa: E731
+    with pytest.raises(Exception, match="shared by a group of rows"):
+        _compile_fp8(fn, (q_lat, q_pe, payload, scale, k_pe, idx))
+    assert not counters["sparse_mla"]["lowering_failed"]
+
+
+def test_dequantize_policy_keeps_supported_layouts_in_fp8():
+    args = _decode_inputs(lambda x: Float8Tensor.from_hp(x, granularity=PerRow()))
+    got, sites = _compile_fp8(_decode_attention, args, fp8="dequantize")
+    assert counters["sparse_mla"]["fp8_preserved"] == 1 and counters["sparse_mla"]["fp8_dequantized"] == 0
+    assert sites[0].fp8.startswith("preserved")
+
+
+def test_counters_survive_a_dynamo_reset_with_the_same_backend():
+    args = _decode_inputs(lambda x: Float8Tensor.from_hp(x, granularity=PerRow()))
+    backend = make_backend(inner="aot_eager")
+    torch.compile(_decode_attention, backend=backend)(*args)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.compile(lambda *a: _decode_attention(*a) * 2, backend=backend)(*args)  # compile ids start again
+    assert counters["sparse_mla"]["matched"] == 1 and counters["sparse_mla"]["fp8_preserved"] == 1
+
+
+def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes():
+    captured = []
+
+    def inner(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    model = TinyMLAModel(cfg).eval()
+    model.allocate_cache(2, 48, kv_format="flashmla")
+    tok = torch.randint(0, cfg.vocab_size, (2, 8))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=make_backend(inner=inner))(tok)
+    ops = [n.target for gm in captured for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.sparse_mla.sparse_attn_fp8kv.default in ops
+    assert not [t for t in ops if "flashmla_kv_dequant" in str(t)]
+
+
+@pytest.mark.parametrize("fmt", ["flashmla", "rowwise"])
+def test_triton_fp8_kernel_reads_views_with_strided_columns(fmt):
+    tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")
+    if not (torch.cuda.is_available() or tk.interpreted()):
+        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, latent, scale, rope, idx = (x.to(dev) for x in _fp8_case(fmt=fmt, seed=5, t=3, topk=9))
+    strided = lambda x: x.t().contiguous().t()  # noqa: E731 - the same values, columns a row apart
+    assert strided(latent).stride(-1) != 1 and strided(rope).stride(-1) != 1
+    want, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, 0.05, 512)
+    got, _ = tk.forward_fp8(q, strided(latent), strided(scale), strided(rope), idx, 0.05, 512)
+    assert rel_err(got, want) < 2e-2
 
 
 def _blocked(x):
@@ -381,6 +517,15 @@ def test_explain_shows_fp8_status_and_storage():
     text = str(report)
     assert "FP8: preserved: FlashMLA FP8 KV cache (656 B/token)" in text
     assert "kernel reference" in text
+    assert "storage kv0: FlashMLA FP8 KV cache" in text  # per site and operand
+
+
+def test_explain_lists_fp8_inputs():
+    args = _decode_inputs(lambda x: Float8Tensor.from_hp(x, granularity=PerRow()))
+    text = str(explain(_decode_attention, *args))
+    inputs = text.split("Inputs held as FP8 storage")[1].split("Lowered sites")[0]
+    assert "torchao Float8Tensor, payload float8_e4m3fn" in inputs and "per-row" in inputs
+    assert "q_lat" not in inputs  # plain inputs are not listed there
 
 
 # ---------------------------------------------------------------- downgrades in the user's graph
@@ -400,6 +545,26 @@ def test_downgrade_detector_warns_with_the_source_line():
     (warning,) = [d for g in report.graphs for d in g.fp8_downgrades]
     assert "FP8 downgrade" in warning.reason and "test_fp8.py" in warning.source
     assert "Warnings: FP8 downgrades" in str(report)
+
+
+def test_downgrade_detector_sees_attention_and_longer_layout_chains():
+    class DequantAttention(torch.nn.Module):
+        def forward(self, q, k8, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k8.to(torch.bfloat16) * 0.05, v)
+
+    class ReshapedWeight(torch.nn.Module):
+        def forward(self, x, w8, s):
+            w = (w8.float() * s).to(torch.bfloat16).reshape(64, 32).t().contiguous()
+            return x @ w.float()
+
+    q, v = torch.randn(2, 4, 8, 32).bfloat16(), torch.randn(2, 4, 16, 32).bfloat16()
+    k8 = (torch.randn(2, 4, 16, 32) / 0.05).to(torch.float8_e4m3fn)
+    w8 = (torch.randn(32, 64) * 10).to(torch.float8_e4m3fn)
+    for model, args, consumer in ((DequantAttention(), (q, k8, v), "scaled_dot_product_attention"),
+                                  (ReshapedWeight(), (torch.randn(3, 32), w8, torch.tensor(0.1)), "matmul")):
+        report = explain(model, *args)
+        (warning,) = [d for g in report.graphs for d in g.fp8_downgrades]
+        assert consumer in warning.reason, warning.reason
 
 
 # ---------------------------------------------------------------- leave good FP8 alone

@@ -18,9 +18,13 @@ def format_report(graphs: list[CompileReport], recompiles: int = 0, recompile_re
     for g, s in sites:
         site_entries.append(
             [s.source, f"{_where(g, s.graph_name)}, {s.form} form", s.dims, f"scale {s.scale}", f"kernel {s.kernel} ({s.kernel_reason})", f"FP8: {s.fp8}"]
+            + [f"storage {k}: {v}" for k, v in s.storage.items()]
             + [f"mask {m}" for m in s.masks]
             + [f"note: {n}" for n in s.notes]
         )
+    _plain_section(lines, "Inputs held as FP8 storage", [f"graph {g.compile_id}: {r['name']} {r.get('shape', '')}: {r.get('storage')}, payload "
+                                                         f"{r.get('payload_dtype')}, scale {r.get('scale')} ({r.get('scale_convention')}, {r.get('granularity')})"
+                                                         for g in graphs for r in g.inputs if r.get("storage") not in (None, "", "plain")])
     _section(lines, "Lowered sites", site_entries)
     _section(lines, "Rejected candidates", [[r.source, f"{_where(g, r.graph_name)}, check '{r.check}': {r.reason}"] for g, r in rejected])
     _section(lines, "Near misses (attention-like code with no softmax anchor)", [[n.source, n.reason] for g in graphs for n in g.near_misses])

@@ -17,11 +17,14 @@ from mla_compiler.passes.storage import is_fp8, storage_facts
 from mla_compiler.sites import NearMiss
 
 _PRODUCTS = ("einsum", "matmul")
-_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear, torch.mm, torch.addmm, torch.bmm}
+_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear, torch.mm, torch.addmm, torch.bmm,
+           torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _THROUGH = ("to_dtype", "identity", "mul", "div", "permute", "transpose", "t", "unsqueeze", "squeeze", "view", "expand", "getitem", "cat")
+# Layout methods a dequantized copy passes through on its way to a product (beyond fx_ops' kinds).
+_THROUGH_METHODS = ("reshape", "contiguous", "flatten", "unflatten", "clone", "float", "bfloat16", "half", "type_as", "narrow")
 
 
-def _consumer(node: torch.fx.Node, hops: int = 4):
+def _consumer(node: torch.fx.Node, hops: int = 8):
     frontier = [node]
     seen = {node}
     for _ in range(hops):
@@ -33,7 +36,8 @@ def _consumer(node: torch.fx.Node, hops: int = 4):
                 seen.add(u)
                 if fx_ops.kind_of(u) in _PRODUCTS or (u.op == "call_function" and (u.target in _LINEAR or _is_op(u, "sparse_attn"))):
                     return u
-                if fx_ops.kind_of(u) in _THROUGH:
+                if fx_ops.kind_of(u) in _THROUGH or (u.op == "call_method" and u.target in _THROUGH_METHODS) or (
+                        u.op == "call_function" and u.target in (torch.reshape, torch.flatten, torch.clone)):
                     nxt.append(u)
         frontier = nxt
     return None
