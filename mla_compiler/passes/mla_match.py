@@ -772,11 +772,11 @@ class _Analysis:
             raise Reject("scale", f"the softmax scale {coef0.const} is not positive")
 
         fp8 = fp8_latent(kv_parts[0].source, kv_parts[1].source if len(kv_parts) > 1 else None)
-        if True:
-            if fp8 is not None and fp8.unsupported is None:
-                axes0 = self.operand(kv_parts[0].source, roles).axes
-                if axes0[-1] != ("D0",) or len(kv_parts) > 2:
-                    fp8 = dataclasses.replace(fp8, unsupported="the latent's feature axis is not its last axis")
+        # Index-mask and gather forms alike: the gathered operand's source is the cache itself.
+        if fp8 is not None and fp8.unsupported is None:
+            axes0 = self.operand(kv_parts[0].source, roles).axes
+            if axes0[-1] != ("D0",) or len(kv_parts) > 2:
+                fp8 = dataclasses.replace(fp8, unsupported="the latent's feature axis is not its last axis")
         sizes = self._sizes(roles, q_parts, kv_parts, idx_walk, masks)
         unique = _proven_unique(idx_walk.source)
         if semantics == "scatter" and not unique:
