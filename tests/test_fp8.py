@@ -477,6 +477,37 @@ def test_model_with_fp8_kv_cache_decodes_in_fp8(kv_format):
     assert counters["sparse_mla"]["fp8_preserved"] >= cfg.n_layers and counters["sparse_mla"]["fp8_dequantized"] == 0
 
 
+@pytest.mark.parametrize("kv_format", ["flashmla", "torchao"])
+def test_a_sliced_batch_of_caches_is_read_in_place(kv_format):
+    """``cache[:bsz, :end_pos]`` of a bigger cache: the FP8 op reads the rows where they are (a
+    strided view with the cache's row pitch), not a packed copy of the slice made every call."""
+    captured = []
+
+    def inner(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    eager, compiled = TinyMLAModel(cfg).eval(), TinyMLAModel(cfg).eval()
+    compiled.load_state_dict(eager.state_dict())
+    for m in (eager, compiled):
+        m.allocate_cache(3, 48, kv_format=kv_format)  # room for 3 sequences of 48; 2 of 8 + 1 used
+    tok = torch.randint(0, cfg.vocab_size, (2, 9))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        run = torch.compile(compiled, backend=make_backend(inner=inner))
+        got = [run(tok[:, :8]), run(tok[:, 8:], start_pos=8)]
+        want = [eager(tok[:, :8]), eager(tok[:, 8:], start_pos=8)]
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-4
+    for gm in captured:
+        fp8 = [n for n in gm.graph.nodes if n.op == "call_function" and "fp8kv" in str(n.target)]
+        for node in fp8:
+            latent = node.args[1]
+            assert latent.target is torch.as_strided, latent.format_node()
+
+
 def test_model_fp8_cache_error_is_close_to_bf16_cache():
     """FP8 vs bf16 KV: the output error stays within what the layout's quantization causes."""
     torch.manual_seed(0)

@@ -227,18 +227,25 @@ class _SiteLowering:
         n_tiles = _example(scale).shape[-1]
         self._size_nodes["Z"] = n_tiles
         lat = self.expanded(Operand(payload, part0.axes), kv_rows + ["D0"], kv_rows)
-        lat = b.method("reshape", lat, -1, s.dims.d_parts[0])
         scl = self.expanded(Operand(scale, part0.axes[:-1] + (("Z",),)), kv_rows + ["Z"], kv_rows)
-        scl = b.method("reshape", scl, -1, n_tiles)
         if rope is None and len(s.kv_parts) > 1:
             rope = s.kv_parts[1]
-        rope2d = None
-        if rope is not None:
-            rope2d = self.expanded(rope, kv_rows + ["D1"], kv_rows)
-            rope2d = b.method("reshape", rope2d, -1, s.dims.d_parts[1])
-            if _example(rope2d).dtype != _example(q).dtype:
-                rope2d = b.method("to", rope2d, _example(q).dtype)
-        idx = self.indices(kv_batched)
+        rope3 = self.expanded(rope, kv_rows + ["D1"], kv_rows) if rope is not None else None
+        pitch = _common_pitch([lat, scl, rope3]) if kv_batched else None
+        if pitch is not None:
+            # A batch of caches sliced out of bigger ones (``cache[:bsz, :end_pos]``): rows of
+            # batch b start ``pitch`` rows after batch b-1's. Read them in place as one 2-D view
+            # with that pitch instead of copying the slice into packed rows every call.
+            n_rows = b.call(operator.add, (_example(lat).shape[0] - 1) * pitch, self.size("T"))
+            lat, scl, rope3 = (None if x is None else _rows_view(b, x, n_rows) for x in (lat, scl, rope3))
+            rope2d = rope3
+        else:
+            lat = b.method("reshape", lat, -1, s.dims.d_parts[0])
+            scl = b.method("reshape", scl, -1, n_tiles)
+            rope2d = None if rope3 is None else b.method("reshape", rope3, -1, s.dims.d_parts[1])
+        if rope2d is not None and _example(rope2d).dtype != _example(q).dtype:
+            rope2d = b.method("to", rope2d, _example(q).dtype)
+        idx = self.indices(kv_batched, pitch)
         scale_arg = self.scale_value()
         result = b.call(SPARSE_ATTN_FP8, q, lat, scl, rope2d, idx, scale_arg, s.dims.d_v)
         return self.to_user_layout(b.call(operator.getitem, result, 0), rows)
@@ -250,7 +257,9 @@ class _SiteLowering:
             scale = node if (exponent > 0 and isinstance(scale, float) and scale == 1.0) else self.b.call(op, scale, node)
         return scale
 
-    def indices(self, kv_batched: bool) -> torch.fx.Node:
+    def indices(self, kv_batched: bool, pitch: Optional[int] = None) -> torch.fx.Node:
+        """Flat key rows [rows, 1, K] (int32, -1 where invalid or masked); with ``kv_batched`` batch
+        b's rows start at b * (``pitch`` or the key length)."""
         s, b = self.site, self.b
         bsk = [r for r in ("B", "S") if self.has(r)] + ["K"]
         idx = self.expanded(s.indices, bsk, bsk)
@@ -273,7 +282,7 @@ class _SiteLowering:
             idx, valid = self.drop_duplicates(idx, valid, t_len)
         if kv_batched:
             batch = b.call(torch.arange, self.size("B"), device=self.device)
-            offset = b.call(operator.mul, b.method("view", batch, -1, *([1] * (len(bsk) - 1))), t_len)
+            offset = b.call(operator.mul, b.method("view", batch, -1, *([1] * (len(bsk) - 1))), t_len if pitch is None else pitch)
             idx = b.call(operator.add, idx, offset)
         idx = b.call(torch.where, valid, idx, -1)
         idx = b.method("to", idx, torch.int32)
@@ -336,6 +345,36 @@ class _SiteLowering:
         if isinstance(a, int) and a == 1:
             return c
         return self.b.call(operator.mul, a, c)
+
+
+def _common_pitch(parts: list) -> Optional[int]:
+    """The row pitch (in rows) shared by batched [B, T, width] operands whose rows are evenly
+    spaced within and across batches, from their strides (static even where the key length is
+    dynamic: a slice keeps its cache's strides); None when a stride or the batch size is dynamic,
+    the batch is 1 (packed rows are a view then), an operand is not unit-stride along its width,
+    or the operands are spaced differently (those are packed by a reshape instead). Row b * pitch
+    + t of the 2-D view is then exactly element [b, t]. A stride-0 operand fits any pitch."""
+    pitch = None
+    for x in parts:
+        if x is None:
+            continue
+        t = _example(x)
+        strides = t.stride()
+        if t.dim() != 3 or not all(isinstance(v, int) for v in (*strides, t.shape[0])) or t.shape[0] < 2:
+            return None
+        s_b, s_t, s_w = strides
+        if s_b == 0 and s_t == 0:
+            continue
+        if (s_w != 1 and t.shape[2] != 1) or s_t <= 0 or s_b % s_t or (pitch is not None and s_b // s_t != pitch):
+            return None
+        pitch = s_b // s_t
+    return pitch
+
+
+def _rows_view(b: "_Builder", x: torch.fx.Node, n_rows: Any) -> torch.fx.Node:
+    """[B, T, w] as the ``n_rows`` = (B - 1) * pitch + T rows it spans (a view)."""
+    t = _example(x)
+    return b.call(torch.as_strided, x, (n_rows, t.shape[2]), (t.stride(1), t.stride(2)))
 
 
 def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None, fp8_mode: str = "none") -> torch.fx.Node:
