@@ -404,13 +404,19 @@ def test_counters_survive_a_dynamo_reset_with_the_same_backend():
     assert counters["sparse_mla"]["matched"] == 1 and counters["sparse_mla"]["fp8_preserved"] == 1
 
 
-def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes():
+def _capturing_backend():
+    """A sparse_mla backend whose inner compiler runs the rewritten graphs as they are, and the list it keeps them in."""
     captured = []
 
     def inner(gm, example_inputs):
         captured.append(gm)
         return gm.forward
 
+    return make_backend(inner=inner), captured
+
+
+def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes():
+    backend, captured = _capturing_backend()
     torch.manual_seed(0)
     cfg = deepseek_v32_small(n_layers=1)
     model = TinyMLAModel(cfg).eval()
@@ -418,7 +424,7 @@ def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes()
     tok = torch.randint(0, cfg.vocab_size, (2, 8))
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=make_backend(inner=inner))(tok)
+        torch.compile(model, backend=backend)(tok)
     ops = [n.target for gm in captured for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.sparse_mla.sparse_attn_fp8kv.default in ops
     assert not [t for t in ops if "flashmla_kv_dequant" in str(t)]
@@ -481,12 +487,7 @@ def test_model_with_fp8_kv_cache_decodes_in_fp8(kv_format):
 def test_a_sliced_batch_of_caches_is_read_in_place(kv_format):
     """``cache[:bsz, :end_pos]`` of a bigger cache: the FP8 op reads the rows where they are (a
     strided view with the cache's row pitch), not a packed copy of the slice made every call."""
-    captured = []
-
-    def inner(gm, example_inputs):
-        captured.append(gm)
-        return gm.forward
-
+    backend, captured = _capturing_backend()
     torch.manual_seed(0)
     cfg = deepseek_v32_small(n_layers=1)
     eager, compiled = TinyMLAModel(cfg).eval(), TinyMLAModel(cfg).eval()
@@ -496,7 +497,7 @@ def test_a_sliced_batch_of_caches_is_read_in_place(kv_format):
     tok = torch.randint(0, cfg.vocab_size, (2, 9))
     torch._dynamo.reset()
     with torch.no_grad():
-        run = torch.compile(compiled, backend=make_backend(inner=inner))
+        run = torch.compile(compiled, backend=backend)
         got = [run(tok[:, :8]), run(tok[:, 8:], start_pos=8)]
         want = [eager(tok[:, :8]), eager(tok[:, 8:], start_pos=8)]
     for g, w in zip(got, want):
