@@ -28,7 +28,7 @@ from mla_compiler.artifacts.writer import CompileDump, OutputCodeCapture, readab
 from mla_compiler.errors import BackendOptionError, FP8DispatchError, SiteLoweringError
 from mla_compiler.lowering.dispatch import Problem, choose_kernel
 from mla_compiler.lowering.rewrite import lower_site
-from mla_compiler.passes.inputs import describe_inputs
+from mla_compiler.passes.inputs import describe_fp8_values, describe_inputs
 from mla_compiler.passes.axes import static_int
 from mla_compiler.passes.mla_match import find_sites
 from mla_compiler.passes.fp8_downgrade import find_downgrades
@@ -165,6 +165,7 @@ class SparseMLABackend:
         """Match and lower every site of a Dynamo graph; fill ``report``. The rewrite is done on a
         copy: if anything fails, ``gm`` is still the graph as captured."""
         report.inputs = describe_inputs(gm)
+        report.fp8_values = describe_fp8_values(gm)
         rewritten = copy_for_rewrite(gm)
         self._rewrite(rewritten, report, drawings)
         report.near_misses = [NearMissReport(n.graph_name, n.source, n.reason) for n in find_near_misses(rewritten)]

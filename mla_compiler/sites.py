@@ -246,6 +246,7 @@ class CompileReport:
     near_misses: list[NearMissReport] = field(default_factory=list)
     fp8_downgrades: list[NearMissReport] = field(default_factory=list)
     inputs: list[dict] = field(default_factory=list)
+    fp8_values: list[dict] = field(default_factory=list)  # intermediates held as FP8 storage
     failures: list[str] = field(default_factory=list)
     inner: str = ""
     dump_folder: str = ""
@@ -260,5 +261,6 @@ class CompileReport:
             "near_misses": [n.as_dict() for n in self.near_misses],
             "fp8_downgrades": [n.as_dict() for n in self.fp8_downgrades],
             "inputs": self.inputs,
+            "fp8_values": self.fp8_values,
             "failures": self.failures,
         }

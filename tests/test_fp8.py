@@ -552,6 +552,19 @@ def test_explain_shows_fp8_status_and_storage():
     assert "storage kv0: FlashMLA FP8 KV cache" in text  # per site and operand
 
 
+def test_explain_lists_fp8_values_the_graph_computes():
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    model = TinyMLAModel(cfg).eval()
+    model.allocate_cache(2, 32, kv_format="float8")  # the model quantizes new keys into the cache
+    with torch.no_grad():
+        report = explain(model, torch.randint(0, cfg.vocab_size, (2, 8)))
+    (graph,) = report.graphs
+    quantized = [r for r in graph.fp8_values if "float8_e4m3fn)" in r["source"]]
+    assert quantized and quantized[0]["storage"] == "float8 payload" and quantized[0]["shape"] == ["2", "8", "512"]
+    assert "FP8 values the graph computes" in str(report)
+
+
 def test_explain_lists_fp8_inputs():
     args = _decode_inputs(lambda x: Float8Tensor.from_hp(x, granularity=PerRow()))
     text = str(explain(_decode_attention, *args))

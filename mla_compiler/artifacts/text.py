@@ -25,6 +25,9 @@ def format_report(graphs: list[CompileReport], recompiles: int = 0, recompile_re
     _plain_section(lines, "Inputs held as FP8 storage", [f"graph {g.compile_id}: {r['name']} {r.get('shape', '')}: {r.get('storage')}, payload "
                                                          f"{r.get('payload_dtype')}, scale {r.get('scale')} ({r.get('scale_convention')}, {r.get('granularity')})"
                                                          for g in graphs for r in g.inputs if r.get("storage") not in (None, "", "plain")])
+    _plain_section(lines, "FP8 values the graph computes", [f"graph {g.compile_id}: {r['name']} {r.get('shape', '')}: {r.get('storage')}, "
+                                                           f"payload {r.get('payload_dtype')} ({r.get('source') or 'no source line'})"
+                                                           for g in graphs for r in g.fp8_values])
     _section(lines, "Lowered sites", site_entries)
     _section(lines, "Rejected candidates", [[r.source, f"{_where(g, r.graph_name)}, check '{r.check}': {r.reason}"] for g, r in rejected])
     _section(lines, "Near misses (attention-like code with no softmax anchor)", [[n.source, n.reason] for g in graphs for n in g.near_misses])

@@ -1,4 +1,5 @@
-"""The input table of a Dynamo graph: what each placeholder is, read from its fake value.
+"""The input table of a Dynamo graph: what each placeholder is, read from its fake value; and the
+FP8 values the graph itself computes (intermediates held as FP8 storage).
 
 Subclass inputs are named by type and flatten output, never by ``.dtype`` (which reports the logical
 dtype of every FP8 wrapper).
@@ -11,7 +12,7 @@ import torch.fx
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from mla_compiler.passes import fx_ops
-from mla_compiler.passes.storage import storage_facts
+from mla_compiler.passes.storage import is_fp8, storage_facts
 
 
 def _short(x) -> str:
@@ -54,4 +55,18 @@ def describe_inputs(gm: torch.fx.GraphModule) -> list[dict]:
         else:
             row = {"type": type(value).__name__, "value": _short(value)}
         rows.append({"name": node.name, **row})
+    return rows
+
+
+def describe_fp8_values(gm: torch.fx.GraphModule) -> list[dict]:
+    """Intermediates of the graph (not its inputs) that hold FP8 storage: a quantization done in the
+    graph, a subclass's payload read out, a FlashMLA cache slice. With the source line."""
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        value = fx_ops.meta_value(node)
+        if not isinstance(value, torch.Tensor) or not is_fp8(storage_facts(value)):
+            continue
+        rows.append({"name": node.name, "source": fx_ops.source_line(node), **describe_tensor(value)})
     return rows
