@@ -28,6 +28,7 @@ from torch.fx.node import map_arg
 
 from mla_compiler.kernels import fp8_reference
 from mla_compiler.lowering import ops as _ops  # noqa: F401 - registers torch.ops.sparse_mla
+from mla_compiler.passes import fx_ops
 from mla_compiler.sites import MatchedSite, Operand
 
 SPARSE_ATTN = torch.ops.sparse_mla.sparse_attn.default
@@ -210,14 +211,12 @@ class _SiteLowering:
             if f.payload_dtype is not None:
                 payload = b.method("view", payload, f.payload_dtype)
             scale = b.call(getattr, f.source, f.scale_field)
-            if f.quant_scale:
-                scale = b.method("reciprocal", scale)
         else:
             payload, scale = f.source, f.scale
             if f.scale_const is not None:  # a Python-number scale: one fp32 element beside the payload
                 scale = b.call(torch.full, (1,), f.scale_const, dtype=torch.float32, device=b.call(getattr, payload, "device"))
-            elif f.quant_scale:
-                scale = b.method("reciprocal", b.method("float", scale))
+        if f.quant_scale:  # the scale multiplies toward fp8: the kernels take its inverse
+            scale = b.method("reciprocal", b.method("float", scale))
         # One scale per row and tile; a per-tensor scale becomes a stride-0 view, never a buffer.
         pt, st = _example(payload), _example(scale)
         if st.dim() != pt.dim() or st.shape[:-1] != pt.shape[:-1]:
@@ -404,12 +403,17 @@ def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[d
     return replacement
 
 
-# Ops that only compute a value (a user's dequantized copy and its layout steps): safe to drop once
-# unused. Anything else (in-place methods, cache writes, custom ops) stays, used or not.
-_PURE_METHODS = {"dequantize", "to_original_precision", "float", "to", "bfloat16", "half", "reshape", "view", "contiguous",
-                 "unsqueeze", "squeeze", "permute", "transpose", "expand", "mul", "div", "type_as", "flatten", "__getitem__"}
-_PURE_FUNCTIONS = {operator.getitem, operator.mul, operator.truediv, torch.mul, torch.div, torch.cat, torch.reshape,
-                   torch.ops.sparse_mla.flashmla_kv_dequant, torch.ops.sparse_mla.flashmla_kv_dequant.default}
+# Dequantizing ops, beside fx_ops' pass-through kinds: a user's dequantized copy is made of these
+# and is safe to drop once unused. Anything else (in-place forms, cache writes, other ops) stays.
+_DEQUANT_METHODS = {"dequantize", "to_original_precision"}
+_DEQUANT_FUNCTIONS = {torch.ops.sparse_mla.flashmla_kv_dequant, torch.ops.sparse_mla.flashmla_kv_dequant.default}
+
+
+def _pure_value_step(node: torch.fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _DEQUANT_METHODS or node.op == "call_function" and node.target in _DEQUANT_FUNCTIONS:
+        return True
+    view = fx_ops.read(node)
+    return view is not None and view.kind in fx_ops.PASS_THROUGH_KINDS and not view.inplace
 
 
 def _erase_unused(graph: torch.fx.Graph, starts: list) -> None:
@@ -419,10 +423,7 @@ def _erase_unused(graph: torch.fx.Graph, starts: list) -> None:
     erased: set = set()
     while stack:
         node = stack.pop()
-        if node in erased or node.graph is not graph or node.users or node.op not in ("call_method", "call_function"):
-            continue
-        pure = node.target in _PURE_METHODS if node.op == "call_method" else node.target in _PURE_FUNCTIONS
-        if not pure:
+        if node in erased or node.graph is not graph or node.users or not _pure_value_step(node):
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)

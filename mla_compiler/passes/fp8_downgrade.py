@@ -16,12 +16,8 @@ from mla_compiler.passes.fp8_source import _float8, _is_op
 from mla_compiler.passes.storage import is_fp8, storage_facts
 from mla_compiler.sites import NearMiss
 
-_PRODUCTS = ("einsum", "matmul")
-_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear, torch.mm, torch.addmm, torch.bmm,
-           torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_THROUGH = ("to_dtype", "identity", "mul", "div", "permute", "transpose", "t", "unsqueeze", "squeeze", "view", "expand", "getitem", "cat")
-# Layout methods a dequantized copy passes through on its way to a product (beyond fx_ops' kinds).
-_THROUGH_METHODS = ("reshape", "contiguous", "flatten", "unflatten", "clone", "float", "bfloat16", "half", "type_as", "narrow")
+_PRODUCTS = ("einsum", "matmul", "sdpa")
+_LINEAR = {torch.nn.functional.linear, torch._C._nn.linear, torch.mm, torch.addmm, torch.bmm}
 
 
 def _consumer(node: torch.fx.Node, hops: int = 8):
@@ -36,8 +32,7 @@ def _consumer(node: torch.fx.Node, hops: int = 8):
                 seen.add(u)
                 if fx_ops.kind_of(u) in _PRODUCTS or (u.op == "call_function" and (u.target in _LINEAR or _is_op(u, "sparse_attn"))):
                     return u
-                if fx_ops.kind_of(u) in _THROUGH or (u.op == "call_method" and u.target in _THROUGH_METHODS) or (
-                        u.op == "call_function" and u.target in (torch.reshape, torch.flatten, torch.clone)):
+                if fx_ops.kind_of(u) in fx_ops.PASS_THROUGH_KINDS or (u.op == "call_method" and u.target == "narrow"):
                     nxt.append(u)
         frontier = nxt
     return None

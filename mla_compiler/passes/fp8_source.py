@@ -19,7 +19,7 @@ import torch
 import torch.fx
 
 from mla_compiler.passes import fx_ops
-from mla_compiler.passes.storage import FLOAT8_DTYPES, is_fp8, storage_facts
+from mla_compiler.passes.storage import FLOAT8_DTYPES, _dtype_name, is_fp8, storage_facts
 from mla_compiler.sites import Fp8Latent, StorageFacts
 
 _TE_FP8 = {"kFloat8E4M3": torch.float8_e4m3fn, "kFloat8E5M2": torch.float8_e5m2}
@@ -86,18 +86,16 @@ def _payload_times_scale(node: torch.fx.Node) -> Optional[Fp8Latent]:
         if p is None or not _float8(p):
             continue
         pt = fx_ops.meta_tensor(p)
-        out = str(fx_ops.meta_tensor(node).dtype).replace("torch.", "")
+        dtypes = (_dtype_name(fx_ops.meta_tensor(node).dtype), _dtype_name(pt.dtype))
+        convention = "quant (divides)" if divides else "dequant"
         if isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            const = 1.0 / float(scale) if divides else float(scale)
-            facts = StorageFacts("float8 payload with a separate scale", out, str(pt.dtype).replace("torch.", ""),
-                                 f"the number {scale!r}", "dequant" if not divides else "quant (divides)", "per-tensor")
-            return Fp8Latent("payload*scale", facts, p, scale_const=const)
+            facts = StorageFacts("float8 payload with a separate scale", *dtypes, f"the number {scale!r}", convention, "per-tensor")
+            return Fp8Latent("payload*scale", facts, p, scale_const=1.0 / float(scale) if divides else float(scale))
         st = fx_ops.meta_tensor(scale) if isinstance(scale, torch.fx.Node) else None
         if st is None:
             continue
         granularity = "per-tensor" if st.numel() == 1 else ("per-row" if st.dim() and st.shape[-1] == 1 else f"{list(st.shape)}")
-        facts = StorageFacts("float8 payload with a separate scale", out, str(pt.dtype).replace("torch.", ""),
-                             f"{scale.name} {list(st.shape)}", "quant (divides)" if divides else "dequant", granularity)
+        facts = StorageFacts("float8 payload with a separate scale", *dtypes, f"{scale.name} {list(st.shape)}", convention, granularity)
         why = None
         if not (st.numel() == 1 or (st.dim() == pt.dim() and st.shape[-1] == 1 and list(st.shape[:-1]) == list(pt.shape[:-1]))):
             why = (f"scale of shape {list(st.shape)} for a payload of shape {list(pt.shape)}: the FP8 kernels take one scale "

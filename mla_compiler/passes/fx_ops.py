@@ -115,6 +115,12 @@ _m(["logical_and", "bitwise_and", "__and__", "__iand__", "logical_and_", "bitwis
 _m(["logical_or", "bitwise_or", "__or__", "__ior__", "logical_or_", "bitwise_or_"], "or", ("other",))
 
 
+# Kinds that only pass a tensor's value on (layout, dtype, scaling, selection): what a dequantized
+# copy goes through on its way to a product. Pure unless the node is an in-place form.
+PASS_THROUGH_KINDS = frozenset(("to_dtype", "identity", "mul", "div", "permute", "transpose", "t", "unsqueeze", "squeeze",
+                                "view", "expand", "getitem", "cat"))
+
+
 @dataclass(frozen=True)
 class OpView:
     """A node read as a canonical op. ``inplace`` marks ``x.op_(...)``/``x op= y`` forms."""
