@@ -302,9 +302,7 @@ def fp8_key_sets(kv: torch.Tensor) -> dict:
     forward_fp8 takes them: FlashMLA's 656-byte layout, and e4m3 with one scale a row."""
     from mla_compiler.kernels import fp8_reference as fr
 
-    flashmla = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-    q8, s8 = fr.quantize_rowwise(kv[:, 0, :512])
-    return {"flashmla": flashmla, "row": (q8, s8, kv[:, 0, 512:].contiguous())}
+    return {layout: fr.quantize_keys(kv, layout) for layout in fr.KEY_LAYOUTS}
 
 
 def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):

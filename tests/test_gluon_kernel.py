@@ -54,14 +54,6 @@ def test_declines_with_reasons(monkeypatch):
     assert ws.declines(q, kv[:, :512], None, kv[:, 512:], 512) == f"{ws.ENV_OFF}=0"
 
 
-def fp8_keys(kv, layout):
-    """kv [rows, 1, 576] as (latent, scale, rope): FlashMLA's 656-byte rows or e4m3 with a row scale."""
-    if layout == "flashmla":
-        return fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-    latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
-    return latent, scale, kv[:, 0, 512:].contiguous()
-
-
 def test_awkward_inputs_never_select_poisoned_rows():
     q, kv, idx = awkward_inputs(t=5, heads=3, s_kv=400, topk=50, device="cpu", seed=3)
     valid = (idx >= 0) & (idx < 400)
@@ -112,7 +104,7 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
     q, kv, idx = awkward_inputs(heads=heads, topk=topk)
-    latent, scale, rope = fp8_keys(kv, layout)
+    latent, scale, rope = fr.quantize_keys(kv, layout)
     poison_unselected(latent, scale, rope)
     out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
@@ -128,7 +120,7 @@ def test_fp8_latents_keep_extreme_scales(layout):
     kv = kv * torch.exp2(torch.randint(-20, 5, (kv.shape[0], 1, 1), device="cuda", generator=g)).to(kv.dtype)
     q = q * torch.logspace(-2, 1, q.shape[1], device="cuda")[None, :, None].to(q.dtype)
     q[:, 5] = 0
-    latent, scale, rope = fp8_keys(kv, layout)
+    latent, scale, rope = fr.quantize_keys(kv, layout)
     out, lse = ws.forward(q, latent, scale, rope, idx, SCALE)
     assert torch.isfinite(out).all()
     check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))

@@ -74,6 +74,21 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.float() / scale).to(FP8), scale
 
 
+KEY_LAYOUTS = ("flashmla", "row")
+
+
+def quantize_keys(kv: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bf16 keys [S, 1, 576] as the FP8 operands (latent, scale, rope) the FP8 kernels take:
+    ``"flashmla"`` views of FlashMLA's 656-byte rows, ``"row"`` e4m3 with one scale a row and the
+    rope kept apart."""
+    if layout == "flashmla":
+        return flashmla_views(quantize_flashmla(kv[:, 0, :LATENT].float(), kv[:, 0, LATENT:]))
+    if layout == "row":
+        latent, scale = quantize_rowwise(kv[:, 0, :LATENT])
+        return latent, scale, kv[:, 0, LATENT:].contiguous()
+    raise ValueError(f"quantize_keys: layout={layout!r}; use one of {KEY_LAYOUTS}")
+
+
 def dequantize_latent(kv_latent: torch.Tensor, kv_scale: torch.Tensor) -> torch.Tensor:
     """float8 [S, d] * per-tile scales [S, n_tiles] -> float32 [S, d]."""
     s, d = kv_latent.shape
