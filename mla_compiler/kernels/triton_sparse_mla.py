@@ -231,13 +231,27 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _gather_latent(
-    kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss,
-    D_A: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr,
+def _row_starts(base, rows, stride_bytes):
+    """Pointers to the given rows of a table whose row pitch is given in bytes. FP8 caches pack
+    a row's parts at a pitch that is a multiple of 16 bytes but not of 16 elements (FlashMLA's 656
+    bytes: 328 bf16 rope values, 164 fp32 scales); counted in bytes, the launch's specialization
+    sees the 16-byte rows and the loads stay 16 bytes wide."""
+    row_bytes = base.to(tl.pointer_type(tl.uint8), bitcast=True) + rows * stride_bytes
+    return row_bytes.to(tl.pointer_type(base.dtype.element_ty), bitcast=True)
+
+
+@triton.jit
+def _gather_block(
+    kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs,
+    D_A: tl.constexpr, D_B: tl.constexpr, D_QK: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr,
+    BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr,
 ):
     """Memory side of one key block: its indices, which are valid, the gathered latent rows (bf16
-    [BLOCK_N, D_A]; FP8 [BLOCK_N, D_A], or [BLOCK_N, N_TILES, D_A / N_TILES] with per-tile scales)
-    and the FP8 scales ([BLOCK_N] per row for DEQUANT_FOLD, [BLOCK_N, N_TILES] otherwise)."""
+    [BLOCK_N, D_A]; FP8 [BLOCK_N, D_A], or [BLOCK_N, N_TILES, D_A / N_TILES] with per-tile scales),
+    the FP8 scales ([BLOCK_N] per row for DEQUANT_FOLD, [BLOCK_N, N_TILES] otherwise) and the rope
+    part ([BLOCK_N, D_B]; the latent again where there is none). All of a block's loads are here,
+    so that a prefetched block waits on nothing when its turn comes. FP8 scale and rope pitches
+    (stride_ss, stride_rs) are in bytes."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     idx = tl.load(idx_row + offs_n, mask=offs_n < n_end, other=-1)
     valid = (idx >= 0) & (idx < S_KV)
@@ -247,14 +261,25 @@ def _gather_latent(
         offs_t = tl.arange(0, N_TILES)
         p3 = kv_grp + rows[:, None, None] * stride_kvs + offs_t[None, :, None] * tile + tl.arange(0, tile)[None, None, :]
         raw = tl.load(p3, mask=valid[:, None, None], other=0.0)
-        sc = tl.load(KV_SCALE + rows[:, None] * stride_ss + offs_t[None, :], mask=valid[:, None], other=0.0)
+        sc = tl.load(_row_starts(KV_SCALE, rows, stride_ss)[:, None] + offs_t[None, :], mask=valid[:, None], other=0.0)
     else:
         raw = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_a[None, :], mask=valid[:, None], other=0.0)
         if FP8:
-            sc = tl.load(KV_SCALE + rows * stride_ss, mask=valid, other=0.0)
+            sc = tl.load(_row_starts(KV_SCALE, rows, stride_ss), mask=valid, other=0.0)
         else:
             sc = tl.full([BLOCK_N], 1.0, tl.float32)
-    return idx, valid, raw, sc
+    if D_B > 0:
+        offs_kb = D_A + tl.arange(0, D_B)
+        # A rope part that fills its padded width needs no column mask: the row mask alone keeps
+        # the loads 16 bytes wide (a column mask splits them into 2-byte loads).
+        b_mask = valid[:, None] if D_A + D_B == D_QK else valid[:, None] & (offs_kb[None, :] < D_QK)
+        if FP8:
+            k_b = tl.load(_row_starts(KV_ROPE, rows, stride_rs)[:, None] + (offs_kb - D_A)[None, :], mask=b_mask, other=0.0)
+        else:
+            k_b = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_kb[None, :], mask=b_mask, other=0.0)
+    else:
+        k_b = raw
+    return idx, valid, raw, sc, k_b
 
 
 @triton.jit
@@ -298,7 +323,7 @@ def _fwd_kernel(
     stride_it, stride_ig,
     stride_ot, stride_oh,
     stride_lt,
-    S_KV, TOPK, HPG, D_QK, sm_scale_log2,
+    S_KV, TOPK, HPG, D_QK: tl.constexpr, sm_scale_log2,
     D_A: tl.constexpr, D_B: tl.constexpr, DV: tl.constexpr, DV_P: tl.constexpr,
     V_IS_A: tl.constexpr, HAS_SINK: tl.constexpr, HAS_TOPK_LEN: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, RELOAD_Q: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,
@@ -320,7 +345,8 @@ def _fwd_kernel(
     q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
     if D_B > 0:
         offs_b = D_A + tl.arange(0, D_B)
-        q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
+        q_b_mask = h_ok[:, None] if D_A + D_B == D_QK else h_ok[:, None] & (offs_b[None, :] < D_QK)
+        q_b = tl.load(q_row + offs_b[None, :], mask=q_b_mask, other=0.0)
     if not V_IS_A:
         offs_v = tl.arange(0, DV_P)
     if DEQUANT >= 3:
@@ -343,25 +369,18 @@ def _fwd_kernel(
     kv_grp = KV + g * stride_kvg
     n_end = tl.minimum(topk, n_hi)
     if PREFETCH:
-        # The next block's latent is loaded into registers while this one is used, instead of the
-        # compiler's shared-memory ring (which the dequantization reads back into registers): a
-        # gain with few heads, where registers are free (benchmarks/RESULTS.md, FP8 section).
-        idx_nx, valid_nx, raw_nx, sc_nx = _gather_latent(kv_grp, idx_row, n_lo, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
+        # The next block (latent, scales, rope) is loaded into registers while this one is used,
+        # instead of the compiler's shared-memory ring (which the dequantization reads back into
+        # registers): a gain with few heads, where registers are free (benchmarks/RESULTS.md).
+        idx_nx, valid_nx, raw_nx, sc_nx, k_b_nx = _gather_block(kv_grp, idx_row, n_lo, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT)
     for n0 in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         if PREFETCH:
-            idx, valid, raw, sc = idx_nx, valid_nx, raw_nx, sc_nx
-            idx_nx, valid_nx, raw_nx, sc_nx = _gather_latent(kv_grp, idx_row, n0 + BLOCK_N, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
+            idx, valid, raw, sc, k_b = idx_nx, valid_nx, raw_nx, sc_nx, k_b_nx
+            idx_nx, valid_nx, raw_nx, sc_nx, k_b_nx = _gather_block(kv_grp, idx_row, n0 + BLOCK_N, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT)
         else:
-            idx, valid, raw, sc = _gather_latent(kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, D_A, FP8, N_TILES, BLOCK_N, DEQUANT)
+            idx, valid, raw, sc, k_b = _gather_block(kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
         k_a = _latent_operand(raw, sc, D_A, FP8, Q.dtype.element_ty, BLOCK_N, DEQUANT)
-        if D_B > 0:
-            offs_kb = D_A + tl.arange(0, D_B)
-            b_mask = valid[:, None] & (offs_kb[None, :] < D_QK)
-            if FP8:
-                k_b = tl.load(KV_ROPE + idx.to(tl.int64)[:, None] * stride_rs + (offs_kb - D_A)[None, :], mask=b_mask, other=0.0)
-            else:
-                k_b = tl.load(k_rows + offs_kb[None, :], mask=b_mask, other=0.0)
         if RELOAD_Q:
             # Q read from L1/L2 each step instead of held in registers: frees them for the accumulator.
             q_a = tl.load(q_row + offs_a[None, :], mask=h_ok[:, None], other=0.0)
@@ -373,7 +392,7 @@ def _fwd_kernel(
                 s = s * sc[None, :]
         if D_B > 0:
             if RELOAD_Q:
-                q_b = tl.load(q_row + offs_b[None, :], mask=h_ok[:, None] & (offs_b[None, :] < D_QK), other=0.0)
+                q_b = tl.load(q_row + offs_b[None, :], mask=q_b_mask, other=0.0)
             s += _mm(q_b, tl.trans(k_b), IEEE, UPCAST)
         s = tl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -700,7 +719,9 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     constexprs = dict(
         D_A=d_lat, D_B=d_b, DV=d_v, DV_P=max(16, triton.next_power_of_2(d_v)), V_IS_A=True, IEEE=False,
         UPCAST=interpreted(), KV_SCALE=kv_scale, KV_ROPE=kv_rope if kv_rope is not None else kv_scale,
-        stride_ss=kv_scale.stride(0), stride_rs=kv_rope.stride(0) if kv_rope is not None else 0,
+        # Row pitches of the scales and the rope in bytes (see _row_starts).
+        stride_ss=kv_scale.stride(0) * kv_scale.element_size(),
+        stride_rs=kv_rope.stride(0) * kv_rope.element_size() if kv_rope is not None else 0,
         FP8=True, N_TILES=n_tiles,
     )
     key = ("fwd-fp8", q.device.index, q.dtype, d_lat, d_rope, n_tiles, q.shape[1])

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU call for the few-head decode (16 heads a GPU, DeepSeek-V3.2 at TP 8): CUDA tests of the
+# Triton kernels (unless SKIP_TESTS), the launch sweep in interleaved rounds (bf16 keys, FP8
+# FlashMLA layout, FP8 row scale), the FP8 benchmark table at that shape (HBM fraction, errors),
+# and Nsight Compute counters of the policy's launches (unless SKIP_NCU). Logs and JSON under $OUT.
+# Usage: bash benchmarks/gpu_fewhead.sh [rounds]
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-.}
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.log"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/env.log"
+git log -1 --format=%h 2>/dev/null | tee -a "$OUT/env.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+if [ -z "${SKIP_TESTS:-}" ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_fp8.py 2>&1 | tail -8 | tee "$OUT/pytest.log"
+fi
+timeout 300 python3 benchmarks/bench_decode_launch.py --rounds "${1:-3}" --shapes "b64 h16" --out "$OUT/decode_launch_h16.json" 2>&1 | tail -60 | tee "$OUT/decode_launch_h16.log"
+MLA_BENCH_FP8_SHAPES="v32-decode b64 h16" timeout 200 python3 benchmarks/bench_sparse_mla.py --only fp8 --out "$OUT/bench_fp8_h16.json" 2>&1 | tail -12 | tee "$OUT/bench_fp8_h16.log"
+if [ -z "${SKIP_NCU:-}" ]; then
+  cat > /tmp/fewhead_profile_driver.py <<'PY'
+import sys
+sys.path.insert(0, "benchmarks")
+from bench_sparse_mla import decode_inputs, fp8_key_sets
+from mla_compiler.kernels import triton_sparse_mla as tk
+q, kv, idx = decode_inputs(heads=16)
+fp8 = fp8_key_sets(kv)
+scale = 576 ** -0.5
+tk.forward(q, kv, idx, scale, 512)
+tk.forward_fp8(q, *fp8["flashmla"], idx, scale, 512)
+tk.forward_fp8(q, *fp8["row"], idx, scale, 512)
+PY
+  timeout 200 ncu --clock-control none -k regex:_fwd_kernel -c 3 \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section SchedulerStats --section WarpStateStats \
+    --section LaunchStats --section Occupancy \
+    python3 /tmp/fewhead_profile_driver.py > "$OUT/ncu_fewhead.txt" 2>&1
+  echo "ncu exit $?"
+  grep -E "_fwd_kernel|Duration|Memory Throughput|DRAM Throughput|L2 Hit|Issue Slots Busy|No Eligible|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Block Limit|Stall" "$OUT/ncu_fewhead.txt" | head -70
+fi
