@@ -26,20 +26,30 @@ from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
 
 
-def candidates(heads: int, tokens: int, fp8: bool = False) -> list[tuple[str, dict]]:
-    """(label, launch) pairs: the policy (None) and the alternatives the sweep found close. With
-    few heads the FP8 keys add one-stage launches (their prefetch form keeps the next block in
-    registers instead of a shared-memory ring) and 64-key blocks."""
+def candidates(heads: int, tokens: int) -> list[tuple[str, dict]]:
+    """(label, launch) pairs of the Triton kernel: the policy (None) and the alternatives the
+    sweep found close."""
     block_h = tk.LaunchPolicy.heads(heads)
     few = tokens * math.ceil(heads / block_h) < 256
-    shapes = [(64, 8, 2), (64, 8, 3), (32, 4, 3), (32, 4, 1)]
-    if fp8 and block_h < 64:
-        shapes = [(32, 4, 1), (64, 8, 1), (64, 4, 1), (32, 4, 3)]
     out = [("policy", None)]
-    for n, w, st in shapes:
+    for n, w, st in ((64, 8, 2), (64, 8, 3), (32, 4, 3), (32, 4, 1)):
         for sp in (1,) if not few else (2, 4) if tokens * math.ceil(heads / block_h) > 64 else (1, 4, 8):
             out.append((f"{n}x{w}w{st}s split{sp}", dict(BLOCK_H=block_h, BLOCK_N=n, num_warps=w, num_stages=st, SPLITS=sp)))
     return out
+
+
+# With few heads (16 a GPU): the Triton kernel's best launches of the last sweep per key type
+# (benchmarks/RESULTS.md), and the few-head Gluon kernel's launches.
+FEW_HEAD_TRITON = {
+    "bf16": [dict(BLOCK_N=32, num_warps=4, num_stages=3, SPLITS=2)],
+    "fp8 FlashMLA": [dict(BLOCK_N=32, num_warps=4, num_stages=1, SPLITS=2, DEQUANT=tk.DEQUANT_FP32)],
+    "fp8 row": [dict(BLOCK_N=64, num_warps=8, num_stages=1, SPLITS=2, DEQUANT=tk.DEQUANT_FP32, PREFETCH=True),
+                dict(BLOCK_N=32, num_warps=4, num_stages=3, SPLITS=2, DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)],
+}
+FEW_HEAD_GLUON = {
+    "bf16": [dict(BLOCK_N=32, STAGES=4), dict(BLOCK_N=32, STAGES=3), dict(BLOCK_N=64, STAGES=2)],
+    "fp8": [dict(BLOCK_N=64, STAGES=3), dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=4), dict(BLOCK_N=32, STAGES=2)],
+}
 
 
 def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
@@ -51,16 +61,28 @@ def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
         "fp8 FlashMLA": lambda cfg: tk.forward_fp8(q, *fp8["flashmla"], idx, SCALE, 512, launch=cfg),
         "fp8 row": lambda cfg: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512, launch=cfg),
     }
-    forms = {"bf16": [{}], "fp8 FlashMLA": [dict(DEQUANT=tk.DEQUANT_FP32)], "fp8 row": [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)]}
-    if heads < 64:
-        forms["fp8 FlashMLA"].append(dict(DEQUANT=tk.DEQUANT_FP32, PREFETCH=True))
-        forms["fp8 row"] = [dict(DEQUANT=tk.DEQUANT_FP32, PREFETCH=True), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)]
     runs = []
-    for key, fn in keys.items():
-        for label, cfg in candidates(heads, t, fp8=key != "bf16"):
-            for form in forms[key] if cfg is not None else [{}]:
-                full = None if cfg is None else dict(cfg, **form)
-                runs.append((key, label + ("" if not form else f" {form}"), fn, full))
+    if heads < 64:
+        from mla_compiler.kernels import gluon_fewhead as fh
+
+        block_h = tk.LaunchPolicy.heads(heads)
+        operands = {"bf16": (kv[:, 0, :512], None, kv[:, 0, 512:]), "fp8 FlashMLA": fp8["flashmla"], "fp8 row": fp8["row"]}
+        for key, fn in keys.items():
+            runs.append((key, "policy", fn, None))
+            for cfg in FEW_HEAD_TRITON[key]:
+                runs.append((key, f"triton {cfg}", fn, dict(cfg, BLOCK_H=block_h)))
+            for cfg in FEW_HEAD_GLUON["bf16" if key == "bf16" else "fp8"]:
+                for sp in (None, 2, 4):
+                    launch = dict(cfg) if sp is None else dict(cfg, SPLITS=sp)
+                    runs.append((key, f"few-head {launch}", lambda cfg, ops=operands[key]: fh.forward(q, *ops, idx, SCALE, launch=cfg), launch))
+    else:
+        forms = {"bf16": [{}], "fp8 FlashMLA": [dict(DEQUANT=tk.DEQUANT_FP32)],
+                 "fp8 row": [dict(DEQUANT=tk.DEQUANT_FP32), dict(DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)]}
+        for key, fn in keys.items():
+            for label, cfg in candidates(heads, t):
+                for form in forms[key] if cfg is not None else [{}]:
+                    full = None if cfg is None else dict(cfg, **form)
+                    runs.append((key, label + ("" if not form else f" {form}"), fn, full))
     times: dict = {}
     for _ in range(rounds):
         for key, label, fn, full in runs:

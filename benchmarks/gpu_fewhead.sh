@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call for the few-head decode (16 heads a GPU, DeepSeek-V3.2 at TP 8): CUDA tests of the
-# Triton kernels (unless SKIP_TESTS), the launch sweep in interleaved rounds (bf16 keys, FP8
+# One GPU call for the few-head decode (16 heads a GPU, DeepSeek-V3.2 at TP 8): CUDA tests (TESTS,
+# default the few-head, Triton-kernel and FP8 tests; none with SKIP_TESTS), the launch sweep in interleaved rounds (bf16 keys, FP8
 # FlashMLA layout, FP8 row scale), the FP8 benchmark table at that shape (HBM fraction, errors),
 # and Nsight Compute counters of the policy's launches (unless SKIP_NCU). Logs and JSON under $OUT.
 # Usage: bash benchmarks/gpu_fewhead.sh [rounds]
@@ -16,10 +16,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
 if [ -z "${SKIP_TESTS:-}" ]; then
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_fp8.py 2>&1 | tail -8 | tee "$OUT/pytest.log"
+  timeout 400 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gluon_fewhead.py tests/test_triton_kernels.py tests/test_fp8.py} 2>&1 | tail -25 | tee "$OUT/pytest.log"
 fi
 timeout 300 python3 benchmarks/bench_decode_launch.py --rounds "${1:-3}" --shapes "b64 h16" --out "$OUT/decode_launch_h16.json" 2>&1 | tail -60 | tee "$OUT/decode_launch_h16.log"
-MLA_BENCH_FP8_SHAPES="v32-decode b64 h16" timeout 200 python3 benchmarks/bench_sparse_mla.py --only fp8 --out "$OUT/bench_fp8_h16.json" 2>&1 | tail -12 | tee "$OUT/bench_fp8_h16.log"
+[ -n "${SKIP_FP8_TABLE:-}" ] || MLA_BENCH_FP8_SHAPES="v32-decode b64 h16" timeout 200 python3 benchmarks/bench_sparse_mla.py --only fp8 --out "$OUT/bench_fp8_h16.json" 2>&1 | tail -12 | tee "$OUT/bench_fp8_h16.log"
 if [ -z "${SKIP_NCU:-}" ]; then
   cat > /tmp/fewhead_profile_driver.py <<'PY'
 import sys

@@ -244,13 +244,12 @@ def _row_starts(base, rows, stride_bytes):
 def _gather_block(
     kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs,
     D_A: tl.constexpr, D_B: tl.constexpr, D_QK: tl.constexpr, FP8: tl.constexpr, N_TILES: tl.constexpr,
-    BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, WITH_ROPE: tl.constexpr,
 ):
     """Memory side of one key block: its indices, which are valid, the gathered latent rows (bf16
     [BLOCK_N, D_A]; FP8 [BLOCK_N, D_A], or [BLOCK_N, N_TILES, D_A / N_TILES] with per-tile scales),
     the FP8 scales ([BLOCK_N] per row for DEQUANT_FOLD, [BLOCK_N, N_TILES] otherwise) and the rope
-    part ([BLOCK_N, D_B]; the latent again where there is none). All of a block's loads are here,
-    so that a prefetched block waits on nothing when its turn comes. FP8 scale and rope pitches
+    part ([BLOCK_N, D_B] with WITH_ROPE; the latent again otherwise). FP8 scale and rope pitches
     (stride_ss, stride_rs) are in bytes."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     idx = tl.load(idx_row + offs_n, mask=offs_n < n_end, other=-1)
@@ -268,6 +267,17 @@ def _gather_block(
             sc = tl.load(_row_starts(KV_SCALE, rows, stride_ss), mask=valid, other=0.0)
         else:
             sc = tl.full([BLOCK_N], 1.0, tl.float32)
+    if WITH_ROPE:
+        k_b = _gather_rope(kv_grp, rows, valid, stride_kvs, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8)
+    else:
+        k_b = raw
+    return idx, valid, raw, sc, k_b
+
+
+@triton.jit
+def _gather_rope(kv_grp, rows, valid, stride_kvs, KV_ROPE, stride_rs, D_A: tl.constexpr, D_B: tl.constexpr, D_QK: tl.constexpr, FP8: tl.constexpr):
+    """The rope part of a key block's rows, [BLOCK_N, D_B]: the columns after the latent in bf16
+    keys, KV_ROPE's rows (pitch in bytes) beside an FP8 latent."""
     if D_B > 0:
         offs_kb = D_A + tl.arange(0, D_B)
         # A rope part that fills its padded width needs no column mask: the row mask alone keeps
@@ -278,8 +288,8 @@ def _gather_block(
         else:
             k_b = tl.load(kv_grp + rows[:, None] * stride_kvs + offs_kb[None, :], mask=b_mask, other=0.0)
     else:
-        k_b = raw
-    return idx, valid, raw, sc, k_b
+        k_b = valid  # no rope part: never read
+    return k_b
 
 
 @triton.jit
@@ -369,16 +379,18 @@ def _fwd_kernel(
     kv_grp = KV + g * stride_kvg
     n_end = tl.minimum(topk, n_hi)
     if PREFETCH:
-        # The next block (latent, scales, rope) is loaded into registers while this one is used,
+        # The next block's latent and scales are loaded into registers while this one is used,
         # instead of the compiler's shared-memory ring (which the dequantization reads back into
-        # registers): a gain with few heads, where registers are free (benchmarks/RESULTS.md).
-        idx_nx, valid_nx, raw_nx, sc_nx, k_b_nx = _gather_block(kv_grp, idx_row, n_lo, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT)
+        # registers): a gain with few heads, where registers are free (benchmarks/RESULTS.md). The
+        # rope stays a load of the step itself: prefetched too, its registers cost spills.
+        idx_nx, valid_nx, raw_nx, sc_nx, _ = _gather_block(kv_grp, idx_row, n_lo, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT, False)
     for n0 in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         if PREFETCH:
-            idx, valid, raw, sc, k_b = idx_nx, valid_nx, raw_nx, sc_nx, k_b_nx
-            idx_nx, valid_nx, raw_nx, sc_nx, k_b_nx = _gather_block(kv_grp, idx_row, n0 + BLOCK_N, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT)
+            idx, valid, raw, sc = idx_nx, valid_nx, raw_nx, sc_nx
+            idx_nx, valid_nx, raw_nx, sc_nx, _ = _gather_block(kv_grp, idx_row, n0 + BLOCK_N, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT, False)
+            k_b = _gather_rope(kv_grp, idx.to(tl.int64), valid, stride_kvs, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8)
         else:
-            idx, valid, raw, sc, k_b = _gather_block(kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT)
+            idx, valid, raw, sc, k_b = _gather_block(kv_grp, idx_row, n0, n_end, S_KV, offs_a, stride_kvs, KV_SCALE, stride_ss, KV_ROPE, stride_rs, D_A, D_B, D_QK, FP8, N_TILES, BLOCK_N, DEQUANT, True)
         k_rows = kv_grp + idx.to(tl.int64)[:, None] * stride_kvs
         k_a = _latent_operand(raw, sc, D_A, FP8, Q.dtype.element_ty, BLOCK_N, DEQUANT)
         if RELOAD_Q:
@@ -674,24 +686,34 @@ MMA_FP8_QK, MMA_FP8_QK_PV = 3, 4
 
 
 def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv):
-    """(out, lse) from the warp-specialized Gluon forward, or None where it declines (recorded)."""
+    """(out, lse) from a Gluon forward where one takes the call: the warp-specialized kernel (64
+    heads a key group or more) or the few-head kernel (32 or fewer); None where both decline (their
+    reasons recorded)."""
     if interpreted() or q.device.type != "cuda":
         return None
+    from mla_compiler.kernels import gluon_fewhead as fh
     from mla_compiler.kernels import gluon_sparse_mla as ws
 
-    reason = ws.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
     name = "forward_fp8" if kv_scale is not None else "forward"
-    if reason is not None:
-        WS_DECLINED[name] = reason
-        return None
-    out = ws.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
-    WS_DECLINED.pop(name, None)  # a reason from an earlier call no longer describes this one
-    LAST_LAUNCH[name] = dict(kernel="gluon warp-specialized", **(ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16))
-    return out
+    for module, label, declined, launch in (
+        (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
+        (fh, "gluon few-head", FEWHEAD_DECLINED, fh.LAUNCH_FP8 if kv_scale is not None else fh.LAUNCH_BF16),
+    ):
+        reason = module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
+        if reason is not None:
+            declined[name] = reason
+            continue
+        out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
+        declined.pop(name, None)  # a reason from an earlier call no longer describes this one
+        LAST_LAUNCH[name] = dict(kernel=label, **launch)
+        return out
+    return None
 
 
-# Why the last forward call did not take the warp-specialized kernel, per entry point (for reports).
+# Why the last forward call did not take the warp-specialized / the few-head kernel, per entry
+# point (for reports).
 WS_DECLINED: dict = {}
+FEWHEAD_DECLINED: dict = {}
 
 
 def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -775,12 +797,19 @@ def _forward_launch(name, key, q, kv, stride_kvg, h_kv, indices, sm_scale, d_v, 
     key = key + (splits, tuple(tuple(sorted(c.items())) for c in candidates) if overridden else None)
     _launch(_fwd_kernel, name, key, candidates, lambda cfg: (t * triton.cdiv(hpg, cfg["BLOCK_H"]) * splits, h_kv), full_args, full_constexprs)
     if splits > 1:
-        block_h = 16 if interpreted() else 32
-        _combine_kernel[(t, triton.cdiv(heads, block_h))](
-            partial, out, lse, attn_sink if attn_sink is not None else lse, out.stride(0), out.stride(1), lse.stride(0), heads,
-            DV=d_v, DV_P=dv_p, HAS_SINK=attn_sink is not None, SPLITS=splits, BLOCK_H=block_h, num_warps=4,
-        )
+        combine_partials(partial, out, lse, attn_sink, splits, d_v, dv_p)
     return out, lse
+
+
+def combine_partials(partial, out, lse, attn_sink, splits: int, d_v: int, dv_p: int) -> None:
+    """Merges the top-k splits' partial softmax states (``partial`` [splits, T, H, dv_p + 2]:
+    unnormalized accumulator, m in base 2, l) into ``out`` and ``lse``."""
+    t, heads = out.shape[0], out.shape[1]
+    block_h = 16 if interpreted() else 32
+    _combine_kernel[(t, triton.cdiv(heads, block_h))](
+        partial, out, lse, attn_sink if attn_sink is not None else lse, out.stride(0), out.stride(1), lse.stride(0), heads,
+        DV=d_v, DV_P=dv_p, HAS_SINK=attn_sink is not None, SPLITS=splits, BLOCK_H=block_h, num_warps=4,
+    )
 
 
 def declines_fp8(problem) -> Optional[str]:

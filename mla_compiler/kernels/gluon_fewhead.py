@@ -1,0 +1,348 @@
+"""Sparse MLA forward for few heads a GPU (16: DeepSeek-V3.2 at TP 8), in Triton's Gluon dialect.
+The reference beside it is reference.py / fp8_reference.py.
+
+Why a third forward: with 16 heads a token the work is bound by the gathered bytes, not by the
+MMAs, so what counts is how many key rows are in flight. The Triton kernel keeps Q (all 576
+columns, for every warp: mma.sync splits the 16 x n scores by keys) and the next FP8 block in
+registers, reaches 255 registers and two 4-warp programs an SM, and its FP8 keys ran slower than
+bf16 keys (benchmarks/RESULTS.md). Here:
+
+- the key rows (latent, rope, scales) are copied asynchronously into a ring of STAGES
+  shared-memory slots, several blocks ahead, without registers;
+- an FP8 latent is read from its slot 16 bytes a thread, dequantized (e4m3 x scale in fp32, then
+  bf16) and written to one bf16 tile that both products read; bf16 keys are read in their slot;
+- Q stays in shared memory and is read 64 columns at a time for each product (mma.sync, 16 x 8
+  tiles: 16 heads fill the rows, no padding);
+- the top-k is split over programs (flash-decoding) as in the Triton kernel, whose combine kernel
+  merges the partial softmax states.
+
+One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization.
+Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
+calls go to the Triton kernel instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from .gluon_common import HAVE_GLUON
+
+if HAVE_GLUON:
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from .gluon_common import async_copy, async_rows, gl, gluon, partition_barrier, smem_view
+
+LOG2E = 1.4426950408889634
+ENV_OFF = "MLA_COMPILER_FEWHEAD"  # =0: never take this kernel
+_D_LAT, _D_ROPE, _BLOCK_H = 512, 64, 16
+MAX_BLOCKS = 32  # key blocks a program (its rows are held in shared memory)
+MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, the MMAs bound the work)
+
+# Launch: keys a block, ring slots (SPLITS, top-k splits, is chosen per call unless given).
+# Measured on H200 at the V3.2 decode shape with 16 heads (benchmarks/bench_decode_launch.py,
+# RESULTS.md).
+LAUNCH_BF16 = dict(BLOCK_N=32, STAGES=4)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=3)
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
+
+
+def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int) -> int:
+    """Shared memory the kernel allocates: Q, the split's rows, the ring (latent, rope, scales)
+    and, for an FP8 latent, the bf16 tile it is dequantized into."""
+    slot = block_n * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
+    return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
+            + (2 * block_n * _D_LAT if fp8 else 0))
+
+
+def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
+             d_v: int, attn_sink=None, topk_length=None, h_kv: int = 1) -> Optional[str]:
+    """Why this kernel does not take the call (None when it does). ``kv_latent``: the first 512
+    columns of bf16 keys (``kv_scale`` None) or an e4m3 latent with ``kv_scale``."""
+    if os.environ.get(ENV_OFF, "1") in ("0", ""):
+        return f"{ENV_OFF}=0"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon dialect"
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) < (8, 9):
+        return "needs sm_89 or newer (e4m3 conversion, mma.sync)"
+    if q.dtype != torch.bfloat16:
+        return f"query dtype {q.dtype} (bf16 only)"
+    if h_kv != 1:
+        return f"{h_kv} key groups (one only)"
+    if q.shape[1] > MAX_HEADS:
+        return f"{q.shape[1]} heads (this kernel is for {MAX_HEADS} or fewer; more heads make the MMAs the bound)"
+    if kv_latent.shape[1] != _D_LAT or kv_rope is None or kv_rope.shape[1] != _D_ROPE or d_v != _D_LAT or q.shape[2] != _D_LAT + _D_ROPE:
+        rope = None if kv_rope is None else kv_rope.shape[1]
+        return f"latent {kv_latent.shape[1]} / rope {rope} / d_v {d_v} / query {q.shape[2]} (512 / 64 / 512 / 576 only)"
+    if attn_sink is not None or topk_length is not None:
+        return "attn_sink / topk_length (not implemented here)"
+    if kv_rope.dtype != torch.bfloat16:
+        return f"rope dtype {kv_rope.dtype} (bf16 only)"
+    if kv_scale is None and kv_latent.dtype != torch.bfloat16:
+        return f"key dtype {kv_latent.dtype} without scales (bf16 keys or an e4m3 latent with scales)"
+    if kv_scale is not None:
+        if kv_latent.dtype != torch.float8_e4m3fn:
+            return f"latent dtype {kv_latent.dtype} (float8_e4m3fn)"
+        if kv_scale.dim() != 2 or kv_scale.dtype != torch.float32 or kv_scale.stride(1) != 1 or kv_scale.shape[1] not in (1, 4):
+            return "kv_scale not float32 [rows, 1 or 4] with contiguous scales"
+    return _misaligned(kv_latent, kv_rope)
+
+
+def _misaligned(kv_latent: torch.Tensor, kv_rope: torch.Tensor) -> Optional[str]:
+    """Which operand breaks the 16-byte copies (rows contiguous and 16 bytes apart, 16-byte
+    aligned start), or None."""
+    for name, tensor in (("kv_latent", kv_latent), ("kv_rope", kv_rope)):
+        if tensor.stride(1) != 1 or tensor.stride(0) * tensor.element_size() % 16 or tensor.data_ptr() % 16:
+            return (f"{name}: rows not contiguous or not 16-byte aligned (stride {tuple(tensor.stride())}, "
+                    f"address mod 16 = {tensor.data_ptr() % 16})")
+    return None
+
+
+if HAVE_GLUON:
+    D_LAT, D_ROPE, BLOCK_H = gl.constexpr(_D_LAT), gl.constexpr(_D_ROPE), gl.constexpr(_BLOCK_H)
+
+    @gluon.jit
+    def _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
+                     stride_kvs, stride_ss, stride_rs,
+                     FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """Starts the asynchronous copies of block j's rows into slot j % STAGES (nothing past the
+        last block; rows -1 copy nothing and are zero-filled), then closes the copy group: one
+        group a block, empty or not, so that waiting on 'all but the newest STAGES - 1 groups'
+        always means block j - STAGES + 1 has landed."""
+        if j < n_blocks:
+            slot = j % STAGES
+            lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [4, 1], [1, 0]) if FP8 else gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
+            rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            rows = rows_smem.index(j).load(gl.SliceLayout(1, lat_layout)).to(gl.int64)
+            cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, lat_layout))
+            lat_ptr = KV + rows[:, None] * stride_kvs + cols[None, :]
+            lat_ptr = gl.max_contiguous(gl.multiple_of(lat_ptr, [16, 16]), [1, D_LAT])
+            async_rows(lat_ring.index(slot), lat_ptr, mask=(rows >= 0)[:, None])
+            r_rows = rows_smem.index(j).load(gl.SliceLayout(1, rope_layout)).to(gl.int64)
+            r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))
+            # The host checked 16-byte rows; pitches are in bytes (FlashMLA's 656-byte rows).
+            rope_rows = (KV_ROPE.to(gl.pointer_type(gl.uint8), bitcast=True) + r_rows * stride_rs).to(gl.pointer_type(gl.bfloat16), bitcast=True)
+            rope_ptr = gl.max_contiguous(gl.multiple_of(rope_rows[:, None] + r_cols[None, :], [16, 16]), [1, D_ROPE])
+            async_rows(rope_ring.index(slot), rope_ptr, mask=(r_rows >= 0)[:, None])
+            if FP8:
+                sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+                s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
+                sc_rows = (KV_SCALE.to(gl.pointer_type(gl.uint8), bitcast=True) + s_rows * stride_ss).to(gl.pointer_type(gl.float32), bitcast=True)
+                for tile in gl.static_range(N_TILES):
+                    async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _fewhead_fwd_kernel(
+        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE, PARTIAL,
+        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
+        S_KV, TOPK, H, T, sm_scale_log2,
+        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
+        NB_P: gl.constexpr,
+    ):
+        # Program coordinates: the split, then the head block vary fastest (a token's programs
+        # run side by side and share its rows in L2).
+        pid = gl.program_id(0)
+        n_hb = gl.cdiv(H, BLOCK_H)
+        sp = pid % SPLITS
+        hb = (pid // SPLITS) % n_hb
+        t = (pid // (SPLITS * n_hb)).to(gl.int64)
+        chunk = gl.cdiv(gl.cdiv(TOPK, SPLITS), BLOCK_N) * BLOCK_N
+        n_lo = sp * chunk
+        n_hi = gl.minimum(n_lo + chunk, TOPK)
+        n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
+
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+        operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+
+        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
+        vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], plain_smem)
+        rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], vec_smem)  # the same bytes, one block a row
+        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], operand_smem)
+        if FP8:
+            lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], plain_smem)
+            scale_ring = gl.allocate_shared_memory(gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
+            k_tile = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, D_LAT], operand_smem)
+        else:
+            lat_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], operand_smem)
+            scale_ring = rope_ring  # not used
+
+        # This split's key rows, -1 where the index is invalid (-1, >= S_KV, past the top-k).
+        idx_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        offs = n_lo + gl.arange(0, NB_P, layout=gl.SliceLayout(1, idx_layout))[:, None] * BLOCK_N \
+            + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, idx_layout))[None, :]
+        idx = gl.load(IDX + t * stride_it + offs, mask=offs < n_hi, other=-1)
+        rows_2d.store(gl.where((idx >= 0) & (idx < S_KV), idx, -1))
+        # Q of this block of heads (padded heads are 0).
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
+        q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+        cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, q_layout))
+        q_lat.store(gl.load(q_row + cols[None, :], mask=(heads < H)[:, None], other=0.0))
+        r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
+        q_rope.store(gl.load(q_row + D_LAT + r_cols[None, :], mask=(heads < H)[:, None], other=0.0))
+        partition_barrier()
+
+        for j in gl.static_range(STAGES - 1):
+            _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
+                         stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES)
+
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_l)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_l)
+        acc0 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+        acc1 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+        acc2 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+        acc3 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        for i in range(n_blocks):
+            _issue_block(i + STAGES - 1, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
+                         stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES)
+            async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
+            partition_barrier()  # ... and every thread's
+            slot = i % STAGES
+            if FP8:
+                # Dequantize the slot's latent, 128 columns at a time, into the bf16 tile.
+                lat = lat_ring.index(slot)
+                for c in gl.static_range(4):
+                    raw = lat.slice(c * 128, 128, dim=1).load(cvt_layout)
+                    sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
+                    k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+                partition_barrier()
+                keys = k_tile
+            else:
+                keys = lat_ring.index(slot)
+
+            s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
+            for c in gl.static_range(D_LAT // 64):
+                s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
+            s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), s)
+            valid = rows_smem.index(i).load(col_l) >= 0
+            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
+            acc0 = mma_v2(p_op, keys.slice(0, 128, dim=1).load(b_op), acc0 * alpha[:, None])
+            acc1 = mma_v2(p_op, keys.slice(128, 128, dim=1).load(b_op), acc1 * alpha[:, None])
+            acc2 = mma_v2(p_op, keys.slice(256, 128, dim=1).load(b_op), acc2 * alpha[:, None])
+            acc3 = mma_v2(p_op, keys.slice(384, 128, dim=1).load(b_op), acc3 * alpha[:, None])
+            m_i = m_new
+            # Every warp is past this block's reads (slot, tile) before they are overwritten.
+            partition_barrier()
+        async_copy.wait_group(0)
+
+        heads_o = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_l)
+        h_ok = heads_o < H
+        cols_o = gl.arange(0, 128, layout=col_l)
+        if SPLITS == 1:
+            empty_row = l_i == 0.0
+            l_safe = gl.where(empty_row, 1.0, l_i)
+            o_row = OUT + t * stride_ot + heads_o[:, None] * stride_oh + cols_o[None, :]
+            gl.store(o_row, (acc0 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            gl.store(o_row + 128, (acc1 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            gl.store(o_row + 256, (acc2 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            gl.store(o_row + 384, (acc3 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            gl.store(LSE + t * stride_lt + heads_o, lse, mask=h_ok)
+        else:
+            # Unnormalized partial state per (split, token, head): acc [512], m (base 2), l; the
+            # layout triton_sparse_mla._combine_kernel merges.
+            part = ((sp * T + t) * H + heads_o).to(gl.int64) * (D_LAT + 2)
+            p_row = PARTIAL + part[:, None] + cols_o[None, :]
+            gl.store(p_row, acc0, mask=h_ok[:, None])
+            gl.store(p_row + 128, acc1, mask=h_ok[:, None])
+            gl.store(p_row + 256, acc2, mask=h_ok[:, None])
+            gl.store(p_row + 384, acc3, mask=h_ok[:, None])
+            gl.store(PARTIAL + part + D_LAT, m_i, mask=h_ok)
+            gl.store(PARTIAL + part + D_LAT + 1, l_i, mask=h_ok)
+
+
+def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> int:
+    """Top-k splits: enough programs for about two an SM (each program holds few rows in flight
+    beyond its ring), each with 4 blocks or more, none empty."""
+    programs = tokens * triton.cdiv(heads, _BLOCK_H)
+    blocks = triton.cdiv(topk, block_n)
+    wanted = max(1, min(triton.cdiv(2 * sms, programs), blocks // 4, 16))
+    return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
+
+
+def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: torch.Tensor,
+            indices: torch.Tensor, sm_scale: float, launch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [T, H, 512], lse [T, H]) for q [T, H, 576] against bf16 keys (``kv_latent`` [S, 512]
+    bf16, ``kv_scale`` None) or an e4m3 latent with float32 scales [S, 1 or 4]; ``kv_rope`` [S, 64]
+    bf16; ``indices`` [T, 1, topk] (-1 or >= S invalid). Call ``declines`` first."""
+    from . import triton_sparse_mla as tk
+
+    fp8 = kv_scale is not None
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS"}
+    if unknown:
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS")
+    if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
+        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
+    q, indices = q.contiguous(), indices.contiguous()
+    t, h, _ = q.shape
+    topk = indices.shape[-1]
+    out = torch.empty((t, h, _D_LAT), dtype=q.dtype, device=q.device)
+    lse = torch.empty((t, h), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    block_n = cfg["BLOCK_N"]
+    splits = cfg.get("SPLITS") or splits_for(t, h, topk, block_n, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    # A program holds its split's rows in shared memory: at most MAX_BLOCKS blocks of them.
+    splits = max(splits, triton.cdiv(triton.cdiv(topk, block_n), MAX_BLOCKS))
+    blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
+    n_tiles = kv_scale.shape[1] if fp8 else 1
+    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split)
+    if need > SHARED_LIMIT:
+        raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
+                         f"{SHARED_LIMIT} fit; use fewer STAGES or BLOCK_N=32")
+    partial = torch.empty((splits, t, h, _D_LAT + 2), dtype=torch.float32, device=q.device) if splits > 1 else lse
+    scale = kv_scale if fp8 else kv_rope
+    grid = (t * triton.cdiv(h, _BLOCK_H) * splits,)
+    _fewhead_fwd_kernel[grid](
+        q, kv_latent, scale, kv_rope, indices, out, lse, partial,
+        q.stride(0), q.stride(1), kv_latent.stride(0), scale.stride(0) * scale.element_size(), kv_rope.stride(0) * kv_rope.element_size(),
+        indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E,
+        FP8=fp8, N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits,
+        NB_P=triton.next_power_of_2(blocks_per_split), num_warps=4,
+    )
+    if splits > 1:
+        tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
+    return out, lse
+
+
+def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
+    """The kernel compiled for sm_90 on any machine (no GPU needed), with the alignment facts a
+    launch would give: for checking shared memory, registers and the PTX (``.asm``) off the GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    kernel = _fewhead_fwd_kernel
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update({"Q": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16", "KV_SCALE": "*fp32" if fp8 else "*bf16", "KV_ROPE": "*bf16",
+                "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32", "PARTIAL": "*fp32", "sm_scale_log2": "fp32"})
+    constexprs = dict(FP8=fp8, N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=cfg.get("SPLITS", 2),
+                      NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))))
+    sig.update({name: "constexpr" for name in constexprs})
+    names = list(kernel.arg_names)
+    aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "PARTIAL", "stride_qt", "stride_qh", "stride_kvs", "stride_ss",
+               "stride_rs", "stride_it", "stride_ot", "stride_oh")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

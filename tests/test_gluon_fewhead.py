@@ -1,0 +1,140 @@
+"""The few-head (Gluon) forward: it compiles for Hopper with the installed Triton (CPU, no GPU
+needed), it declines what it does not take with a reason, and on a GPU it matches the references
+on awkward inputs (invalid indices, a token with none valid, NaN in unselected rows, head counts
+that are not a multiple of 16, top-k that is not a multiple of the block) for bf16 keys and both
+FP8 layouts, with and without top-k splits, and the forward entry points dispatch to it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import gluon_fewhead as fh
+from mla_compiler.kernels import reference
+from mla_compiler.kernels import triton_sparse_mla as tk
+from mla_compiler.kernels.awkward_inputs import awkward_inputs, poison_unselected
+
+needs_gluon = pytest.mark.skipif(not fh.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+capable = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+needs_gpu = pytest.mark.skipif(not capable, reason="needs a CUDA GPU of sm_89 or newer")
+SCALE = 576**-0.5
+
+
+@needs_gluon
+def test_compiles_for_hopper_with_16_byte_copies():
+    # In a child process: the tests run under TRITON_INTERPRET=1, which compiles nothing.
+    script = (
+        "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
+        "out = {}\n"
+        "for name, fp8, tiles in (('bf16', False, 1), ('fp8-tiles', True, 4), ('fp8-rows', True, 1)):\n"
+        "    c = fh.compile_for_hopper(fp8, tiles)\n"
+        "    ptx = c.asm['ptx']\n"
+        "    out[name] = dict(shared=c.metadata.shared, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
+        "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'))\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name, info in json.loads(done.stdout.strip().splitlines()[-1]).items():
+        assert info["shared"] <= 227 * 1024, (name, info)
+        assert info["mma"] > 0 and info["byte_loads"] == 0, (name, info)
+        # The key rows move 16 bytes a copy; only the FP8 scales (4 bytes a row and tile) are narrower.
+        assert info["wide"] > 0, (name, info)
+        assert info["narrow"] == 0 or name.startswith("fp8"), (name, info)
+
+
+def test_declines_with_reasons(monkeypatch):
+    q = torch.randn(4, 16, 576, dtype=torch.bfloat16)
+    kv = torch.randn(64, 576, dtype=torch.bfloat16)
+    assert fh.declines(q, kv[:, :512], None, kv[:, 512:], 512) in ("not a CUDA tensor", "this Triton has no Gluon dialect")
+    monkeypatch.setenv(fh.ENV_OFF, "0")
+    assert fh.declines(q, kv[:, :512], None, kv[:, 512:], 512) == f"{fh.ENV_OFF}=0"
+
+
+@needs_gpu
+def test_declines_what_it_does_not_take():
+    q, kv, _ = awkward_inputs(heads=48, topk=64)
+    assert "48 heads" in fh.declines(q, kv[:, 0, :512], None, kv[:, 0, 512:], 512)
+    q16 = q[:, :16].contiguous()
+    assert "attn_sink" in fh.declines(q16, kv[:, 0, :512], None, kv[:, 0, 512:], 512, attn_sink=torch.zeros(16, device="cuda"))
+    odd = torch.empty(kv.shape[0], 1, 584, device="cuda", dtype=kv.dtype)[:, 0, 4:580]  # rows 8 bytes off 16
+    odd.copy_(kv[:, 0])
+    assert "not 16-byte aligned" in fh.declines(q16, odd[:, :512], None, odd[:, 512:], 512)
+
+
+def check(out, lse, ref_out, ref_lse):
+    fin = torch.isfinite(ref_lse)
+    assert ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item() < 1e-2
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 1e-3
+    assert (lse[2] == float("inf")).all() and (out[2] == 0).all()
+
+
+LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1), dict(BLOCK_N=64, STAGES=2, SPLITS=3), dict(BLOCK_N=32, STAGES=4, SPLITS=2)]
+LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits", "32-keys-4-stages"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("heads, topk", [(16, 2048), (13, 200), (20, 63)])
+def test_bf16_keys_match_the_reference(heads, topk, launch):
+    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
+    poison_unselected(kv)
+    out, lse = fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=launch)
+    check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
+
+
+@needs_gpu
+@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("layout", ["flashmla", "row"])
+@pytest.mark.parametrize("heads, topk", [(16, 2048), (13, 200), (20, 63)])
+def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
+    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
+    latent, scale, rope = fr.quantize_keys(kv, layout)
+    poison_unselected(latent, scale, rope)
+    out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["flashmla", "row"])
+def test_fp8_latents_keep_extreme_scales(layout):
+    # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
+    q, kv, idx = awkward_inputs(heads=16, topk=200)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    kv = kv * torch.exp2(torch.randint(-20, 5, (kv.shape[0], 1, 1), device="cuda", generator=g)).to(kv.dtype)
+    q = q * torch.logspace(-2, 1, q.shape[1], device="cuda")[None, :, None].to(q.dtype)
+    q[:, 5] = 0
+    latent, scale, rope = fr.quantize_keys(kv, layout)
+    out, lse = fh.forward(q, latent, scale, rope, idx, SCALE)
+    assert torch.isfinite(out).all()
+    check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+
+
+@needs_gpu
+def test_launch_settings_are_checked():
+    q, kv, idx = awkward_inputs(heads=16, topk=64)
+    for bad, word in ((dict(BLOCK_N=16), "BLOCK_N=16"), (dict(STAGES=1), "STAGES=1"), (dict(STAGE=2), "unknown")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=bad)
+
+
+@needs_gpu
+def test_forward_entry_points_dispatch_to_it_where_it_applies():
+    q, kv, idx = awkward_inputs(t=40, heads=16, topk=256)
+    out, lse = tk.forward(q, kv, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward"]["kernel"] == "gluon few-head"
+    check(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
+    latent, scale, rope = fr.quantize_keys(kv, "flashmla")
+    out, lse = tk.forward_fp8(q, latent, scale, rope, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head"
+    check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+    # Where it does not apply (a sink), the Triton kernel runs and the reason is kept.
+    tk.forward(q, kv, idx, SCALE, 512, attn_sink=torch.zeros(16, device="cuda"))
+    assert "attn_sink" in tk.FEWHEAD_DECLINED["forward"]
