@@ -45,8 +45,8 @@ MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, th
 # Launch: keys a block, ring slots (SPLITS, top-k splits, is chosen per call unless given).
 # Measured on H200 at the V3.2 decode shape with 16 heads (benchmarks/bench_decode_launch.py,
 # RESULTS.md).
-LAUNCH_BF16 = dict(BLOCK_N=32, STAGES=4)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=3)
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, FOLD=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, FOLD=False)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 
 
@@ -109,15 +109,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                      stride_kvs, stride_ss, stride_rs,
-                     FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                     FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
         """Starts the asynchronous copies of block j's rows into slot j % STAGES (nothing past the
         last block; rows -1 copy nothing and are zero-filled), then closes the copy group: one
         group a block, empty or not, so that waiting on 'all but the newest STAGES - 1 groups'
         always means block j - STAGES + 1 has landed."""
         if j < n_blocks:
             slot = j % STAGES
-            lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [4, 1], [1, 0]) if FP8 else gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0])
-            rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+            lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [NW, 1], [1, 0]) if FP8 else gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
+            rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
             rows = rows_smem.index(j).load(gl.SliceLayout(1, lat_layout)).to(gl.int64)
             cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, lat_layout))
             lat_ptr = KV + rows[:, None] * stride_kvs + cols[None, :]
@@ -130,7 +130,7 @@ if HAVE_GLUON:
             rope_ptr = gl.max_contiguous(gl.multiple_of(rope_rows[:, None] + r_cols[None, :], [16, 16]), [1, D_ROPE])
             async_rows(rope_ring.index(slot), rope_ptr, mask=(r_rows >= 0)[:, None])
             if FP8:
-                sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+                sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
                 s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
                 sc_rows = (KV_SCALE.to(gl.pointer_type(gl.uint8), bitcast=True) + s_rows * stride_ss).to(gl.pointer_type(gl.float32), bitcast=True)
                 for tile in gl.static_range(N_TILES):
@@ -143,7 +143,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-        NB_P: gl.constexpr,
+        NB_P: gl.constexpr, NW: gl.constexpr, FOLD: gl.constexpr,
     ):
         # Program coordinates: the split, then the head block vary fastest (a token's programs
         # run side by side and share its rows in L2).
@@ -157,7 +157,7 @@ if HAVE_GLUON:
         n_hi = gl.minimum(n_lo + chunk, TOPK)
         n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
 
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 4], instr_shape=[16, 8])
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         row_l: gl.constexpr = gl.SliceLayout(1, mma)
@@ -180,13 +180,13 @@ if HAVE_GLUON:
             scale_ring = rope_ring  # not used
 
         # This split's key rows, -1 where the index is invalid (-1, >= S_KV, past the top-k).
-        idx_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        idx_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         offs = n_lo + gl.arange(0, NB_P, layout=gl.SliceLayout(1, idx_layout))[:, None] * BLOCK_N \
             + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, idx_layout))[None, :]
         idx = gl.load(IDX + t * stride_it + offs, mask=offs < n_hi, other=-1)
         rows_2d.store(gl.where((idx >= 0) & (idx < S_KV), idx, -1))
         # Q of this block of heads (padded heads are 0).
-        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
         q_row = Q + t * stride_qt + heads[:, None] * stride_qh
         cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, q_layout))
@@ -197,7 +197,7 @@ if HAVE_GLUON:
 
         for j in gl.static_range(STAGES - 1):
             _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                         stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES)
+                         stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES, NW)
 
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_l)
         l_i = gl.zeros([BLOCK_H], gl.float32, row_l)
@@ -205,20 +205,25 @@ if HAVE_GLUON:
         acc1 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc2 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc3 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
-        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [NW, 1], [1, 0])
         for i in range(n_blocks):
             _issue_block(i + STAGES - 1, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                         stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES)
+                         stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES, NW)
             async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
             partition_barrier()  # ... and every thread's
             slot = i % STAGES
             if FP8:
-                # Dequantize the slot's latent, 128 columns at a time, into the bf16 tile.
+                # The slot's latent into the bf16 tile, 128 columns at a time: e4m3 x scale in
+                # fp32, or (FOLD, one scale a row) e4m3 as is (exact in bf16), the row scales then
+                # applied to the scores and to P.
                 lat = lat_ring.index(slot)
                 for c in gl.static_range(4):
                     raw = lat.slice(c * 128, 128, dim=1).load(cvt_layout)
-                    sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
-                    k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+                    if FOLD:
+                        k_tile.slice(c * 128, 128, dim=1).store(raw.to(gl.bfloat16))
+                    else:
+                        sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
+                        k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
                 partition_barrier()
                 keys = k_tile
             else:
@@ -227,6 +232,9 @@ if HAVE_GLUON:
             s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
             for c in gl.static_range(D_LAT // 64):
                 s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
+            if FOLD:
+                row_scale = scale_ring.index(slot).load(col_l)
+                s = s * row_scale[None, :]
             s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), s)
             valid = rows_smem.index(i).load(col_l) >= 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
@@ -235,7 +243,10 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + gl.sum(p, 1)
-            p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
+            if FOLD:
+                p_op = gl.convert_layout((p * row_scale[None, :]).to(gl.bfloat16), a_op)
+            else:
+                p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
             acc0 = mma_v2(p_op, keys.slice(0, 128, dim=1).load(b_op), acc0 * alpha[:, None])
             acc1 = mma_v2(p_op, keys.slice(128, 128, dim=1).load(b_op), acc1 * alpha[:, None])
             acc2 = mma_v2(p_op, keys.slice(256, 128, dim=1).load(b_op), acc2 * alpha[:, None])
@@ -289,11 +300,16 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
     fp8 = kv_scale is not None
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS"}
+    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "FOLD"}
     if unknown:
-        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS")
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS, FOLD")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
+    if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"]:
+        raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the block's keys")
+    if cfg["FOLD"] and (kv_scale is None or kv_scale.shape[1] != 1):
+        raise ValueError("launch FOLD=True: folds one scale a row into the scores and P; this call has "
+                         + ("bf16 keys" if kv_scale is None else f"{kv_scale.shape[1]} scales a row") + "; use FOLD=False")
     q, indices = q.contiguous(), indices.contiguous()
     t, h, _ = q.shape
     topk = indices.shape[-1]
@@ -320,7 +336,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E,
         FP8=fp8, N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits,
-        NB_P=triton.next_power_of_2(blocks_per_split), num_warps=4,
+        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], FOLD=cfg["FOLD"], num_warps=cfg["NUM_WARPS"],
     )
     if splits > 1:
         tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
@@ -339,10 +355,11 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     sig.update({"Q": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16", "KV_SCALE": "*fp32" if fp8 else "*bf16", "KV_ROPE": "*bf16",
                 "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32", "PARTIAL": "*fp32", "sm_scale_log2": "fp32"})
     constexprs = dict(FP8=fp8, N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=cfg.get("SPLITS", 2),
-                      NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))))
+                      NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))), NW=cfg["NUM_WARPS"],
+                      FOLD=cfg["FOLD"])
     sig.update({name: "constexpr" for name in constexprs})
     names = list(kernel.arg_names)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "PARTIAL", "stride_qt", "stride_qh", "stride_kvs", "stride_ss",
                "stride_rs", "stride_it", "stride_ot", "stride_oh")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["NUM_WARPS"]})
