@@ -32,7 +32,7 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-rows-folded', True, 1, dict(FOLD=True)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8))):\n"
+        "                                  ('fp8-rows-2-chains', True, 1, dict(CHAINS=2)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    out[name] = dict(shared=c.metadata.shared, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
@@ -77,9 +77,9 @@ def check(out, lse, ref_out, ref_lse):
     assert (lse[2] == float("inf")).all() and (out[2] == 0).all()
 
 
-LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1), dict(BLOCK_N=64, STAGES=3, SPLITS=3), dict(BLOCK_N=32, STAGES=4, SPLITS=2),
+LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1), dict(BLOCK_N=64, STAGES=2, SPLITS=3, CHAINS=2), dict(BLOCK_N=32, STAGES=4, SPLITS=2),
             dict(BLOCK_N=64, STAGES=2, NUM_WARPS=8)]
-LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-stages-3-splits", "32-keys-4-stages", "8-warps"]
+LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits-2-chains", "32-keys-4-stages", "8-warps"]
 
 
 @needs_gpu
@@ -105,19 +105,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("launch", [dict(FOLD=True), dict(FOLD=True, NUM_WARPS=8, SPLITS=1), dict(FOLD=True, BLOCK_N=32, SPLITS=3)],
-                         ids=["fold", "fold-8-warps-unsplit", "fold-32-keys-3-splits"])
-@pytest.mark.parametrize("heads, topk", [(16, 2048), (13, 200), (20, 63)])
-def test_row_scales_folded_into_scores_and_p_match_the_reference(heads, topk, launch):
-    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
-    latent, scale, rope = fr.quantize_keys(kv, "row")
-    poison_unselected(latent, scale, rope)
-    out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    check(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
-
-
-@needs_gpu
-@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(FOLD=True))], ids=["flashmla", "row", "row-fold"])
+@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(CHAINS=2))], ids=["flashmla", "row", "row-2-chains"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
@@ -135,13 +123,10 @@ def test_fp8_latents_keep_extreme_scales(layout, launch):
 def test_launch_settings_are_checked():
     q, kv, idx = awkward_inputs(heads=16, topk=64)
     for bad, word in ((dict(BLOCK_N=16), "BLOCK_N=16"), (dict(STAGES=1), "STAGES=1"), (dict(STAGE=2), "unknown"),
-                      (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(FOLD=True), "bf16 keys"),
+                      (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(CHAINS=3), "CHAINS=3"),
                       (dict(BLOCK_N=64, STAGES=4), "shared memory")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=bad)
-    latent, scale, rope = fr.quantize_keys(kv, "flashmla")
-    with pytest.raises(ValueError, match="4 scales a row"):
-        fh.forward(q, latent, scale, rope, idx, SCALE, launch=dict(FOLD=True))
 
 
 @needs_gpu

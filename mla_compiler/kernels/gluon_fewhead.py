@@ -45,8 +45,8 @@ MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, th
 # Launch: keys a block, ring slots (SPLITS, top-k splits, is chosen per call unless given).
 # Measured on H200 at the V3.2 decode shape with 16 heads (benchmarks/bench_decode_launch.py,
 # RESULTS.md).
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, FOLD=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, FOLD=False)
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, CHAINS=1)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, CHAINS=1)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 
 
@@ -143,7 +143,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-        NB_P: gl.constexpr, NW: gl.constexpr, FOLD: gl.constexpr,
+        NB_P: gl.constexpr, NW: gl.constexpr, CHAINS: gl.constexpr,
     ):
         # Program coordinates: the split, then the head block vary fastest (a token's programs
         # run side by side and share its rows in L2).
@@ -213,29 +213,31 @@ if HAVE_GLUON:
             partition_barrier()  # ... and every thread's
             slot = i % STAGES
             if FP8:
-                # The slot's latent into the bf16 tile, 128 columns at a time: e4m3 x scale in
-                # fp32, or (FOLD, one scale a row) e4m3 as is (exact in bf16), the row scales then
-                # applied to the scores and to P.
+                # The slot's latent into the bf16 tile, 128 columns at a time: e4m3 x scale in fp32.
+                # (The row scale applied to the scores and P instead, the e4m3 values converted as
+                # they are, measured slower: 0.147 vs 0.119 ms.)
                 lat = lat_ring.index(slot)
                 for c in gl.static_range(4):
                     raw = lat.slice(c * 128, 128, dim=1).load(cvt_layout)
-                    if FOLD:
-                        k_tile.slice(c * 128, 128, dim=1).store(raw.to(gl.bfloat16))
-                    else:
-                        sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
-                        k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+                    sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
+                    k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
                 partition_barrier()
                 keys = k_tile
             else:
                 keys = lat_ring.index(slot)
 
-            s = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
-            for c in gl.static_range(D_LAT // 64):
-                s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
-            if FOLD:
-                row_scale = scale_ring.index(slot).load(col_l)
-                s = s * row_scale[None, :]
-            s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), s)
+            # Q K^T over 576 columns: CHAINS independent accumulators (one mma.sync waits for the
+            # previous one on the same accumulator), summed at the end.
+            s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
+            if CHAINS == 2:
+                s2 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
+                for c in gl.static_range(D_LAT // 128):
+                    s = mma_v2(q_lat.slice(c * 128, 64, dim=1).load(a_op), keys.slice(c * 128, 64, dim=1).permute((1, 0)).load(b_op), s)
+                    s2 = mma_v2(q_lat.slice(c * 128 + 64, 64, dim=1).load(a_op), keys.slice(c * 128 + 64, 64, dim=1).permute((1, 0)).load(b_op), s2)
+                s = s + s2
+            else:
+                for c in gl.static_range(D_LAT // 64):
+                    s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
             valid = rows_smem.index(i).load(col_l) >= 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -243,10 +245,7 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + gl.sum(p, 1)
-            if FOLD:
-                p_op = gl.convert_layout((p * row_scale[None, :]).to(gl.bfloat16), a_op)
-            else:
-                p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
+            p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
             acc0 = mma_v2(p_op, keys.slice(0, 128, dim=1).load(b_op), acc0 * alpha[:, None])
             acc1 = mma_v2(p_op, keys.slice(128, 128, dim=1).load(b_op), acc1 * alpha[:, None])
             acc2 = mma_v2(p_op, keys.slice(256, 128, dim=1).load(b_op), acc2 * alpha[:, None])
@@ -283,11 +282,12 @@ if HAVE_GLUON:
 
 
 def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> int:
-    """Top-k splits: enough programs for about two an SM (each program holds few rows in flight
-    beyond its ring), each with 4 blocks or more, none empty."""
+    """Top-k splits: enough programs to give every SM one where the tokens alone do not, each
+    with 4 blocks or more, none empty (H200, b64 h16: 2 splits 0.119 ms, 3 splits 0.126 for FP8
+    row-scale keys; 0.099 / 0.107 for bf16)."""
     programs = tokens * triton.cdiv(heads, _BLOCK_H)
     blocks = triton.cdiv(topk, block_n)
-    wanted = max(1, min(triton.cdiv(2 * sms, programs), blocks // 4, 16))
+    wanted = 1 if programs >= sms else max(1, min(triton.cdiv(sms, programs), blocks // 4, 16))
     return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 
 
@@ -300,16 +300,15 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
     fp8 = kv_scale is not None
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "FOLD"}
+    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "CHAINS"}
     if unknown:
-        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS, FOLD")
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS, CHAINS")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"]:
         raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the block's keys")
-    if cfg["FOLD"] and (kv_scale is None or kv_scale.shape[1] != 1):
-        raise ValueError("launch FOLD=True: folds one scale a row into the scores and P; this call has "
-                         + ("bf16 keys" if kv_scale is None else f"{kv_scale.shape[1]} scales a row") + "; use FOLD=False")
+    if cfg["CHAINS"] not in (1, 2):
+        raise ValueError(f"launch CHAINS={cfg['CHAINS']}: 1 or 2 score accumulators")
     q, indices = q.contiguous(), indices.contiguous()
     t, h, _ = q.shape
     topk = indices.shape[-1]
@@ -336,7 +335,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E,
         FP8=fp8, N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits,
-        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], FOLD=cfg["FOLD"], num_warps=cfg["NUM_WARPS"],
+        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], CHAINS=cfg["CHAINS"], num_warps=cfg["NUM_WARPS"],
     )
     if splits > 1:
         tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
@@ -356,7 +355,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                 "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32", "PARTIAL": "*fp32", "sm_scale_log2": "fp32"})
     constexprs = dict(FP8=fp8, N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=cfg.get("SPLITS", 2),
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))), NW=cfg["NUM_WARPS"],
-                      FOLD=cfg["FOLD"])
+                      CHAINS=cfg["CHAINS"])
     sig.update({name: "constexpr" for name in constexprs})
     names = list(kernel.arg_names)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "PARTIAL", "stride_qt", "stride_qh", "stride_kvs", "stride_ss",
