@@ -47,9 +47,9 @@ FEW_HEAD_TRITON = {
                 dict(BLOCK_N=32, num_warps=4, num_stages=3, SPLITS=2, DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)],
 }
 FEW_HEAD_GLUON = {
-    "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=64, STAGES=2, CHAINS=2), dict(BLOCK_N=32, STAGES=3, CHAINS=2)],
-    "fp8 FlashMLA": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=64, STAGES=2, CHAINS=2), dict(BLOCK_N=32, STAGES=2, CHAINS=2)],
-    "fp8 row": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=64, STAGES=2, CHAINS=2), dict(BLOCK_N=32, STAGES=2, CHAINS=2)],
+    "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3)],
+    "fp8 FlashMLA": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=2)],
+    "fp8 row": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=2)],
 }
 
 
@@ -73,7 +73,7 @@ def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
             for cfg in FEW_HEAD_TRITON[key]:
                 runs.append((key, f"triton {cfg}", fn, dict(cfg, BLOCK_H=block_h)))
             for cfg in FEW_HEAD_GLUON[key]:
-                for sp in (None, 1):
+                for sp in (None, 1, 2):
                     launch = dict(cfg) if sp is None else dict(cfg, SPLITS=sp)
                     runs.append((key, f"few-head {launch}", lambda cfg, ops=operands[key]: fh.forward(q, *ops, idx, SCALE, launch=cfg), launch))
     else:

@@ -32,7 +32,7 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-rows-2-chains', True, 1, dict(CHAINS=2)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8))):\n"
+        "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    out[name] = dict(shared=c.metadata.shared, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
@@ -77,9 +77,9 @@ def check(out, lse, ref_out, ref_lse):
     assert (lse[2] == float("inf")).all() and (out[2] == 0).all()
 
 
-LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1), dict(BLOCK_N=64, STAGES=2, SPLITS=3, CHAINS=2), dict(BLOCK_N=32, STAGES=4, SPLITS=2),
+LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1), dict(BLOCK_N=64, STAGES=2, SPLITS=3), dict(BLOCK_N=32, STAGES=4, SPLITS=2),
             dict(BLOCK_N=64, STAGES=2, NUM_WARPS=8)]
-LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits-2-chains", "32-keys-4-stages", "8-warps"]
+LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits", "32-keys-4-stages", "8-warps"]
 
 
 @needs_gpu
@@ -105,7 +105,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(CHAINS=2))], ids=["flashmla", "row", "row-2-chains"])
+@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4))], ids=["flashmla", "row", "row-4-splits"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
@@ -123,7 +123,7 @@ def test_fp8_latents_keep_extreme_scales(layout, launch):
 def test_launch_settings_are_checked():
     q, kv, idx = awkward_inputs(heads=16, topk=64)
     for bad, word in ((dict(BLOCK_N=16), "BLOCK_N=16"), (dict(STAGES=1), "STAGES=1"), (dict(STAGE=2), "unknown"),
-                      (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(CHAINS=3), "CHAINS=3"),
+                      (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(NUM_WARPS=2), "NUM_WARPS=2"),
                       (dict(BLOCK_N=64, STAGES=4), "shared memory")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=bad)

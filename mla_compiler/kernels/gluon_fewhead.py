@@ -42,11 +42,12 @@ _D_LAT, _D_ROPE, _BLOCK_H = 512, 64, 16
 MAX_BLOCKS = 32  # key blocks a program (its rows are held in shared memory)
 MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, the MMAs bound the work)
 
-# Launch: keys a block, ring slots (SPLITS, top-k splits, is chosen per call unless given).
-# Measured on H200 at the V3.2 decode shape with 16 heads (benchmarks/bench_decode_launch.py,
-# RESULTS.md).
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, CHAINS=1)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, CHAINS=1)
+# Launch: keys a block, ring slots, warps (SPLITS, the top-k splits, is chosen per call unless
+# given). Measured on H200 at the V3.2 decode shape with 16 heads (benchmarks/bench_decode_launch.py,
+# RESULTS.md), unsplit: 64 keys x 2 slots bf16 0.087 ms / FP8 row 0.109 / FlashMLA 0.117; 3 slots
+# 0.124-0.129 (FP8, split); 32 keys 0.109 (bf16) / 0.117-0.124 (FP8); 8 warps 0.108-0.146 (split).
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 
 
@@ -143,7 +144,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-        NB_P: gl.constexpr, NW: gl.constexpr, CHAINS: gl.constexpr,
+        NB_P: gl.constexpr, NW: gl.constexpr,
     ):
         # Program coordinates: the split, then the head block vary fastest (a token's programs
         # run side by side and share its rows in L2).
@@ -226,18 +227,10 @@ if HAVE_GLUON:
             else:
                 keys = lat_ring.index(slot)
 
-            # Q K^T over 576 columns: CHAINS independent accumulators (one mma.sync waits for the
-            # previous one on the same accumulator), summed at the end.
+            # Q K^T over 576 columns, 64 at a time (two independent accumulators measured the same).
             s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
-            if CHAINS == 2:
-                s2 = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
-                for c in gl.static_range(D_LAT // 128):
-                    s = mma_v2(q_lat.slice(c * 128, 64, dim=1).load(a_op), keys.slice(c * 128, 64, dim=1).permute((1, 0)).load(b_op), s)
-                    s2 = mma_v2(q_lat.slice(c * 128 + 64, 64, dim=1).load(a_op), keys.slice(c * 128 + 64, 64, dim=1).permute((1, 0)).load(b_op), s2)
-                s = s + s2
-            else:
-                for c in gl.static_range(D_LAT // 64):
-                    s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
+            for c in gl.static_range(D_LAT // 64):
+                s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
             valid = rows_smem.index(i).load(col_l) >= 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -282,12 +275,13 @@ if HAVE_GLUON:
 
 
 def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> int:
-    """Top-k splits: enough programs to give every SM one where the tokens alone do not, each
-    with 4 blocks or more, none empty (H200, b64 h16: 2 splits 0.119 ms, 3 splits 0.126 for FP8
-    row-scale keys; 0.099 / 0.107 for bf16)."""
+    """Top-k splits: none where the tokens give about every SM a program (one fits an SM: its
+    ring and bf16 tile take 170 KB), else enough to give each SM one, each with 4 blocks or more,
+    none empty. H200, b64 h16 (128 programs, 132 SMs): unsplit 0.087 ms bf16 / 0.109 FP8 row,
+    2 splits 0.099 / 0.118, 3 splits 0.107 / 0.126. Smaller batches are not measured."""
     programs = tokens * triton.cdiv(heads, _BLOCK_H)
     blocks = triton.cdiv(topk, block_n)
-    wanted = 1 if programs >= sms else max(1, min(triton.cdiv(sms, programs), blocks // 4, 16))
+    wanted = 1 if 4 * programs >= 3 * sms else max(1, min(triton.cdiv(sms, programs), blocks // 4, 16))
     return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 
 
@@ -300,15 +294,13 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
     fp8 = kv_scale is not None
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "CHAINS"}
+    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS"}
     if unknown:
-        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS, CHAINS")
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"]:
         raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the block's keys")
-    if cfg["CHAINS"] not in (1, 2):
-        raise ValueError(f"launch CHAINS={cfg['CHAINS']}: 1 or 2 score accumulators")
     q, indices = q.contiguous(), indices.contiguous()
     t, h, _ = q.shape
     topk = indices.shape[-1]
@@ -335,7 +327,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E,
         FP8=fp8, N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits,
-        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], CHAINS=cfg["CHAINS"], num_warps=cfg["NUM_WARPS"],
+        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], num_warps=cfg["NUM_WARPS"],
     )
     if splits > 1:
         tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
@@ -355,7 +347,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                 "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32", "PARTIAL": "*fp32", "sm_scale_log2": "fp32"})
     constexprs = dict(FP8=fp8, N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=cfg.get("SPLITS", 2),
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))), NW=cfg["NUM_WARPS"],
-                      CHAINS=cfg["CHAINS"])
+)
     sig.update({name: "constexpr" for name in constexprs})
     names = list(kernel.arg_names)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "PARTIAL", "stride_qt", "stride_qh", "stride_kvs", "stride_ss",
