@@ -37,3 +37,24 @@ def poison_unselected(*parts: torch.Tensor) -> None:
         fill = 0x7F if part.dtype == torch.float8_e4m3fn else float("nan")
         rows[0] = fill
         rows[-UNSELECTED_TAIL:] = fill
+
+
+def extreme_scales(q: torch.Tensor, kv: torch.Tensor, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and kv rescaled to stress dequantization: each key row times 2^-20 .. 2^4 (random, the
+    FP8 scales then span 24 binades), head h times 10^(-2 + 3h / (heads - 1)), head 5 all zero
+    (needs 6 or more heads)."""
+    g = torch.Generator(device=kv.device).manual_seed(seed)
+    kv = kv * torch.exp2(torch.randint(-20, 5, (kv.shape[0], 1, 1), device=kv.device, generator=g)).to(kv.dtype)
+    q = q * torch.logspace(-2, 1, q.shape[1], device=q.device)[None, :, None].to(q.dtype)
+    q[:, 5] = 0
+    return q, kv
+
+
+def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor) -> None:
+    """A kernel's (out, lse) against a reference's on ``awkward_inputs``: relative L2 error of out
+    below 1e-2, lse within 1e-3 where finite, and token 2 (no valid index) lse +inf and out 0."""
+    fin = torch.isfinite(ref_lse)
+    err = ((out.float() - ref_out.float()).norm() / ref_out.float().norm()).item()
+    assert err < 1e-2, f"relative error of out {err:.3g}"
+    assert (lse[fin] - ref_lse[fin]).abs().max().item() < 1e-3, "lse differs from the reference"
+    assert (lse[2] == float("inf")).all() and (out[2] == 0).all(), "a token with no valid index must give lse +inf and out 0"

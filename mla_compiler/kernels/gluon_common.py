@@ -4,6 +4,10 @@ program's coordinates shared by every partition."""
 
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
+
 try:  # Gluon: Triton >= 3.5; its Hopper API is what these kernels are written against (3.6).
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -43,3 +47,20 @@ if HAVE_GLUON:  # kernels read module globals only as constexpr
         pid = gl.program_id(0)
         n_hb = gl.cdiv(H, BLOCK_H)
         return (pid // n_hb).to(gl.int64), pid % n_hb
+
+
+def key_operands_problem(kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: torch.Tensor) -> Optional[str]:
+    """Why the Gluon kernels cannot read these key operands (None when they can): bf16 keys, or an
+    e4m3 latent with float32 scales (one a row or one per 128 columns, contiguous), and a bf16 rope."""
+    if kv_rope.dtype != torch.bfloat16:
+        return f"rope dtype {kv_rope.dtype} (bf16 only)"
+    if kv_scale is None and kv_latent.dtype != torch.bfloat16:
+        return f"key dtype {kv_latent.dtype} without scales (bf16 keys or an e4m3 latent with scales)"
+    if kv_scale is not None:
+        if kv_latent.dtype != torch.float8_e4m3fn:
+            return f"latent dtype {kv_latent.dtype} (float8_e4m3fn)"
+        if kv_scale.dim() != 2 or kv_scale.dtype != torch.float32 or kv_scale.stride(1) != 1:
+            return "kv_scale not a float32 [rows, scales] tensor with contiguous scales"
+        if kv_scale.shape[1] not in (1, 4):
+            return f"{kv_scale.shape[1]} scales a row (one, or one per 128 columns)"
+    return None

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import triton
 
-from .gluon_common import HAVE_GLUON
+from .gluon_common import HAVE_GLUON, key_operands_problem
 
 if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -82,16 +82,7 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
         return f"latent {kv_latent.shape[1]} / rope {rope} / d_v {d_v} / query {q.shape[2]} (512 / 64 / 512 / 576 only)"
     if attn_sink is not None or topk_length is not None:
         return "attn_sink / topk_length (not implemented here)"
-    if kv_rope.dtype != torch.bfloat16:
-        return f"rope dtype {kv_rope.dtype} (bf16 only)"
-    if kv_scale is None and kv_latent.dtype != torch.bfloat16:
-        return f"key dtype {kv_latent.dtype} without scales (bf16 keys or an e4m3 latent with scales)"
-    if kv_scale is not None:
-        if kv_latent.dtype != torch.float8_e4m3fn:
-            return f"latent dtype {kv_latent.dtype} (float8_e4m3fn)"
-        if kv_scale.dim() != 2 or kv_scale.dtype != torch.float32 or kv_scale.stride(1) != 1 or kv_scale.shape[1] not in (1, 4):
-            return "kv_scale not float32 [rows, 1 or 4] with contiguous scales"
-    return _misaligned(kv_latent, kv_rope)
+    return key_operands_problem(kv_latent, kv_scale, kv_rope) or _misaligned(kv_latent, kv_rope)
 
 
 def _misaligned(kv_latent: torch.Tensor, kv_rope: torch.Tensor) -> Optional[str]:

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import triton
 
-from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON
+from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -79,17 +79,9 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
         return "attn_sink / topk_length (not implemented here)"
     if q.shape[2] != _D_LAT + _D_ROPE:
         return f"query width {q.shape[2]} (576 only)"
-    if kv_rope.dtype != torch.bfloat16:
-        return f"rope dtype {kv_rope.dtype} (bf16 only)"
-    if kv_scale is None and kv_latent.dtype != torch.bfloat16:
-        return f"key dtype {kv_latent.dtype} without scales (bf16 keys or an e4m3 latent with scales)"
-    if kv_scale is not None:
-        if kv_latent.dtype != torch.float8_e4m3fn:
-            return f"latent dtype {kv_latent.dtype} (float8_e4m3fn)"
-        if kv_scale.dim() != 2 or kv_scale.dtype != torch.float32 or kv_scale.stride(1) != 1:
-            return "kv_scale not a float32 [rows, scales] tensor with contiguous scales"
-        if kv_scale.shape[1] not in (1, 4):
-            return f"{kv_scale.shape[1]} scales a row (one, or one per 128 columns)"
+    problem = key_operands_problem(kv_latent, kv_scale, kv_rope)
+    if problem is not None:
+        return problem
     programs = q.shape[0] * triton.cdiv(q.shape[1], _BLOCK_H)
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     if programs < sms:
