@@ -430,6 +430,33 @@ def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes()
     assert not [t for t in ops if "flashmla_kv_dequant" in str(t)]
 
 
+@pytest.mark.parametrize("kv_format", ["flashmla", "float8"])
+def test_rewrite_drops_the_dequantized_copy_whose_length_the_model_reads(kv_format):
+    # The model reads the dequantized cache's length for its mask (kv.size(1)); in rewrite()'s
+    # graph that length stays symbolic, a read of the copy that kept the dequantization running.
+    # The read moves to the FP8 bytes (same extent there) and the copy goes.
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    model = TinyMLAModel(cfg).eval()
+    model.allocate_cache(2, 48, kv_format=kv_format)
+    tok = torch.randint(0, cfg.vocab_size, (2, 8))
+    with torch.no_grad():
+        want = model(tok)
+        gm = mla_compiler.rewrite(model, tok)
+        got = gm(tok)
+        other = torch.randint(0, cfg.vocab_size, (2, 11))  # another length through the same graph
+        got_other, want_other = gm(other), model(other)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("sparse_attn_fp8kv" in t for t in targets)
+    assert not any("flashmla_kv_dequant" in t for t in targets)
+    def fp8(node):
+        value = node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
+        return isinstance(value, torch.Tensor) and value.dtype == torch.float8_e4m3fn
+
+    assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target in ("float", "to") and fp8(n.args[0])]
+    assert rel_err(got, want) < 2e-2 and rel_err(got_other, want_other) < 2e-2
+
+
 @pytest.mark.parametrize("fmt", ["flashmla", "rowwise"])
 def test_triton_fp8_kernel_reads_views_with_strided_columns(fmt):
     tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")

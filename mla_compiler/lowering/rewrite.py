@@ -418,7 +418,12 @@ def _pure_value_step(node: torch.fx.Node) -> bool:
 
 def _erase_unused(graph: torch.fx.Graph, starts: list) -> None:
     """Drops the user's dequantized copy of an FP8 latent that the FP8 op made unused (with the
-    eager inner compiler or in an exported program it would otherwise still run every call)."""
+    eager inner compiler or in an exported program it would otherwise still run every call).
+    Size reads of the copy (``kv.size(1)`` for a mask, kept symbolic) are first moved to the FP8
+    bytes it was made from, where those extents are the same."""
+    for start in starts:
+        if isinstance(start, torch.fx.Node):
+            _move_size_reads(start)
     stack = [n for n in starts if isinstance(n, torch.fx.Node)]
     erased: set = set()
     while stack:
@@ -429,6 +434,86 @@ def _erase_unused(graph: torch.fx.Graph, starts: list) -> None:
         graph.erase_node(node)
         erased.add(node)
         stack.extend(inputs)
+
+
+_SIZE_FUNCTIONS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_size}
+
+
+def _dims_read(read: torch.fx.Node, node: torch.fx.Node) -> Optional[list]:
+    """Which dimensions of ``node`` a size read uses: ``[d]`` for ``node.size(d)`` / ``sym_size``,
+    the indices of ``node.size()[i]`` when every use indexes it with a constant, ``None`` when the
+    read is not one of these (or the whole size is used)."""
+    if read.op == "call_function" and read.target in _SIZE_FUNCTIONS and len(read.args) == 2 and read.args[0] is node:
+        return [read.args[1]] if isinstance(read.args[1], int) else None
+    if read.op != "call_method" or read.target != "size" or read.args[:1] != (node,):
+        return None
+    dim = read.args[1] if len(read.args) > 1 else read.kwargs.get("dim")
+    if dim is not None:
+        return [dim] if isinstance(dim, int) else None
+    uses = list(read.users)
+    if uses and all(u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in uses):
+        return [u.args[1] for u in uses]
+    return None
+
+
+def _extents(node: torch.fx.Node, dims: list) -> Optional[list]:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    if not isinstance(value, torch.Tensor):
+        return None
+    try:
+        return [value.shape[d] for d in dims]
+    except IndexError:
+        return None
+
+
+def _same_extent(a, b) -> bool:
+    """Equal without adding a guard: equal ints, or SymInts of the same expression."""
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return isinstance(a, int) and isinstance(b, int) and a == b
+
+
+def _shape_source(node: torch.fx.Node, dims: list) -> Optional[torch.fx.Node]:
+    """A tensor input of the pure value step ``node`` with the same extents at ``dims`` (through a
+    multi-output step such as FlashMLA's dequantization: its inputs), or None."""
+    wanted = _extents(node, dims)
+    if wanted is None:
+        return None
+    candidates = []
+    for inp in node.all_input_nodes:
+        if isinstance(inp.meta.get("example_value", inp.meta.get("val")), (tuple, list)) and _pure_value_step(inp):
+            candidates.extend(inp.all_input_nodes)
+        else:
+            candidates.append(inp)
+    for cand in candidates:
+        got = _extents(cand, dims)
+        if got is not None and len(got) == len(wanted) and all(_same_extent(a, b) for a, b in zip(got, wanted)):
+            return cand
+    return None
+
+
+def _move_size_reads(node: torch.fx.Node) -> None:
+    """Points the size reads of ``node`` (a dequantized copy) at the earliest value up its chain of
+    pure value steps with the same extents there, so the copy can become unused."""
+    if not _pure_value_step(node):
+        return
+    for read in list(node.users):
+        dims = _dims_read(read, node)
+        if dims is None or any(not isinstance(d, int) for d in dims):
+            continue
+        if any(d < 0 for d in dims):
+            continue  # negative dims may name different axes on inputs of another rank
+        src, cur = None, node
+        while _pure_value_step(cur):
+            nxt = _shape_source(cur, dims)
+            if nxt is None:
+                break
+            src, cur = nxt, nxt
+        if src is not None:
+            read.replace_input_with(node, src)
+    for inp in node.all_input_nodes:
+        if _pure_value_step(inp) and not isinstance(inp.meta.get("example_value", inp.meta.get("val")), (tuple, list)):
+            _move_size_reads(inp)
 
 
 def _renamed(site: MatchedSite, replaced: dict) -> MatchedSite:
