@@ -57,6 +57,11 @@ def test_declines_with_reasons(monkeypatch):
     assert fh.declines(q, kv[:, :512], None, kv[:, 512:], 512) in ("not a CUDA tensor", "this Triton has no Gluon dialect")
     monkeypatch.setenv(fh.ENV_OFF, "0")
     assert fh.declines(q, kv[:, :512], None, kv[:, 512:], 512) == f"{fh.ENV_OFF}=0"
+    with pytest.raises(ValueError, match="indices: dtype torch.int64"):
+        fh.forward(q, kv[:, :512], None, kv[:, 512:], torch.zeros(4, 1, 8, dtype=torch.int64), SCALE)
+    odd = torch.empty(64, 584, dtype=torch.bfloat16)[:, 4:580]  # rows 8 bytes off 16-byte alignment
+    with pytest.raises(ValueError, match="kv_latent: rows not contiguous or not 16-byte aligned"):
+        fh.forward(q, odd[:, :512], None, odd[:, 512:], torch.zeros(4, 1, 8, dtype=torch.int32), SCALE)
 
 
 @needs_gpu

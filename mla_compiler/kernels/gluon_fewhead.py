@@ -280,7 +280,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
             indices: torch.Tensor, sm_scale: float, launch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [T, H, 512], lse [T, H]) for q [T, H, 576] against bf16 keys (``kv_latent`` [S, 512]
     bf16, ``kv_scale`` None) or an e4m3 latent with float32 scales [S, 1 or 4]; ``kv_rope`` [S, 64]
-    bf16; ``indices`` [T, 1, topk] (-1 or >= S invalid). Call ``declines`` first."""
+    bf16; ``indices`` [T, 1, topk] int32 (-1 or >= S invalid). Call ``declines`` first."""
     from . import triton_sparse_mla as tk
 
     fp8 = kv_scale is not None
@@ -292,6 +292,11 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"]:
         raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the block's keys")
+    if indices.dtype != torch.int32:
+        raise ValueError(f"indices: dtype {indices.dtype}; expected int32 (indices.to(torch.int32))")
+    misaligned = _misaligned(kv_latent, kv_rope)
+    if misaligned is not None:  # the copies assume 16-byte rows: never run on others
+        raise ValueError(f"{misaligned}; pass contiguous rows (.contiguous()) or use triton_sparse_mla.forward")
     q, indices = q.contiguous(), indices.contiguous()
     t, h, _ = q.shape
     topk = indices.shape[-1]
