@@ -141,6 +141,10 @@ def test_dispatch_rules(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert choose_kernel(cpu).name == "reference"
     assert choose_kernel(cuda).name == "triton"
+    # explain names the member of the family the shapes lead to
+    assert "warp-specialized" in choose_kernel(Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048)).reason
+    assert "few-head" in choose_kernel(Problem("cuda", torch.bfloat16, 576, 512, 16, 1, 2048, fp8_layout=(512, 64, 4))).reason
+    assert choose_kernel(Problem("cuda", torch.bfloat16, 128, 64, 16, 1, 2048)).reason.endswith("(forward: Triton)")
     assert choose_kernel(Problem("cuda", torch.float64, 576, 512, 128, 1, 2048)).reason.startswith("fallback")
     monkeypatch.setenv("MLA_COMPILER_KERNEL", "reference")
     assert choose_kernel(cuda).name == "reference"

@@ -69,6 +69,20 @@ def declines(problem) -> Optional[str]:
     return None
 
 
+def forward_member(problem) -> str:
+    """Which forward of this family runs ``problem`` on a GPU, as far as its shapes tell: the Gluon
+    kernels also check the GPU, row alignment, sink and ``topk_length`` when called, and fall back
+    to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran)."""
+    deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
+    if problem.fp8_layout is not None:
+        deepseek = deepseek and tuple(problem.fp8_layout[:2]) == (512, 64)
+    if deepseek and problem.heads >= 64:
+        return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
+    if deepseek and problem.heads <= 32:
+        return "forward: the few-head Gluon kernel on sm_89 or newer with 16-byte rows, else Triton"
+    return "forward: Triton"
+
+
 class LaunchPolicy:
     """Candidate launch configurations per shape family, best first; a launch takes the first that
     fits the device (``OutOfResources`` moves on to the next) and remembers it per shape.

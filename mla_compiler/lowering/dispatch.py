@@ -48,6 +48,7 @@ class KernelImpl:
     declines: Callable[[Problem], Optional[str]]  # None when it takes the problem, else the reason
     forward_fp8: Optional[Callable] = None  # FP8 latent (forward only)
     declines_fp8: Optional[Callable[[Problem], Optional[str]]] = None
+    describe: Optional[Callable[[Problem], str]] = None  # which member of a kernel family runs the problem
 
 
 _REGISTRY: dict[str, KernelImpl] = {}
@@ -85,7 +86,7 @@ def _ensure_registered() -> None:
             register_kernel(
                 KernelImpl(
                     "triton", triton_sparse_mla.forward, triton_sparse_mla.backward, triton_sparse_mla.declines,
-                    triton_sparse_mla.forward_fp8, triton_sparse_mla.declines_fp8,
+                    triton_sparse_mla.forward_fp8, triton_sparse_mla.declines_fp8, triton_sparse_mla.forward_member,
                 )
             )
 
@@ -108,7 +109,8 @@ def choose_kernel(problem: Problem) -> KernelChoice:
     if problem.device_type != "cuda":
         return KernelChoice("reference", f"{problem.device_type} tensors take the reference")
     if triton_reason is None:
-        return KernelChoice("triton", "CUDA tensors take the Triton kernel")
+        member = f" ({triton.describe(problem)})" if triton.describe else ""
+        return KernelChoice("triton", f"CUDA tensors take the Triton kernel family{member}")
     return KernelChoice("reference", f"fallback: Triton declined ({triton_reason})")
 
 
