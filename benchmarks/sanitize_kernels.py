@@ -4,7 +4,8 @@
 
 Shapes include every invalid-index kind (-1, >= S_kv, large negatives, INT32_MAX), a row with no
 valid index, duplicates, odd heads, topk not a multiple of the block, and a paged FP8 cache; the
-warp-specialized forward (bf16 keys, both FP8 latents, split and unsplit scores) on Hopper.
+warp-specialized forward (bf16 keys, both FP8 latents, split and unsplit scores) on Hopper, and
+the few-head forward (bf16 keys, both FP8 latents, split and unsplit top-k).
 """
 
 from __future__ import annotations
@@ -56,6 +57,15 @@ def main() -> int:
         ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
         ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
+    # The few-head forward, called directly: 20 heads (a padded 16-head block), the same indices,
+    # unsplit and split top-k, bf16 keys and both FP8 latents.
+    from mla_compiler.kernels import gluon_fewhead as fh
+
+    q20 = q[:, :20].contiguous()
+    for launch in (dict(SPLITS=1, BLOCK_N=32), dict(SPLITS=2, BLOCK_N=32, STAGES=3)):
+        fh.forward(q20, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
+        fh.forward(q20, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
+        fh.forward(q20, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
     torch.cuda.synchronize()
     print("SANITIZE LAUNCHES DONE")
     return 0
