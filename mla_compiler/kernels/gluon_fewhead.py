@@ -39,6 +39,7 @@ if HAVE_GLUON:
 LOG2E = 1.4426950408889634
 ENV_OFF = "MLA_COMPILER_FEWHEAD"  # =0: never take this kernel
 _D_LAT, _D_ROPE, _BLOCK_H = 512, 64, 16
+LAST_LAUNCH: dict = {}  # the settings of the last launch, with the SPLITS chosen
 MAX_BLOCKS = 32  # key blocks a program (its rows are held in shared memory)
 MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, the MMAs bound the work)
 
@@ -49,14 +50,15 @@ MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, th
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4)
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
+SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
 def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int) -> int:
-    """Shared memory the kernel allocates: Q, the split's rows, the ring (latent, rope, scales)
-    and, for an FP8 latent, the bf16 tile it is dequantized into."""
+    """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
+    scales), for an FP8 latent the bf16 tile it is dequantized into, and the compiler's scratch."""
     slot = block_n * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
-            + (2 * block_n * _D_LAT if fp8 else 0))
+            + (2 * block_n * _D_LAT if fp8 else 0) + SCRATCH_BYTES)
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -69,12 +71,16 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
         return "this Triton has no Gluon dialect"
     if q.device.type != "cuda":
         return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) < (8, 9):
-        return "needs sm_89 or newer (e4m3 conversion, mma.sync)"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        # It would compile for sm_89+ (mma.sync, e4m3 conversion), but its launches are sized for
+        # Hopper's shared memory (170 KB) and it has been run on Hopper only.
+        return "not a Hopper GPU (sized for and run on sm_90 only)"
     if q.dtype != torch.bfloat16:
         return f"query dtype {q.dtype} (bf16 only)"
     if h_kv != 1:
         return f"{h_kv} key groups (one only)"
+    if q.shape[1] == 0:
+        return "no heads"
     if q.shape[1] > MAX_HEADS:
         return f"{q.shape[1]} heads (this kernel is for {MAX_HEADS} or fewer; more heads make the MMAs the bound)"
     if kv_latent.shape[1] != _D_LAT or kv_rope is None or kv_rope.shape[1] != _D_ROPE or d_v != _D_LAT or q.shape[2] != _D_LAT + _D_ROPE:
@@ -294,6 +300,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the block's keys")
     if indices.dtype != torch.int32:
         raise ValueError(f"indices: dtype {indices.dtype}; expected int32 (indices.to(torch.int32))")
+    LAST_LAUNCH.clear()
     misaligned = _misaligned(kv_latent, kv_rope)
     if misaligned is not None:  # the copies assume 16-byte rows: never run on others
         raise ValueError(f"{misaligned}; pass contiguous rows (.contiguous()) or use triton_sparse_mla.forward")
@@ -302,8 +309,9 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     topk = indices.shape[-1]
     out = torch.empty((t, h, _D_LAT), dtype=q.dtype, device=q.device)
     lse = torch.empty((t, h), dtype=torch.float32, device=q.device)
-    if t == 0:
-        return out, lse
+    if t == 0 or h == 0 or topk == 0:
+        # Nothing to attend: every row is empty (out 0, lse +inf, as the reference).
+        return out.zero_(), lse.fill_(float("inf"))
     block_n = cfg["BLOCK_N"]
     splits = cfg.get("SPLITS") or splits_for(t, h, topk, block_n, torch.cuda.get_device_properties(q.device).multi_processor_count)
     # A program holds its split's rows in shared memory: at most MAX_BLOCKS blocks of them.
@@ -327,6 +335,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     )
     if splits > 1:
         tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
+    LAST_LAUNCH.update(cfg, SPLITS=splits)
     return out, lse
 
 

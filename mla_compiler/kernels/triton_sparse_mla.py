@@ -73,13 +73,17 @@ def forward_member(problem) -> str:
     """Which forward of this family runs ``problem`` on a GPU, as far as its shapes tell: the Gluon
     kernels also check the GPU, row alignment, sink and ``topk_length`` when called, and fall back
     to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran)."""
+    from mla_compiler.kernels import gluon_fewhead as fh
+    from mla_compiler.kernels import gluon_sparse_mla as ws
+
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
-        deepseek = deepseek and tuple(problem.fp8_layout[:2]) == (512, 64)
-    if deepseek and problem.heads >= 64:
+        deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
+    switched_on = lambda env: os.environ.get(env, "1") not in ("0", "")  # noqa: E731
+    if deepseek and problem.heads >= 64 and switched_on(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
-    if deepseek and problem.heads <= 32:
-        return "forward: the few-head Gluon kernel on sm_89 or newer with 16-byte rows, else Triton"
+    if deepseek and problem.heads <= fh.MAX_HEADS and switched_on(fh.ENV_OFF):
+        return "forward: the few-head Gluon kernel on Hopper with 16-byte rows, else Triton"
     return "forward: Triton"
 
 
@@ -713,13 +717,19 @@ def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, a
         (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
         (fh, "gluon few-head", FEWHEAD_DECLINED, fh.LAUNCH_FP8 if kv_scale is not None else fh.LAUNCH_BF16),
     ):
-        reason = module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
+        if indices.dtype != torch.int32:
+            reason = f"indices dtype {indices.dtype} (int32 only)"
+        else:
+            reason = module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
             declined[name] = reason
             continue
         out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
-        declined.pop(name, None)  # a reason from an earlier call no longer describes this one
-        LAST_LAUNCH[name] = dict(kernel=label, **launch)
+        # Reasons from earlier calls no longer describe this one (a kernel not consulted has none).
+        declined.pop(name, None)
+        if module is ws:
+            FEWHEAD_DECLINED.pop(name, None)
+        LAST_LAUNCH[name] = dict(kernel=label, **getattr(module, "LAST_LAUNCH", None) or launch)
         return out
     return None
 
