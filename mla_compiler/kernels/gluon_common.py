@@ -64,3 +64,24 @@ def key_operands_problem(kv_latent: torch.Tensor, kv_scale: Optional[torch.Tenso
         if kv_scale.shape[1] not in (1, 4):
             return f"{kv_scale.shape[1]} scales a row (one, or one per 128 columns)"
     return None
+
+
+def platform_problem(q: torch.Tensor, env_off: str, hopper_why: str, h_kv: int) -> Optional[str]:
+    """Why a Gluon kernel cannot run this call on this machine (None when it can): switched off by
+    ``env_off``=0, no Gluon, not a CUDA tensor, not a Hopper GPU (``hopper_why`` says why that
+    kernel needs one), a query dtype other than bf16, several key groups."""
+    import os
+
+    if os.environ.get(env_off, "1") in ("0", ""):
+        return f"{env_off}=0"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon dialect"
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return f"not a Hopper GPU ({hopper_why})"
+    if q.dtype != torch.bfloat16:
+        return f"query dtype {q.dtype} (bf16 only)"
+    if h_kv != 1:
+        return f"{h_kv} key groups (one only)"
+    return None

@@ -23,13 +23,12 @@ calls go to the Triton kernel instead.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 
-from .gluon_common import HAVE_GLUON, key_operands_problem
+from .gluon_common import HAVE_GLUON, key_operands_problem, platform_problem
 
 if HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -65,20 +64,11 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
              d_v: int, attn_sink=None, topk_length=None, h_kv: int = 1) -> Optional[str]:
     """Why this kernel does not take the call (None when it does). ``kv_latent``: the first 512
     columns of bf16 keys (``kv_scale`` None) or an e4m3 latent with ``kv_scale``."""
-    if os.environ.get(ENV_OFF, "1") in ("0", ""):
-        return f"{ENV_OFF}=0"
-    if not HAVE_GLUON:
-        return "this Triton has no Gluon dialect"
-    if q.device.type != "cuda":
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        # It would compile for sm_89+ (mma.sync, e4m3 conversion), but its launches are sized for
-        # Hopper's shared memory (170 KB) and it has been run on Hopper only.
-        return "not a Hopper GPU (sized for and run on sm_90 only)"
-    if q.dtype != torch.bfloat16:
-        return f"query dtype {q.dtype} (bf16 only)"
-    if h_kv != 1:
-        return f"{h_kv} key groups (one only)"
+    # It would compile for sm_89+ (mma.sync, e4m3 conversion), but its launches are sized for
+    # Hopper's shared memory (170 KB) and it has been run on Hopper only.
+    problem = platform_problem(q, ENV_OFF, "sized for and run on sm_90 only", h_kv)
+    if problem is not None:
+        return problem
     if q.shape[1] == 0:
         return "no heads"
     if q.shape[1] > MAX_HEADS:

@@ -27,13 +27,12 @@ and options (sink, topk_length) take the Triton kernel (``declines`` says why).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 
-from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem
+from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -58,18 +57,9 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
              d_v: int, attn_sink=None, topk_length=None, h_kv: int = 1) -> Optional[str]:
     """Why the warp-specialized kernel does not take this call (None when it does). ``kv_latent``:
     the first 512 columns of bf16 keys (``kv_scale`` None) or an FP8 latent with ``kv_scale``."""
-    if os.environ.get(ENV_OFF, "1") in ("0", ""):
-        return f"{ENV_OFF}=0"
-    if not HAVE_GLUON:
-        return "this Triton has no Gluon dialect"
-    if q.device.type != "cuda":
-        return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "not a Hopper GPU (wgmma and setmaxnreg are sm_90 instructions)"
-    if q.dtype != torch.bfloat16:
-        return f"query dtype {q.dtype} (bf16 only)"
-    if h_kv != 1:
-        return f"{h_kv} key groups (one only)"
+    problem = platform_problem(q, ENV_OFF, "wgmma and setmaxnreg are sm_90 instructions", h_kv)
+    if problem is not None:
+        return problem
     if kv_latent.shape[1] != _D_LAT or kv_rope is None or kv_rope.shape[1] != _D_ROPE or d_v != _D_LAT:
         rope = None if kv_rope is None else kv_rope.shape[1]
         return f"latent {kv_latent.shape[1]} / rope {rope} / d_v {d_v} (512 / 64 / 512 only)"
