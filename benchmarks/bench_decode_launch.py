@@ -48,8 +48,10 @@ FEW_HEAD_TRITON = {
 }
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3)],
-    "fp8 FlashMLA": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=2)],
-    "fp8 row": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=2)],
+    "fp8 FlashMLA": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=2), dict(BLOCK_N=32, STAGES=3, PIPELINE=True),
+                     dict(BLOCK_N=32, STAGES=4, PIPELINE=True)],
+    "fp8 row": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=2), dict(BLOCK_N=32, STAGES=3, PIPELINE=True),
+                dict(BLOCK_N=32, STAGES=4, PIPELINE=True)],
 }
 
 

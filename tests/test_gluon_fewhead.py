@@ -32,11 +32,12 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8))):\n"
+        "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8)),\n"
+        "                                  ('fp8-tiles-pipelined', True, 4, dict(BLOCK_N=32, STAGES=3, PIPELINE=True))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = dict(fh.LAUNCH_FP8 if fp8 else fh.LAUNCH_BF16, **(launch or {}))\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * 2))\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * 2), cfg.get('PIPELINE', False))\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'))\n"
         "print(json.dumps(out))\n"
@@ -92,8 +93,13 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
     assert_matches(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
 
 
+# FP8 only: the next block dequantized during this one's MMAs.
+FP8_LAUNCHES = LAUNCHES + [dict(BLOCK_N=32, STAGES=3, PIPELINE=True), dict(BLOCK_N=32, STAGES=4, SPLITS=3, PIPELINE=True)]
+FP8_LAUNCH_IDS = LAUNCH_IDS + ["pipelined", "pipelined-4-slots-3-splits"]
+
+
 @needs_gpu
-@pytest.mark.parametrize("launch", LAUNCHES, ids=LAUNCH_IDS)
+@pytest.mark.parametrize("launch", FP8_LAUNCHES, ids=FP8_LAUNCH_IDS)
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(16, 2048), (13, 200), (20, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
@@ -105,7 +111,8 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4))], ids=["flashmla", "row", "row-4-splits"])
+@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(BLOCK_N=32, STAGES=3, PIPELINE=True))],
+                         ids=["flashmla", "row", "row-4-splits", "flashmla-pipelined"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
@@ -128,9 +135,12 @@ def test_launch_settings_are_checked():
     q, kv, idx = awkward_inputs(heads=16, topk=64)
     for bad, word in ((dict(BLOCK_N=16), "BLOCK_N=16"), (dict(STAGES=1), "STAGES=1"), (dict(STAGE=2), "unknown"),
                       (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(NUM_WARPS=2), "NUM_WARPS=2"),
-                      (dict(BLOCK_N=64, STAGES=4), "shared memory")):
+                      (dict(BLOCK_N=64, STAGES=4), "shared memory"), (dict(PIPELINE=True, STAGES=3), "bf16 keys")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=bad)
+    latent, scale, rope = fr.quantize_keys(kv, "flashmla")
+    with pytest.raises(ValueError, match="STAGES=2"):
+        fh.forward(q, latent, scale, rope, idx, SCALE, launch=dict(PIPELINE=True, STAGES=2))
 
 
 @needs_gpu

@@ -16,7 +16,10 @@ bf16 keys (benchmarks/RESULTS.md). Here:
 - the top-k is split over programs (flash-decoding) as in the Triton kernel, whose combine kernel
   merges the partial softmax states.
 
-One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization.
+One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization:
+the same warps dequantize and run the MMAs, one after the other, which is what keeps FP8 keys
+slower than bf16 keys here (RESULTS.md). ``PIPELINE`` (a launch option, off by default, not yet
+measured) dequantizes the next block into a second bf16 tile between this block's MMAs.
 Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
 calls go to the Triton kernel instead.
 """
@@ -52,12 +55,12 @@ SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
-def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int) -> int:
+def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, pipeline: bool = False) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales), for an FP8 latent the bf16 tile it is dequantized into, and the compiler's scratch."""
     slot = block_n * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
-            + (2 * block_n * _D_LAT if fp8 else 0) + SCRATCH_BYTES)
+            + ((2 if pipeline else 1) * 2 * block_n * _D_LAT if fp8 else 0) + SCRATCH_BYTES)
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -126,12 +129,21 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
+    def _dequantize_chunk(lat_ring, scale_ring, k_tile, slot, c: gl.constexpr, N_TILES: gl.constexpr, cvt_layout: gl.constexpr):
+        """Columns c*128 .. c*128+127 of the FP8 latent in ring slot ``slot``, e4m3 x scale in fp32,
+        into the bf16 tile. (The row scale applied to the scores and P instead, the e4m3 values
+        converted as they are, measured slower: 0.147 vs 0.119 ms.)"""
+        raw = lat_ring.index(slot).slice(c * 128, 128, dim=1).load(cvt_layout)
+        sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
+        k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+
+    @gluon.jit
     def _fewhead_fwd_kernel(
         Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE, PARTIAL,
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-        NB_P: gl.constexpr, NW: gl.constexpr,
+        NB_P: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr = False,
     ):
         # Program coordinates: the split, then the head block vary fastest (a token's programs
         # run side by side and share its rows in L2).
@@ -162,7 +174,8 @@ if HAVE_GLUON:
         if FP8:
             lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], plain_smem)
             scale_ring = gl.allocate_shared_memory(gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
-            k_tile = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, D_LAT], operand_smem)
+            # PIPELINE: two bf16 tiles, the next block dequantized into one while the MMAs read the other.
+            k_tiles = gl.allocate_shared_memory(gl.bfloat16, [2 if PIPELINE else 1, BLOCK_N, D_LAT], operand_smem)
         else:
             lat_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], operand_smem)
             scale_ring = rope_ring  # not used
@@ -194,30 +207,43 @@ if HAVE_GLUON:
         acc2 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc3 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         cvt_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [NW, 1], [1, 0])
+        if FP8 and PIPELINE:
+            # Block 0 dequantized ahead; each step then dequantizes the next block between its own
+            # MMAs (independent instructions that fill the MMAs' latency).
+            async_copy.wait_group(STAGES - 2)  # block 0 has landed
+            partition_barrier()
+            if n_blocks > 0:
+                for c in gl.static_range(4):
+                    _dequantize_chunk(lat_ring, scale_ring, k_tiles.index(0), 0, c, N_TILES, cvt_layout)
+            partition_barrier()
         for i in range(n_blocks):
             _issue_block(i + STAGES - 1, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                          stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES, NW)
-            async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
-            partition_barrier()  # ... and every thread's
             slot = i % STAGES
-            if FP8:
-                # The slot's latent into the bf16 tile, 128 columns at a time: e4m3 x scale in fp32.
-                # (The row scale applied to the scores and P instead, the e4m3 values converted as
-                # they are, measured slower: 0.147 vs 0.119 ms.)
-                lat = lat_ring.index(slot)
+            if FP8 and PIPELINE:
+                async_copy.wait_group(STAGES - 2)  # this thread's copies of block i + 1 have landed
+                partition_barrier()  # ... and every thread's
+                keys = k_tiles.index(i % 2)
+                s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
                 for c in gl.static_range(4):
-                    raw = lat.slice(c * 128, 128, dim=1).load(cvt_layout)
-                    sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
-                    k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
-                partition_barrier()
-                keys = k_tile
+                    if i + 1 < n_blocks:
+                        _dequantize_chunk(lat_ring, scale_ring, k_tiles.index((i + 1) % 2), (i + 1) % STAGES, c, N_TILES, cvt_layout)
+                    s = mma_v2(q_lat.slice(c * 128, 64, dim=1).load(a_op), keys.slice(c * 128, 64, dim=1).permute((1, 0)).load(b_op), s)
+                    s = mma_v2(q_lat.slice(c * 128 + 64, 64, dim=1).load(a_op), keys.slice(c * 128 + 64, 64, dim=1).permute((1, 0)).load(b_op), s)
             else:
-                keys = lat_ring.index(slot)
-
-            # Q K^T over 576 columns, 64 at a time (two independent accumulators measured the same).
-            s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
-            for c in gl.static_range(D_LAT // 64):
-                s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
+                async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
+                partition_barrier()  # ... and every thread's
+                if FP8:
+                    for c in gl.static_range(4):
+                        _dequantize_chunk(lat_ring, scale_ring, k_tiles.index(0), slot, c, N_TILES, cvt_layout)
+                    partition_barrier()
+                    keys = k_tiles.index(0)
+                else:
+                    keys = lat_ring.index(slot)
+                # Q K^T over 576 columns, 64 at a time (two independent accumulators measured the same).
+                s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
+                for c in gl.static_range(D_LAT // 64):
+                    s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
             valid = rows_smem.index(i).load(col_l) >= 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
@@ -281,9 +307,12 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
     fp8 = kv_scale is not None
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS"}
+    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "PIPELINE"}
     if unknown:
-        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS")
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS, PIPELINE")
+    if cfg.get("PIPELINE") and (not fp8 or cfg["STAGES"] < 3):
+        raise ValueError(f"launch PIPELINE=True with {'bf16 keys' if not fp8 else 'STAGES=%d' % cfg['STAGES']}: it dequantizes the next "
+                         "FP8 block during this one's MMAs, so it needs an FP8 latent and STAGES >= 3 (the next block in place)")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"]:
@@ -308,7 +337,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     splits = max(splits, triton.cdiv(triton.cdiv(topk, block_n), MAX_BLOCKS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
     n_tiles = kv_scale.shape[1] if fp8 else 1
-    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split)
+    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg.get("PIPELINE", False))
     if need > SHARED_LIMIT:
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
                          f"{SHARED_LIMIT} fit; use fewer STAGES or BLOCK_N=32")
@@ -321,7 +350,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E,
         FP8=fp8, N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits,
-        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], num_warps=cfg["NUM_WARPS"],
+        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], PIPELINE=cfg.get("PIPELINE", False), num_warps=cfg["NUM_WARPS"],
     )
     if splits > 1:
         tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
@@ -342,7 +371,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                 "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32", "PARTIAL": "*fp32", "sm_scale_log2": "fp32"})
     constexprs = dict(FP8=fp8, N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=cfg.get("SPLITS", 2),
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))), NW=cfg["NUM_WARPS"],
-)
+                      PIPELINE=cfg.get("PIPELINE", False))
     sig.update({name: "constexpr" for name in constexprs})
     names = list(kernel.arg_names)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "PARTIAL", "stride_qt", "stride_qh", "stride_kvs", "stride_ss",
