@@ -35,10 +35,6 @@ SPARSE_ATTN = torch.ops.sparse_mla.sparse_attn.default
 SPARSE_ATTN_FP8 = torch.ops.sparse_mla.sparse_attn_fp8kv.default
 
 
-def _example(x: Any) -> Any:
-    return x.meta.get("example_value", x.meta.get("val")) if isinstance(x, torch.fx.Node) else x
-
-
 class _Builder:
     """Emits nodes before ``anchor`` and gives each a fake example value."""
 
@@ -48,7 +44,7 @@ class _Builder:
         self.provenance = provenance
         self.created: list[torch.fx.Node] = []
         self._sizes: dict[str, Any] = {}
-        fake = _example(provenance)
+        fake = fx_ops.meta_value(provenance)
         self.fake_mode = getattr(fake, "fake_mode", None)
 
     def _emit(self, op: str, target: Any, args: tuple, kwargs: dict) -> torch.fx.Node:
@@ -56,8 +52,8 @@ class _Builder:
             node = self.graph.create_node(op, target, args, kwargs)
         self.created.append(node)
         node.meta["stack_trace"] = self.provenance.meta.get("stack_trace", "")
-        fargs = map_arg(args, _example)
-        fkwargs = map_arg(kwargs, _example)
+        fargs = map_arg(args, fx_ops.meta_value)
+        fkwargs = map_arg(kwargs, fx_ops.meta_value)
         ctx = self.fake_mode if self.fake_mode is not None else _null()
         with ctx:
             if op == "call_method":
@@ -105,7 +101,7 @@ class _SiteLowering:
         self.fp8_mode = fp8_mode
         self.b = _Builder(graph, site.output.node, site.anchor)
         self._size_nodes: dict[str, Any] = {}
-        self.device = _example(site.q_parts[0].node).device
+        self.device = fx_ops.meta_value(site.q_parts[0].node).device
 
     def size(self, role: str) -> Any:
         """The length of a role's axis: an int, or a node reading it from an input at run time."""
@@ -169,7 +165,7 @@ class _SiteLowering:
         for i, part in enumerate(s.q_parts):
             order = rows + [f"D{i}"]
             x = self.expanded(part, order, rows)
-            if _example(x).dtype != dt:
+            if fx_ops.meta_value(x).dtype != dt:
                 x = b.method("to", x, dt)
             q_list.append(x)
         q = b.call(torch.cat, q_list, -1) if len(q_list) > 1 else q_list[0]
@@ -184,7 +180,7 @@ class _SiteLowering:
         kv_list = []
         for i, part in enumerate(s.kv_parts):
             x = self.expanded(part, kv_rows + [f"D{i}"], kv_rows)
-            if _example(x).dtype != dt:
+            if fx_ops.meta_value(x).dtype != dt:
                 x = b.method("to", x, dt)
             kv_list.append(x)
         kv = b.call(torch.cat, kv_list, -1) if len(kv_list) > 1 else kv_list[0]
@@ -218,12 +214,12 @@ class _SiteLowering:
         if f.quant_scale:  # the scale multiplies toward fp8: the kernels take its inverse
             scale = b.method("reciprocal", b.method("float", scale))
         # One scale per row and tile; a per-tensor scale becomes a stride-0 view, never a buffer.
-        pt, st = _example(payload), _example(scale)
+        pt, st = fx_ops.meta_value(payload), fx_ops.meta_value(scale)
         if st.dim() != pt.dim() or st.shape[:-1] != pt.shape[:-1]:
             scale = b.method("expand_as", b.method("reshape", scale, *([1] * pt.dim())), b.call(operator.getitem, payload, (Ellipsis, slice(None, 1))))
-        if _example(scale).dtype != torch.float32:
+        if fx_ops.meta_value(scale).dtype != torch.float32:
             scale = b.method("float", scale)
-        n_tiles = _example(scale).shape[-1]
+        n_tiles = fx_ops.meta_value(scale).shape[-1]
         self._size_nodes["Z"] = n_tiles
         lat = self.expanded(Operand(payload, part0.axes), kv_rows + ["D0"], kv_rows)
         scl = self.expanded(Operand(scale, part0.axes[:-1] + (("Z",),)), kv_rows + ["Z"], kv_rows)
@@ -235,15 +231,15 @@ class _SiteLowering:
             # A batch of caches sliced out of bigger ones (``cache[:bsz, :end_pos]``): rows of
             # batch b start ``pitch`` rows after batch b-1's. Read them in place as one 2-D view
             # with that pitch instead of copying the slice into packed rows every call.
-            n_rows = b.call(operator.add, (_example(lat).shape[0] - 1) * pitch, self.size("T"))
+            n_rows = b.call(operator.add, (fx_ops.meta_value(lat).shape[0] - 1) * pitch, self.size("T"))
             lat, scl, rope3 = (None if x is None else _rows_view(b, x, n_rows) for x in (lat, scl, rope3))
             rope2d = rope3
         else:
             lat = b.method("reshape", lat, -1, s.dims.d_parts[0])
             scl = b.method("reshape", scl, -1, n_tiles)
             rope2d = None if rope3 is None else b.method("reshape", rope3, -1, s.dims.d_parts[1])
-        if rope2d is not None and _example(rope2d).dtype != _example(q).dtype:
-            rope2d = b.method("to", rope2d, _example(q).dtype)
+        if rope2d is not None and fx_ops.meta_value(rope2d).dtype != fx_ops.meta_value(q).dtype:
+            rope2d = b.method("to", rope2d, fx_ops.meta_value(q).dtype)
         idx = self.indices(kv_batched, pitch)
         scale_arg = self.scale_value()
         result = b.call(SPARSE_ATTN_FP8, q, lat, scl, rope2d, idx, scale_arg, s.dims.d_v)
@@ -334,7 +330,7 @@ class _SiteLowering:
             shape.append(n)
         if len(shape) != len(wanted) or any(len(ax) != 1 for ax in s.output.axes):
             out = b.method("reshape", out, *shape)
-        if _example(out).dtype != s.output_dtype:
+        if fx_ops.meta_value(out).dtype != s.output_dtype:
             out = b.method("to", out, s.output_dtype)
         return out
 
@@ -357,7 +353,7 @@ def _common_pitch(parts: list) -> Optional[int]:
     for x in parts:
         if x is None:
             continue
-        t = _example(x)
+        t = fx_ops.meta_value(x)
         strides = t.stride()
         if t.dim() != 3 or not all(isinstance(v, int) for v in (*strides, t.shape[0])) or t.shape[0] < 2:
             return None
@@ -372,7 +368,7 @@ def _common_pitch(parts: list) -> Optional[int]:
 
 def _rows_view(b: "_Builder", x: torch.fx.Node, n_rows: Any) -> torch.fx.Node:
     """[B, T, w] as the ``n_rows`` = (B - 1) * pitch + T rows it spans (a view)."""
-    t = _example(x)
+    t = fx_ops.meta_value(x)
     return b.call(torch.as_strided, x, (n_rows, t.shape[2]), (t.stride(1), t.stride(2)))
 
 
@@ -457,7 +453,7 @@ def _dims_read(read: torch.fx.Node, node: torch.fx.Node) -> Optional[list]:
 
 
 def _extents(node: torch.fx.Node, dims: list) -> Optional[list]:
-    value = node.meta.get("example_value", node.meta.get("val"))
+    value = fx_ops.meta_value(node)
     if not isinstance(value, torch.Tensor):
         return None
     try:
@@ -481,7 +477,7 @@ def _shape_source(node: torch.fx.Node, dims: list) -> Optional[torch.fx.Node]:
         return None
     candidates = []
     for inp in node.all_input_nodes:
-        if isinstance(inp.meta.get("example_value", inp.meta.get("val")), (tuple, list)) and _pure_value_step(inp):
+        if isinstance(fx_ops.meta_value(inp), (tuple, list)) and _pure_value_step(inp):
             candidates.extend(inp.all_input_nodes)
         else:
             candidates.append(inp)
@@ -512,7 +508,7 @@ def _move_size_reads(node: torch.fx.Node) -> None:
         if src is not None:
             read.replace_input_with(node, src)
     for inp in node.all_input_nodes:
-        if _pure_value_step(inp) and not isinstance(inp.meta.get("example_value", inp.meta.get("val")), (tuple, list)):
+        if _pure_value_step(inp) and not isinstance(fx_ops.meta_value(inp), (tuple, list)):
             _move_size_reads(inp)
 
 
