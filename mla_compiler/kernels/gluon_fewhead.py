@@ -98,6 +98,12 @@ if HAVE_GLUON:
     D_LAT, D_ROPE, BLOCK_H = gl.constexpr(_D_LAT), gl.constexpr(_D_ROPE), gl.constexpr(_BLOCK_H)
 
     @gluon.jit
+    def _rows_at_pitch(base, rows, stride_bytes, dtype: gl.constexpr):
+        """Pointers to rows ``rows`` of a table whose row pitch is in bytes (FlashMLA's 656-byte
+        rows: not a whole number of 16-element rows for the rope or the scales)."""
+        return (base.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_bytes).to(gl.pointer_type(dtype), bitcast=True)
+
+    @gluon.jit
     def _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                      stride_kvs, stride_ss, stride_rs,
                      FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
@@ -117,13 +123,13 @@ if HAVE_GLUON:
             r_rows = rows_smem.index(j).load(gl.SliceLayout(1, rope_layout)).to(gl.int64)
             r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))
             # The host checked 16-byte rows; pitches are in bytes (FlashMLA's 656-byte rows).
-            rope_rows = (KV_ROPE.to(gl.pointer_type(gl.uint8), bitcast=True) + r_rows * stride_rs).to(gl.pointer_type(gl.bfloat16), bitcast=True)
+            rope_rows = _rows_at_pitch(KV_ROPE, r_rows, stride_rs, gl.bfloat16)
             rope_ptr = gl.max_contiguous(gl.multiple_of(rope_rows[:, None] + r_cols[None, :], [16, 16]), [1, D_ROPE])
             async_rows(rope_ring.index(slot), rope_ptr, mask=(r_rows >= 0)[:, None])
             if FP8:
                 sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
                 s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
-                sc_rows = (KV_SCALE.to(gl.pointer_type(gl.uint8), bitcast=True) + s_rows * stride_ss).to(gl.pointer_type(gl.float32), bitcast=True)
+                sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
                 for tile in gl.static_range(N_TILES):
                     async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
         async_copy.commit_group()
@@ -224,12 +230,6 @@ if HAVE_GLUON:
                 async_copy.wait_group(STAGES - 2)  # this thread's copies of block i + 1 have landed
                 partition_barrier()  # ... and every thread's
                 keys = k_tiles.index(i % 2)
-                s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
-                for c in gl.static_range(4):
-                    if i + 1 < n_blocks:
-                        _dequantize_chunk(lat_ring, scale_ring, k_tiles.index((i + 1) % 2), (i + 1) % STAGES, c, N_TILES, cvt_layout)
-                    s = mma_v2(q_lat.slice(c * 128, 64, dim=1).load(a_op), keys.slice(c * 128, 64, dim=1).permute((1, 0)).load(b_op), s)
-                    s = mma_v2(q_lat.slice(c * 128 + 64, 64, dim=1).load(a_op), keys.slice(c * 128 + 64, 64, dim=1).permute((1, 0)).load(b_op), s)
             else:
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
                 partition_barrier()  # ... and every thread's
@@ -240,10 +240,14 @@ if HAVE_GLUON:
                     keys = k_tiles.index(0)
                 else:
                     keys = lat_ring.index(slot)
-                # Q K^T over 576 columns, 64 at a time (two independent accumulators measured the same).
-                s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
-                for c in gl.static_range(D_LAT // 64):
-                    s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
+            # Q K^T over 576 columns, 64 at a time (two independent accumulators measured the same);
+            # with PIPELINE the next block's dequantization goes between them, 128 columns at a time.
+            s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
+            for c in gl.static_range(D_LAT // 64):
+                if FP8 and PIPELINE and c % 2 == 0:
+                    if i + 1 < n_blocks:
+                        _dequantize_chunk(lat_ring, scale_ring, k_tiles.index((i + 1) % 2), (i + 1) % STAGES, c // 2, N_TILES, cvt_layout)
+                s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
             valid = rows_smem.index(i).load(col_l) >= 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 1))
