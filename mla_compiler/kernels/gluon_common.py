@@ -66,13 +66,18 @@ def key_operands_problem(kv_latent: torch.Tensor, kv_scale: Optional[torch.Tenso
     return None
 
 
+def switched_off(env_off: str) -> bool:
+    """A Gluon kernel's switch: ``env_off``=0 (or empty) turns it off."""
+    import os
+
+    return os.environ.get(env_off, "1") in ("0", "")
+
+
 def platform_problem(q: torch.Tensor, env_off: str, hopper_why: str, h_kv: int) -> Optional[str]:
     """Why a Gluon kernel cannot run this call on this machine (None when it can): switched off by
     ``env_off``=0, no Gluon, not a CUDA tensor, not a Hopper GPU (``hopper_why`` says why that
     kernel needs one), a query dtype other than bf16, several key groups."""
-    import os
-
-    if os.environ.get(env_off, "1") in ("0", ""):
+    if switched_off(env_off):
         return f"{env_off}=0"
     if not HAVE_GLUON:
         return "this Triton has no Gluon dialect"

@@ -75,14 +75,14 @@ def forward_member(problem) -> str:
     to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran)."""
     from mla_compiler.kernels import gluon_fewhead as fh
     from mla_compiler.kernels import gluon_sparse_mla as ws
+    from mla_compiler.kernels.gluon_common import switched_off
 
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
         deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
-    switched_on = lambda env: os.environ.get(env, "1") not in ("0", "")  # noqa: E731
-    if deepseek and problem.heads >= 64 and switched_on(ws.ENV_OFF):
+    if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
-    if deepseek and problem.heads <= fh.MAX_HEADS and switched_on(fh.ENV_OFF):
+    if deepseek and problem.heads <= fh.MAX_HEADS and not switched_off(fh.ENV_OFF):
         return "forward: the few-head Gluon kernel on Hopper with 16-byte rows, else Triton"
     return "forward: Triton"
 
@@ -685,8 +685,8 @@ def forward(q, kv, indices, sm_scale, d_v, attn_sink=None, topk_length=None, lau
         IEEE=q.dtype == torch.float32, UPCAST=interpreted() and q.dtype != torch.float32,
     )
     if launch is None and d_a == 512 and d_b == 64 and d_qk == 576:
-        # Hopper, DeepSeek widths: the warp-specialized kernel (gluon_sparse_mla.py) where it applies.
-        out = _warp_specialized(q, kv[:, 0, :512], None, kv[:, 0, 512:], indices, sm_scale, d_v, attn_sink, topk_length, h_kv)
+        # Hopper, DeepSeek widths: a Gluon kernel (warp-specialized or few-head) where one applies.
+        out = _gluon_forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], indices, sm_scale, d_v, attn_sink, topk_length, h_kv)
         if out is not None:
             return out
     key = ("fwd", q.device.index, q.dtype, d_qk, d_v, hpg)
@@ -703,7 +703,7 @@ DEQUANT_FP32, DEQUANT_COMPUTE, DEQUANT_FOLD = 0, 1, 2
 MMA_FP8_QK, MMA_FP8_QK_PV = 3, 4
 
 
-def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv):
+def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv):
     """(out, lse) from a Gluon forward where one takes the call: the warp-specialized kernel (64
     heads a key group or more) or the few-head kernel (32 or fewer); None where both decline (their
     reasons recorded)."""
@@ -713,14 +713,12 @@ def _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, a
     from mla_compiler.kernels import gluon_sparse_mla as ws
 
     name = "forward_fp8" if kv_scale is not None else "forward"
+    index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
     for module, label, declined, launch in (
         (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
         (fh, "gluon few-head", FEWHEAD_DECLINED, fh.LAUNCH_FP8 if kv_scale is not None else fh.LAUNCH_BF16),
     ):
-        if indices.dtype != torch.int32:
-            reason = f"indices dtype {indices.dtype} (int32 only)"
-        else:
-            reason = module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
+        reason = index_reason or module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
             declined[name] = reason
             continue
@@ -749,13 +747,13 @@ def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
     """Sparse MLA over an FP8 latent (see fp8_reference.py for the operands): the latent rows are
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
-    ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths the
-    warp-specialized kernel (gluon_sparse_mla.py) takes the call where it applies."""
+    ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths a
+    Gluon kernel (gluon_sparse_mla.py, gluon_fewhead.py) takes the call where one applies."""
     q, indices = q.contiguous(), indices.contiguous()
     # The kernels read a row's columns (latent, scales, rope) at unit stride; any row stride works.
     kv_latent, kv_scale, kv_rope = (_unit_columns(t) for t in (kv_latent, kv_scale, kv_rope))
     if launch is None:
-        out = _warp_specialized(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, 1)
+        out = _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, 1)
         if out is not None:
             return out
     d_qk = q.shape[2]
