@@ -5,16 +5,9 @@
 # and Nsight Compute counters of the policy's launches (unless SKIP_NCU). Logs and JSON under $OUT.
 # Usage: bash benchmarks/gpu_fewhead.sh [rounds]
 set -o pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.log"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/env.log"
-git log -1 --format=%h 2>/dev/null | tee -a "$OUT/env.log"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+source benchmarks/gpu_env.sh
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout 400 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gluon_fewhead.py tests/test_triton_kernels.py tests/test_fp8.py} 2>&1 | tail -25 | tee "$OUT/pytest.log"
 fi

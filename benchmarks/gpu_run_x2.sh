@@ -2,13 +2,9 @@
 # One call on a 2-GPU machine: FSDP2 + FP8 all-gather training (NCCL, both GPUs), then on GPU 0 the
 # CUDA-graph checks and compute-sanitizer over every kernel. Logs under $OUT.
 set -o pipefail
-export PYTHONUNBUFFERED=1 TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
 OUT=${OUT:-.}
 cd "$(dirname "$0")/.."
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/env.log"
+source benchmarks/gpu_env.sh
 timeout 300 torchrun --nproc_per_node 2 benchmarks/fsdp_fp8.py --layers 2 --seq 2048 --steps 8 --warmup 3 --inner aot_eager --out "$OUT/fsdp_fp8.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/fsdp.log" | tail -8
 CUDA_VISIBLE_DEVICES=0 timeout 150 python3 benchmarks/cuda_graphs_check.py 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/cudagraphs.log" | tail -5
 for tool in memcheck initcheck racecheck; do

@@ -5,15 +5,9 @@
 # JSON under $OUT.
 # Usage: bash benchmarks/gpu_ws.sh ["consumer/producer/BLOCK_N/STAGES/IN_SLOT[/SPLIT_S[/PRODUCER_DEFAULT[/CHUNKED]]],..."] [rounds]
 set -o pipefail
-export PYTHONUNBUFFERED=1
 OUT=${OUT:-.}
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.log"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" 2>&1 | tee -a "$OUT/env.log"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-fi
-export TORCHAO_FORCE_SKIP_LOADING_SO_FILES=1
+source benchmarks/gpu_env.sh
 if [ -n "${CHECK:-}" ]; then
   timeout 200 python3 benchmarks/bench_ws_decode.py check 2>&1 | tail -20 | tee "$OUT/ws_check.log"
 fi
