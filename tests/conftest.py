@@ -25,3 +25,18 @@ def fresh_dynamo():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def compiled_for_hopper(script: str) -> dict:
+    """Runs ``script`` in a child process without TRITON_INTERPRET (under the interpreter the
+    kernels compile nothing) from the repository root; returns the JSON it prints last. For
+    checking what kernels compile to for sm_90 on a machine without a GPU."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -4,14 +4,11 @@ on awkward inputs (invalid indices, a token with none valid, NaN in unselected r
 that are not a multiple of 16, top-k that is not a multiple of the block) for bf16 keys and both
 FP8 layouts, with and without top-k splits, and the forward entry points dispatch to it."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import compiled_for_hopper
 
 from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels import gluon_fewhead as fh
@@ -27,7 +24,6 @@ SCALE = 576**-0.5
 
 @needs_gluon
 def test_compiles_for_hopper_with_16_byte_copies():
-    # In a child process: the tests run under TRITON_INTERPRET=1, which compiles nothing.
     script = (
         "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
         "out = {}\n"
@@ -42,11 +38,7 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'))\n"
         "print(json.dumps(out))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for name, info in json.loads(done.stdout.strip().splitlines()[-1]).items():
+    for name, info in compiled_for_hopper(script).items():
         assert info["shared"] <= info["need"] <= 227 * 1024, (name, info)  # the host's estimate covers what it allocates
         assert info["mma"] > 0 and info["byte_loads"] == 0, (name, info)
         # The key rows move 16 bytes a copy; only the FP8 scales (4 bytes a row and tile) are narrower.

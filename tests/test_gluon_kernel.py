@@ -2,14 +2,11 @@
 GPU needed), it declines what it does not take with a reason, and on a Hopper GPU it matches the
 references on awkward inputs and is what the forward entry points dispatch to."""
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import compiled_for_hopper
 
 from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels.awkward_inputs import assert_matches, awkward_inputs, extreme_scales, poison_unselected
@@ -25,7 +22,6 @@ SCALE = 576**-0.5
 
 @needs_gluon
 def test_compiles_for_hopper_within_shared_memory():
-    # In a child process: the tests run under TRITON_INTERPRET=1, which compiles nothing.
     script = (
         "import json; from mla_compiler.kernels import gluon_sparse_mla as ws\n"
         "out = {}\n"
@@ -35,11 +31,7 @@ def test_compiles_for_hopper_within_shared_memory():
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
         "print(json.dumps(out))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for name, info in json.loads(done.stdout.strip().splitlines()[-1]).items():
+    for name, info in compiled_for_hopper(script).items():
         # The ring of two 64-key slots plus Q nearly fills Hopper's 227 KiB: it must still fit.
         assert 200 * 1024 < info["shared"] <= 227 * 1024, (name, info)
         assert info["wgmma"] and info["setmaxnreg"], (name, info)  # tensor-core MMAs, registers rebalanced
