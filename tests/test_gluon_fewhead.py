@@ -27,23 +27,27 @@ def test_compiles_for_hopper_with_16_byte_copies():
     script = (
         "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
         "out = {}\n"
-        "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
+        "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, dict(WS=False)), ('fp8-rows', True, 1, None),\n"
         "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8)),\n"
-        "                                  ('fp8-tiles-pipelined', True, 4, dict(BLOCK_N=32, STAGES=3, PIPELINE=True))):\n"
+        "                                  ('fp8-tiles-ws', True, 4, None), ('fp8-rows-ws-3-slots', True, 1, dict(WS=True, STAGES=3))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
-        "    cfg = dict(fh.LAUNCH_FP8 if fp8 else fh.LAUNCH_BF16, **(launch or {}))\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * 2), cfg.get('PIPELINE', False))\n"
+        "    cfg = fh.launch_settings(fp8, launch, tiles)\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * 2), cfg['WS'])\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
-        "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'))\n"
+        "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
+        "                     partitions=ptx.count('setmaxnreg.dec'))\n"
         "print(json.dumps(out))\n"
     )
     for name, info in compiled_for_hopper(script).items():
         assert info["shared"] <= info["need"] <= 227 * 1024, (name, info)  # the host's estimate covers what it allocates
-        assert info["mma"] > 0 and info["byte_loads"] == 0, (name, info)
+        # No FP8 byte read one at a time (WS: one byte is the partition's state the warp-specialize runtime reads).
+        assert info["mma"] > 0 and info["byte_loads"] == (1 if info["partitions"] else 0), (name, info)
         # The key rows move 16 bytes a copy; only the FP8 scales (4 bytes a row and tile) are narrower.
         assert info["wide"] > 0, (name, info)
         assert info["narrow"] == 0 or name.startswith("fp8"), (name, info)
+        # WS: the dequantizing partition gives registers back (its own register budget).
+        assert (info["partitions"] > 0) == name.endswith(("-ws", "-ws-3-slots")), (name, info)
 
 
 def test_declines_with_reasons(monkeypatch):
@@ -70,9 +74,10 @@ def test_declines_what_it_does_not_take():
     assert "not 16-byte aligned" in fh.declines(q16, odd[:, :512], None, odd[:, 512:], 512)
 
 
-LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1), dict(BLOCK_N=64, STAGES=2, SPLITS=3), dict(BLOCK_N=32, STAGES=4, SPLITS=2),
-            dict(BLOCK_N=64, STAGES=2, NUM_WARPS=8)]
-LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits", "32-keys-4-stages", "8-warps"]
+# The kernel without warp specialization (WS=False: FlashMLA's layout defaults to the WS kernel).
+LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1, WS=False), dict(BLOCK_N=64, STAGES=2, SPLITS=3, WS=False),
+            dict(BLOCK_N=32, STAGES=4, SPLITS=2, WS=False, QK_CHAINS=4), dict(BLOCK_N=64, STAGES=2, NUM_WARPS=8, WS=False)]
+LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits", "32-keys-4-stages-4-chains", "8-warps"]
 
 
 @needs_gpu
@@ -85,9 +90,9 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
     assert_matches(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
 
 
-# FP8 only: the next block dequantized during this one's MMAs.
-FP8_LAUNCHES = LAUNCHES + [dict(BLOCK_N=32, STAGES=3, PIPELINE=True), dict(BLOCK_N=32, STAGES=4, SPLITS=3, PIPELINE=True)]
-FP8_LAUNCH_IDS = LAUNCH_IDS + ["pipelined", "pipelined-4-slots-3-splits"]
+# FP8 only: the warp-specialized kernel (dequantization and MMAs in two partitions).
+FP8_LAUNCHES = LAUNCHES + [dict(WS=True), dict(WS=True, STAGES=2, SPLITS=3, QK_CHAINS=2), dict(WS=True, STAGES=6, SPLITS=1, QK_CHAINS=1)]
+FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain"]
 
 
 @needs_gpu
@@ -103,8 +108,8 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(BLOCK_N=32, STAGES=3, PIPELINE=True))],
-                         ids=["flashmla", "row", "row-4-splits", "flashmla-pipelined"])
+@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=True))],
+                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-ws"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
@@ -126,13 +131,15 @@ def test_empty_top_k_gives_empty_rows():
 def test_launch_settings_are_checked():
     q, kv, idx = awkward_inputs(heads=16, topk=64)
     for bad, word in ((dict(BLOCK_N=16), "BLOCK_N=16"), (dict(STAGES=1), "STAGES=1"), (dict(STAGE=2), "unknown"),
-                      (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(NUM_WARPS=2), "NUM_WARPS=2"),
-                      (dict(BLOCK_N=64, STAGES=4), "shared memory"), (dict(PIPELINE=True, STAGES=3), "bf16 keys")):
+                      (dict(BLOCK_N=32, NUM_WARPS=8), "NUM_WARPS=8"), (dict(QK_CHAINS=3), "QK_CHAINS=3"), (dict(NUM_WARPS=2), "NUM_WARPS=2"),
+                      (dict(BLOCK_N=64, STAGES=4), "shared memory"), (dict(WS=True), "bf16 keys")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=bad)
     latent, scale, rope = fr.quantize_keys(kv, "flashmla")
-    with pytest.raises(ValueError, match="STAGES=2"):
-        fh.forward(q, latent, scale, rope, idx, SCALE, launch=dict(PIPELINE=True, STAGES=2))
+    for bad, word in ((dict(WS=True, NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"), (dict(WS=True, DEQUANT_REGS=100), "DEQUANT_REGS=100"),
+                      (dict(WS=True, BLOCK_N=64, STAGES=3), "shared memory")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 
 
 @needs_gpu

@@ -18,8 +18,8 @@ bf16 keys (benchmarks/RESULTS.md). Here:
 
 One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization:
 the same warps dequantize and run the MMAs, one after the other, which is what keeps FP8 keys
-slower than bf16 keys here (RESULTS.md). ``PIPELINE`` (a launch option, off by default, not yet
-measured) dequantizes the next block into a second bf16 tile between this block's MMAs.
+slower than bf16 keys here (RESULTS.md). The launch option ``WS`` (FP8) runs
+gluon_fewhead_ws's kernel instead: dequantization and MMAs in two partitions, side by side.
 Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
 calls go to the Triton kernel instead.
 """
@@ -42,25 +42,32 @@ LOG2E = 1.4426950408889634
 ENV_OFF = "MLA_COMPILER_FEWHEAD"  # =0: never take this kernel
 _D_LAT, _D_ROPE, _BLOCK_H = 512, 64, 16
 LAST_LAUNCH: dict = {}  # the settings of the last launch, with the SPLITS chosen
-MAX_BLOCKS = 32  # key blocks a program (its rows are held in shared memory)
+MAX_ROWS = 2048  # key rows a program (held in shared memory: 8 KB)
 MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, the MMAs bound the work)
 
-# Launch: keys a block, ring slots, warps (SPLITS, the top-k splits, is chosen per call unless
-# given). Measured on H200 at the V3.2 decode shape with 16 heads (benchmarks/bench_decode_launch.py,
-# RESULTS.md), unsplit: 64 keys x 2 slots bf16 0.087 ms / FP8 row 0.109 / FlashMLA 0.117; 3 slots
-# 0.124-0.129 (FP8, split); 32 keys 0.109 (bf16) / 0.117-0.124 (FP8); 8 warps 0.108-0.146 (split).
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4)
+# Launch: keys a block, ring slots, warps, score accumulators, and WS: the warp-specialized kernel
+# of gluon_fewhead_ws (FP8 only; two bf16 tiles, so 32-key blocks; DEQUANT_REGS registers a thread
+# for its dequantizing partition). SPLITS, the top-k splits, is chosen per call unless given.
+# Measured on H200 at the V3.2 decode shape with 16 heads, unsplit (benchmarks/bench_decode_launch.py,
+# RESULTS.md, 2026-11-28, fifth call set): bf16 keys 64 x 2 slots 0.087 ms (32 keys 0.101); FP8
+# FlashMLA layout WS 0.109 / this kernel 0.113; FP8 row scale this kernel 0.105 / WS 0.108. WS with
+# one score accumulator 0.117 / 0.112, two 0.116 / 0.109. Earlier: 3 slots 0.124-0.129 (FP8,
+# split); 8 warps 0.108-0.146 (split).
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)  # one scale a row
+LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True)  # FlashMLA's 4 scales a row
+SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
-def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, pipeline: bool = False) -> int:
+def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
-    scales), for an FP8 latent the bf16 tile it is dequantized into, and the compiler's scratch."""
+    scales), for an FP8 latent the bf16 tile it is dequantized into (WS: two, each with the rope,
+    and two barriers a tile), and the compiler's scratch."""
     slot = block_n * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
-            + ((2 if pipeline else 1) * 2 * block_n * _D_LAT if fp8 else 0) + SCRATCH_BYTES)
+            + ((2 * 2 * block_n * (_D_LAT + _D_ROPE) + 32 if ws else 2 * block_n * _D_LAT) if fp8 else 0) + SCRATCH_BYTES)
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -135,24 +142,23 @@ if HAVE_GLUON:
         async_copy.commit_group()
 
     @gluon.jit
-    def _dequantize_chunk(lat_ring, scale_ring, k_tile, slot, c: gl.constexpr, N_TILES: gl.constexpr, cvt_layout: gl.constexpr):
+    def _dequantize_chunk(lat_ring, scale_ring, k_tile, slot, c: gl.constexpr, N_TILES: gl.constexpr, NW: gl.constexpr):
         """Columns c*128 .. c*128+127 of the FP8 latent in ring slot ``slot``, e4m3 x scale in fp32,
         into the bf16 tile. (The row scale applied to the scores and P instead, the e4m3 values
         converted as they are, measured slower: 0.147 vs 0.119 ms.)"""
+        # 8 values a thread, 16 threads a row: each 8-thread phase reads 64 contiguous FP8 bytes
+        # and writes 8 distinct 16-byte bank groups of the swizzled tile. (16 values a thread,
+        # 8 threads a row, stored with 6.6-7.7-way bank conflicts: Nsight Compute, H200.)
+        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
         raw = lat_ring.index(slot).slice(c * 128, 128, dim=1).load(cvt_layout)
         sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
         k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
 
     @gluon.jit
-    def _fewhead_fwd_kernel(
-        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE, PARTIAL,
-        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
-        S_KV, TOPK, H, T, sm_scale_log2,
-        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-        NB_P: gl.constexpr, NW: gl.constexpr, PIPELINE: gl.constexpr = False,
-    ):
-        # Program coordinates: the split, then the head block vary fastest (a token's programs
-        # run side by side and share its rows in L2).
+    def _split_coords(H, TOPK, SPLITS: gl.constexpr, BLOCK_N: gl.constexpr):
+        """(query token as int64, head block, split, first and end key of the split) of this
+        program. The split, then the head block vary fastest: a token's programs run side by side
+        and share its rows in L2."""
         pid = gl.program_id(0)
         n_hb = gl.cdiv(H, BLOCK_H)
         sp = pid % SPLITS
@@ -160,39 +166,18 @@ if HAVE_GLUON:
         t = (pid // (SPLITS * n_hb)).to(gl.int64)
         chunk = gl.cdiv(gl.cdiv(TOPK, SPLITS), BLOCK_N) * BLOCK_N
         n_lo = sp * chunk
-        n_hi = gl.minimum(n_lo + chunk, TOPK)
-        n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
+        return t, hb, sp, n_lo, gl.minimum(n_lo + chunk, TOPK)
 
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
-        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-        row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        col_l: gl.constexpr = gl.SliceLayout(0, mma)
-        operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-        plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-
-        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
-        vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], plain_smem)
-        rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], vec_smem)  # the same bytes, one block a row
-        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], operand_smem)
-        if FP8:
-            lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], plain_smem)
-            scale_ring = gl.allocate_shared_memory(gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
-            # PIPELINE: two bf16 tiles, the next block dequantized into one while the MMAs read the other.
-            k_tiles = gl.allocate_shared_memory(gl.bfloat16, [2 if PIPELINE else 1, BLOCK_N, D_LAT], operand_smem)
-        else:
-            lat_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], operand_smem)
-            scale_ring = rope_ring  # not used
-
-        # This split's key rows, -1 where the index is invalid (-1, >= S_KV, past the top-k).
+    @gluon.jit
+    def _stage_rows_and_q(Q, IDX, q_lat, q_rope, rows_2d, t, hb, n_lo, n_hi, stride_qt, stride_qh, stride_it, S_KV, H,
+                          BLOCK_N: gl.constexpr, NB_P: gl.constexpr, NW: gl.constexpr):
+        """The split's key rows into shared memory (-1 where the index is invalid: -1, >= S_KV, past
+        the top-k), and Q of the program's heads (padded heads 0)."""
         idx_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         offs = n_lo + gl.arange(0, NB_P, layout=gl.SliceLayout(1, idx_layout))[:, None] * BLOCK_N \
             + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, idx_layout))[None, :]
         idx = gl.load(IDX + t * stride_it + offs, mask=offs < n_hi, other=-1)
         rows_2d.store(gl.where((idx >= 0) & (idx < S_KV), idx, -1))
-        # Q of this block of heads (padded heads are 0).
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
         q_row = Q + t * stride_qt + heads[:, None] * stride_qh
@@ -200,6 +185,113 @@ if HAVE_GLUON:
         q_lat.store(gl.load(q_row + cols[None, :], mask=(heads < H)[:, None], other=0.0))
         r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
         q_rope.store(gl.load(q_row + D_LAT + r_cols[None, :], mask=(heads < H)[:, None], other=0.0))
+
+    @gluon.jit
+    def _attend_block(q_lat, q_rope, keys, rope, valid, m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2,
+                      BLOCK_N: gl.constexpr, NW: gl.constexpr, QK_CHAINS: gl.constexpr):
+        """One key block of the online softmax: scores against the bf16 latent tile ``keys`` and
+        ``rope`` (keys not ``valid`` masked), then P V into the four 128-column accumulators.
+        QK_CHAINS (1, 2, 4) independent score accumulators: with 32-key blocks a warp has one
+        8-key MMA tile, so one accumulator is a chain of 36 dependent MMAs."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        # Q K^T over 576 columns, 64 at a time (64-key blocks: two accumulators measured the same as one).
+        zeros = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma)
+        s0 = mma_v2(q_rope.load(a_op), rope.permute((1, 0)).load(b_op), zeros)
+        s1 = zeros
+        s2 = zeros
+        s3 = zeros
+        for c in gl.static_range(D_LAT // 64):
+            q_c = q_lat.slice(c * 64, 64, dim=1).load(a_op)
+            k_c = keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op)
+            if c % QK_CHAINS == 0:
+                s0 = mma_v2(q_c, k_c, s0)
+            elif c % QK_CHAINS == 1:
+                s1 = mma_v2(q_c, k_c, s1)
+            elif c % QK_CHAINS == 2:
+                s2 = mma_v2(q_c, k_c, s2)
+            else:
+                s3 = mma_v2(q_c, k_c, s3)
+        if QK_CHAINS == 1:
+            s = s0
+        elif QK_CHAINS == 2:
+            s = s0 + s1
+        else:
+            s = (s0 + s1) + (s2 + s3)
+        s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + gl.sum(p, 1)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
+        acc0 = mma_v2(p_op, keys.slice(0, 128, dim=1).load(b_op), acc0 * alpha[:, None])
+        acc1 = mma_v2(p_op, keys.slice(128, 128, dim=1).load(b_op), acc1 * alpha[:, None])
+        acc2 = mma_v2(p_op, keys.slice(256, 128, dim=1).load(b_op), acc2 * alpha[:, None])
+        acc3 = mma_v2(p_op, keys.slice(384, 128, dim=1).load(b_op), acc3 * alpha[:, None])
+        return m_new, l_i, acc0, acc1, acc2, acc3
+
+    @gluon.jit
+    def _store_result(OUT, LSE, PARTIAL, acc0, acc1, acc2, acc3, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
+                      SPLITS: gl.constexpr, NW: gl.constexpr):
+        """Unsplit: out (normalized, bf16) and lse (natural log; +inf for a row with no valid key).
+        Split: the unnormalized partial state per (split, token, head), acc [512], m (base 2), l,
+        in the layout triton_sparse_mla._combine_kernel merges."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        heads_o = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, mma))
+        h_ok = heads_o < H
+        cols_o = gl.arange(0, 128, layout=gl.SliceLayout(0, mma))
+        if SPLITS == 1:
+            empty_row = l_i == 0.0
+            l_safe = gl.where(empty_row, 1.0, l_i)
+            o_row = OUT + t * stride_ot + heads_o[:, None] * stride_oh + cols_o[None, :]
+            gl.store(o_row, (acc0 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            gl.store(o_row + 128, (acc1 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            gl.store(o_row + 256, (acc2 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            gl.store(o_row + 384, (acc3 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
+            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            gl.store(LSE + t * stride_lt + heads_o, lse, mask=h_ok)
+        else:
+            part = ((sp * T + t) * H + heads_o).to(gl.int64) * (D_LAT + 2)
+            p_row = PARTIAL + part[:, None] + cols_o[None, :]
+            gl.store(p_row, acc0, mask=h_ok[:, None])
+            gl.store(p_row + 128, acc1, mask=h_ok[:, None])
+            gl.store(p_row + 256, acc2, mask=h_ok[:, None])
+            gl.store(p_row + 384, acc3, mask=h_ok[:, None])
+            gl.store(PARTIAL + part + D_LAT, m_i, mask=h_ok)
+            gl.store(PARTIAL + part + D_LAT + 1, l_i, mask=h_ok)
+
+    @gluon.jit
+    def _fewhead_fwd_kernel(
+        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE, PARTIAL,
+        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
+        S_KV, TOPK, H, T, sm_scale_log2,
+        FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
+        NB_P: gl.constexpr, NW: gl.constexpr, QK_CHAINS: gl.constexpr,
+    ):
+        t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
+        n_blocks = gl.cdiv(n_hi - n_lo, BLOCK_N)
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        col_l: gl.constexpr = gl.SliceLayout(0, mma)
+        operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
+        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], plain_smem)
+        rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], vec_smem)  # the same bytes, one block a row
+        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], operand_smem)
+        if FP8:
+            lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], plain_smem)
+            scale_ring = gl.allocate_shared_memory(gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
+            k_tile = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, D_LAT], operand_smem)
+        else:
+            lat_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], operand_smem)
+            scale_ring = rope_ring  # not used
+        _stage_rows_and_q(Q, IDX, q_lat, q_rope, rows_2d, t, hb, n_lo, n_hi, stride_qt, stride_qh, stride_it, S_KV, H, BLOCK_N, NB_P, NW)
         partition_barrier()
 
         for j in gl.static_range(STAGES - 1):
@@ -212,83 +304,26 @@ if HAVE_GLUON:
         acc1 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc2 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc3 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
-        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [NW, 1], [1, 0])
-        if FP8 and PIPELINE:
-            # Block 0 dequantized ahead; each step then dequantizes the next block between its own
-            # MMAs (independent instructions that fill the MMAs' latency).
-            async_copy.wait_group(STAGES - 2)  # block 0 has landed
-            partition_barrier()
-            if n_blocks > 0:
-                for c in gl.static_range(4):
-                    _dequantize_chunk(lat_ring, scale_ring, k_tiles.index(0), 0, c, N_TILES, cvt_layout)
-            partition_barrier()
         for i in range(n_blocks):
             _issue_block(i + STAGES - 1, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                          stride_kvs, stride_ss, stride_rs, FP8, N_TILES, BLOCK_N, STAGES, NW)
             slot = i % STAGES
-            if FP8 and PIPELINE:
-                async_copy.wait_group(STAGES - 2)  # this thread's copies of block i + 1 have landed
-                partition_barrier()  # ... and every thread's
-                keys = k_tiles.index(i % 2)
+            async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
+            partition_barrier()  # ... and every thread's
+            if FP8:
+                for c in gl.static_range(4):
+                    _dequantize_chunk(lat_ring, scale_ring, k_tile, slot, c, N_TILES, NW)
+                partition_barrier()
+                keys = k_tile
             else:
-                async_copy.wait_group(STAGES - 1)  # this thread's copies of block i have landed
-                partition_barrier()  # ... and every thread's
-                if FP8:
-                    for c in gl.static_range(4):
-                        _dequantize_chunk(lat_ring, scale_ring, k_tiles.index(0), slot, c, N_TILES, cvt_layout)
-                    partition_barrier()
-                    keys = k_tiles.index(0)
-                else:
-                    keys = lat_ring.index(slot)
-            # Q K^T over 576 columns, 64 at a time (two independent accumulators measured the same);
-            # with PIPELINE the next block's dequantization goes between them, 128 columns at a time.
-            s = mma_v2(q_rope.load(a_op), rope_ring.index(slot).permute((1, 0)).load(b_op), gl.zeros([BLOCK_H, BLOCK_N], gl.float32, mma))
-            for c in gl.static_range(D_LAT // 64):
-                if FP8 and PIPELINE and c % 2 == 0:
-                    if i + 1 < n_blocks:
-                        _dequantize_chunk(lat_ring, scale_ring, k_tiles.index((i + 1) % 2), (i + 1) % STAGES, c // 2, N_TILES, cvt_layout)
-                s = mma_v2(q_lat.slice(c * 64, 64, dim=1).load(a_op), keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op), s)
+                keys = lat_ring.index(slot)
             valid = rows_smem.index(i).load(col_l) >= 0
-            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 1))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + gl.sum(p, 1)
-            p_op = gl.convert_layout(p.to(gl.bfloat16), a_op)
-            acc0 = mma_v2(p_op, keys.slice(0, 128, dim=1).load(b_op), acc0 * alpha[:, None])
-            acc1 = mma_v2(p_op, keys.slice(128, 128, dim=1).load(b_op), acc1 * alpha[:, None])
-            acc2 = mma_v2(p_op, keys.slice(256, 128, dim=1).load(b_op), acc2 * alpha[:, None])
-            acc3 = mma_v2(p_op, keys.slice(384, 128, dim=1).load(b_op), acc3 * alpha[:, None])
-            m_i = m_new
+            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_block(q_lat, q_rope, keys, rope_ring.index(slot), valid, m_i, l_i,
+                                                             acc0, acc1, acc2, acc3, sm_scale_log2, BLOCK_N, NW, QK_CHAINS)
             # Every warp is past this block's reads (slot, tile) before they are overwritten.
             partition_barrier()
         async_copy.wait_group(0)
-
-        heads_o = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_l)
-        h_ok = heads_o < H
-        cols_o = gl.arange(0, 128, layout=col_l)
-        if SPLITS == 1:
-            empty_row = l_i == 0.0
-            l_safe = gl.where(empty_row, 1.0, l_i)
-            o_row = OUT + t * stride_ot + heads_o[:, None] * stride_oh + cols_o[None, :]
-            gl.store(o_row, (acc0 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
-            gl.store(o_row + 128, (acc1 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
-            gl.store(o_row + 256, (acc2 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
-            gl.store(o_row + 384, (acc3 / l_safe[:, None]).to(gl.bfloat16), mask=h_ok[:, None])
-            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            gl.store(LSE + t * stride_lt + heads_o, lse, mask=h_ok)
-        else:
-            # Unnormalized partial state per (split, token, head): acc [512], m (base 2), l; the
-            # layout triton_sparse_mla._combine_kernel merges.
-            part = ((sp * T + t) * H + heads_o).to(gl.int64) * (D_LAT + 2)
-            p_row = PARTIAL + part[:, None] + cols_o[None, :]
-            gl.store(p_row, acc0, mask=h_ok[:, None])
-            gl.store(p_row + 128, acc1, mask=h_ok[:, None])
-            gl.store(p_row + 256, acc2, mask=h_ok[:, None])
-            gl.store(p_row + 384, acc3, mask=h_ok[:, None])
-            gl.store(PARTIAL + part + D_LAT, m_i, mask=h_ok)
-            gl.store(PARTIAL + part + D_LAT + 1, l_i, mask=h_ok)
+        _store_result(OUT, LSE, PARTIAL, acc0, acc1, acc2, acc3, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, NW)
 
 
 def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> int:
@@ -302,6 +337,35 @@ def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> in
     return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 
 
+def default_launch(fp8: bool, n_tiles: int = 1) -> dict:
+    """The measured-fastest launch for the key type: bf16, FP8 with one scale a row, or FP8 with
+    one scale per 128 columns (FlashMLA's layout: the warp-specialized kernel)."""
+    return dict(LAUNCH_WS if fp8 and n_tiles == 4 else LAUNCH_FP8 if fp8 else LAUNCH_BF16)
+
+
+def launch_settings(fp8: bool, launch: Optional[dict], n_tiles: int = 1) -> dict:
+    """The launch's settings: ``launch`` over the key type's default (``default_launch``; with
+    ``WS`` given, that kernel's defaults), each checked (ValueError naming the setting)."""
+    launch = dict(launch or {})
+    unknown = set(launch) - set(SETTINGS)
+    if unknown:
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {', '.join(SETTINGS)}")
+    ws = bool(launch.get("WS", default_launch(fp8, n_tiles)["WS"]))
+    if ws and not fp8:
+        raise ValueError("launch WS=True with bf16 keys: its partitions split dequantization from the MMAs, so it takes an FP8 latent only")
+    cfg = dict(LAUNCH_WS if ws else LAUNCH_FP8 if fp8 else LAUNCH_BF16, **launch)
+    if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
+        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
+    if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"] or (ws and cfg["NUM_WARPS"] != 4):
+        raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the "
+                         "block's keys (WS: 4, a partition)")
+    if cfg["QK_CHAINS"] not in (1, 2, 4):
+        raise ValueError(f"launch QK_CHAINS={cfg['QK_CHAINS']}: 1, 2 or 4 score accumulators")
+    if ws and (cfg["DEQUANT_REGS"] % 8 or not 24 <= cfg["DEQUANT_REGS"] <= 256):
+        raise ValueError(f"launch DEQUANT_REGS={cfg['DEQUANT_REGS']}: a multiple of 8 in 24..256")
+    return cfg
+
+
 def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: torch.Tensor,
             indices: torch.Tensor, sm_scale: float, launch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [T, H, 512], lse [T, H]) for q [T, H, 576] against bf16 keys (``kv_latent`` [S, 512]
@@ -310,17 +374,8 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     from . import triton_sparse_mla as tk
 
     fp8 = kv_scale is not None
-    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    unknown = set(cfg) - {"BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "PIPELINE"}
-    if unknown:
-        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are BLOCK_N, STAGES, SPLITS, NUM_WARPS, PIPELINE")
-    if cfg.get("PIPELINE") and (not fp8 or cfg["STAGES"] < 3):
-        raise ValueError(f"launch PIPELINE=True with {'bf16 keys' if not fp8 else 'STAGES=%d' % cfg['STAGES']}: it dequantizes the next "
-                         "FP8 block during this one's MMAs, so it needs an FP8 latent and STAGES >= 3 (the next block in place)")
-    if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
-        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
-    if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"]:
-        raise ValueError(f"launch NUM_WARPS={cfg['NUM_WARPS']} BLOCK_N={cfg['BLOCK_N']}: 4 or 8 warps, each with 8 or more of the block's keys")
+    n_tiles = kv_scale.shape[1] if fp8 else 1
+    cfg = launch_settings(fp8, launch, n_tiles)
     if indices.dtype != torch.int32:
         raise ValueError(f"indices: dtype {indices.dtype}; expected int32 (indices.to(torch.int32))")
     LAST_LAUNCH.clear()
@@ -337,25 +392,27 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         return out.zero_(), lse.fill_(float("inf"))
     block_n = cfg["BLOCK_N"]
     splits = cfg.get("SPLITS") or splits_for(t, h, topk, block_n, torch.cuda.get_device_properties(q.device).multi_processor_count)
-    # A program holds its split's rows in shared memory: at most MAX_BLOCKS blocks of them.
-    splits = max(splits, triton.cdiv(triton.cdiv(topk, block_n), MAX_BLOCKS))
+    # A program holds its split's rows in shared memory: at most MAX_ROWS of them.
+    splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
-    n_tiles = kv_scale.shape[1] if fp8 else 1
-    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg.get("PIPELINE", False))
+    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"])
     if need > SHARED_LIMIT:
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
                          f"{SHARED_LIMIT} fit; use fewer STAGES or BLOCK_N=32")
     partial = torch.empty((splits, t, h, _D_LAT + 2), dtype=torch.float32, device=q.device) if splits > 1 else lse
     scale = kv_scale if fp8 else kv_rope
     grid = (t * triton.cdiv(h, _BLOCK_H) * splits,)
-    _fewhead_fwd_kernel[grid](
-        q, kv_latent, scale, kv_rope, indices, out, lse, partial,
-        q.stride(0), q.stride(1), kv_latent.stride(0), scale.stride(0) * scale.element_size(), kv_rope.stride(0) * kv_rope.element_size(),
-        indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E,
-        FP8=fp8, N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits,
-        NB_P=triton.next_power_of_2(blocks_per_split), NW=cfg["NUM_WARPS"], PIPELINE=cfg.get("PIPELINE", False), num_warps=cfg["NUM_WARPS"],
-    )
+    args = (q, kv_latent, scale, kv_rope, indices, out, lse, partial,
+            q.stride(0), q.stride(1), kv_latent.stride(0), scale.stride(0) * scale.element_size(), kv_rope.stride(0) * kv_rope.element_size(),
+            indices.stride(0), out.stride(0), out.stride(1), lse.stride(0), kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E)
+    shape = dict(N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits, NB_P=triton.next_power_of_2(blocks_per_split),
+                 QK_CHAINS=cfg["QK_CHAINS"])
+    if cfg["WS"]:
+        from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
+
+        _fewhead_ws_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], num_warps=4)
+    else:
+        _fewhead_fwd_kernel[grid](*args, FP8=fp8, **shape, NW=cfg["NUM_WARPS"], num_warps=cfg["NUM_WARPS"])
     if splits > 1:
         tk.combine_partials(partial, out, lse, None, splits, _D_LAT, _D_LAT)
     LAST_LAUNCH.update(cfg, SPLITS=splits)
@@ -368,17 +425,24 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    kernel = _fewhead_fwd_kernel
+    cfg = launch_settings(fp8, launch, n_tiles)
+    if cfg["WS"]:
+        from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel as kernel
+    else:
+        kernel = _fewhead_fwd_kernel
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update({"Q": "*bf16", "KV": "*fp8e4nv" if fp8 else "*bf16", "KV_SCALE": "*fp32" if fp8 else "*bf16", "KV_ROPE": "*bf16",
                 "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32", "PARTIAL": "*fp32", "sm_scale_log2": "fp32"})
-    constexprs = dict(FP8=fp8, N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=cfg.get("SPLITS", 2),
-                      NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * cfg.get("SPLITS", 2))), NW=cfg["NUM_WARPS"],
-                      PIPELINE=cfg.get("PIPELINE", False))
+    splits = cfg.get("SPLITS", 2)
+    constexprs = dict(N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=splits,
+                      NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
+    if cfg["WS"]:
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"])
+    else:
+        constexprs.update(FP8=fp8, NW=cfg["NUM_WARPS"])
     sig.update({name: "constexpr" for name in constexprs})
     names = list(kernel.arg_names)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "PARTIAL", "stride_qt", "stride_qh", "stride_kvs", "stride_ss",
                "stride_rs", "stride_it", "stride_ot", "stride_oh")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["NUM_WARPS"]})
+    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 if cfg["WS"] else cfg["NUM_WARPS"]})

@@ -83,7 +83,8 @@ def forward_member(problem) -> str:
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
     if deepseek and problem.heads <= fh.MAX_HEADS and not switched_off(fh.ENV_OFF):
-        return "forward: the few-head Gluon kernel on Hopper with 16-byte rows, else Triton"
+        ws_form = " (warp-specialized for FlashMLA's FP8 layout)" if problem.fp8_layout is not None and problem.fp8_layout[2] == 4 else ""
+        return f"forward: the few-head Gluon kernel{ws_form} on Hopper with 16-byte rows, else Triton"
     return "forward: Triton"
 
 
@@ -716,7 +717,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
     index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
     for module, label, declined, launch in (
         (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
-        (fh, "gluon few-head", FEWHEAD_DECLINED, fh.LAUNCH_FP8 if kv_scale is not None else fh.LAUNCH_BF16),
+        (fh, "gluon few-head", FEWHEAD_DECLINED, fh.default_launch(kv_scale is not None, 1 if kv_scale is None else kv_scale.shape[-1])),
     ):
         reason = index_reason or module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
