@@ -9,7 +9,7 @@ bf16 keys (benchmarks/RESULTS.md). Here:
 
 - the key rows (latent, rope, scales) are copied asynchronously into a ring of STAGES
   shared-memory slots, several blocks ahead, without registers;
-- an FP8 latent is read from its slot 16 bytes a thread, dequantized (e4m3 x scale in fp32, then
+- an FP8 latent is read from its slot 8 bytes a thread, dequantized (e4m3 x scale in fp32, then
   bf16) and written to one bf16 tile that both products read; bf16 keys are read in their slot;
 - Q stays in shared memory and is read 64 columns at a time for each product (mma.sync, 16 x 8
   tiles: 16 heads fill the rows, no padding);
@@ -17,9 +17,9 @@ bf16 keys (benchmarks/RESULTS.md). Here:
   merges the partial softmax states.
 
 One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization:
-the same warps dequantize and run the MMAs, one after the other, which is what keeps FP8 keys
-slower than bf16 keys here (RESULTS.md). The launch option ``WS`` (FP8) runs
-gluon_fewhead_ws's kernel instead: dequantization and MMAs in two partitions, side by side.
+the same warps dequantize and run the MMAs, one after the other. The launch option ``WS`` (FP8;
+the default for FlashMLA's layout, where it measured faster) runs gluon_fewhead_ws's kernel
+instead: dequantization and MMAs in two partitions, side by side, sharing this module's steps.
 Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
 calls go to the Triton kernel instead.
 """
