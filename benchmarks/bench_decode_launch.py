@@ -47,10 +47,9 @@ FEW_HEAD_TRITON = {
                 dict(BLOCK_N=32, num_warps=4, num_stages=3, SPLITS=2, DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)],
 }
 FEW_HEAD_GLUON = {
-    "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4),
-             dict(BLOCK_N=64, STAGES=2, QK_CHAINS=4)],
-    "fp8 FlashMLA": [dict(WS=False), dict(WS=False, QK_CHAINS=4), dict(WS=True), dict(WS=True, QK_CHAINS=1), dict(WS=True, QK_CHAINS=2)],
-    "fp8 row": [dict(WS=False), dict(WS=False, QK_CHAINS=4), dict(WS=True), dict(WS=True, QK_CHAINS=1), dict(WS=True, QK_CHAINS=2)],
+    "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
+    "fp8 FlashMLA": [dict(WS=False), dict(WS=True), dict(WS=True, Q_HELD=True), dict(WS=True, Q_HELD=True, QK_CHAINS=2)],
+    "fp8 row": [dict(WS=False), dict(WS=True), dict(WS=True, Q_HELD=True), dict(WS=True, Q_HELD=True, QK_CHAINS=2)],
 }
 
 

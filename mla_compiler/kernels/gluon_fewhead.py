@@ -55,8 +55,8 @@ MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, th
 # split); 8 warps 0.108-0.146 (split).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)  # one scale a row
-LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True)  # FlashMLA's 4 scales a row
-SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS")
+LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=False)  # FlashMLA's 4 scales a row
+SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
@@ -187,12 +187,22 @@ if HAVE_GLUON:
         q_rope.store(gl.load(q_row + D_LAT + r_cols[None, :], mask=(heads < H)[:, None], other=0.0))
 
     @gluon.jit
-    def _attend_block(q_lat, q_rope, keys, rope, valid, m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2,
-                      BLOCK_N: gl.constexpr, NW: gl.constexpr, QK_CHAINS: gl.constexpr):
+    def _held_q(q_lat, NW: gl.constexpr):
+        """Q's latent as the eight 64-column MMA operands, loaded once and held in registers."""
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
+        a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        return (q_lat.slice(0, 64, dim=1).load(a_op), q_lat.slice(64, 64, dim=1).load(a_op), q_lat.slice(128, 64, dim=1).load(a_op),
+                q_lat.slice(192, 64, dim=1).load(a_op), q_lat.slice(256, 64, dim=1).load(a_op), q_lat.slice(320, 64, dim=1).load(a_op),
+                q_lat.slice(384, 64, dim=1).load(a_op), q_lat.slice(448, 64, dim=1).load(a_op))
+
+    @gluon.jit
+    def _attend_block(q_lat, q_rope, q_held, keys, rope, valid, m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2,
+                      BLOCK_N: gl.constexpr, NW: gl.constexpr, QK_CHAINS: gl.constexpr, Q_HELD: gl.constexpr):
         """One key block of the online softmax: scores against the bf16 latent tile ``keys`` and
         ``rope`` (keys not ``valid`` masked), then P V into the four 128-column accumulators.
         QK_CHAINS (1, 2, 4) independent score accumulators: with 32-key blocks a warp has one
-        8-key MMA tile, so one accumulator is a chain of 36 dependent MMAs."""
+        8-key MMA tile, so one accumulator is a chain of 36 dependent MMAs. Q_HELD: Q's latent
+        operands are ``q_held`` (``_held_q``), not read from shared memory again."""
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NW], instr_shape=[16, 8])
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
@@ -203,7 +213,10 @@ if HAVE_GLUON:
         s2 = zeros
         s3 = zeros
         for c in gl.static_range(D_LAT // 64):
-            q_c = q_lat.slice(c * 64, 64, dim=1).load(a_op)
+            if Q_HELD:
+                q_c = q_held[c]
+            else:
+                q_c = q_lat.slice(c * 64, 64, dim=1).load(a_op)
             k_c = keys.slice(c * 64, 64, dim=1).permute((1, 0)).load(b_op)
             if c % QK_CHAINS == 0:
                 s0 = mma_v2(q_c, k_c, s0)
@@ -318,8 +331,8 @@ if HAVE_GLUON:
             else:
                 keys = lat_ring.index(slot)
             valid = rows_smem.index(i).load(col_l) >= 0
-            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_block(q_lat, q_rope, keys, rope_ring.index(slot), valid, m_i, l_i,
-                                                             acc0, acc1, acc2, acc3, sm_scale_log2, BLOCK_N, NW, QK_CHAINS)
+            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_block(q_lat, q_rope, None, keys, rope_ring.index(slot), valid, m_i, l_i,
+                                                             acc0, acc1, acc2, acc3, sm_scale_log2, BLOCK_N, NW, QK_CHAINS, False)
             # Every warp is past this block's reads (slot, tile) before they are overwritten.
             partition_barrier()
         async_copy.wait_group(0)
@@ -361,6 +374,8 @@ def launch_settings(fp8: bool, launch: Optional[dict], n_tiles: int = 1) -> dict
                          "block's keys (WS: 4, a partition)")
     if cfg["QK_CHAINS"] not in (1, 2, 4):
         raise ValueError(f"launch QK_CHAINS={cfg['QK_CHAINS']}: 1, 2 or 4 score accumulators")
+    if cfg.get("Q_HELD") and not ws:
+        raise ValueError("launch Q_HELD=True without WS=True: Q's operands are held in the warp-specialized kernel's MMA partition only")
     if ws and (cfg["DEQUANT_REGS"] % 8 or not 24 <= cfg["DEQUANT_REGS"] <= 256):
         raise ValueError(f"launch DEQUANT_REGS={cfg['DEQUANT_REGS']}: a multiple of 8 in 24..256")
     return cfg
@@ -410,7 +425,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     if cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
-        _fewhead_ws_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], num_warps=4)
+        _fewhead_ws_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"], num_warps=4)
     else:
         _fewhead_fwd_kernel[grid](*args, FP8=fp8, **shape, NW=cfg["NUM_WARPS"], num_warps=cfg["NUM_WARPS"])
     if splits > 1:
@@ -437,7 +452,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     constexprs = dict(N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=splits,
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
     if cfg["WS"]:
-        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"])
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:
         constexprs.update(FP8=fp8, NW=cfg["NUM_WARPS"])
     sig.update({name: "constexpr" for name in constexprs})

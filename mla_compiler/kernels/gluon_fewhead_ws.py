@@ -28,6 +28,7 @@ if HAVE_GLUON:
         D_LAT,
         D_ROPE,
         _attend_block,
+        _held_q,
         _dequantize_chunk,
         _issue_block,
         _split_coords,
@@ -68,7 +69,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _mma_partition(q_lat, q_rope, tiles, rope_tiles, rows_smem, full, empty, OUT, LSE, PARTIAL,
                        stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                       BLOCK_N: gl.constexpr, SPLITS: gl.constexpr, QK_CHAINS: gl.constexpr):
+                       BLOCK_N: gl.constexpr, SPLITS: gl.constexpr, QK_CHAINS: gl.constexpr, Q_HELD: gl.constexpr):
         """The online softmax over the split's blocks, each read from its bf16 tile, which is then
         released to the dequantizing partition; the result stored as gluon_fewhead's kernel does."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
@@ -80,12 +81,17 @@ if HAVE_GLUON:
         acc1 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc2 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
         acc3 = gl.zeros([BLOCK_H, 128], gl.float32, mma)
+        if Q_HELD:
+            q_held = _held_q(q_lat, _NW)  # 128 registers a thread; this partition may use 256
+        else:
+            q_held = None
         for i in range(n_blocks):
             tile = i % 2
             valid = rows_smem.index(i).load(gl.SliceLayout(0, mma)) >= 0
             mbarrier.wait(full.index(tile), (i // 2) & 1)
-            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_block(q_lat, q_rope, tiles.index(tile), rope_tiles.index(tile), valid, m_i, l_i,
-                                                             acc0, acc1, acc2, acc3, sm_scale_log2, BLOCK_N, _NW, QK_CHAINS)
+            m_i, l_i, acc0, acc1, acc2, acc3 = _attend_block(q_lat, q_rope, q_held, tiles.index(tile), rope_tiles.index(tile), valid,
+                                                             m_i, l_i, acc0, acc1, acc2, acc3, sm_scale_log2, BLOCK_N, _NW, QK_CHAINS,
+                                                             Q_HELD)
             partition_barrier()  # every warp is past its reads of the tile
             mbarrier.arrive(empty.index(tile))
         _store_result(OUT, LSE, PARTIAL, acc0, acc1, acc2, acc3, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, _NW)
@@ -96,7 +102,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr, QK_CHAINS: gl.constexpr,
+        DEQUANT_REGS: gl.constexpr, QK_CHAINS: gl.constexpr, Q_HELD: gl.constexpr,
     ):
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
@@ -123,7 +129,7 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [
                 (_mma_partition, (q_lat, q_rope, tiles, rope_tiles, rows_smem, full, empty, OUT, LSE, PARTIAL,
-                                  stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, QK_CHAINS)),
+                                  stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, QK_CHAINS, Q_HELD)),
                 (_dequantizing_partition, (lat_ring, rope_ring, scale_ring, tiles, rope_tiles, rows_smem, full, empty,
                                            KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
                                            N_TILES, BLOCK_N, STAGES, SPLITS)),
