@@ -27,10 +27,10 @@ def test_compiles_for_hopper_with_16_byte_copies():
     script = (
         "import json; from mla_compiler.kernels import gluon_fewhead as fh\n"
         "out = {}\n"
-        "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, dict(WS=False)), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8)),\n"
+        "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, dict(WS=False)), ('fp8-rows', True, 1, dict(WS=False)),\n"
+        "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3, WS=False)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8)),\n"
         "                                  ('fp8-tiles-ws', True, 4, None), ('fp8-rows-ws-3-slots', True, 1, dict(WS=True, STAGES=3)),\n"
-        "                                  ('fp8-tiles-ws-q-held', True, 4, dict(Q_HELD=True))):\n"
+        "                                  ('fp8-tiles-ws-q-from-shared', True, 4, dict(Q_HELD=False))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch, tiles)\n"
@@ -64,6 +64,20 @@ def test_declines_with_reasons(monkeypatch):
         fh.forward(q, odd[:, :512], None, odd[:, 512:], torch.zeros(4, 1, 8, dtype=torch.int32), SCALE)
 
 
+def test_launch_settings_name_the_bad_setting():
+    # Pure host logic (no GPU): defaults per key type, and each bad setting named in the error.
+    assert fh.launch_settings(False, None) == fh.LAUNCH_BF16
+    assert fh.launch_settings(True, None, 4) == fh.launch_settings(True, None, 1) == fh.LAUNCH_WS
+    assert fh.launch_settings(True, dict(WS=False), 4) == dict(fh.LAUNCH_FP8, WS=False)
+    assert fh.launch_settings(True, dict(Q_HELD=False))["WS"] is True
+    for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
+                           (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(QK_CHAINS=3), "QK_CHAINS=3"),
+                           (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
+                           (False, dict(BLOCK_N=16), "BLOCK_N=16")):
+        with pytest.raises(ValueError, match=re.escape(word)):
+            fh.launch_settings(fp8, bad)
+
+
 @needs_gpu
 def test_declines_what_it_does_not_take():
     q, kv, _ = awkward_inputs(heads=48, topk=64)
@@ -75,7 +89,7 @@ def test_declines_what_it_does_not_take():
     assert "not 16-byte aligned" in fh.declines(q16, odd[:, :512], None, odd[:, 512:], 512)
 
 
-# The kernel without warp specialization (WS=False: FlashMLA's layout defaults to the WS kernel).
+# The kernel without warp specialization (WS=False: FP8 latents default to the WS kernel).
 LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1, WS=False), dict(BLOCK_N=64, STAGES=2, SPLITS=3, WS=False),
             dict(BLOCK_N=32, STAGES=4, SPLITS=2, WS=False, QK_CHAINS=4), dict(BLOCK_N=64, STAGES=2, NUM_WARPS=8, WS=False)]
 LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits", "32-keys-4-stages-4-chains", "8-warps"]
@@ -93,8 +107,8 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 
 # FP8 only: the warp-specialized kernel (dequantization and MMAs in two partitions).
 FP8_LAUNCHES = LAUNCHES + [dict(WS=True), dict(WS=True, STAGES=2, SPLITS=3, QK_CHAINS=2), dict(WS=True, STAGES=6, SPLITS=1, QK_CHAINS=1),
-                           dict(WS=True, Q_HELD=True), dict(WS=True, Q_HELD=True, SPLITS=2, QK_CHAINS=1)]
-FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain", "ws-q-held", "ws-q-held-2-splits-1-chain"]
+                           dict(WS=True, Q_HELD=False), dict(WS=True, Q_HELD=True, SPLITS=2, QK_CHAINS=1)]
+FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain", "ws-q-from-shared", "ws-q-held-2-splits-1-chain"]
 
 
 @needs_gpu
@@ -110,8 +124,8 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=True))],
-                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-ws"])
+@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False))],
+                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
@@ -139,6 +153,7 @@ def test_launch_settings_are_checked():
             fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=bad)
     latent, scale, rope = fr.quantize_keys(kv, "flashmla")
     for bad, word in ((dict(WS=True, NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"), (dict(WS=True, DEQUANT_REGS=100), "DEQUANT_REGS=100"),
+                      (dict(WS=False, Q_HELD=True), "Q_HELD=True"),
                       (dict(WS=True, BLOCK_N=64, STAGES=3), "shared memory")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)

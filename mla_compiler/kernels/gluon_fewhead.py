@@ -17,9 +17,9 @@ bf16 keys (benchmarks/RESULTS.md). Here:
   merges the partial softmax states.
 
 One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization:
-the same warps dequantize and run the MMAs, one after the other. The launch option ``WS`` (FP8;
-the default for FlashMLA's layout, where it measured faster) runs gluon_fewhead_ws's kernel
-instead: dequantization and MMAs in two partitions, side by side, sharing this module's steps.
+the same warps dequantize and run the MMAs, one after the other. The launch option ``WS`` (the
+default for FP8 latents, where it measured faster) runs gluon_fewhead_ws's kernel instead:
+dequantization and MMAs in two partitions, side by side, sharing this module's steps.
 Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
 calls go to the Triton kernel instead.
 """
@@ -47,15 +47,17 @@ MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, th
 
 # Launch: keys a block, ring slots, warps, score accumulators, and WS: the warp-specialized kernel
 # of gluon_fewhead_ws (FP8 only; two bf16 tiles, so 32-key blocks; DEQUANT_REGS registers a thread
-# for its dequantizing partition). SPLITS, the top-k splits, is chosen per call unless given.
-# Measured on H200 at the V3.2 decode shape with 16 heads, unsplit (benchmarks/bench_decode_launch.py,
-# RESULTS.md, 2026-11-28, fifth call set): bf16 keys 64 x 2 slots 0.087 ms (32 keys 0.101); FP8
-# FlashMLA layout WS 0.109 / this kernel 0.113; FP8 row scale this kernel 0.105 / WS 0.108. WS with
-# one score accumulator 0.117 / 0.112, two 0.116 / 0.109. Earlier: 3 slots 0.124-0.129 (FP8,
-# split); 8 warps 0.108-0.146 (split).
+# for its dequantizing partition; Q_HELD: Q's latent operands held in the MMA partition's
+# registers). SPLITS, the top-k splits, is chosen per call unless given. Measured on H200 at the
+# V3.2 decode shape with 16 heads, unsplit (benchmarks/bench_decode_launch.py, RESULTS.md,
+# 2026-11-28, fifth call set), FlashMLA layout / row scale: WS with Q held 0.099 / 0.093 ms, WS
+# with Q read from shared memory 0.110 / 0.107, this kernel (64 x 2) 0.113 / 0.105; bf16 keys
+# 64 x 2 0.086-0.088 (32 keys 0.101). WS with one score accumulator 0.117 / 0.112, two 0.116 /
+# 0.109 (Q read from shared memory). Earlier: 3 slots 0.124-0.129 (FP8, split); 8 warps
+# 0.108-0.146 (split).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)  # one scale a row
-LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=False)  # FlashMLA's 4 scales a row
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)  # FP8 without warp specialization
+LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=True)
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
@@ -351,9 +353,9 @@ def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> in
 
 
 def default_launch(fp8: bool, n_tiles: int = 1) -> dict:
-    """The measured-fastest launch for the key type: bf16, FP8 with one scale a row, or FP8 with
-    one scale per 128 columns (FlashMLA's layout: the warp-specialized kernel)."""
-    return dict(LAUNCH_WS if fp8 and n_tiles == 4 else LAUNCH_FP8 if fp8 else LAUNCH_BF16)
+    """The measured-fastest launch for the key type: bf16 keys, or an FP8 latent (one scale a row
+    or one per 128 columns alike: the warp-specialized kernel)."""
+    return dict(LAUNCH_WS if fp8 else LAUNCH_BF16)
 
 
 def launch_settings(fp8: bool, launch: Optional[dict], n_tiles: int = 1) -> dict:

@@ -12,9 +12,9 @@ Here two partitions of 4 warps run side by side:
 Two mbarriers a tile hand it over: ``full`` (dequantized) and ``empty`` (read). The tiles take
 2 x BLOCK_N x 1152 bytes, so a block is 32 keys (BLOCK_N 64 needs 258 KB with two ring slots).
 Everything else (rows, Q, program coordinates, the step, the result's store) is gluon_fewhead's.
-H200, V3.2 decode at 16 heads (RESULTS.md): FlashMLA layout 0.109 ms against 0.113 for
-gluon_fewhead's 64-key kernel, row scale 0.108 against 0.105. The 32-key MMA step bounds it
-(the bf16 kernel at 32-key blocks: 0.101 ms), not the dequantization.
+H200, V3.2 decode at 16 heads (RESULTS.md), FlashMLA layout / row scale: 0.099 / 0.093 ms with
+Q's operands held in registers (Q_HELD), 0.110 / 0.107 with Q read from shared memory every
+block, against 0.113 / 0.105 for gluon_fewhead's 64-key kernel.
 """
 
 from __future__ import annotations
