@@ -171,6 +171,17 @@ if HAVE_GLUON:
         return t, hb, sp, n_lo, gl.minimum(n_lo + chunk, TOPK)
 
     @gluon.jit
+    def _q_and_rows_smem(NB_P: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Shared memory for Q of the program's heads (latent and rope, MMA-operand layout) and for
+        the split's key rows: one [NB_P, BLOCK_N] tile, and the same bytes as one block a row."""
+        operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
+        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+        rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        return q_lat, q_rope, rows_2d, rows_smem
+
+    @gluon.jit
     def _stage_rows_and_q(Q, IDX, q_lat, q_rope, rows_2d, t, hb, n_lo, n_hi, stride_qt, stride_qh, stride_it, S_KV, H,
                           BLOCK_N: gl.constexpr, NB_P: gl.constexpr, NW: gl.constexpr):
         """The split's key rows into shared memory (-1 where the index is invalid: -1, >= S_KV, past
@@ -294,10 +305,7 @@ if HAVE_GLUON:
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
 
-        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
-        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], plain_smem)
-        rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], vec_smem)  # the same bytes, one block a row
+        q_lat, q_rope, rows_2d, rows_smem = _q_and_rows_smem(NB_P, BLOCK_N)
         rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], operand_smem)
         if FP8:
             lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], plain_smem)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from .gluon_common import HAVE_GLUON
 
 if HAVE_GLUON:
-    from .gluon_common import async_copy, fence_async_shared, gl, gluon, mbarrier, partition_barrier, smem_view
+    from .gluon_common import async_copy, fence_async_shared, gl, gluon, mbarrier, partition_barrier
     from .gluon_fewhead import (
         BLOCK_H,
         D_LAT,
@@ -31,6 +31,7 @@ if HAVE_GLUON:
         _held_q,
         _dequantize_chunk,
         _issue_block,
+        _q_and_rows_smem,
         _split_coords,
         _stage_rows_and_q,
         _store_result,
@@ -107,10 +108,7 @@ if HAVE_GLUON:
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
-        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], plain_smem)
-        rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], vec_smem)  # the same bytes, one block a row
+        q_lat, q_rope, rows_2d, rows_smem = _q_and_rows_smem(NB_P, BLOCK_N)
         lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], plain_smem)
         rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], operand_smem)
         scale_ring = gl.allocate_shared_memory(gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
