@@ -58,14 +58,17 @@ def main() -> int:
         ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
         ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
     # The few-head forward, called directly: 20 heads (a padded 16-head block), the same indices,
-    # unsplit and split top-k, bf16 keys and both FP8 latents.
+    # unsplit and split top-k, bf16 keys and both FP8 latents; FP8 through both kernels (WS: the
+    # partitions' mbarrier hand-over, for racecheck and synccheck).
     from mla_compiler.kernels import gluon_fewhead as fh
 
     q20 = q[:, :20].contiguous()
+    flashmla = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
     for launch in (dict(SPLITS=1, BLOCK_N=32), dict(SPLITS=2, BLOCK_N=32, STAGES=3)):
         fh.forward(q20, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
-        fh.forward(q20, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
-        fh.forward(q20, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
+        for fp8_launch in (dict(launch, WS=False), dict(launch, WS=True), dict(launch, WS=True, Q_HELD=False)):
+            fh.forward(q20, *flashmla, idx, 0.1, launch=fp8_launch)
+            fh.forward(q20, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=fp8_launch)
     torch.cuda.synchronize()
     print("SANITIZE LAUNCHES DONE")
     return 0
