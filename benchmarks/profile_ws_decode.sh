@@ -23,4 +23,4 @@ timeout 500 ncu --clock-control none -k regex:_ws_fwd_kernel -c 3 \
   --section MemoryWorkloadAnalysis_Tables --section SchedulerStats --section WarpStateStats --section LaunchStats \
   python3 /tmp/ws_profile_driver.py > "$OUT/ncu_ws_decode.txt" 2>&1
 echo "ncu exit $?"
-grep -E "_ws_fwd_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L1/TEX Hit|L2 Hit|Issue Slots Busy|Executed Ipc A|No Eligible|Shared Memory|Stall|Registers Per|Warp Cycles Per Issued|Tensor|pipe" "$OUT/ncu_ws_decode.txt" | head -120
+grep -E "_ws_fwd_kernel|Duration|Compute \(SM\) Throughput|Memory Throughput|DRAM Throughput|L1/TEX Hit|L2 Hit|Issue Slots Busy|Executed Ipc A|No Eligible|Shared Memory|Stall|Registers Per|Warp Cycles Per Issued|Tensor|pipe|bank conflict" "$OUT/ncu_ws_decode.txt" | head -120
