@@ -33,7 +33,7 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-q-from-shared', True, 4, dict(Q_HELD=False))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
-        "    cfg = fh.launch_settings(fp8, launch, tiles)\n"
+        "    cfg = fh.launch_settings(fp8, launch)\n"
         "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * 2), cfg['WS'])\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
@@ -67,11 +67,12 @@ def test_declines_with_reasons(monkeypatch):
 def test_launch_settings_name_the_bad_setting():
     # Pure host logic (no GPU): defaults per key type, and each bad setting named in the error.
     assert fh.launch_settings(False, None) == fh.LAUNCH_BF16
-    assert fh.launch_settings(True, None, 4) == fh.launch_settings(True, None, 1) == fh.LAUNCH_WS
-    assert fh.launch_settings(True, dict(WS=False), 4) == dict(fh.LAUNCH_FP8, WS=False)
+    assert fh.launch_settings(True, None) == fh.LAUNCH_WS
+    assert fh.launch_settings(True, dict(WS=False)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(Q_HELD=False))["WS"] is True
     for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
-                           (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(QK_CHAINS=3), "QK_CHAINS=3"),
+                           (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(WS=False, DEQUANT_REGS=96), "DEQUANT_REGS=96"),
+                           (True, dict(QK_CHAINS=3), "QK_CHAINS=3"),
                            (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
                            (False, dict(BLOCK_N=16), "BLOCK_N=16")):
         with pytest.raises(ValueError, match=re.escape(word)):
@@ -89,7 +90,7 @@ def test_declines_what_it_does_not_take():
     assert "not 16-byte aligned" in fh.declines(q16, odd[:, :512], None, odd[:, 512:], 512)
 
 
-# The kernel without warp specialization (WS=False: FP8 latents default to the WS kernel).
+# The default launch (FP8 latents: the WS kernel), then the kernel without warp specialization.
 LAUNCHES = [None, dict(BLOCK_N=32, STAGES=2, SPLITS=1, WS=False), dict(BLOCK_N=64, STAGES=2, SPLITS=3, WS=False),
             dict(BLOCK_N=32, STAGES=4, SPLITS=2, WS=False, QK_CHAINS=4), dict(BLOCK_N=64, STAGES=2, NUM_WARPS=8, WS=False)]
 LAUNCH_IDS = ["default", "32-keys-unsplit", "64-keys-3-splits", "32-keys-4-stages-4-chains", "8-warps"]
@@ -106,9 +107,9 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 
 
 # FP8 only: the warp-specialized kernel (dequantization and MMAs in two partitions).
-FP8_LAUNCHES = LAUNCHES + [dict(WS=True), dict(WS=True, STAGES=2, SPLITS=3, QK_CHAINS=2), dict(WS=True, STAGES=6, SPLITS=1, QK_CHAINS=1),
+FP8_LAUNCHES = LAUNCHES + [dict(WS=True, Q_HELD=False, STAGES=3), dict(WS=True, STAGES=2, SPLITS=3, QK_CHAINS=2), dict(WS=True, STAGES=6, SPLITS=1, QK_CHAINS=1),
                            dict(WS=True, Q_HELD=False), dict(WS=True, Q_HELD=True, SPLITS=2, QK_CHAINS=1)]
-FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain", "ws-q-from-shared", "ws-q-held-2-splits-1-chain"]
+FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws-q-from-shared-3-slots", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain", "ws-q-from-shared", "ws-q-held-2-splits-1-chain"]
 
 
 @needs_gpu
@@ -167,7 +168,7 @@ def test_forward_entry_points_dispatch_to_it_where_it_applies():
     assert_matches(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
     latent, scale, rope = fr.quantize_keys(kv, "flashmla")
     out, lse = tk.forward_fp8(q, latent, scale, rope, idx, SCALE, 512)
-    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head"
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head" and tk.LAST_LAUNCH["forward_fp8"]["WS"]
     assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
     # Where it does not apply (a sink, int64 indices), the Triton kernel runs and the reason is kept.
     tk.forward(q, kv, idx, SCALE, 512, attn_sink=torch.zeros(16, device="cuda"))

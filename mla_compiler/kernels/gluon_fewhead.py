@@ -12,7 +12,7 @@ bf16 keys (benchmarks/RESULTS.md). Here:
 - an FP8 latent is read from its slot 8 bytes a thread, dequantized (e4m3 x scale in fp32, then
   bf16) and written to one bf16 tile that both products read; bf16 keys are read in their slot;
 - Q stays in shared memory and is read 64 columns at a time for each product (mma.sync, 16 x 8
-  tiles: 16 heads fill the rows, no padding);
+  tiles: 16 heads fill the rows, no padding; the WS form holds Q's operands in registers);
 - the top-k is split over programs (flash-decoding) as in the Triton kernel, whose combine kernel
   merges the partial softmax states.
 
@@ -77,7 +77,7 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
     """Why this kernel does not take the call (None when it does). ``kv_latent``: the first 512
     columns of bf16 keys (``kv_scale`` None) or an e4m3 latent with ``kv_scale``."""
     # It would compile for sm_89+ (mma.sync, e4m3 conversion), but its launches are sized for
-    # Hopper's shared memory (170 KB) and it has been run on Hopper only.
+    # Hopper's shared memory (170-190 KB) and it has been run on Hopper only.
     problem = platform_problem(q, ENV_OFF, "sized for and run on sm_90 only", h_kv)
     if problem is not None:
         return problem
@@ -351,8 +351,9 @@ if HAVE_GLUON:
 
 def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> int:
     """Top-k splits: none where the tokens give about every SM a program (one fits an SM: its
-    ring and bf16 tile take 170 KB), else enough to give each SM one, each with 4 blocks or more,
-    none empty. H200, b64 h16 (128 programs, 132 SMs): unsplit 0.087 ms bf16 / 0.109 FP8 row,
+    ring and bf16 tiles take 170-190 KB), else enough to give each SM one, each with 4 blocks or
+    more, none empty. H200, b64 h16 (128 programs, 132 SMs), 64-key launches (fourth call set):
+    unsplit 0.087 ms bf16 / 0.109 FP8 row,
     2 splits 0.099 / 0.118, 3 splits 0.107 / 0.126. Smaller batches are not measured."""
     programs = tokens * triton.cdiv(heads, _BLOCK_H)
     blocks = triton.cdiv(topk, block_n)
@@ -360,20 +361,20 @@ def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> in
     return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 
 
-def default_launch(fp8: bool, n_tiles: int = 1) -> dict:
+def default_launch(fp8: bool) -> dict:
     """The measured-fastest launch for the key type: bf16 keys, or an FP8 latent (one scale a row
     or one per 128 columns alike: the warp-specialized kernel)."""
     return dict(LAUNCH_WS if fp8 else LAUNCH_BF16)
 
 
-def launch_settings(fp8: bool, launch: Optional[dict], n_tiles: int = 1) -> dict:
+def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
     """The launch's settings: ``launch`` over the key type's default (``default_launch``; with
     ``WS`` given, that kernel's defaults), each checked (ValueError naming the setting)."""
     launch = dict(launch or {})
     unknown = set(launch) - set(SETTINGS)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {', '.join(SETTINGS)}")
-    ws = bool(launch.get("WS", default_launch(fp8, n_tiles)["WS"]))
+    ws = bool(launch.get("WS", default_launch(fp8)["WS"]))
     if ws and not fp8:
         raise ValueError("launch WS=True with bf16 keys: its partitions split dequantization from the MMAs, so it takes an FP8 latent only")
     cfg = dict(LAUNCH_WS if ws else LAUNCH_FP8 if fp8 else LAUNCH_BF16, **launch)
@@ -384,8 +385,9 @@ def launch_settings(fp8: bool, launch: Optional[dict], n_tiles: int = 1) -> dict
                          "block's keys (WS: 4, a partition)")
     if cfg["QK_CHAINS"] not in (1, 2, 4):
         raise ValueError(f"launch QK_CHAINS={cfg['QK_CHAINS']}: 1, 2 or 4 score accumulators")
-    if cfg.get("Q_HELD") and not ws:
-        raise ValueError("launch Q_HELD=True without WS=True: Q's operands are held in the warp-specialized kernel's MMA partition only")
+    for key in ("Q_HELD", "DEQUANT_REGS"):
+        if key in cfg and not ws:
+            raise ValueError(f"launch {key}={cfg[key]} without WS=True: a setting of the warp-specialized kernel's partitions only")
     if ws and (cfg["DEQUANT_REGS"] % 8 or not 24 <= cfg["DEQUANT_REGS"] <= 256):
         raise ValueError(f"launch DEQUANT_REGS={cfg['DEQUANT_REGS']}: a multiple of 8 in 24..256")
     return cfg
@@ -400,7 +402,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
     fp8 = kv_scale is not None
     n_tiles = kv_scale.shape[1] if fp8 else 1
-    cfg = launch_settings(fp8, launch, n_tiles)
+    cfg = launch_settings(fp8, launch)
     if indices.dtype != torch.int32:
         raise ValueError(f"indices: dtype {indices.dtype}; expected int32 (indices.to(torch.int32))")
     LAST_LAUNCH.clear()
@@ -450,7 +452,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    cfg = launch_settings(fp8, launch, n_tiles)
+    cfg = launch_settings(fp8, launch)
     if cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel as kernel
     else:
