@@ -229,9 +229,9 @@ if HAVE_GLUON:
             rows = rows_next
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
-            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
-            sc0, sc1 = gl.convert_layout(sc0, cvt_rows), gl.convert_layout(sc1, cvt_rows)
-            sc2, sc3 = gl.convert_layout(sc2, cvt_rows), gl.convert_layout(sc3, cvt_rows)
+            # The scales are loaded in the layout the dequantization multiplies in (one row conversion).
+            cvt_row_ids = gl.convert_layout(rows, cvt_rows)
+            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + cvt_row_ids.to(gl.int64) * stride_ss, cvt_row_ids >= 0, N_TILES)
             base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
