@@ -1,6 +1,6 @@
 """Small launches of every kernel for compute-sanitizer (memcheck, racecheck, initcheck).
 
-    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_kernels.py
+    compute-sanitizer --tool memcheck python3 benchmarks/sanitize_kernels.py [triton,ws,fewhead]
 
 Shapes include every invalid-index kind (-1, >= S_kv, large negatives, INT32_MAX), a row with no
 valid index, duplicates, odd heads, topk not a multiple of the block, and a paged FP8 cache; the
@@ -22,27 +22,34 @@ from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 
 
-def main() -> int:
+KERNEL_GROUPS = ("triton", "ws", "fewhead")
+
+
+def main(argv: list[str]) -> int:
+    groups = set(argv[0].split(",")) if argv else set(KERNEL_GROUPS)
+    if not groups <= set(KERNEL_GROUPS):
+        raise SystemExit(f"kernel groups {sorted(groups - set(KERNEL_GROUPS))}: choose from {KERNEL_GROUPS}")
     torch.manual_seed(0)
     dev = "cuda"
-    for d_qk, d_v, heads, topk in ((576, 512, 5, 19), (128, 64, 6, 33)):
-        t, s_kv = 7, 40
-        q = torch.randn(t, heads, d_qk, device=dev, dtype=torch.bfloat16)
-        kv = torch.randn(s_kv, 1, d_qk, device=dev, dtype=torch.bfloat16)
-        idx = torch.randint(0, s_kv, (t, 1, topk), device=dev, dtype=torch.int32)
-        fill = torch.tensor([-1, s_kv, -(2**31), 2**31 - 1, -123456], device=dev, dtype=torch.int32)
-        idx[0, 0, ::2] = fill[torch.arange(0, topk, 2, device=dev) % 5]
-        idx[1] = -1
-        idx[2, 0, 1] = idx[2, 0, 0]
-        out, lse = tk.forward(q, kv, idx, 0.1, d_v)
-        dout = torch.randn_like(out)
-        tk.backward(dout, torch.randn_like(lse), q, kv, out, lse, idx, 0.1, d_v, torch.randn(heads, device=dev), torch.full((t,), topk - 3, device=dev, dtype=torch.int32))
-        os.environ[tk.ENV_DETERMINISTIC] = "1"
-        tk.backward(dout, None, q, kv, out, lse, idx, 0.1, d_v)
-        os.environ[tk.ENV_DETERMINISTIC] = "0"
-        if d_qk == 576:
-            cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]).view(5, 8, 656)
-            tk.forward_fp8(q, *fr.flashmla_views(cache.view(40, 656)), idx, 0.1, 512)
+    fill = torch.tensor([-1, 40, -(2**31), 2**31 - 1, -123456], device=dev, dtype=torch.int32)
+    if "triton" in groups:
+        for d_qk, d_v, heads, topk in ((576, 512, 5, 19), (128, 64, 6, 33)):
+            t, s_kv = 7, 40
+            q = torch.randn(t, heads, d_qk, device=dev, dtype=torch.bfloat16)
+            kv = torch.randn(s_kv, 1, d_qk, device=dev, dtype=torch.bfloat16)
+            idx = torch.randint(0, s_kv, (t, 1, topk), device=dev, dtype=torch.int32)
+            idx[0, 0, ::2] = fill[torch.arange(0, topk, 2, device=dev) % 5]
+            idx[1] = -1
+            idx[2, 0, 1] = idx[2, 0, 0]
+            out, lse = tk.forward(q, kv, idx, 0.1, d_v)
+            dout = torch.randn_like(out)
+            tk.backward(dout, torch.randn_like(lse), q, kv, out, lse, idx, 0.1, d_v, torch.randn(heads, device=dev), torch.full((t,), topk - 3, device=dev, dtype=torch.int32))
+            os.environ[tk.ENV_DETERMINISTIC] = "1"
+            tk.backward(dout, None, q, kv, out, lse, idx, 0.1, d_v)
+            os.environ[tk.ENV_DETERMINISTIC] = "0"
+            if d_qk == 576:
+                cache = fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]).view(5, 8, 656)
+                tk.forward_fp8(q, *fr.flashmla_views(cache.view(40, 656)), idx, 0.1, 512)
     # The warp-specialized forward, called directly (the dispatch takes it only at many programs):
     # 80 heads (a padded head block), topk 19 (one partial key block), every invalid-index kind.
     t, s_kv, heads, topk = 7, 40, 80, 19
@@ -52,8 +59,12 @@ def main() -> int:
     idx[0, 0, ::2] = fill[torch.arange(0, topk, 2, device=dev) % 5]
     idx[1] = -1
     latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
-    for split in (True, False):
-        launch = dict(SPLIT_S=split)
+    ws_launches = (dict(SPLIT_S=True), dict(SPLIT_S=False), dict(SPLIT_S=True, DEQUANT_VEC=8))
+    for launch in ws_launches if "ws" in groups else ():
+        if launch.get("DEQUANT_VEC") == 8:  # only the FP8 latents have a conversion to vectorize
+            ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
+            ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
+            continue
         ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
         ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
@@ -64,7 +75,8 @@ def main() -> int:
 
     q20 = q[:, :20].contiguous()
     flashmla = fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:]))
-    for launch in (dict(SPLITS=1, BLOCK_N=32), dict(SPLITS=2, BLOCK_N=32, STAGES=3)):
+    fewhead_launches = (dict(SPLITS=1, BLOCK_N=32), dict(SPLITS=2, BLOCK_N=32, STAGES=3))
+    for launch in fewhead_launches if "fewhead" in groups else ():
         fh.forward(q20, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         for fp8_launch in (dict(launch, WS=False), dict(launch, WS=True), dict(launch, WS=True, Q_HELD=False)):
             fh.forward(q20, *flashmla, idx, 0.1, launch=fp8_launch)
@@ -75,4 +87,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))
