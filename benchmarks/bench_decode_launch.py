@@ -85,16 +85,25 @@ def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
                     full = None if cfg is None else dict(cfg, **form)
                     runs.append((key, label + ("" if not form else f" {form}"), fn, full))
     times: dict = {}
-    for _ in range(rounds):
+    failed: set = set()
+    # Round 0 compiles every launch and is not kept: a launch timed right after seconds of
+    # compilation otherwise runs on an idle-clocked GPU (spreads near 2 in the first rows).
+    for r in range(rounds + 1):
         for key, label, fn, full in runs:
+            if (key, label) in failed:
+                continue
             try:
-                times.setdefault((key, label), []).append(bench(lambda: fn(full), warmup_ms=25, rep_ms=100))
+                ms = bench(lambda: fn(full), warmup_ms=25, rep_ms=100 if r else 10)
             except Exception as exc:  # noqa: BLE001 - a launch that does not fit is a row
+                failed.add((key, label))
                 times[(key, label)] = [float("nan")]
                 print(f"{key} {label}: {type(exc).__name__}", flush=True)
+                continue
+            if r:
+                times.setdefault((key, label), []).append(ms)
     rows = []
     for (key, label), ts in times.items():
-        rows.append(dict(shape=name, keys=key, launch=label, ms=statistics.median(ts), spread=max(ts) / min(ts)))
+        rows.append(dict(shape=name, keys=key, launch=label, ms=statistics.median(ts), spread=max(ts) / min(ts), ms_rounds=ts))
         print(f"{name:<16} {key:<13} {label:<60} {rows[-1]['ms']:.4f} ms  spread {rows[-1]['spread']:.2f}", flush=True)
     return rows
 

@@ -1,19 +1,64 @@
 """One warp-specialized few-head FP8 launch against the FP8 reference, before anything slower
-runs (a hang here is the hand-over's barriers): prints the error and the time of one call."""
+runs (a hang here is the hand-over's barriers): prints the error and the time of one call.
+With --repeats N, back-to-back launches of both few-head FP8 kernels at the V3.2 decode shape
+(batch 64, s_q 2, 16 heads, top-k 2048) and at the awkward inputs must give the first launch's
+out and lse bit for bit: a hand-over race would show as a launch that differs.
+
+    PYTHONPATH=. python3 benchmarks/fewhead_ws_smoke.py [--repeats 200]
+"""
+import argparse
+import os
+import sys
 import time
 
 import torch
 
-from mla_compiler.kernels import fp8_reference as fr
-from mla_compiler.kernels import gluon_fewhead as fh
-from mla_compiler.kernels.awkward_inputs import awkward_inputs
+sys.path.insert(0, os.path.dirname(__file__))
 
-q, kv, idx = awkward_inputs(heads=16, topk=2048)
-for layout in ("flashmla", "row"):
-    latent, scale, rope = fr.quantize_keys(kv, layout)
-    t0 = time.time()
-    out, lse = fh.forward(q, latent, scale, rope, idx, 576**-0.5, launch=dict(WS=True))
-    torch.cuda.synchronize()
-    ref, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, 576**-0.5, 512)
-    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-    print(f"WS {layout}: rel err {err:.2e}, first call {time.time() - t0:.1f} s, launch {fh.LAST_LAUNCH}")
+from bench_sparse_mla import decode_inputs  # noqa: E402
+
+from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from mla_compiler.kernels import gluon_fewhead as fh  # noqa: E402
+from mla_compiler.kernels.awkward_inputs import awkward_inputs  # noqa: E402
+
+SCALE = 576**-0.5
+
+
+def smoke() -> None:
+    q, kv, idx = awkward_inputs(heads=16, topk=2048)
+    for layout in ("flashmla", "row"):
+        latent, scale, rope = fr.quantize_keys(kv, layout)
+        t0 = time.time()
+        out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=dict(WS=True))
+        torch.cuda.synchronize()
+        ref, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"WS {layout}: rel err {err:.2e}, first call {time.time() - t0:.1f} s, launch {fh.LAST_LAUNCH}")
+
+
+def stress(repeats: int) -> int:
+    bad = 0
+    shapes = (("decode b64 h16", lambda: decode_inputs(heads=16)), ("awkward h16", lambda: awkward_inputs(heads=16, topk=2048)))
+    for shape, make in shapes:
+        q, kv, idx = make()
+        kv = torch.nan_to_num(kv)
+        for layout in ("flashmla", "row"):
+            keys = fr.quantize_keys(kv, layout)
+            for launch in (dict(WS=True), dict(WS=True, Q_HELD=False), dict(WS=False)):
+                first, lse0 = fh.forward(q, *keys, idx, SCALE, launch=launch)
+                diff = 0
+                for _ in range(repeats):
+                    out, lse = fh.forward(q, *keys, idx, SCALE, launch=launch)
+                    diff += int(not (torch.equal(out, first) and torch.equal(lse, lse0)))
+                print(f"stress {shape} {layout} {launch}: {repeats} launches, {diff} differ from the first", flush=True)
+                bad += diff
+    return bad
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=0)
+    args = parser.parse_args()
+    smoke()
+    if args.repeats:
+        raise SystemExit(1 if stress(args.repeats) else 0)
