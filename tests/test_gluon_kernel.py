@@ -26,8 +26,7 @@ def test_compiles_for_hopper_within_shared_memory():
         "import json; from mla_compiler.kernels import gluon_sparse_mla as ws\n"
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT'])),\n"
-        "                                  ('fp8-8-values-a-thread', True, 4, dict(DEQUANT_VEC=8))):\n"
+        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT']))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
         "print(json.dumps(out))\n"
@@ -65,8 +64,7 @@ def test_launch_settings_are_checked():
     for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
                       (dict(CONSUMER_REGS=200, PRODUCER_REGS=112), "would get 192"), (dict(STAGE=2), "unknown"),
                       (dict(CHUNKED=True, SPLIT_S=False), "need SPLIT_S=True"),
-                      (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120"),
-                      (dict(DEQUANT_VEC=4, IN_SLOT=True), "DEQUANT_VEC=4"), (dict(DEQUANT_VEC=8, IN_SLOT=False), "DEQUANT_VEC=8 IN_SLOT=False")):
+                      (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
 
@@ -85,10 +83,8 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
                                     dict(SPLIT_S=False), dict(CHUNKED=True), dict(CHUNKED=True, IN_SLOT=True),
-                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(IN_SLOT=True, DEQUANT_VEC=8), dict(CHUNKED=True, IN_SLOT=True, DEQUANT_VEC=8)],
-                         ids=["default", "in-slot", "in-registers", "unsplit", "chunked", "chunked-in-slot", "chunked-in-registers",
-                              "in-slot-8-values", "chunked-in-slot-8-values"])
+                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
+                         ids=["default", "in-slot", "in-registers", "unsplit", "chunked", "chunked-in-slot", "chunked-in-registers"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):

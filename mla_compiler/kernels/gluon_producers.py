@@ -34,7 +34,7 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        CHUNKED: gl.constexpr, DEQUANT_VEC: gl.constexpr,
+        CHUNKED: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized)."""
@@ -47,8 +47,7 @@ if HAVE_GLUON:
         if FP8:
             if IN_SLOT:
                 _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED,
-                                      DEQUANT_VEC)
+                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
             else:
                 _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                               stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
@@ -201,21 +200,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
                               stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                              CHUNKED: gl.constexpr, DEQUANT_VEC: gl.constexpr):
+                              CHUNKED: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
         bytes [16K g, 16K (g+1)) of the slot (128-byte swizzle slabs, 64 rows each); raw chunk g
         is bytes [32K + 8K g, 32K + 8K (g+1)). Chunks 0 and 1 write below the raw bytes; chunk 2
         overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites raw chunks 2 and
-        3 (chunk 3 read into registers first, then a barrier).
-        DEQUANT_VEC: e4m3 values a thread converts per row (16: a store's 16-byte pieces fall two to
-        a bank group of the swizzled slot, as measured in the few-head kernel; 8: 16 threads a row,
-        one piece a bank group). The copies stay 16 bytes a thread."""
+        3 (chunk 3 read into registers first, then a barrier)."""
         CHUNK: gl.constexpr = 128
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        cvt_layout: gl.constexpr = gl.BlockedLayout([1, DEQUANT_VEC], [DEQUANT_VEC * 32 // CHUNK, CHUNK // DEQUANT_VEC], [4, 1], [1, 0])
-        cvt_rows: gl.constexpr = gl.SliceLayout(1, cvt_layout)
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         raw_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
@@ -229,9 +223,7 @@ if HAVE_GLUON:
             rows = rows_next
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
-            # The scales are loaded in the layout the dequantization multiplies in (one row conversion).
-            cvt_row_ids = gl.convert_layout(rows, cvt_rows)
-            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + cvt_row_ids.to(gl.int64) * stride_ss, cvt_row_ids >= 0, N_TILES)
+            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
             base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
@@ -242,16 +234,16 @@ if HAVE_GLUON:
             async_copy.commit_group()
             async_copy.wait_group(0)
             partition_barrier()  # every producer thread's copies have landed
-            _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(cvt_layout), sc0, 0, CHUNK)
+            _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(fp8_layout), sc0, 0, CHUNK)
             _chunk_ready(full, slot, 0, CHUNKED)
-            _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(cvt_layout), sc1, 1, CHUNK)
+            _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(fp8_layout), sc1, 1, CHUNK)
             # Raw chunks 0 and 1 are read: chunk 2 may overwrite them (CHUNKED: its hand-over's barrier).
             if CHUNKED:
                 _chunk_ready(full, slot, 1, CHUNKED)
             else:
                 partition_barrier()
-            _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(cvt_layout), sc2, 2, CHUNK)
-            last = raw.slice(3 * CHUNK, CHUNK, dim=1).load(cvt_layout)
+            _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(fp8_layout), sc2, 2, CHUNK)
+            last = raw.slice(3 * CHUNK, CHUNK, dim=1).load(fp8_layout)
             # Raw chunks 2 and 3 are read: chunk 3 may overwrite them.
             if CHUNKED:
                 _chunk_ready(full, slot, 2, CHUNKED)

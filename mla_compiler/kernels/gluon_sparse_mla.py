@@ -98,7 +98,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
-        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, DEQUANT_VEC: gl.constexpr = 16,
+        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False,
     ):
         t, hb = _program_coords(H)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
@@ -153,7 +153,7 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, DEQUANT_VEC)),
+                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
@@ -170,7 +170,7 @@ if HAVE_GLUON:
                         (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
                         (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, DEQUANT_VEC)),
+                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -183,7 +183,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, DEQUANT_VEC)),
+                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -212,13 +212,10 @@ if HAVE_GLUON:
 # Two producer warpgroups (512 threads) do not compile: ptxas then caps every thread at 128
 # registers, and the 64 x 256 accumulator's wgmma needs 154.
 # IN_SLOT picks the FP8 producer; bf16 keys are always copied straight into the slot and ignore it.
-# DEQUANT_VEC (the in-slot FP8 producer's e4m3 values a thread converts per row): 8 removes the
-# 2-way bank conflict of its bf16 stores predicted from the layouts (the few-head kernel's same
-# store pattern measured 7.7 shared-store wavefronts a request, 4.4 after); not yet measured here.
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, DEQUANT_VEC=16)
+                   CHUNKED=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False, DEQUANT_VEC=16)
+                  CHUNKED=False)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
@@ -254,8 +251,6 @@ def check_launch(cfg: dict) -> None:
     if cfg["BLOCK_N"] != 64 or cfg["STAGES"] != 2:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: only 64 and 2 (Q and two 64-key slots fill "
                          "shared memory; the FP8 staging and the pair schedule assume them)")
-    if cfg["DEQUANT_VEC"] not in (8, 16) or (cfg["DEQUANT_VEC"] == 8 and not cfg["IN_SLOT"]):
-        raise ValueError(f"launch DEQUANT_VEC={cfg['DEQUANT_VEC']} IN_SLOT={cfg['IN_SLOT']}: 16, or 8 with the in-slot FP8 producer")
     for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
