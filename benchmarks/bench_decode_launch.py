@@ -48,8 +48,8 @@ FEW_HEAD_TRITON = {
 }
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
-    "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=False), dict(WS=True, Q_HELD=True), dict(WS=True, Q_HELD=True, QK_CHAINS=2)],
-    "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=False), dict(WS=True, Q_HELD=True), dict(WS=True, Q_HELD=True, QK_CHAINS=2)],
+    "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True)],
+    "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True)],
 }
 
 

@@ -28,12 +28,15 @@ def smoke() -> None:
     q, kv, idx = awkward_inputs(heads=16, topk=2048)
     for layout in ("flashmla", "row"):
         latent, scale, rope = fr.quantize_keys(kv, layout)
-        t0 = time.time()
-        out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=dict(WS=True))
-        torch.cuda.synchronize()
         ref, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        print(f"WS {layout}: rel err {err:.2e}, first call {time.time() - t0:.1f} s, launch {fh.LAST_LAUNCH}")
+        for launch in (dict(WS=True), dict(WGMMA=True), dict(WGMMA=True, SPLITS=1)):
+            t0 = time.time()
+            out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+            torch.cuda.synchronize()
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            lse_err = (lse - ref_lse).abs().max().item()
+            print(f"{layout} {launch}: rel err {err:.2e}, max |lse diff| {lse_err:.2e}, first call {time.time() - t0:.1f} s, "
+                  f"launch {fh.LAST_LAUNCH}", flush=True)
 
 
 def stress(repeats: int) -> int:
@@ -44,7 +47,7 @@ def stress(repeats: int) -> int:
         kv = torch.nan_to_num(kv)
         for layout in ("flashmla", "row"):
             keys = fr.quantize_keys(kv, layout)
-            for launch in (dict(WS=True), dict(WS=True, Q_HELD=False), dict(WS=False)):
+            for launch in (dict(WS=True), dict(WGMMA=True), dict(WS=False)):
                 first, lse0 = fh.forward(q, *keys, idx, SCALE, launch=launch)
                 diff = 0
                 for _ in range(repeats):

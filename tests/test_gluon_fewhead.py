@@ -30,12 +30,13 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, dict(WS=False)), ('fp8-rows', True, 1, dict(WS=False)),\n"
         "                                  ('fp8-rows-3-slots', True, 1, dict(STAGES=3, WS=False)), ('bf16-8-warps', False, 1, dict(NUM_WARPS=8)),\n"
         "                                  ('fp8-tiles-ws', True, 4, None), ('fp8-rows-ws-3-slots', True, 1, dict(WS=True, STAGES=3)),\n"
-        "                                  ('fp8-tiles-ws-q-from-shared', True, 4, dict(Q_HELD=False))):\n"
+        "                                  ('fp8-tiles-ws-q-from-shared', True, 4, dict(Q_HELD=False)), ('fp8-tiles-ws-wgmma', True, 4, dict(WGMMA=True)),\n"
+        "                                  ('fp8-rows-ws-wgmma-3-splits', True, 1, dict(WGMMA=True, SPLITS=3))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * 2), cfg['WS'])\n"
-        "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync'), wide=ptx.count(', 0x10,'),\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'])\n"
+        "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync') + ptx.count('wgmma.mma_async'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
         "                     partitions=ptx.count('setmaxnreg.dec'))\n"
         "print(json.dumps(out))\n"
@@ -110,6 +111,9 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 FP8_LAUNCHES = LAUNCHES + [dict(WS=True, Q_HELD=False, STAGES=3), dict(WS=True, STAGES=2, SPLITS=3, QK_CHAINS=2), dict(WS=True, STAGES=6, SPLITS=1, QK_CHAINS=1),
                            dict(WS=True, Q_HELD=False), dict(WS=True, Q_HELD=True, SPLITS=2, QK_CHAINS=1)]
 FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws-q-from-shared-3-slots", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain", "ws-q-from-shared", "ws-q-held-2-splits-1-chain"]
+# Keys as the rows of warpgroup MMAs (gluon_fewhead_wgmma): default, unsplit, split.
+FP8_LAUNCHES += [dict(WGMMA=True), dict(WGMMA=True, SPLITS=1), dict(WGMMA=True, SPLITS=3)]
+FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits"]
 
 
 @needs_gpu
@@ -125,8 +129,9 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False))],
-                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain"])
+@pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False)),
+                                            ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4))],
+                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
@@ -155,7 +160,9 @@ def test_launch_settings_are_checked():
     latent, scale, rope = fr.quantize_keys(kv, "flashmla")
     for bad, word in ((dict(WS=True, NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"), (dict(WS=True, DEQUANT_REGS=100), "DEQUANT_REGS=100"),
                       (dict(WS=False, Q_HELD=True), "Q_HELD=True"),
-                      (dict(WS=True, BLOCK_N=64, STAGES=3), "shared memory")):
+                      (dict(WS=True, BLOCK_N=64, STAGES=3), "shared memory"), (dict(WGMMA=True, BLOCK_N=32), "BLOCK_N=32"),
+                      (dict(WGMMA=True, Q_HELD=True), "Q_HELD=True"), (dict(WGMMA=True, WS=False), "WS=False"),
+                      (dict(WGMMA=True, STAGES=3), "shared memory")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 

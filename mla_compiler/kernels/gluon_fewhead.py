@@ -55,21 +55,27 @@ MAX_HEADS = 32  # heads a key group up to which this kernel is chosen (above, th
 # 64 x 2 0.086-0.088 (32 keys 0.101). WS with one score accumulator 0.117 / 0.112, two 0.116 /
 # 0.109 (Q read from shared memory). Earlier: 3 slots 0.124-0.129 (FP8, split); 8 warps
 # 0.108-0.146 (split).
-LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)
-LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False)  # FP8 without warp specialization
-LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=True)
-SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD")
+LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGMMA=False)
+LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGMMA=False)  # FP8 without warp specialization
+LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=True, WGMMA=False)
+# WGMMA: gluon_fewhead_wgmma's kernel (FP8 only, warp-specialized): keys as the rows of warpgroup
+# MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots.
+LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True)
+SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
-def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False) -> int:
+def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False,
+                 wgmma: bool = False) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
-    scales), for an FP8 latent the bf16 tile it is dequantized into (WS: two, each with the rope,
-    and two barriers a tile), and the compiler's scratch."""
-    slot = block_n * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
+    scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
+    (WS: two, each with the rope, and two barriers a tile; WGMMA: and P, 64 x 16 bf16), and the
+    compiler's scratch."""
+    slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
-            + ((2 * 2 * block_n * (_D_LAT + _D_ROPE) + 32 if ws else 2 * block_n * _D_LAT) if fp8 else 0) + SCRATCH_BYTES)
+            + ((2 * 2 * block_n * (_D_LAT + _D_ROPE) + 32 if ws else 2 * block_n * _D_LAT) if fp8 else 0)
+            + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES)
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -374,10 +380,20 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
     unknown = set(launch) - set(SETTINGS)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {', '.join(SETTINGS)}")
-    ws = bool(launch.get("WS", default_launch(fp8)["WS"]))
+    wgmma = bool(launch.get("WGMMA", default_launch(fp8)["WGMMA"]))
+    if wgmma and launch.get("WS", True) is False:
+        raise ValueError("launch WGMMA=True with WS=False: the WGMMA kernel is warp-specialized; drop WS")
+    ws = wgmma or bool(launch.get("WS", default_launch(fp8)["WS"]))
     if ws and not fp8:
-        raise ValueError("launch WS=True with bf16 keys: its partitions split dequantization from the MMAs, so it takes an FP8 latent only")
-    cfg = dict(LAUNCH_WS if ws else LAUNCH_FP8 if fp8 else LAUNCH_BF16, **launch)
+        raise ValueError(f"launch {'WGMMA' if wgmma else 'WS'}=True with bf16 keys: its partitions split dequantization from the MMAs, "
+                         "so it takes an FP8 latent only")
+    cfg = dict(LAUNCH_WGMMA if wgmma else LAUNCH_WS if ws else LAUNCH_FP8 if fp8 else LAUNCH_BF16, **launch)
+    if wgmma:
+        if cfg["BLOCK_N"] != 64:
+            raise ValueError(f"launch WGMMA=True BLOCK_N={cfg['BLOCK_N']}: 64 (the keys are a warpgroup MMA's 64 rows)")
+        for key in ("Q_HELD", "QK_CHAINS"):
+            if key in launch:
+                raise ValueError(f"launch {key}={launch[key]} with WGMMA=True: a setting of the mma.sync kernels only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"] or (ws and cfg["NUM_WARPS"] != 4):
@@ -422,7 +438,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     # A program holds its split's rows in shared memory: at most MAX_ROWS of them.
     splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
-    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"])
+    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"])
     if need > SHARED_LIMIT:
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
                          f"{SHARED_LIMIT} fit; use fewer STAGES or BLOCK_N=32")
@@ -434,7 +450,12 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
             indices.stride(0), out.stride(0), out.stride(1), lse.stride(0), kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E)
     shape = dict(N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits, NB_P=triton.next_power_of_2(blocks_per_split),
                  QK_CHAINS=cfg["QK_CHAINS"])
-    if cfg["WS"]:
+    if cfg["WGMMA"]:
+        from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel
+
+        shape.pop("QK_CHAINS")
+        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], num_warps=4)
+    elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
         _fewhead_ws_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"], num_warps=4)
@@ -453,7 +474,9 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     from triton.experimental.gluon._runtime import GluonASTSource
 
     cfg = launch_settings(fp8, launch)
-    if cfg["WS"]:
+    if cfg["WGMMA"]:
+        from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel as kernel
+    elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel as kernel
     else:
         kernel = _fewhead_fwd_kernel
@@ -463,7 +486,10 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     splits = cfg.get("SPLITS", 2)
     constexprs = dict(N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=splits,
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
-    if cfg["WS"]:
+    if cfg["WGMMA"]:
+        constexprs.pop("QK_CHAINS")
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"])
+    elif cfg["WS"]:
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:
         constexprs.update(FP8=fp8, NW=cfg["NUM_WARPS"])
