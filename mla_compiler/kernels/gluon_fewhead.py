@@ -59,22 +59,23 @@ LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGM
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGMMA=False)  # FP8 without warp specialization
 LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=True, WGMMA=False)
 # WGMMA: gluon_fewhead_wgmma's kernel (FP8 only, warp-specialized): keys as the rows of warpgroup
-# MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots.
-LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True)
-SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA")
+# MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots; TILES its bf16 tiles (2:
+# dequantization beside the MMAs, 1: room for a deeper ring).
+LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2)
+SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
 def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False,
-                 wgmma: bool = False) -> int:
+                 wgmma: bool = False, tiles: int = 2) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
-    (WS: two, each with the rope, and two barriers a tile; WGMMA: and P, 64 x 16 bf16), and the
-    compiler's scratch."""
+    (WS: ``tiles``, each with the rope, and two barriers a tile; WGMMA: and P, 64 x 16 bf16), and
+    the compiler's scratch."""
     slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
-            + ((2 * 2 * block_n * (_D_LAT + _D_ROPE) + 32 if ws else 2 * block_n * _D_LAT) if fp8 else 0)
+            + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 16) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
             + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES)
 
 
@@ -394,6 +395,10 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
         for key in ("Q_HELD", "QK_CHAINS"):
             if key in launch:
                 raise ValueError(f"launch {key}={launch[key]} with WGMMA=True: a setting of the mma.sync kernels only")
+        if cfg["TILES"] not in (1, 2):
+            raise ValueError(f"launch TILES={cfg['TILES']}: 1 or 2 bf16 tiles")
+    elif "TILES" in launch:
+        raise ValueError(f"launch TILES={launch['TILES']} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"] or (ws and cfg["NUM_WARPS"] != 4):
@@ -438,7 +443,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     # A program holds its split's rows in shared memory: at most MAX_ROWS of them.
     splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
-    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"])
+    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2))
     if need > SHARED_LIMIT:
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
                          f"{SHARED_LIMIT} fit; use fewer STAGES or BLOCK_N=32")
@@ -454,7 +459,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel
 
         shape.pop("QK_CHAINS")
-        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], num_warps=4)
+        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], num_warps=4)
     elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
@@ -488,7 +493,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
     if cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
-        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"])
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"])
     elif cfg["WS"]:
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:

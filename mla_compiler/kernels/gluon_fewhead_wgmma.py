@@ -17,7 +17,8 @@ Partitions as in gluon_fewhead_ws: a dequantizing partition (4 warps) copies the
 32-key half block into a ring of STAGES half slots and turns two landed halves into one 64-key
 bf16 tile (latent e4m3 x scale in fp32, then bf16; rope copied); the MMA partition (the
 kernel's 4 warps, one warpgroup) runs the products on the other tile. Two bf16 tiles of 64 keys
-take 144 KB, so the ring has 2 half slots (42 KB).
+take 144 KB, which leaves room for 2 ring half slots (42 KB); launch TILES=1 has one tile (the
+partitions take turns on it, only the copies run ahead) and 5 half slots.
 Program coordinates, rows, Q staging, copies and the dequantization are gluon_fewhead's.
 """
 
@@ -52,9 +53,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _dequantizing_partition(lat_ring, rope_ring, scale_ring, tiles, rope_tiles, half_rows, full, empty,
                                 KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
-                                N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr):
-        """Copies half blocks STAGES - 1 ahead; block b's two halves go into tile b % 2 once the
-        MMA partition has released it (block b - 2), then one arrive hands the tile over."""
+                                N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
+                                TILES: gl.constexpr):
+        """Copies half blocks STAGES - 1 ahead; block b's two halves go into tile b % TILES once
+        the MMA partition has released it (block b - TILES), then one arrive hands it over."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
         n_halves = 2 * gl.cdiv(n_hi - n_lo, BLOCK_N)
         for j in gl.static_range(STAGES - 1):
@@ -62,13 +64,15 @@ if HAVE_GLUON:
                          stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [_NW, 1], [1, 0])
         for b in range(n_halves // 2):
-            tile = b % 2
-            mbarrier.wait(empty.index(tile), ((b // 2) & 1) ^ 1)
+            tile = b % TILES
             for part in gl.static_range(2):
                 i = 2 * b + part
-                # Slot (i - 1) % STAGES was dequantized last step (and a barrier passed): refill it.
+                # Slot (i - 1) % STAGES was dequantized last step (and a barrier passed): refill it
+                # before anything waits, so the copies never wait for the MMAs.
                 _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                              stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
+                if part == 0:
+                    mbarrier.wait(empty.index(tile), ((b // TILES) & 1) ^ 1)
                 slot = i % STAGES
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of half block i have landed
                 partition_barrier()  # ... and every thread's
@@ -108,7 +112,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _mma_partition(q_lat, q_rope, tiles, rope_tiles, p_smem, block_rows, full, empty, OUT, LSE, PARTIAL,
                        stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                       BLOCK_N: gl.constexpr, SPLITS: gl.constexpr):
+                       BLOCK_N: gl.constexpr, SPLITS: gl.constexpr, TILES: gl.constexpr):
         """The online softmax over the split's blocks, transposed (keys are rows, heads columns),
         each block read from its bf16 tile, which is then released to the dequantizing partition."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
@@ -122,9 +126,9 @@ if HAVE_GLUON:
         o_t = gl.zeros([D_LAT, BLOCK_H], gl.float32, acc_l)
         s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l)
         for b in range(n_blocks):
-            tile = b % 2
+            tile = b % TILES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
-            mbarrier.wait(full.index(tile), (b // 2) & 1)
+            mbarrier.wait(full.index(tile), (b // TILES) & 1)
             keys = tiles.index(tile)
             s = warpgroup_mma(rope_tiles.index(tile), q_rope.permute((1, 0)), s_zero, use_acc=False)
             s = warpgroup_mma(keys, q_lat.permute((1, 0)), s)
@@ -151,7 +155,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr,
+        DEQUANT_REGS: gl.constexpr, TILES: gl.constexpr,
     ):
         gl.static_assert(BLOCK_N == 2 * _HALF, "a block is two ring slots of keys")
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
@@ -165,13 +169,13 @@ if HAVE_GLUON:
         lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, _HALF, D_LAT], plain_smem)
         rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _HALF, D_ROPE], operand_smem)
         scale_ring = gl.allocate_shared_memory(gl.float32, [STAGES * N_TILES, _HALF], vec_smem)
-        tiles = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, D_LAT], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.bfloat16))
-        rope_tiles = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_N, D_ROPE],
+        tiles = gl.allocate_shared_memory(gl.bfloat16, [TILES, BLOCK_N, D_LAT], gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.bfloat16))
+        rope_tiles = gl.allocate_shared_memory(gl.bfloat16, [TILES, BLOCK_N, D_ROPE],
                                                gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16))
         p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BLOCK_H], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.bfloat16))
-        full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for b in gl.static_range(2):
+        full = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(TILES):
             mbarrier.init(full.index(b), count=1)
             mbarrier.init(empty.index(b), count=1)
 
@@ -182,10 +186,10 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [
                 (_mma_partition, (q_lat, q_rope, tiles, rope_tiles, p_smem, block_rows, full, empty, OUT, LSE, PARTIAL,
-                                  stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS)),
+                                  stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, TILES)),
                 (_dequantizing_partition, (lat_ring, rope_ring, scale_ring, tiles, rope_tiles, half_rows, full, empty,
                                            KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
-                                           N_TILES, BLOCK_N, STAGES, SPLITS)),
+                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES)),
             ],
             [4],
             [DEQUANT_REGS],
