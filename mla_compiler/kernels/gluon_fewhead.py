@@ -71,11 +71,11 @@ def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_
                  wgmma: bool = False, tiles: int = 2) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
-    (WS: ``tiles``, each with the rope, and two barriers a tile; WGMMA: and P, 64 x 16 bf16), and
+    (WS: ``tiles``, each with the rope, and its barriers (WGMMA: five); WGMMA: and P, 64 x 16 bf16), and
     the compiler's scratch."""
     slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
-            + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 16) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
+            + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 40) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
             + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES)
 
 

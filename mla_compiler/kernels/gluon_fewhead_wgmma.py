@@ -16,9 +16,11 @@ instead, and no product is padded:
 Partitions as in gluon_fewhead_ws: a dequantizing partition (4 warps) copies the rows of each
 32-key half block into a ring of STAGES half slots and turns two landed halves into one 64-key
 bf16 tile (latent e4m3 x scale in fp32, then bf16; rope copied); the MMA partition (the
-kernel's 4 warps, one warpgroup) runs the products on the other tile. Two bf16 tiles of 64 keys
-take 144 KB, which leaves room for 2 ring half slots (42 KB); launch TILES=1 has one tile (the
-partitions take turns on it, only the copies run ahead) and 5 half slots.
+kernel's 4 warps, one warpgroup) runs the products on the other tile. The MMA partition gives a
+tile back a 128-column chunk at a time, as each chunk's value product is done, so the next
+block's dequantization starts before the block's last product. Two bf16 tiles of 64 keys take
+144 KB, which leaves room for 2 ring half slots (42 KB); launch TILES=1 has one tile (the
+partitions overlap only by chunks) and room for 5 half slots.
 Program coordinates, rows, Q staging, copies and the dequantization are gluon_fewhead's.
 """
 
@@ -71,15 +73,18 @@ if HAVE_GLUON:
                 # before anything waits, so the copies never wait for the MMAs.
                 _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                              stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
-                if part == 0:
-                    mbarrier.wait(empty.index(tile), ((b // TILES) & 1) ^ 1)
                 slot = i % STAGES
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of half block i have landed
                 partition_barrier()  # ... and every thread's
                 half_tile = tiles.index(tile).slice(part * _HALF, _HALF, dim=0)
                 for c in gl.static_range(4):
+                    if part == 0:
+                        # The MMAs release the tile a 128-column chunk at a time (chunk 0 with the
+                        # rope): each chunk is refilled as soon as its product is done.
+                        mbarrier.wait(empty.index(tile * 4 + c), ((b // TILES) & 1) ^ 1)
                     _dequantize_chunk(lat_ring, scale_ring, half_tile, slot, c, N_TILES, _NW)
-                rope_tiles.index(tile).slice(part * _HALF, _HALF, dim=0).store(rope_ring.index(slot).load(rope_layout))
+                    if c == 0:
+                        rope_tiles.index(tile).slice(part * _HALF, _HALF, dim=0).store(rope_ring.index(slot).load(rope_layout))
             # The MMAs read the tile through the async proxy: order these stores before them.
             fence_async_shared()
             partition_barrier()  # every thread's stores are done: one arrive for the partition
@@ -87,27 +92,38 @@ if HAVE_GLUON:
         async_copy.wait_group(0)
 
     @gluon.jit
-    def _store_result_t(OUT, LSE, PARTIAL, o_t, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
-                        SPLITS: gl.constexpr, acc_l: gl.constexpr):
-        """gluon_fewhead._store_result for the transposed accumulator O^T [512, heads]: unsplit,
-        out (normalized, bf16) and lse (natural log; +inf for a head with no valid key); split,
-        the unnormalized partial state per (split, token, head) that triton_sparse_mla's combine
-        kernel merges (acc [512], m in base 2, l)."""
+    def _store_result_t(OUT, LSE, PARTIAL, o_t, col0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
+                        SPLITS: gl.constexpr, WITH_STATE: gl.constexpr, acc_l: gl.constexpr):
+        """gluon_fewhead._store_result for a transposed accumulator O^T [columns, heads] holding
+        output columns col0 ...: unsplit, out (normalized, bf16) and, WITH_STATE, lse (natural
+        log; +inf for a head with no valid key); split, the unnormalized partial state per (split,
+        token, head) that triton_sparse_mla's combine kernel merges (acc [512], m in base 2, l)."""
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, acc_l))
         h_ok = heads < H
-        cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(1, acc_l))
+        cols = col0 + gl.arange(0, o_t.shape[0], layout=gl.SliceLayout(1, acc_l))
         if SPLITS == 1:
             empty_head = l_i == 0.0
             l_safe = gl.where(empty_head, 1.0, l_i)
             o_ptr = OUT + t * stride_ot + heads[None, :] * stride_oh + cols[:, None]
             gl.store(o_ptr, (o_t / l_safe[None, :]).to(gl.bfloat16), mask=h_ok[None, :])
-            lse = gl.where(empty_head, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            gl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
+            if WITH_STATE:
+                lse = gl.where(empty_head, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+                gl.store(LSE + t * stride_lt + heads, lse, mask=h_ok)
         else:
             part = ((sp * T + t) * H + heads).to(gl.int64) * (D_LAT + 2)
             gl.store(PARTIAL + part[None, :] + cols[:, None], o_t, mask=h_ok[None, :])
-            gl.store(PARTIAL + part + D_LAT, m_i, mask=h_ok)
-            gl.store(PARTIAL + part + D_LAT + 1, l_i, mask=h_ok)
+            if WITH_STATE:
+                gl.store(PARTIAL + part + D_LAT, m_i, mask=h_ok)
+                gl.store(PARTIAL + part + D_LAT + 1, l_i, mask=h_ok)
+
+    @gluon.jit
+    def _value_chunk(keys, p_smem, o_c, empty, tile, c: gl.constexpr):
+        """O^T rows c*128 ... += V^T of that value chunk x P^T; then chunk c of the tile (chunk 0
+        with the rope, read by the scores before) goes back to the dequantizing partition."""
+        o_c = warpgroup_mma(keys.slice(c * 128, 128, dim=1).permute((1, 0)), p_smem, o_c)
+        partition_barrier()  # every warp is past its reads of the chunk
+        mbarrier.arrive(empty.index(tile * 4 + c))
+        return o_c
 
     @gluon.jit
     def _mma_partition(q_lat, q_rope, tiles, rope_tiles, p_smem, block_rows, full, empty, OUT, LSE, PARTIAL,
@@ -123,7 +139,11 @@ if HAVE_GLUON:
         # Each key row's share of the softmax sum, rescaled with the accumulator: summed over the
         # rows once at the end instead of across warps every block.
         l_rows = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l)
-        o_t = gl.zeros([D_LAT, BLOCK_H], gl.float32, acc_l)
+        # O^T by 128-column chunks of the value, one product each, so the tile is released by chunk.
+        o0 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        o1 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        o2 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        o3 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
         s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l)
         for b in range(n_blocks):
             tile = b % TILES
@@ -138,16 +158,19 @@ if HAVE_GLUON:
             alpha = gl.exp2(m_i - m_use)
             p = gl.exp2(s - m_use[None, :])
             l_rows = l_rows * alpha[None, :] + p
-            o_t = o_t * alpha[None, :]
             m_i = m_new
             p_smem.store(p.to(gl.bfloat16))
             fence_async_shared()
-            partition_barrier()  # every warp's P rows are in place for the product
-            o_t = warpgroup_mma(keys.permute((1, 0)), p_smem, o_t)
-            partition_barrier()  # every warp is past its reads of the tile and of P
-            mbarrier.arrive(empty.index(tile))
-        _store_result_t(OUT, LSE, PARTIAL, o_t, m_i, gl.sum(l_rows, 0), t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
-                        SPLITS, acc_l)
+            partition_barrier()  # every warp's P rows are in place for the products
+            o0 = _value_chunk(keys, p_smem, o0 * alpha[None, :], empty, tile, 0)
+            o1 = _value_chunk(keys, p_smem, o1 * alpha[None, :], empty, tile, 1)
+            o2 = _value_chunk(keys, p_smem, o2 * alpha[None, :], empty, tile, 2)
+            o3 = _value_chunk(keys, p_smem, o3 * alpha[None, :], empty, tile, 3)
+        l_i = gl.sum(l_rows, 0)
+        _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l)
+        _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
+        _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
+        _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
 
     @gluon.jit
     def _fewhead_wgmma_fwd_kernel(
@@ -174,9 +197,10 @@ if HAVE_GLUON:
                                                gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16))
         p_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_N, BLOCK_H], gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.bfloat16))
         full = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [TILES * 4, 1], mbarrier.MBarrierLayout())
         for b in gl.static_range(TILES):
             mbarrier.init(full.index(b), count=1)
+        for b in gl.static_range(TILES * 4):
             mbarrier.init(empty.index(b), count=1)
 
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
