@@ -48,10 +48,10 @@ FEW_HEAD_TRITON = {
 }
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
-    "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, TILES=1, STAGES=4),
-                     dict(WGMMA=True, TILES=1, STAGES=5)],
-    "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, TILES=1, STAGES=4),
-                dict(WGMMA=True, TILES=1, STAGES=5)],
+    "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=2), dict(WGMMA=True, L2_AHEAD=4),
+                     dict(WGMMA=True, L2_AHEAD=8), dict(WGMMA=True, TILES=1, STAGES=5, L2_AHEAD=4)],
+    "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=2), dict(WGMMA=True, L2_AHEAD=4),
+                dict(WGMMA=True, L2_AHEAD=8), dict(WGMMA=True, TILES=1, STAGES=5, L2_AHEAD=4)],
 }
 
 
@@ -75,7 +75,7 @@ def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
             for cfg in FEW_HEAD_TRITON[key]:
                 runs.append((key, f"triton {cfg}", fn, dict(cfg, BLOCK_H=block_h)))
             for cfg in FEW_HEAD_GLUON[key]:
-                for sp in (None, 1, 2):
+                for sp in (None,) if cfg.get("WGMMA") else (None, 1, 2):  # its split choice is the same as the others'
                     launch = dict(cfg) if sp is None else dict(cfg, SPLITS=sp)
                     runs.append((key, f"few-head {launch}", lambda cfg, ops=operands[key]: fh.forward(q, *ops, idx, SCALE, launch=cfg), launch))
     else:

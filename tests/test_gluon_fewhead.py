@@ -32,7 +32,8 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws', True, 4, None), ('fp8-rows-ws-3-slots', True, 1, dict(WS=True, STAGES=3)),\n"
         "                                  ('fp8-tiles-ws-q-from-shared', True, 4, dict(Q_HELD=False)), ('fp8-tiles-ws-wgmma', True, 4, dict(WGMMA=True)),\n"
         "                                  ('fp8-rows-ws-wgmma-3-splits', True, 1, dict(WGMMA=True, SPLITS=3)),\n"
-        "                                  ('fp8-tiles-ws-wgmma-1-tile', True, 4, dict(WGMMA=True, TILES=1, STAGES=5))):\n"
+        "                                  ('fp8-tiles-ws-wgmma-1-tile', True, 4, dict(WGMMA=True, TILES=1, STAGES=5)),\n"
+        "                                  ('fp8-tiles-ws-wgmma-l2-ahead', True, 4, dict(WGMMA=True, L2_AHEAD=4))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
@@ -114,8 +115,9 @@ FP8_LAUNCHES = LAUNCHES + [dict(WS=True, Q_HELD=False, STAGES=3), dict(WS=True, 
 FP8_LAUNCH_IDS = LAUNCH_IDS + ["ws-q-from-shared-3-slots", "ws-2-slots-3-splits-2-chains", "ws-6-slots-unsplit-1-chain", "ws-q-from-shared", "ws-q-held-2-splits-1-chain"]
 # Keys as the rows of warpgroup MMAs (gluon_fewhead_wgmma): default, unsplit, split.
 FP8_LAUNCHES += [dict(WGMMA=True), dict(WGMMA=True, SPLITS=1), dict(WGMMA=True, SPLITS=3), dict(WGMMA=True, TILES=1, STAGES=5),
-                 dict(WGMMA=True, TILES=1, STAGES=3, SPLITS=3)]
-FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits", "wgmma-1-tile-5-slots", "wgmma-1-tile-3-slots-3-splits"]
+                 dict(WGMMA=True, TILES=1, STAGES=3, SPLITS=3), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, L2_AHEAD=3, SPLITS=3)]
+FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits", "wgmma-1-tile-5-slots", "wgmma-1-tile-3-slots-3-splits", "wgmma-l2-4-ahead",
+                   "wgmma-l2-3-ahead-3-splits"]
 
 
 @needs_gpu
@@ -164,8 +166,9 @@ def test_launch_settings_are_checked():
                       (dict(WS=False, Q_HELD=True), "Q_HELD=True"),
                       (dict(WS=True, BLOCK_N=64, STAGES=3), "shared memory"), (dict(WGMMA=True, BLOCK_N=32), "BLOCK_N=32"),
                       (dict(WGMMA=True, Q_HELD=True), "Q_HELD=True"), (dict(WGMMA=True, WS=False), "WS=False"),
-                      (dict(WGMMA=True, STAGES=3), "shared memory"), (dict(WGMMA=True, TILES=1, STAGES=6), "shared memory"),
-                      (dict(WGMMA=True, TILES=3), "TILES=3"), (dict(WS=True, TILES=1), "TILES=1 without WGMMA")):
+                      (dict(WGMMA=True, STAGES=3), "shared memory"), (dict(WGMMA=True, TILES=1, STAGES=7), "shared memory"),
+                      (dict(WGMMA=True, TILES=3), "TILES=3"), (dict(WS=True, TILES=1), "TILES=1 without WGMMA"),
+                      (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(L2_AHEAD=2), "L2_AHEAD=2 without WGMMA")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 

@@ -60,9 +60,10 @@ LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGMM
 LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=True, WGMMA=False)
 # WGMMA: gluon_fewhead_wgmma's kernel (FP8 only, warp-specialized): keys as the rows of warpgroup
 # MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots; TILES its bf16 tiles (2:
-# dequantization beside the MMAs, 1: room for a deeper ring).
-LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2)
-SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES")
+# dequantization beside the MMAs, 1: room for a deeper ring); L2_AHEAD: half blocks past the
+# ring whose rows are prefetched into L2 (0: none).
+LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0)
+SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
@@ -397,8 +398,12 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
                 raise ValueError(f"launch {key}={launch[key]} with WGMMA=True: a setting of the mma.sync kernels only")
         if cfg["TILES"] not in (1, 2):
             raise ValueError(f"launch TILES={cfg['TILES']}: 1 or 2 bf16 tiles")
-    elif "TILES" in launch:
-        raise ValueError(f"launch TILES={launch['TILES']} without WGMMA=True: a setting of the WGMMA kernel only")
+        if cfg["L2_AHEAD"] not in range(0, 17):
+            raise ValueError(f"launch L2_AHEAD={cfg['L2_AHEAD']}: 0..16 half blocks")
+    else:
+        for key in ("TILES", "L2_AHEAD"):
+            if key in launch:
+                raise ValueError(f"launch {key}={launch[key]} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: BLOCK_N 32 or 64, STAGES 2..8")
     if cfg["NUM_WARPS"] not in (4, 8) or cfg["NUM_WARPS"] * 8 > cfg["BLOCK_N"] or (ws and cfg["NUM_WARPS"] != 4):
@@ -459,7 +464,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel
 
         shape.pop("QK_CHAINS")
-        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], num_warps=4)
+        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], num_warps=4)
     elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
@@ -493,7 +498,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
     if cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
-        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"])
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"])
     elif cfg["WS"]:
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:

@@ -53,17 +53,35 @@ if HAVE_GLUON:
     _HALF = gl.constexpr(32)  # keys a ring slot holds: half a block
 
     @gluon.jit
+    def _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs):
+        """Asks L2 for half block j's rows (latent, scales, rope: every 128-byte line a row
+        touches, FlashMLA's unaligned 656-byte rows included), without registers or shared memory
+        to hold them: the ring's copies of it, later, then wait on L2 instead of HBM."""
+        if j < n_halves:
+            layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [_NW, 1], [1, 0])
+            rows = gl.maximum(half_rows.index(j).load(gl.SliceLayout(1, layout)), 0).to(gl.int64)[:, None]
+            k = gl.arange(0, 8, layout=gl.SliceLayout(0, layout))[None, :]
+            lat = KV.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_kvs + gl.minimum(k * 128, 511)
+            rope = KV_ROPE.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_rs + (k - 5) * 127
+            scale = KV_SCALE.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_ss
+            ptrs = gl.where(k < 5, lat, gl.where(k < 7, rope, scale))
+            gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _dequantizing_partition(lat_ring, rope_ring, scale_ring, tiles, rope_tiles, half_rows, full, empty,
                                 KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
                                 N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-                                TILES: gl.constexpr):
+                                TILES: gl.constexpr, L2_AHEAD: gl.constexpr):
         """Copies half blocks STAGES - 1 ahead; block b's two halves go into tile b % TILES once
         the MMA partition has released it (block b - TILES), then one arrive hands it over."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
         n_halves = 2 * gl.cdiv(n_hi - n_lo, BLOCK_N)
-        for j in gl.static_range(STAGES - 1):
-            _issue_block(j, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                         stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
+        for j in gl.static_range(STAGES - 1 + L2_AHEAD):
+            if j >= STAGES - 1:
+                _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs)
+            else:
+                _issue_block(j, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [_NW, 1], [1, 0])
         for b in range(n_halves // 2):
             tile = b % TILES
@@ -73,6 +91,8 @@ if HAVE_GLUON:
                 # before anything waits, so the copies never wait for the MMAs.
                 _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                              stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
+                if L2_AHEAD > 0:
+                    _prefetch_half(i + STAGES - 1 + L2_AHEAD, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs)
                 slot = i % STAGES
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of half block i have landed
                 partition_barrier()  # ... and every thread's
@@ -178,7 +198,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr, TILES: gl.constexpr,
+        DEQUANT_REGS: gl.constexpr, TILES: gl.constexpr, L2_AHEAD: gl.constexpr,
     ):
         gl.static_assert(BLOCK_N == 2 * _HALF, "a block is two ring slots of keys")
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
@@ -213,7 +233,7 @@ if HAVE_GLUON:
                                   stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, TILES)),
                 (_dequantizing_partition, (lat_ring, rope_ring, scale_ring, tiles, rope_tiles, half_rows, full, empty,
                                            KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
-                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES)),
+                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES, L2_AHEAD)),
             ],
             [4],
             [DEQUANT_REGS],
