@@ -70,7 +70,9 @@ def test_declines_with_reasons(monkeypatch):
 def test_launch_settings_name_the_bad_setting():
     # Pure host logic (no GPU): defaults per key type, and each bad setting named in the error.
     assert fh.launch_settings(False, None) == fh.LAUNCH_BF16
-    assert fh.launch_settings(True, None) == fh.LAUNCH_WS
+    assert fh.launch_settings(True, None) == fh.LAUNCH_WGMMA
+    assert fh.launch_settings(True, dict(WS=True)) == fh.LAUNCH_WS
+    assert fh.launch_settings(True, dict(SPLITS=2)) == dict(fh.LAUNCH_WGMMA, SPLITS=2)
     assert fh.launch_settings(True, dict(WS=False)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(Q_HELD=False))["WS"] is True
     for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
@@ -181,7 +183,7 @@ def test_forward_entry_points_dispatch_to_it_where_it_applies():
     assert_matches(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
     latent, scale, rope = fr.quantize_keys(kv, "flashmla")
     out, lse = tk.forward_fp8(q, latent, scale, rope, idx, SCALE, 512)
-    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head" and tk.LAST_LAUNCH["forward_fp8"]["WS"]
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head" and tk.LAST_LAUNCH["forward_fp8"]["WGMMA"]
     assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
     # Where it does not apply (a sink, int64 indices), the Triton kernel runs and the reason is kept.
     tk.forward(q, kv, idx, SCALE, 512, attn_sink=torch.zeros(16, device="cuda"))

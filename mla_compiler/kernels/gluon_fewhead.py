@@ -17,9 +17,10 @@ bf16 keys (benchmarks/RESULTS.md). Here:
   merges the partial softmax states.
 
 One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization:
-the same warps dequantize and run the MMAs, one after the other. The launch option ``WS`` (the
-default for FP8 latents, where it measured faster) runs gluon_fewhead_ws's kernel instead:
-dequantization and MMAs in two partitions, side by side, sharing this module's steps.
+the same warps dequantize and run the MMAs, one after the other. For FP8 latents two
+warp-specialized kernels share this module's steps, dequantization and MMAs in two partitions
+side by side: ``WGMMA`` (gluon_fewhead_wgmma, the default, where it measured fastest: keys as
+the rows of warpgroup MMAs) and ``WS`` (gluon_fewhead_ws: this module's mma.sync step).
 Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
 calls go to the Triton kernel instead.
 """
@@ -371,18 +372,21 @@ def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> in
 
 def default_launch(fp8: bool) -> dict:
     """The measured-fastest launch for the key type: bf16 keys, or an FP8 latent (one scale a row
-    or one per 128 columns alike: the warp-specialized kernel)."""
-    return dict(LAUNCH_WS if fp8 else LAUNCH_BF16)
+    or one per 128 columns alike: the warp-specialized kernel with keys as warpgroup MMA rows)."""
+    return dict(LAUNCH_WGMMA if fp8 else LAUNCH_BF16)
 
 
 def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
     """The launch's settings: ``launch`` over the key type's default (``default_launch``; with
-    ``WS`` given, that kernel's defaults), each checked (ValueError naming the setting)."""
+    ``WGMMA`` or ``WS`` given, or a setting only the mma.sync kernels have, that kernel's
+    defaults), each checked (ValueError naming the setting)."""
     launch = dict(launch or {})
     unknown = set(launch) - set(SETTINGS)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {', '.join(SETTINGS)}")
-    wgmma = bool(launch.get("WGMMA", default_launch(fp8)["WGMMA"]))
+    # Settings only the mma.sync kernels have choose them unless WGMMA is given.
+    mma_sync_only = {"WS", "Q_HELD", "QK_CHAINS", "NUM_WARPS"} & set(launch)
+    wgmma = bool(launch["WGMMA"]) if "WGMMA" in launch else default_launch(fp8)["WGMMA"] and not mma_sync_only
     if wgmma and launch.get("WS", True) is False:
         raise ValueError("launch WGMMA=True with WS=False: the WGMMA kernel is warp-specialized; drop WS")
     ws = wgmma or bool(launch.get("WS", default_launch(fp8)["WS"]))

@@ -83,7 +83,7 @@ def forward_member(problem) -> str:
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
     if deepseek and problem.heads <= fh.MAX_HEADS and not switched_off(fh.ENV_OFF):
-        ws_form = " (warp-specialized for FP8 keys)" if problem.fp8_layout is not None else ""
+        ws_form = " (warp-specialized, keys as warpgroup MMA rows, for FP8 keys)" if problem.fp8_layout is not None else ""
         return f"forward: the few-head Gluon kernel{ws_form} on Hopper with 16-byte rows, else Triton"
     return "forward: Triton"
 
