@@ -170,7 +170,7 @@ def test_launch_settings_are_checked():
                       (dict(WGMMA=True, Q_HELD=True), "Q_HELD=True"), (dict(WGMMA=True, WS=False), "WS=False"),
                       (dict(WGMMA=True, STAGES=3), "shared memory"), (dict(WGMMA=True, TILES=1, STAGES=7), "shared memory"),
                       (dict(WGMMA=True, TILES=3), "TILES=3"), (dict(WS=True, TILES=1), "TILES=1 without WGMMA"),
-                      (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(L2_AHEAD=2), "L2_AHEAD=2 without WGMMA")):
+                      (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(WS=True, L2_AHEAD=2), "L2_AHEAD=2 without WGMMA")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 

@@ -62,7 +62,9 @@ LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=
 # WGMMA: gluon_fewhead_wgmma's kernel (FP8 only, warp-specialized): keys as the rows of warpgroup
 # MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots; TILES its bf16 tiles (2:
 # dequantization beside the MMAs, 1: room for a deeper ring); L2_AHEAD: half blocks past the
-# ring whose rows are prefetched into L2 (0: none).
+# ring whose rows are prefetched into L2 (0: none). H200, same shape (RESULTS.md, sixth call set),
+# FlashMLA layout / row scale: 0.093 / 0.089 ms (bf16 keys 0.088); TILES=1 with 5 half slots
+# 0.103 / 0.098; L2_AHEAD 2-8 within 1 % of none (on a disturbed device).
 LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0)
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
