@@ -73,11 +73,15 @@ def test_launch_settings_name_the_bad_setting():
     assert fh.launch_settings(True, None) == fh.LAUNCH_WGMMA
     assert fh.launch_settings(True, dict(WS=True)) == fh.LAUNCH_WS
     assert fh.launch_settings(True, dict(SPLITS=2)) == dict(fh.LAUNCH_WGMMA, SPLITS=2)
+    # Settings only the mma.sync kernels have (32-key blocks too) choose them; WS=0 is WS=False.
+    assert fh.launch_settings(True, dict(BLOCK_N=32)) == dict(fh.LAUNCH_WS, BLOCK_N=32)
+    assert fh.launch_settings(True, dict(WS=0)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(WS=False)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(Q_HELD=False))["WS"] is True
     for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
                            (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(WS=False, DEQUANT_REGS=96), "DEQUANT_REGS=96"),
-                           (True, dict(QK_CHAINS=3), "QK_CHAINS=3"),
+                           (True, dict(QK_CHAINS=3), "QK_CHAINS=3"), (True, dict(WGMMA=True, WS=0), "WS=0"),
+                           (True, dict(WGMMA=True, QK_CHAINS=2), "QK_CHAINS=2 with WGMMA"), (False, dict(WGMMA=True), "bf16 keys"),
                            (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
                            (False, dict(BLOCK_N=16), "BLOCK_N=16")):
         with pytest.raises(ValueError, match=re.escape(word)):

@@ -386,16 +386,17 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
     unknown = set(launch) - set(SETTINGS)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {', '.join(SETTINGS)}")
-    # Settings only the mma.sync kernels have choose them unless WGMMA is given.
-    mma_sync_only = {"WS", "Q_HELD", "QK_CHAINS", "NUM_WARPS"} & set(launch)
+    # Settings only the mma.sync kernels have (32-key blocks included) choose them unless WGMMA is given.
+    mma_sync_only = bool({"WS", "Q_HELD", "QK_CHAINS", "NUM_WARPS"} & set(launch)) or launch.get("BLOCK_N", 64) != 64
     wgmma = bool(launch["WGMMA"]) if "WGMMA" in launch else default_launch(fp8)["WGMMA"] and not mma_sync_only
-    if wgmma and launch.get("WS", True) is False:
-        raise ValueError("launch WGMMA=True with WS=False: the WGMMA kernel is warp-specialized; drop WS")
+    if wgmma and "WS" in launch and not launch["WS"]:
+        raise ValueError(f"launch WGMMA=True with WS={launch['WS']}: the WGMMA kernel is warp-specialized; drop WS")
     ws = wgmma or bool(launch.get("WS", default_launch(fp8)["WS"]))
     if ws and not fp8:
         raise ValueError(f"launch {'WGMMA' if wgmma else 'WS'}=True with bf16 keys: its partitions split dequantization from the MMAs, "
                          "so it takes an FP8 latent only")
     cfg = dict(LAUNCH_WGMMA if wgmma else LAUNCH_WS if ws else LAUNCH_FP8 if fp8 else LAUNCH_BF16, **launch)
+    cfg.update(WS=ws, WGMMA=wgmma)  # as booleans: WS=0 is WS=False
     if wgmma:
         if cfg["BLOCK_N"] != 64:
             raise ValueError(f"launch WGMMA=True BLOCK_N={cfg['BLOCK_N']}: 64 (the keys are a warpgroup MMA's 64 rows)")
@@ -456,8 +457,9 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
     need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2))
     if need > SHARED_LIMIT:
+        fix = "fewer STAGES or TILES=1" if cfg["WGMMA"] else "fewer STAGES or BLOCK_N=32"
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
-                         f"{SHARED_LIMIT} fit; use fewer STAGES or BLOCK_N=32")
+                         f"{SHARED_LIMIT} fit; use {fix}")
     partial = torch.empty((splits, t, h, _D_LAT + 2), dtype=torch.float32, device=q.device) if splits > 1 else lse
     scale = kv_scale if fp8 else kv_rope
     grid = (t * triton.cdiv(h, _BLOCK_H) * splits,)

@@ -9,7 +9,9 @@ instead, and no product is padded:
 
 - scores, transposed: S^T [64 keys, 16 heads] = K [64, 576] Q^T [576, 16] (the key tile as the
   A operand, Q as the B operand, both in shared memory);
-- the online softmax runs down the columns (each head's maximum over the block's keys);
+- the online softmax runs down the columns: each head's maximum over the block's keys (reduced
+  across the 4 warps through shared memory); the sum is kept per key row and reduced once, at
+  the end;
 - values, transposed: O^T [512, 16] += V^T [512, 64] P^T [64, 16] (the same tile, read
   transposed, and P^T through 2 KB of shared memory); 64 accumulator registers a thread.
 
@@ -60,14 +62,18 @@ if HAVE_GLUON:
         touches, FlashMLA's unaligned 656-byte rows included), without registers or shared memory
         to hold them: the ring's copies of it, later, then wait on L2 instead of HBM."""
         if j < n_halves:
-            layout: gl.constexpr = gl.BlockedLayout([1, 2], [32, 1], [_NW, 1], [1, 0])
-            rows = gl.maximum(half_rows.index(j).load(gl.SliceLayout(1, layout)), 0).to(gl.int64)[:, None]
+            # [32 rows, 8 lines] over the partition's 128 threads, each address once.
+            layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [_NW, 1], [1, 0])
+            rows = half_rows.index(j).load(gl.SliceLayout(1, layout))[:, None] + gl.zeros([_HALF, 8], gl.int32, layout)
+            at = gl.maximum(rows, 0).to(gl.int64)
             k = gl.arange(0, 8, layout=gl.SliceLayout(0, layout))[None, :]
-            lat = KV.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_kvs + gl.minimum(k * 128, 511)
-            rope = KV_ROPE.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_rs + (k - 5) * 127
-            scale = KV_SCALE.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_ss
+            lat = KV.to(gl.pointer_type(gl.uint8), bitcast=True) + at * stride_kvs + gl.minimum(k * 128, 511)
+            rope = KV_ROPE.to(gl.pointer_type(gl.uint8), bitcast=True) + at * stride_rs + (k - 5) * 127
+            scale = KV_SCALE.to(gl.pointer_type(gl.uint8), bitcast=True) + at * stride_ss
             ptrs = gl.where(k < 5, lat, gl.where(k < 7, rope, scale))
-            gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=gl.int32, is_pure=False, pack=1)
+            # Rows -1 (invalid, past the split) are not prefetched.
+            gl.inline_asm_elementwise("{ .reg .pred p; setp.ge.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
+                                      "=r,l,r", [ptrs, rows], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _dequantizing_partition(lat_ring, rope_ring, scale_ring, tiles, rope_tiles, half_rows, full, empty,
@@ -89,8 +95,11 @@ if HAVE_GLUON:
             tile = b % TILES
             for part in gl.static_range(2):
                 i = 2 * b + part
-                # Slot (i - 1) % STAGES was dequantized last step (and a barrier passed): refill it
-                # before anything waits, so the copies never wait for the MMAs.
+                # Slot (i - 1) % STAGES was dequantized last step: refill it before anything waits,
+                # so the copies never wait for the MMAs, once every thread is past its reads of it
+                # (after half 1 the tile's hand-over barrier is that point).
+                if part == 1:
+                    partition_barrier()
                 _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                              stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW)
                 if L2_AHEAD > 0:
