@@ -182,12 +182,18 @@ if HAVE_GLUON:
         return t, hb, sp, n_lo, gl.minimum(n_lo + chunk, TOPK)
 
     @gluon.jit
-    def _q_and_rows_smem(NB_P: gl.constexpr, BLOCK_N: gl.constexpr):
-        """Shared memory for Q of the program's heads (latent and rope, MMA-operand layout) and for
-        the split's key rows: one [NB_P, BLOCK_N] tile, and the same bytes as one block a row."""
-        operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], operand_smem)
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], operand_smem)
+    def _q_and_rows_smem(NB_P: gl.constexpr, BLOCK_N: gl.constexpr, Q_FOR_WGMMA: gl.constexpr = False):
+        """Shared memory for Q of the program's heads (latent and rope, in the layout mma.sync's
+        operand loads read, or with Q_FOR_WGMMA a warpgroup MMA's) and for the split's key rows:
+        one [NB_P, BLOCK_N] tile, and the same bytes as one block a row."""
+        if Q_FOR_WGMMA:
+            lat_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
+            rope_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
+        else:
+            lat_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+            rope_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], lat_smem)
+        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], rope_smem)
         rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         return q_lat, q_rope, rows_2d, rows_smem

@@ -49,6 +49,7 @@ if HAVE_GLUON:
         D_ROPE,
         _dequantize_chunk,
         _issue_block,
+        _q_and_rows_smem,
         _split_coords,
         _stage_rows_and_q,
     )
@@ -215,10 +216,7 @@ if HAVE_GLUON:
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16))
-        q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16))
-        rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], plain_smem)
-        block_rows = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], vec_smem)
+        q_lat, q_rope, rows_2d, block_rows = _q_and_rows_smem(NB_P, BLOCK_N, True)
         half_rows = smem_view(rows_2d, gl.int32, [2 * NB_P, _HALF], vec_smem)
         lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, _HALF, D_LAT], plain_smem)
         rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _HALF, D_ROPE], operand_smem)
