@@ -14,7 +14,7 @@ from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels import gluon_fewhead as fh
 from mla_compiler.kernels import reference
 from mla_compiler.kernels import triton_sparse_mla as tk
-from mla_compiler.kernels.awkward_inputs import assert_matches, awkward_inputs, extreme_scales, poison_unselected
+from mla_compiler.kernels.awkward_inputs import assert_fp8_forward_matches, assert_matches, awkward_inputs, poison_unselected
 
 needs_gluon = pytest.mark.skipif(not fh.HAVE_GLUON, reason="this Triton has no Gluon dialect")
 hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -131,11 +131,7 @@ FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits", "wgmma-1-tile-5-s
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(16, 2048), (13, 200), (20, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
-    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
-    latent, scale, rope = fr.quantize_keys(kv, layout)
-    poison_unselected(latent, scale, rope)
-    out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+    assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, heads, topk)
 
 
 @needs_gpu
@@ -144,12 +140,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
                          ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
-    q, kv, idx = awkward_inputs(heads=16, topk=200)
-    q, kv = extreme_scales(q, kv)
-    latent, scale, rope = fr.quantize_keys(kv, layout)
-    out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    assert torch.isfinite(out).all()
-    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+    assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True)
 
 
 @needs_gpu

@@ -9,7 +9,7 @@ import torch
 from conftest import compiled_for_hopper
 
 from mla_compiler.kernels import fp8_reference as fr
-from mla_compiler.kernels.awkward_inputs import assert_matches, awkward_inputs, extreme_scales, poison_unselected
+from mla_compiler.kernels.awkward_inputs import assert_fp8_forward_matches, assert_matches, awkward_inputs, poison_unselected
 from mla_compiler.kernels import gluon_sparse_mla as ws
 from mla_compiler.kernels import reference
 from mla_compiler.kernels import triton_sparse_mla as tk
@@ -88,11 +88,7 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
-    q, kv, idx = awkward_inputs(heads=heads, topk=topk)
-    latent, scale, rope = fr.quantize_keys(kv, layout)
-    poison_unselected(latent, scale, rope)
-    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk)
 
 
 @needs_hopper
@@ -100,12 +96,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 def test_fp8_latents_keep_extreme_scales(layout):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.
-    q, kv, idx = awkward_inputs(heads=80, topk=200)
-    q, kv = extreme_scales(q, kv)
-    latent, scale, rope = fr.quantize_keys(kv, layout)
-    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE)
-    assert torch.isfinite(out).all()
-    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+    assert_fp8_forward_matches(ws.forward, layout, 80, 200, extreme=True)
 
 
 @needs_hopper

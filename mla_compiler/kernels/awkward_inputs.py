@@ -58,3 +58,23 @@ def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, 
     assert err < 1e-2, f"relative error of out {err:.3g}"
     assert (lse[fin] - ref_lse[fin]).abs().max().item() < 1e-3, "lse differs from the reference"
     assert (lse[2] == float("inf")).all() and (out[2] == 0).all(), "a token with no valid index must give lse +inf and out 0"
+
+
+def assert_fp8_forward_matches(forward, layout: str, heads: int, topk: int, extreme: bool = False, device: str = "cuda") -> None:
+    """An FP8 forward ``forward(q, latent, scale, rope, indices, sm_scale)`` -> (out, lse) against
+    the FP8 reference on the same bytes: ``awkward_inputs`` quantized to ``layout`` (see
+    ``fp8_reference.quantize_keys``) with the unselected rows poisoned, or with ``extreme``
+    the keys and heads of ``extreme_scales`` (and the output finite)."""
+    from . import fp8_reference as fr
+
+    q, kv, idx = awkward_inputs(heads=heads, topk=topk, device=device)
+    if extreme:
+        q, kv = extreme_scales(q, kv)
+    latent, scale, rope = fr.quantize_keys(kv, layout)
+    if not extreme:
+        poison_unselected(latent, scale, rope)
+    sm_scale = q.shape[-1] ** -0.5
+    out, lse = forward(q, latent, scale, rope, idx, sm_scale)
+    if extreme:
+        assert torch.isfinite(out).all(), "extreme scales gave a non-finite output"
+    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, sm_scale, fr.LATENT))
