@@ -48,8 +48,10 @@ FEW_HEAD_TRITON = {
 }
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
-    "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4)],
-    "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4)],
+    "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, F16=False),
+                     dict(WGMMA=True, F16=False, L2_AHEAD=4)],
+    "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, F16=False),
+                     dict(WGMMA=True, F16=False, L2_AHEAD=4)],
 }
 
 

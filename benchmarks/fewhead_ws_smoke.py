@@ -29,7 +29,8 @@ def smoke() -> None:
     for layout in ("flashmla", "row"):
         latent, scale, rope = fr.quantize_keys(kv, layout)
         ref, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
-        for launch in (dict(WS=True), dict(WGMMA=True), dict(WGMMA=True, SPLITS=1), dict(WGMMA=True, TILES=1, STAGES=5)):
+        for launch in (dict(WS=True), dict(WGMMA=True), dict(WGMMA=True, SPLITS=1), dict(WGMMA=True, TILES=1, STAGES=5), dict(WGMMA=True, F16=False),
+                       dict(WGMMA=True, F16=False, SPLITS=1)):
             t0 = time.time()
             out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
             torch.cuda.synchronize()
@@ -47,7 +48,7 @@ def stress(repeats: int) -> int:
         kv = torch.nan_to_num(kv)
         for layout in ("flashmla", "row"):
             keys = fr.quantize_keys(kv, layout)
-            for launch in (dict(WS=True), dict(WGMMA=True), dict(WGMMA=True, TILES=1, STAGES=5), dict(WS=False)):
+            for launch in (dict(WS=True), dict(WGMMA=True), dict(WGMMA=True, TILES=1, STAGES=5), dict(WS=False), dict(WGMMA=True, F16=False)):
                 first, lse0 = fh.forward(q, *keys, idx, SCALE, launch=launch)
                 diff = 0
                 for _ in range(repeats):

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
     for launch in fewhead_launches if "fewhead" in groups else ():
         fh.forward(q20, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         for fp8_launch in (dict(launch, WS=False), dict(launch, WS=True), dict(launch, WS=True, Q_HELD=False), dict(SPLITS=launch["SPLITS"], WGMMA=True),
-                           dict(SPLITS=launch["SPLITS"], WGMMA=True, TILES=1, STAGES=5)):
+                           dict(SPLITS=launch["SPLITS"], WGMMA=True, TILES=1, STAGES=5), dict(SPLITS=launch["SPLITS"], WGMMA=True, F16=False)):
             fh.forward(q20, *flashmla, idx, 0.1, launch=fp8_launch)
             fh.forward(q20, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=fp8_launch)
     torch.cuda.synchronize()

@@ -81,6 +81,24 @@ def test_fp8_reference_is_the_bf16_reference_on_dequantized_keys():
     assert not out.isnan().any() and torch.equal(out[1], torch.zeros_like(out[1]))
 
 
+def test_fp8_reference_with_exact_keys_differs_only_by_the_bf16_rounding():
+    # FlashMLA's power-of-two scales make e4m3 x scale exact in bf16 (same lse); a row scale
+    # (amax / 448) does not, and the exact-keys reference is the dense fp32 computation.
+    from mla_compiler.kernels.awkward_inputs import awkward_inputs
+
+    q, kv, idx = awkward_inputs(heads=20, topk=63, device="cpu")
+    for layout in ("flashmla", "row"):
+        latent, scale, rope = fr.quantize_keys(kv, layout)
+        _, lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, 0.05, 512)
+        out_x, lse_x = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, 0.05, 512, exact_keys=True)
+        dense = torch.cat([fr.dequantize_latent(latent, scale), rope.float()], -1).unsqueeze(1)
+        want, want_lse = reference.sparse_attn_reference(q.float(), dense, idx, 0.05, 512)
+        assert out_x.dtype == torch.float32 and torch.equal(out_x, want) and torch.equal(lse_x, want_lse)
+        fin = torch.isfinite(lse)
+        gap = (lse[fin] - lse_x[fin]).abs().max().item()
+        assert gap == 0 if layout == "flashmla" else 0 < gap < 1e-2, (layout, gap)
+
+
 @pytest.mark.parametrize("fmt", ["flashmla", "rowwise", "per-tensor"])
 def test_triton_fp8_kernel_matches_reference(fmt):
     tk = pytest.importorskip("mla_compiler.kernels.triton_sparse_mla")

@@ -33,11 +33,14 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-q-from-shared', True, 4, dict(Q_HELD=False)), ('fp8-tiles-ws-wgmma', True, 4, dict(WGMMA=True)),\n"
         "                                  ('fp8-rows-ws-wgmma-3-splits', True, 1, dict(WGMMA=True, SPLITS=3)),\n"
         "                                  ('fp8-tiles-ws-wgmma-1-tile', True, 4, dict(WGMMA=True, TILES=1, STAGES=5)),\n"
-        "                                  ('fp8-tiles-ws-wgmma-l2-ahead', True, 4, dict(WGMMA=True, L2_AHEAD=4))):\n"
+        "                                  ('fp8-tiles-ws-wgmma-l2-ahead', True, 4, dict(WGMMA=True, L2_AHEAD=4)),\n"
+        "                                  ('fp8-tiles-ws-wgmma-unsplit', True, 4, dict(WGMMA=True, SPLITS=1)),\n"
+        "                                  ('fp8-tiles-ws-wgmma-bf16-tiles', True, 4, dict(WGMMA=True, F16=False)),\n"
+        "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2))\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False))\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync') + ptx.count('wgmma.mma_async'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
         "                     partitions=ptx.count('setmaxnreg.dec'))\n"
@@ -78,12 +81,13 @@ def test_launch_settings_name_the_bad_setting():
     assert fh.launch_settings(True, dict(WS=0)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(WS=False)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(Q_HELD=False))["WS"] is True
+    assert fh.launch_settings(True, dict(F16=0)) == dict(fh.LAUNCH_WGMMA, F16=False)
     for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
                            (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(WS=False, DEQUANT_REGS=96), "DEQUANT_REGS=96"),
                            (True, dict(QK_CHAINS=3), "QK_CHAINS=3"), (True, dict(WGMMA=True, WS=0), "WS=0"),
                            (True, dict(WGMMA=True, QK_CHAINS=2), "QK_CHAINS=2 with WGMMA"), (False, dict(WGMMA=True), "bf16 keys"),
                            (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
-                           (False, dict(BLOCK_N=16), "BLOCK_N=16")):
+                           (False, dict(BLOCK_N=16), "BLOCK_N=16"), (True, dict(WS=True, F16=True), "F16=True without WGMMA")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.launch_settings(fp8, bad)
 
@@ -124,6 +128,16 @@ FP8_LAUNCHES += [dict(WGMMA=True), dict(WGMMA=True, SPLITS=1), dict(WGMMA=True, 
                  dict(WGMMA=True, TILES=1, STAGES=3, SPLITS=3), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, L2_AHEAD=3, SPLITS=3)]
 FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits", "wgmma-1-tile-5-slots", "wgmma-1-tile-3-slots-3-splits", "wgmma-l2-4-ahead",
                    "wgmma-l2-3-ahead-3-splits"]
+# ... with bf16 tiles (the latent dequantized, not staged as f16 with the scales on the scores and P).
+FP8_LAUNCHES += [dict(WGMMA=True, F16=False), dict(WGMMA=True, F16=False, SPLITS=1), dict(WGMMA=True, F16=False, SPLITS=3),
+                 dict(WGMMA=True, F16=False, TILES=1, STAGES=5, SPLITS=3)]
+FP8_LAUNCH_IDS += ["wgmma-bf16-tiles", "wgmma-bf16-tiles-unsplit", "wgmma-bf16-tiles-3-splits", "wgmma-bf16-1-tile-5-slots-3-splits"]
+
+
+def _exact_keys(launch) -> bool:
+    """The launch stages the latent as f16 with the scales on the scores: its keys are exact, not
+    rounded to bf16 as the FP8 reference's are."""
+    return bool(fh.launch_settings(True, launch).get("F16"))
 
 
 @needs_gpu
@@ -131,16 +145,19 @@ FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits", "wgmma-1-tile-5-s
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(16, 2048), (13, 200), (20, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
-    assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, heads, topk)
+    assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, heads, topk, exact_keys=_exact_keys(launch))
 
 
 @needs_gpu
 @pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False)),
-                                            ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4))],
-                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits"])
+                                            ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4)),
+                                            ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4))],
+                         ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits",
+                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
-    assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True)
+    assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True,
+                               exact_keys=_exact_keys(launch))
 
 
 @needs_gpu
@@ -165,7 +182,8 @@ def test_launch_settings_are_checked():
                       (dict(WGMMA=True, Q_HELD=True), "Q_HELD=True"), (dict(WGMMA=True, WS=False), "WS=False"),
                       (dict(WGMMA=True, STAGES=3), "shared memory"), (dict(WGMMA=True, TILES=1, STAGES=7), "shared memory"),
                       (dict(WGMMA=True, TILES=3), "TILES=3"), (dict(WS=True, TILES=1), "TILES=1 without WGMMA"),
-                      (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(WS=True, L2_AHEAD=2), "L2_AHEAD=2 without WGMMA")):
+                      (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(WS=True, L2_AHEAD=2), "L2_AHEAD=2 without WGMMA"),
+                      (dict(WS=True, F16=True), "F16=True without WGMMA")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 

@@ -60,11 +60,13 @@ def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, 
     assert (lse[2] == float("inf")).all() and (out[2] == 0).all(), "a token with no valid index must give lse +inf and out 0"
 
 
-def assert_fp8_forward_matches(forward, layout: str, heads: int, topk: int, extreme: bool = False, device: str = "cuda") -> None:
+def assert_fp8_forward_matches(forward, layout: str, heads: int, topk: int, extreme: bool = False, device: str = "cuda",
+                               exact_keys: bool = False) -> None:
     """An FP8 forward ``forward(q, latent, scale, rope, indices, sm_scale)`` -> (out, lse) against
     the FP8 reference on the same bytes: ``awkward_inputs`` quantized to ``layout`` (see
     ``fp8_reference.quantize_keys``) with the unselected rows poisoned, or with ``extreme``
-    the keys and heads of ``extreme_scales`` (and the output finite)."""
+    the keys and heads of ``extreme_scales`` (and the output finite). ``exact_keys``: against the
+    reference whose keys are not rounded to bf16 (for kernels that apply the scales to the scores)."""
     from . import fp8_reference as fr
 
     q, kv, idx = awkward_inputs(heads=heads, topk=topk, device=device)
@@ -77,4 +79,4 @@ def assert_fp8_forward_matches(forward, layout: str, heads: int, topk: int, extr
     out, lse = forward(q, latent, scale, rope, idx, sm_scale)
     if extreme:
         assert torch.isfinite(out).all(), "extreme scales gave a non-finite output"
-    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, sm_scale, fr.LATENT))
+    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, sm_scale, fr.LATENT, exact_keys=exact_keys))

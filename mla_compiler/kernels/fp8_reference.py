@@ -106,10 +106,14 @@ def sparse_attn_fp8kv_reference(
     d_v: int,
     attn_sink: Optional[torch.Tensor] = None,
     topk_length: Optional[torch.Tensor] = None,
+    exact_keys: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA with keys/values dequantized from FP8 (the bf16 contract of
     ``sparse_attn_reference`` applied to ``[dequant(latent), rope]``). Dequantizes only the rows
-    the indices select, in chunks, so a large cache is never expanded whole."""
+    the indices select, in chunks, so a large cache is never expanded whole. The dequantized keys
+    are rounded to q's dtype, as a kernel that dequantizes into a bf16 tile does; with
+    ``exact_keys`` they stay float32 (e4m3 x scale exactly) and q is upcast, as a kernel that
+    applies the scales to the scores and P computes (out float32)."""
     s_kv = kv_latent.shape[0]
     idx = indices.long()
     valid = (idx >= 0) & (idx < s_kv)
@@ -119,7 +123,9 @@ def sparse_attn_fp8kv_reference(
     remap[used] = torch.arange(used.numel(), device=idx.device)
     lat = dequantize_latent(kv_latent[used], kv_scale[used])
     parts = [lat] + ([kv_rope[used].float()] if kv_rope is not None else [])
-    kv = torch.cat(parts, dim=-1).to(q.dtype).unsqueeze(1)
+    kv = torch.cat(parts, dim=-1).to(torch.float32 if exact_keys else q.dtype).unsqueeze(1)
+    if exact_keys:
+        q = q.float()
     new_idx = torch.where(valid, remap[torch.where(valid, idx, torch.zeros_like(idx))], torch.full_like(idx, -1)).to(torch.int32)
     return sparse_attn_reference(q, kv, new_idx, sm_scale, d_v, attn_sink, topk_length)
 

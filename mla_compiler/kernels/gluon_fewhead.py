@@ -65,22 +65,29 @@ LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=
 # ring whose rows are prefetched into L2 (0: none). H200, same shape (RESULTS.md, sixth call set),
 # FlashMLA layout / row scale: 0.093 / 0.089 ms (bf16 keys 0.088); TILES=1 with 5 half slots
 # 0.103 / 0.098; L2_AHEAD 2-8 within 1 % of none (on a disturbed device).
-LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0)
-SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD")
+# WGMMA: gluon_fewhead_wgmma (keys as warpgroup MMA rows); TILES bf16 (F16: f16) tiles, L2_AHEAD
+# half blocks prefetched into L2, F16 the latent staged as f16 with the scales on the scores and P.
+# H200, same shape, 2026-11-28 (seventh call set), FlashMLA layout / row scale: F16 0.086 / 0.078 ms,
+# bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083; bf16 keys 0.088.
+LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0,
+                    F16=True)
+SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD",
+            "F16")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
 def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False,
-                 wgmma: bool = False, tiles: int = 2) -> int:
+                 wgmma: bool = False, tiles: int = 2, f16: bool = False) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
-    (WS: ``tiles``, each with the rope, and its barriers (WGMMA: five); WGMMA: and P, 64 x 16 bf16), and
-    the compiler's scratch."""
+    (WS: ``tiles``, each with the rope, and its barriers (WGMMA: five); WGMMA: and P, 64 x 16 bf16;
+    F16: one P per scale of a row, the tiles' scales and Q's powers of two), and the compiler's scratch."""
     slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
             + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 40) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
-            + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES)
+            + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES
+            + ((n_tiles - 1) * 2 * block_n * _BLOCK_H + tiles * n_tiles * 4 * block_n + 4 * _BLOCK_H if f16 else 0))
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -126,11 +133,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                      stride_kvs, stride_ss, stride_rs,
-                     FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
+                     FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
+                     scale_ring1=None, scale_ring2=None, scale_ring3=None):
         """Starts the asynchronous copies of block j's rows into slot j % STAGES (nothing past the
         last block; rows -1 copy nothing and are zero-filled), then closes the copy group: one
         group a block, empty or not, so that waiting on 'all but the newest STAGES - 1 groups'
-        always means block j - STAGES + 1 has landed."""
+        always means block j - STAGES + 1 has landed. With ``scale_ring1`` .. 3, each 128-column
+        tile's scales go to their own ring (``scale_ring`` the first; slot j % STAGES of each):
+        copies into one buffer are ordered by a barrier each, into separate ones they are not."""
         if j < n_blocks:
             slot = j % STAGES
             lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [NW, 1], [1, 0]) if FP8 else gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
@@ -150,22 +160,34 @@ if HAVE_GLUON:
                 sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
                 s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
                 sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
-                for tile in gl.static_range(N_TILES):
-                    async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
+                if scale_ring1 is None:
+                    for tile in gl.static_range(N_TILES):
+                        async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
+                else:
+                    async_rows(scale_ring.index(slot), sc_rows, mask=s_rows >= 0)
+                    if N_TILES == 4:
+                        async_rows(scale_ring1.index(slot), sc_rows + 1, mask=s_rows >= 0)
+                        async_rows(scale_ring2.index(slot), sc_rows + 2, mask=s_rows >= 0)
+                        async_rows(scale_ring3.index(slot), sc_rows + 3, mask=s_rows >= 0)
         async_copy.commit_group()
 
     @gluon.jit
     def _dequantize_chunk(lat_ring, scale_ring, k_tile, slot, c: gl.constexpr, N_TILES: gl.constexpr, NW: gl.constexpr):
         """Columns c*128 .. c*128+127 of the FP8 latent in ring slot ``slot``, e4m3 x scale in fp32,
         into the bf16 tile. (The row scale applied to the scores and P instead, the e4m3 values
-        converted as they are, measured slower: 0.147 vs 0.119 ms.)"""
+        converted as they are, measured slower here: 0.147 vs 0.119 ms; gluon_fewhead_wgmma's F16.)"""
+        _dequantize_into(lat_ring, scale_ring, k_tile.slice(c * 128, 128, dim=1), slot, c, N_TILES, NW)
+
+    @gluon.jit
+    def _dequantize_into(lat_ring, scale_ring, dst, slot, c: gl.constexpr, N_TILES: gl.constexpr, NW: gl.constexpr):
+        """_dequantize_chunk into ``dst``, the chunk's own [rows, 128] bf16 buffer."""
         # 8 values a thread, 16 threads a row: each 8-thread phase reads 64 contiguous FP8 bytes
         # and writes 8 distinct 16-byte bank groups of the swizzled tile. (16 values a thread,
         # 8 threads a row, stored with 6.6-7.7-way bank conflicts: Nsight Compute, H200.)
         cvt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
         raw = lat_ring.index(slot).slice(c * 128, 128, dim=1).load(cvt_layout)
         sc = scale_ring.index(slot * N_TILES + c % N_TILES).load(gl.SliceLayout(1, cvt_layout))
-        k_tile.slice(c * 128, 128, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+        dst.store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
 
     @gluon.jit
     def _split_coords(H, TOPK, SPLITS: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -182,17 +204,18 @@ if HAVE_GLUON:
         return t, hb, sp, n_lo, gl.minimum(n_lo + chunk, TOPK)
 
     @gluon.jit
-    def _q_and_rows_smem(NB_P: gl.constexpr, BLOCK_N: gl.constexpr, Q_FOR_WGMMA: gl.constexpr = False):
+    def _q_and_rows_smem(NB_P: gl.constexpr, BLOCK_N: gl.constexpr, Q_FOR_WGMMA: gl.constexpr = False,
+                         Q_LAT_DTYPE: gl.constexpr = gl.bfloat16):
         """Shared memory for Q of the program's heads (latent and rope, in the layout mma.sync's
-        operand loads read, or with Q_FOR_WGMMA a warpgroup MMA's) and for the split's key rows:
-        one [NB_P, BLOCK_N] tile, and the same bytes as one block a row."""
+        operand loads read, or with Q_FOR_WGMMA a warpgroup MMA's; the latent as Q_LAT_DTYPE) and
+        for the split's key rows: one [NB_P, BLOCK_N] tile, and the same bytes as one block a row."""
         if Q_FOR_WGMMA:
-            lat_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
+            lat_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], Q_LAT_DTYPE)
             rope_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         else:
             lat_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
             rope_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-        q_lat = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], lat_smem)
+        q_lat = gl.allocate_shared_memory(Q_LAT_DTYPE, [BLOCK_H, D_LAT], lat_smem)
         q_rope = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], rope_smem)
         rows_2d = gl.allocate_shared_memory(gl.int32, [NB_P, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
         rows_smem = smem_view(rows_2d, gl.int32, [NB_P, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
@@ -200,21 +223,22 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _stage_rows_and_q(Q, IDX, q_lat, q_rope, rows_2d, t, hb, n_lo, n_hi, stride_qt, stride_qh, stride_it, S_KV, H,
-                          BLOCK_N: gl.constexpr, NB_P: gl.constexpr, NW: gl.constexpr):
+                          BLOCK_N: gl.constexpr, NB_P: gl.constexpr, NW: gl.constexpr, WITH_Q: gl.constexpr = True):
         """The split's key rows into shared memory (-1 where the index is invalid: -1, >= S_KV, past
-        the top-k), and Q of the program's heads (padded heads 0)."""
+        the top-k), and (WITH_Q) Q of the program's heads as it is (padded heads 0)."""
         idx_layout: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
         offs = n_lo + gl.arange(0, NB_P, layout=gl.SliceLayout(1, idx_layout))[:, None] * BLOCK_N \
             + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, idx_layout))[None, :]
         idx = gl.load(IDX + t * stride_it + offs, mask=offs < n_hi, other=-1)
         rows_2d.store(gl.where((idx >= 0) & (idx < S_KV), idx, -1))
-        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
-        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
-        q_row = Q + t * stride_qt + heads[:, None] * stride_qh
-        cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, q_layout))
-        q_lat.store(gl.load(q_row + cols[None, :], mask=(heads < H)[:, None], other=0.0))
-        r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
-        q_rope.store(gl.load(q_row + D_LAT + r_cols[None, :], mask=(heads < H)[:, None], other=0.0))
+        if WITH_Q:
+            q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
+            heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
+            q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+            cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, q_layout))
+            q_lat.store(gl.load(q_row + cols[None, :], mask=(heads < H)[:, None], other=0.0))
+            r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
+            q_rope.store(gl.load(q_row + D_LAT + r_cols[None, :], mask=(heads < H)[:, None], other=0.0))
 
     @gluon.jit
     def _held_q(q_lat, NW: gl.constexpr):
@@ -413,8 +437,9 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
             raise ValueError(f"launch TILES={cfg['TILES']}: 1 or 2 bf16 tiles")
         if cfg["L2_AHEAD"] not in range(0, 17):
             raise ValueError(f"launch L2_AHEAD={cfg['L2_AHEAD']}: 0..16 half blocks")
+        cfg["F16"] = bool(cfg["F16"])
     else:
-        for key in ("TILES", "L2_AHEAD"):
+        for key in ("TILES", "L2_AHEAD", "F16"):
             if key in launch:
                 raise ValueError(f"launch {key}={launch[key]} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
@@ -461,7 +486,8 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     # A program holds its split's rows in shared memory: at most MAX_ROWS of them.
     splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
-    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2))
+    need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2),
+                        cfg.get("F16", False))
     if need > SHARED_LIMIT:
         fix = "fewer STAGES or TILES=1" if cfg["WGMMA"] else "fewer STAGES or BLOCK_N=32"
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
@@ -478,7 +504,8 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel
 
         shape.pop("QK_CHAINS")
-        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], num_warps=4)
+        _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"],
+                                        F16=cfg["F16"], num_warps=4)
     elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
@@ -512,7 +539,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
     if cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
-        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"])
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], F16=cfg["F16"])
     elif cfg["WS"]:
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:
