@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Nsight Compute counters of the few-head FP8 forward, one launch each: the kernel without warp
-# specialization (WS=False, 64-key blocks), the warp-specialized one (32-key blocks) with Q read
-# from shared memory, and with Q held in registers (the default), FlashMLA layout, batch 64,
-# s_q 2, 16 heads, top-k 2048. Writes $OUT/ncu_fewhead_ws.txt and prints the lines that say
-# what bounds them (pipes, stalls, shared-memory bank conflicts).
+# Nsight Compute counters of the few-head FP8 forward, one launch each (LAUNCHES, a Python list of
+# launch dicts; default: the kernel without warp specialization, the mma.sync warp-specialized one
+# with Q read from shared memory and with Q held, and the default launch) per key layout (LAYOUTS,
+# default "flashmla"), batch 64, s_q 2, 16 heads, top-k 2048. Writes $OUT/ncu_fewhead_ws.txt and
+# prints the lines that say what bounds them (pipes, stalls, shared-memory bank conflicts).
 OUT=${OUT:-.}
 cd "$(dirname "$0")/.."
 cat > /tmp/fewhead_ws_driver.py <<'PY'
-import sys
+import os, sys
 sys.path.insert(0, "benchmarks")
 from bench_sparse_mla import decode_inputs, fp8_key_sets
 from mla_compiler.kernels import gluon_fewhead as fh
 q, kv, idx = decode_inputs(heads=16)
-latent, scale, rope = fp8_key_sets(kv)["flashmla"]
-for launch in (dict(WS=False), dict(WS=True, Q_HELD=False), None):
-    fh.forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=launch)
+launches = eval(os.environ.get("LAUNCHES") or "[dict(WS=False), dict(WS=True, Q_HELD=False), dict(WS=True), None]")
+for layout in os.environ.get("LAYOUTS", "flashmla").split():
+    latent, scale, rope = fp8_key_sets(kv)[layout]
+    for launch in launches:
+        fh.forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=launch)
 PY
-timeout 240 ncu --clock-control none -k regex:fewhead -c 3 \
+COUNT=$(python3 -c "import os; print(len(eval(os.environ.get('LAUNCHES') or '[1, 2, 3, 4]')) * len(os.environ.get('LAYOUTS', 'flashmla').split()))")
+timeout 240 ncu --clock-control none -k regex:fewhead -c "$COUNT" \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SchedulerStats \
   --section WarpStateStats --section ComputeWorkloadAnalysis --section InstructionStats \
   python3 /tmp/fewhead_ws_driver.py > "$OUT/ncu_fewhead_ws.txt" 2>&1
