@@ -55,7 +55,12 @@ FEW_HEAD_GLUON = {
 }
 
 
-def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
+# --quick (few heads): the policy and these few-head launches only, a minute of GPU time.
+QUICK_GLUON = {"bf16": [dict(BLOCK_N=64, STAGES=2)], "fp8 FlashMLA": [dict(WGMMA=True), dict(WGMMA=True, F16=False)],
+               "fp8 row": [dict(WGMMA=True), dict(WGMMA=True, F16=False)]}
+
+
+def shape_rows(name: str, batch: int, heads: int, rounds: int, quick: bool = False) -> list[dict]:
     q, kv, idx = decode_inputs(batch=batch, heads=heads)
     t = q.shape[0]
     fp8 = fp8_key_sets(kv)
@@ -72,9 +77,9 @@ def shape_rows(name: str, batch: int, heads: int, rounds: int) -> list[dict]:
         operands = {"bf16": (kv[:, 0, :512], None, kv[:, 0, 512:]), "fp8 FlashMLA": fp8["flashmla"], "fp8 row": fp8["row"]}
         for key, fn in keys.items():
             runs.append((key, "policy", fn, None))
-            for cfg in FEW_HEAD_TRITON[key]:
+            for cfg in () if quick else FEW_HEAD_TRITON[key]:
                 runs.append((key, f"triton {cfg}", fn, dict(cfg, BLOCK_H=block_h)))
-            for cfg in FEW_HEAD_GLUON[key]:
+            for cfg in (QUICK_GLUON if quick else FEW_HEAD_GLUON)[key]:
                 for sp in (None,) if cfg.get("WGMMA") else (None, 1, 2):  # its split choice is the same as the others'
                     launch = dict(cfg) if sp is None else dict(cfg, SPLITS=sp)
                     runs.append((key, f"few-head {launch}", lambda cfg, ops=operands[key]: fh.forward(q, *ops, idx, SCALE, launch=cfg), launch))
@@ -114,6 +119,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "decode_launch.json"))
+    parser.add_argument("--quick", action="store_true", help="few heads: the policy and the default few-head launches only")
     parser.add_argument("--shapes", default="b64 h16,b2 h128,b8 h128", help="comma-separated subset of the shape names")
     args = parser.parse_args()
     rows = []
@@ -121,7 +127,7 @@ def main() -> int:
     for name, batch, heads in (("b64 h16", 64, 16), ("b2 h128", 2, 128), ("b8 h128", 8, 128), ("b64 h128", 64, 128)):
         if name not in wanted:
             continue
-        rows += shape_rows(name, batch, heads, args.rounds)
+        rows += shape_rows(name, batch, heads, args.rounds, args.quick)
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)

@@ -134,13 +134,14 @@ if HAVE_GLUON:
     def _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                      stride_kvs, stride_ss, stride_rs,
                      FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
-                     scale_ring1=None, scale_ring2=None, scale_ring3=None):
+                     scale_slots=None):
         """Starts the asynchronous copies of block j's rows into slot j % STAGES (nothing past the
         last block; rows -1 copy nothing and are zero-filled), then closes the copy group: one
         group a block, empty or not, so that waiting on 'all but the newest STAGES - 1 groups'
-        always means block j - STAGES + 1 has landed. With ``scale_ring1`` .. 3, each 128-column
-        tile's scales go to their own ring (``scale_ring`` the first; slot j % STAGES of each):
-        copies into one buffer are ordered by a barrier each, into separate ones they are not."""
+        always means block j - STAGES + 1 has landed. ``scale_slots``: the scale ring's bytes as
+        [STAGES, N_TILES, BLOCK_N]; with it, the four scales of the rows go in one copy, a scale a
+        thread (a copy per tile over the rows is repeated by every warp, and each is ordered after
+        the last by a barrier)."""
         if j < n_blocks:
             slot = j % STAGES
             lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [NW, 1], [1, 0]) if FP8 else gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
@@ -160,15 +161,16 @@ if HAVE_GLUON:
                 sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
                 s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
                 sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
-                if scale_ring1 is None:
+                if scale_slots is not None and N_TILES == 4:
+                    # [4 tiles, rows]: 4 tiles x 8 rows a warp, the row's 16 bytes from 4 adjacent lanes.
+                    tiles_layout: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, NW], [0, 1])
+                    t_rows = rows_smem.index(j).load(gl.SliceLayout(0, tiles_layout)).to(gl.int64)
+                    t_ptr = _rows_at_pitch(KV_SCALE, t_rows, stride_ss, gl.float32)[None, :] \
+                        + gl.arange(0, 4, layout=gl.SliceLayout(1, tiles_layout))[:, None]
+                    async_rows(scale_slots.index(slot), t_ptr, mask=(t_rows >= 0)[None, :])
+                else:
                     for tile in gl.static_range(N_TILES):
                         async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
-                else:
-                    async_rows(scale_ring.index(slot), sc_rows, mask=s_rows >= 0)
-                    if N_TILES == 4:
-                        async_rows(scale_ring1.index(slot), sc_rows + 1, mask=s_rows >= 0)
-                        async_rows(scale_ring2.index(slot), sc_rows + 2, mask=s_rows >= 0)
-                        async_rows(scale_ring3.index(slot), sc_rows + 3, mask=s_rows >= 0)
         async_copy.commit_group()
 
     @gluon.jit

@@ -134,14 +134,15 @@ if HAVE_GLUON:
         return buf
 
     @gluon.jit
-    def _copy_scales(scale_ring, ring_row, tile_sc, tile, part: gl.constexpr):
-        """F16: one value tile's scales of a half block, from the ring into the tile's scale row
-        (each tile's own buffer: stores to one buffer would be ordered by barriers)."""
-        scale_layout: gl.constexpr = gl.BlockedLayout([1], [32], [_NW], [0])
-        tile_sc.index(tile).slice(part * _HALF, _HALF).store(scale_ring.index(ring_row).load(scale_layout))
+    def _copy_scales(scale_slots, slot, tile_scales, tile, part: gl.constexpr):
+        """F16: the scales of a half block, every value tile's in one step, from the ring slot into
+        the tile's scales (a warp a value tile; one step: steps into one buffer are ordered by barriers)."""
+        scale_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [_NW, 1], [1, 0])
+        tile_scales.index(tile).slice(part * _HALF, _HALF, dim=1).store(scale_slots.index(slot).load(scale_layout))
 
     @gluon.jit
-    def _dequantizing_partition(lat_ring, rope_ring, sr0, sr1, sr2, sr3, k0, k1, k2, k3, rope_tiles, sc0, sc1, sc2, sc3, half_rows, full, e0, e1, e2, e3,
+    def _dequantizing_partition(lat_ring, rope_ring, scale_ring, scale_slots, k0, k1, k2, k3, rope_tiles, tile_scales, half_rows, full,
+                                e0, e1, e2, e3,
                                 KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
                                 N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
                                 TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr):
@@ -154,8 +155,8 @@ if HAVE_GLUON:
             if j >= STAGES - 1:
                 _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs)
             else:
-                _issue_block(j, n_halves, half_rows, lat_ring, rope_ring, sr0, KV, KV_SCALE, KV_ROPE,
-                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW, sr1, sr2, sr3)
+                _issue_block(j, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW, scale_slots)
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [_NW, 1], [1, 0])
         for b in range(n_halves // 2):
             tile = b % TILES
@@ -166,8 +167,8 @@ if HAVE_GLUON:
                 # (after half 1 the tile's hand-over barrier is that point).
                 if part == 1:
                     partition_barrier()
-                _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, sr0, KV, KV_SCALE, KV_ROPE,
-                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW, sr1, sr2, sr3)
+                _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW, scale_slots)
                 if L2_AHEAD > 0:
                     _prefetch_half(i + STAGES - 1 + L2_AHEAD, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs)
                 slot = i % STAGES
@@ -182,17 +183,12 @@ if HAVE_GLUON:
                     if F16:
                         _convert_into(lat_ring, dst, slot, c)
                     else:
-                        # Chunk c's scales are in their own ring: read as a ring of one scale a row.
-                        _dequantize_into(lat_ring, _chunk(c % N_TILES, sr0, sr1, sr2, sr3), dst, slot, c, 1, _NW)
+                        _dequantize_into(lat_ring, scale_ring, dst, slot, c, N_TILES, _NW)
                     if c == 0:
                         rope_tiles.index(tile).slice(part * _HALF, _HALF, dim=0).store(rope_ring.index(slot).load(rope_layout))
                         if F16:
                             # The MMAs read the tile's scales before its chunk 0 goes back.
-                            _copy_scales(sr0, slot, sc0, tile, part)
-                            if N_TILES == 4:
-                                _copy_scales(sr1, slot, sc1, tile, part)
-                                _copy_scales(sr2, slot, sc2, tile, part)
-                                _copy_scales(sr3, slot, sc3, tile, part)
+                            _copy_scales(scale_slots, slot, tile_scales, tile, part)
             # The MMAs read the tile through the async proxy: order these stores before them.
             fence_async_shared()
             partition_barrier()  # every thread's stores are done: one arrive for the partition
@@ -284,7 +280,7 @@ if HAVE_GLUON:
         return sc, sc * gl.where(u_new > 0.0, P_UNIT / u_new, 0.0), u_new, gl.where(u_new > 0.0, u / u_new, 1.0)
 
     @gluon.jit
-    def _mma_partition(q_lat, q_rope, q_exp, k0, k1, k2, k3, rope_tiles, sc0, sc1, sc2, sc3, p0, p1, p2, p3, block_rows, full, e0, e1, e2, e3,
+    def _mma_partition(q_lat, q_rope, q_exp, k0, k1, k2, k3, rope_tiles, sc, p0, p1, p2, p3, block_rows, full, e0, e1, e2, e3,
                        OUT, LSE, PARTIAL,
                        stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
                        BLOCK_N: gl.constexpr, SPLITS: gl.constexpr, TILES: gl.constexpr, N_TILES: gl.constexpr, F16: gl.constexpr):
@@ -323,11 +319,11 @@ if HAVE_GLUON:
             if F16:
                 # The products run while the keys' scales are read and reduced.
                 s, s0, s1, s2, s3 = _issue_scores_f16(c0, c1, c2, c3, rope_tiles.index(tile), q_lat, q_rope, s_zero, N_TILES)
-                a0, f0, u0, r0 = _key_scales(sc0.index(tile), u0, acc_l)
+                a0, f0, u0, r0 = _key_scales(sc.index(tile * N_TILES), u0, acc_l)
                 if N_TILES == 4:
-                    a1, f1, u1, r1 = _key_scales(sc1.index(tile), u1, acc_l)
-                    a2, f2, u2, r2 = _key_scales(sc2.index(tile), u2, acc_l)
-                    a3, f3, u3, r3 = _key_scales(sc3.index(tile), u3, acc_l)
+                    a1, f1, u1, r1 = _key_scales(sc.index(tile * N_TILES + 1), u1, acc_l)
+                    a2, f2, u2, r2 = _key_scales(sc.index(tile * N_TILES + 2), u2, acc_l)
+                    a3, f3, u3, r3 = _key_scales(sc.index(tile * N_TILES + 3), u3, acc_l)
                 else:
                     a1, f1, r1 = a0, f0, r0
                     a2, f2, r2 = a0, f0, r0
@@ -407,18 +403,20 @@ if HAVE_GLUON:
         half_rows = smem_view(rows_2d, gl.int32, [2 * NB_P, _HALF], vec_smem)
         lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, _HALF, D_LAT], plain_smem)
         rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _HALF, D_ROPE], operand_smem)
-        # Separate buffers wherever one step stores into several parts (see _four_buffers): the
-        # ring's scales by 128-column tile, the tiles by 128-column chunk.
-        sr0, sr1, sr2, sr3 = _four_buffers(N_TILES == 4, gl.float32, [STAGES, _HALF], vec_smem)
+        # The ring's scales: [slot, tile, key] for the copies (one step a half block), rows of keys
+        # for the reads. The tiles by 128-column chunk, separate buffers (see _four_buffers).
+        scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, _HALF], plain_smem)
+        scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, _HALF], vec_smem)
         chunk_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], TILE_DTYPE)
         k0, k1, k2, k3 = _four_buffers(True, TILE_DTYPE, [TILES, BLOCK_N, 128], chunk_layout)
         rope_tiles = gl.allocate_shared_memory(gl.bfloat16, [TILES, BLOCK_N, D_ROPE],
                                                gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16))
-        # P (F16: one per value tile's scales), F16: each value tile's key scales of the tiles and
-        # Q's per-head powers of two.
+        # P (F16: one per value tile's scales); F16: the tiles' key scales ([tile, value tile, key]
+        # for the copy, rows for the reads) and Q's per-head powers of two.
         p0, p1, p2, p3 = _four_buffers(N_P == 4, TILE_DTYPE, [BLOCK_N, BLOCK_H],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], TILE_DTYPE))
-        sc0, sc1, sc2, sc3 = _four_buffers(N_P == 4, gl.float32, [TILES, BLOCK_N], vec_smem)
+        tile_scales = gl.allocate_shared_memory(gl.float32, [TILES, N_TILES, BLOCK_N], plain_smem)
+        sc = smem_view(tile_scales, gl.float32, [TILES * N_TILES, BLOCK_N], vec_smem)
         q_exp = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_smem)
         full = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
         # empty: one barrier a tile and 128-column chunk (each chunk its own buffer, as the chunks).
@@ -440,10 +438,10 @@ if HAVE_GLUON:
         partition_barrier()
         gl.warp_specialize(
             [
-                (_mma_partition, (q_lat, q_rope, q_exp, k0, k1, k2, k3, rope_tiles, sc0, sc1, sc2, sc3, p0, p1, p2, p3, block_rows, full, e0, e1, e2, e3,
+                (_mma_partition, (q_lat, q_rope, q_exp, k0, k1, k2, k3, rope_tiles, sc, p0, p1, p2, p3, block_rows, full, e0, e1, e2, e3,
                                   OUT, LSE, PARTIAL,
                                   stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, TILES, N_TILES, F16)),
-                (_dequantizing_partition, (lat_ring, rope_ring, sr0, sr1, sr2, sr3, k0, k1, k2, k3, rope_tiles, sc0, sc1, sc2, sc3, half_rows, full, e0, e1, e2, e3,
+                (_dequantizing_partition, (lat_ring, rope_ring, scale_ring, scale_slots, k0, k1, k2, k3, rope_tiles, tile_scales, half_rows, full, e0, e1, e2, e3,
                                            KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
                                            N_TILES, BLOCK_N, STAGES, SPLITS, TILES, L2_AHEAD, F16)),
             ],
