@@ -20,8 +20,9 @@ Partitions as in gluon_fewhead_ws: a dequantizing partition (4 warps) copies the
 tile (rope copied); the MMA partition (the kernel's 4 warps, one warpgroup) runs the products on
 the other tile. The MMA partition gives a tile back a 128-column chunk at a time, as each chunk's
 value product is done, so the next block's conversion starts before the block's last product.
-Each chunk of the tiles, each tile's scales and each P are their own buffer: stores into one
-buffer are ordered by a barrier each (the compiler cannot tell its parts apart). Two tiles of 64
+Each chunk of the tiles, each P and each chunk's release barrier are their own buffer, and the
+four tile scales of a half block move in one step: steps that store into parts of one buffer
+are ordered by a barrier each (the compiler cannot tell the parts apart). Two tiles of 64
 keys take 144 KB, which leaves room for 2 ring half slots (42 KB); launch TILES=1 has one tile
 (the partitions overlap only by chunks) and room for 5 half slots.
 
