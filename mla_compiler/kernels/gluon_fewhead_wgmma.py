@@ -286,7 +286,7 @@ if HAVE_GLUON:
                        stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
                        BLOCK_N: gl.constexpr, SPLITS: gl.constexpr, TILES: gl.constexpr, N_TILES: gl.constexpr, F16: gl.constexpr):
         """The online softmax over the split's blocks, transposed (keys are rows, heads columns),
-        each block read from its bf16 tile, which is then released to the dequantizing partition.
+        each block read from its tile (bf16, or F16 f16), which is then released to the dequantizing partition.
         F16: the tile holds the e4m3 values as f16; the keys' scales multiply the scores, and P by
         value tile (the accumulator of a tile kept in units of its largest scale so far)."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
@@ -421,10 +421,7 @@ if HAVE_GLUON:
         q_exp = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_smem)
         full = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
         # empty: one barrier a tile and 128-column chunk (each chunk its own buffer, as the chunks).
-        e0 = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
-        e1 = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
-        e2 = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
-        e3 = gl.allocate_shared_memory(gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
+        e0, e1, e2, e3 = _four_buffers(True, gl.int64, [TILES, 1], mbarrier.MBarrierLayout())
         for b in gl.static_range(TILES):
             mbarrier.init(full.index(b), count=1)
         for b in gl.static_range(TILES * 4):
