@@ -7,3 +7,6 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
+# The memory system's state (copy and random-gather bandwidth), before anything is timed.
+nvidia-smi --query-gpu=driver_version,clocks.mem,clocks.max.mem,power.limit,mig.mode.current,ecc.mode.current --format=csv 2>&1 | tee -a "$OUT/env.log"
+python3 benchmarks/device_probe.py 2>&1 | tee -a "$OUT/env.log"

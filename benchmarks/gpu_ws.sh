@@ -3,7 +3,7 @@
 # timings against the Triton forward at the V3.2 decode shape, and at prefill when PREFILL names
 # launches; STRESS=n back-to-back repeatability, MEMCHECK=1 compute-sanitizer memcheck. Logs and
 # JSON under $OUT.
-# Usage: bash benchmarks/gpu_ws.sh ["consumer/producer/BLOCK_N/STAGES/IN_SLOT[/SPLIT_S[/PRODUCER_DEFAULT[/CHUNKED]]],..."] [rounds]
+# Usage: bash benchmarks/gpu_ws.sh ["consumer/producer/BLOCK_N/STAGES/IN_SLOT[/SPLIT_S[/PRODUCER_DEFAULT[/CHUNKED[/CHUNK_BUFFERS]]]],..."] [rounds]
 set -o pipefail
 OUT=${OUT:-.}
 cd "$(dirname "$0")/.."

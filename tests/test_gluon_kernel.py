@@ -26,7 +26,9 @@ def test_compiles_for_hopper_within_shared_memory():
         "import json; from mla_compiler.kernels import gluon_sparse_mla as ws\n"
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
-        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT']))):\n"
+        "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT'])),\n"
+        "                                  ('fp8-chunk-buffers', True, 4, dict(CHUNK_BUFFERS=True)),\n"
+        "                                  ('bf16-chunk-buffers', False, 1, dict(CHUNK_BUFFERS=True))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
         "print(json.dumps(out))\n"
@@ -64,14 +66,16 @@ def test_launch_settings_are_checked():
     for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
                       (dict(CONSUMER_REGS=200, PRODUCER_REGS=112), "would get 192"), (dict(STAGE=2), "unknown"),
                       (dict(CHUNKED=True, SPLIT_S=False), "need SPLIT_S=True"),
+                      (dict(CHUNK_BUFFERS=True, SPLIT_S=False), "need SPLIT_S=True"),
                       (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56), dict(CHUNKED=True)],
-                         ids=["default", "unsplit", "chunked"])
+@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56), dict(CHUNKED=True),
+                                    dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True)],
+                         ids=["default", "unsplit", "chunked", "chunk-buffers", "chunked-chunk-buffers"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward_inputs(heads=heads, topk=topk)
@@ -83,8 +87,11 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
                                     dict(SPLIT_S=False), dict(CHUNKED=True), dict(CHUNKED=True, IN_SLOT=True),
-                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
-                         ids=["default", "in-slot", "in-registers", "unsplit", "chunked", "chunked-in-slot", "chunked-in-registers"])
+                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
+                                    dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True),
+                                    dict(CHUNK_BUFFERS=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
+                         ids=["default", "in-slot", "in-registers", "unsplit", "chunked", "chunked-in-slot", "chunked-in-registers",
+                              "chunk-buffers", "chunked-chunk-buffers", "chunk-buffers-in-registers"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
@@ -93,10 +100,11 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 @needs_hopper
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
-def test_fp8_latents_keep_extreme_scales(layout):
+@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=True)], ids=["default", "chunk-buffers"])
+def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.
-    assert_fp8_forward_matches(ws.forward, layout, 80, 200, extreme=True)
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True)
 
 
 @needs_hopper

@@ -48,6 +48,45 @@ if HAVE_GLUON:  # kernels read module globals only as constexpr
         n_hb = gl.cdiv(H, BLOCK_H)
         return (pid // n_hb).to(gl.int64), pid % n_hb
 
+    @gluon.jit
+    def _chunk(c: gl.constexpr, k0, k1, k2, k3):
+        """The buffer of 128-column chunk c of the tiles."""
+        if c == 0:
+            buf = k0
+        elif c == 1:
+            buf = k1
+        elif c == 2:
+            buf = k2
+        else:
+            buf = k3
+        return buf
+
+    @gluon.jit
+    def _four_buffers(SEPARATE: gl.constexpr, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+        """Four shared-memory buffers of ``shape``: separate allocations, or (not SEPARATE) one
+        allocation four times. A step that stores into several parts of one buffer gets a barrier
+        between the stores (the compiler cannot tell the parts apart); into separate ones, none."""
+        b0 = gl.allocate_shared_memory(dtype, shape, layout)
+        if SEPARATE:
+            b1 = gl.allocate_shared_memory(dtype, shape, layout)
+            b2 = gl.allocate_shared_memory(dtype, shape, layout)
+            b3 = gl.allocate_shared_memory(dtype, shape, layout)
+        else:
+            b1 = b0
+            b2 = b0
+            b3 = b0
+        return b0, b1, b2, b3
+
+    @gluon.jit
+    def _slot_chunk(k0, k1, k2, k3, slot, c: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
+        """128-column chunk c of ring slot ``slot``: its own buffer (CHUNK_BUFFERS: the ring is four
+        rings of [slots, keys, 128]) or a slice of the one ring [slots, keys, 512] (k0)."""
+        if CHUNK_BUFFERS:
+            view = _chunk(c, k0, k1, k2, k3).index(slot)
+        else:
+            view = k0.index(slot).slice(c * 128, 128, dim=1)
+        return view
+
 
 def key_operands_problem(kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: torch.Tensor) -> Optional[str]:
     """Why the Gluon kernels cannot read these key operands (None when they can): bf16 keys, or an

@@ -11,6 +11,7 @@ if HAVE_GLUON:
         BLOCK_H,
         V_HALF,
         _program_coords,
+        _slot_chunk,
         fence_async_shared,
         gl,
         gluon,
@@ -22,30 +23,39 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H,
-                      WG: gl.constexpr, row_s: gl.constexpr, o_layout: gl.constexpr):
-        """Normalize this warpgroup's 256 output columns and store them; warpgroup 0 stores the lse
-        (natural log; +inf and a zero row where no key was valid, as the reference)."""
+                      COL0: gl.constexpr, N_COLS: gl.constexpr, WITH_LSE: gl.constexpr, row_s: gl.constexpr,
+                      o_layout: gl.constexpr):
+        """Normalize the output columns COL0 .. COL0 + N_COLS held in ``acc`` and store them; WITH_LSE
+        (once a program) also the lse (natural log; +inf and a zero row where no key was valid, as
+        the reference)."""
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         out = acc / gl.convert_layout(l_safe, row_o)[:, None]
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
-        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, o_layout))
+        cols = COL0 + gl.arange(0, N_COLS, layout=gl.SliceLayout(0, o_layout))
         o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
         gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
-        if WG == 0:
+        if WITH_LSE:
             lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
             heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
             gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
 
     @gluon.jit
-    def _online_softmax_step(s, m_i, m_new, l_i, acc, row_o: gl.constexpr):
-        """P of the scores ``s`` (base 2) under the new row maxima, the running sum and the value
-        accumulator rescaled to them (rows with no valid key yet stay at 0)."""
+    def _softmax_p_alpha(s, m_i, m_new, l_i):
+        """P of the scores ``s`` (base 2) under the new row maxima, the running sum rescaled to them,
+        and the factor alpha that rescales the value accumulators (rows with no valid key yet stay
+        at 0)."""
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
         p = gl.exp2(s - m_use[:, None])
-        return p, l_i * alpha + gl.sum(p, 1), acc * gl.convert_layout(alpha, row_o)[:, None]
+        return p, l_i * alpha + gl.sum(p, 1), alpha
+
+    @gluon.jit
+    def _online_softmax_step(s, m_i, m_new, l_i, acc, row_o: gl.constexpr):
+        """_softmax_p_alpha, with the value accumulator ``acc`` rescaled."""
+        p, l_i, alpha = _softmax_p_alpha(s, m_i, m_new, l_i)
+        return p, l_i, acc * gl.convert_layout(alpha, row_o)[:, None]
 
     @gluon.jit
     def _consumer(
@@ -85,50 +95,54 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
 
-        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
+        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s,
+                      o_layout)
 
     @gluon.jit
     def _consumer_split(
-        q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
+        q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr,
+        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
     ):
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
-        P V (all keys) for its 256 value columns. No product is computed twice."""
+        P V (all keys) for its 256 value columns. No product is computed twice. With CHUNK_BUFFERS
+        (each 128-column chunk of a slot its own buffer) the scores take one product per chunk and
+        the values two accumulators of 128 columns, one per chunk."""
         t, hb = _program_coords(H)
         HALF: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 16])
+        # The value columns a product covers: the warpgroup's 256, or one 128-column chunk.
+        V_COLS: gl.constexpr = 128 if CHUNK_BUFFERS else V_HALF
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_COLS, 16])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BLOCK_H], gl.float32, row_s)  # over this warpgroup's keys; summed at the end
-        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
+        acc = gl.zeros([BLOCK_H, V_COLS], gl.float32, o_layout)
+        acc_hi = gl.zeros([BLOCK_H, V_COLS], gl.float32, o_layout)  # CHUNK_BUFFERS: the second chunk's columns
         s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             slot = i % STAGES
-            k_tile = k_ring.index(slot)
-            if CHUNKED:
-                # FlashMLA's fine-grained copy-GEMM pipelining: the scores over each 128-column
-                # chunk start as soon as that chunk is in the slot.
-                k_half = k_tile.slice(WG * HALF, HALF, dim=0)
-                mbarrier.wait(full.index(slot * 4), (i // STAGES) & 1)
+            if CHUNKED or CHUNK_BUFFERS:
+                # One product per 128-column chunk. CHUNKED: FlashMLA's fine-grained copy-GEMM
+                # pipelining, the scores over each chunk start as soon as it is in the slot.
+                mbarrier.wait(full.index(slot * 4 if CHUNKED else slot), (i // STAGES) & 1)
                 s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
-                s = warpgroup_mma(q_a_smem.slice(0, 128, dim=1), k_half.slice(0, 128, dim=1).permute((1, 0)), s, is_async=True)
-                for c in gl.static_range(1, 4):
-                    mbarrier.wait(full.index(slot * 4 + c), (i // STAGES) & 1)
-                    s = warpgroup_mma(q_a_smem.slice(c * 128, 128, dim=1), k_half.slice(c * 128, 128, dim=1).permute((1, 0)), s,
-                                      is_async=True)
+                for c in gl.static_range(4):
+                    if CHUNKED and c > 0:
+                        mbarrier.wait(full.index(slot * 4 + c), (i // STAGES) & 1)
+                    k_c = _slot_chunk(k0, k1, k2, k3, slot, c, CHUNK_BUFFERS).slice(WG * HALF, HALF, dim=0)
+                    s = warpgroup_mma(q_a_smem.slice(c * 128, 128, dim=1), k_c.permute((1, 0)), s, is_async=True)
                 s = warpgroup_mma_wait(0, deps=[s])
             else:
                 mbarrier.wait(full.index(slot), (i // STAGES) & 1)
-                s = warpgroup_mma(q_a_smem, k_tile.slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
+                s = warpgroup_mma(q_a_smem, k0.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
                 s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s)
             valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
             s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
@@ -141,15 +155,28 @@ if HAVE_GLUON:
             mbarrier.arrive(bar_x.index(WG))
             mbarrier.wait(bar_x.index(OTHER), i & 1)
             m_new = gl.maximum(m_i, gl.maximum(m_mine, xmax.index(OTHER).load(row_s)))
-            p, l_i, acc = _online_softmax_step(s, m_i, m_new, l_i, acc, row_o)
+            p, l_i, alpha = _softmax_p_alpha(s, m_i, m_new, l_i)
+            alpha_o = gl.convert_layout(alpha, row_o)[:, None]
+            acc = acc * alpha_o
+            if CHUNK_BUFFERS:
+                acc_hi = acc_hi * alpha_o
             p_half.index(WG).store(p.to(gl.bfloat16))
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(bar_p.index(WG))
             mbarrier.wait(bar_p.index(OTHER), i & 1)
-            v = k_tile.slice(WG * V_HALF, V_HALF, dim=1)
-            acc = warpgroup_mma(p_half.index(0), v.slice(0, HALF, dim=0), acc)
-            acc = warpgroup_mma(p_half.index(1), v.slice(HALF, HALF, dim=0), acc)
+            if CHUNK_BUFFERS:
+                v_lo = _slot_chunk(k0, k1, k2, k3, slot, 2 * WG, CHUNK_BUFFERS)
+                v_hi = _slot_chunk(k0, k1, k2, k3, slot, 2 * WG + 1, CHUNK_BUFFERS)
+                acc = warpgroup_mma(p_half.index(0), v_lo.slice(0, HALF, dim=0), acc, is_async=True)
+                acc_hi = warpgroup_mma(p_half.index(0), v_hi.slice(0, HALF, dim=0), acc_hi, is_async=True)
+                acc = warpgroup_mma(p_half.index(1), v_lo.slice(HALF, HALF, dim=0), acc, is_async=True)
+                acc_hi = warpgroup_mma(p_half.index(1), v_hi.slice(HALF, HALF, dim=0), acc_hi, is_async=True)
+                acc, acc_hi = warpgroup_mma_wait(0, deps=[acc, acc_hi])
+            else:
+                v = k0.index(slot).slice(WG * V_HALF, V_HALF, dim=1)
+                acc = warpgroup_mma(p_half.index(0), v.slice(0, HALF, dim=0), acc)
+                acc = warpgroup_mma(p_half.index(1), v.slice(HALF, HALF, dim=0), acc)
             m_i = m_new
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
@@ -159,4 +186,8 @@ if HAVE_GLUON:
         mbarrier.arrive(bar_l.index(WG))
         mbarrier.wait(bar_l.index(OTHER), 0)
         l_i = l_i + lsum.index(OTHER).load(row_s)
-        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
+        _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_COLS, WG == 0, row_s,
+                      o_layout)
+        if CHUNK_BUFFERS:
+            _store_output(acc_hi, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF + V_COLS, V_COLS,
+                          False, row_s, o_layout)

@@ -48,6 +48,8 @@ from .gluon_common import HAVE_GLUON
 
 if HAVE_GLUON:
     from .gluon_common import (
+        _chunk,
+        _four_buffers,
         async_copy,
         fence_async_shared,
         gl,
@@ -120,19 +122,6 @@ if HAVE_GLUON:
         to the scores and P). Same thread layout as gluon_fewhead._dequantize_into (no bank conflicts)."""
         cvt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [_NW, 1], [1, 0])
         dst.store(lat_ring.index(slot).slice(c * 128, 128, dim=1).load(cvt_layout).to(gl.float16))
-
-    @gluon.jit
-    def _chunk(c: gl.constexpr, k0, k1, k2, k3):
-        """The buffer of 128-column chunk c of the tiles."""
-        if c == 0:
-            buf = k0
-        elif c == 1:
-            buf = k1
-        elif c == 2:
-            buf = k2
-        else:
-            buf = k3
-        return buf
 
     @gluon.jit
     def _copy_scales(scale_slots, slot, tile_scales, tile, part: gl.constexpr):
@@ -369,22 +358,6 @@ if HAVE_GLUON:
         _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
         _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
         _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
-
-    @gluon.jit
-    def _four_buffers(SEPARATE: gl.constexpr, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
-        """Four shared-memory buffers of ``shape``: separate allocations, or (not SEPARATE) one
-        allocation four times. A step that stores into several parts of one buffer gets a barrier
-        between the stores (the compiler cannot tell the parts apart); into separate ones, none."""
-        b0 = gl.allocate_shared_memory(dtype, shape, layout)
-        if SEPARATE:
-            b1 = gl.allocate_shared_memory(dtype, shape, layout)
-            b2 = gl.allocate_shared_memory(dtype, shape, layout)
-            b3 = gl.allocate_shared_memory(dtype, shape, layout)
-        else:
-            b1 = b0
-            b2 = b0
-            b3 = b0
-        return b0, b1, b2, b3
 
     @gluon.jit
     def _fewhead_wgmma_fwd_kernel(

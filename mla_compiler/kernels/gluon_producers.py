@@ -11,6 +11,7 @@ if HAVE_GLUON:
         D_LAT,
         D_ROPE,
         _program_coords,
+        _slot_chunk,
         async_copy,
         async_rows,
         fence_async_shared,
@@ -22,22 +23,24 @@ if HAVE_GLUON:
     )
 
     @gluon.jit
-    def _dequant_store(k_slot, raw, sc, c: gl.constexpr, CHUNK: gl.constexpr):
-        """Chunk c (CHUNK columns) of the FP8 rows, times its scales (per row) in fp32, into the slot
-        as bf16. (The product in bf16, exact for power-of-two scales, measured slower: 0.47 vs 0.31 ms.)"""
-        k_slot.slice(c * CHUNK, CHUNK, dim=1).store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
+    def _dequant_store(dst, raw, sc):
+        """A 128-column chunk of the FP8 rows, times its scales (per row) in fp32, into ``dst`` (the
+        slot's chunk) as bf16. (The product in bf16, exact for power-of-two scales, measured slower:
+        0.47 vs 0.31 ms.)"""
+        dst.store((raw.to(gl.float32) * sc[:, None]).to(gl.bfloat16))
 
     @gluon.jit
     def _producer(
-        k_ring, r_ring, ok_ring, full, empty,
+        k0, k1, k2, k3, r_ring, ok_ring, full, empty,
         KV, KV_SCALE, KV_ROPE, IDX,
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        CHUNKED: gl.constexpr,
+        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
-        an FP8 latent staged in the slot or through registers, then dequantized)."""
+        an FP8 latent staged in the slot or through registers, then dequantized). The slot's four
+        128-column chunks: see _slot_chunk."""
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         t, _ = _program_coords(H)
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
@@ -46,14 +49,15 @@ if HAVE_GLUON:
         idx_row = IDX + t * stride_it
         if FP8:
             if IN_SLOT:
-                _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
+                _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
+                                      stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED,
+                                      CHUNK_BUFFERS)
             else:
-                _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
-                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED)
+                _producer_fp8(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
+                              stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
         else:
-            _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                           n_blocks, BLOCK_N, STAGES, CHUNKED)
+            _producer_bf16(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
+                           n_blocks, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
 
     @gluon.jit
     def _row_ptrs(BASE, rows, cols, stride, WIDTH: gl.constexpr):
@@ -81,21 +85,23 @@ if HAVE_GLUON:
             mbarrier.arrive(full.index(slot * 4 + c))
 
     @gluon.jit
-    def _hand_over(full, slot):
-        """Waits for this block's copies, makes the generic-proxy writes visible to the MMAs' async
-        proxy, and marks the slot full (one arrive after every producer warp is done)."""
-        async_copy.wait_group(0)
+    def _hand_over(full, slot, COPIES_PENDING: gl.constexpr = True):
+        """Waits for this block's copies (COPIES_PENDING: a wait is followed by a compiler-inserted
+        barrier, so skip it where they have landed), makes the generic-proxy writes visible to the
+        MMAs' async proxy, and marks the slot full (one arrive after every producer warp is done)."""
+        if COPIES_PENDING:
+            async_copy.wait_group(0)
         fence_async_shared()
         partition_barrier()
         mbarrier.arrive(full.index(slot))
 
     @gluon.jit
-    def _slot_done(full, slot, CHUNKED: gl.constexpr):
+    def _slot_done(full, slot, CHUNKED: gl.constexpr, COPIES_PENDING: gl.constexpr = True):
         """The slot's last chunk is in place: its hand-over (CHUNKED: the last chunk's barrier)."""
         if CHUNKED:
             _chunk_ready(full, slot, 3, CHUNKED)
         else:
-            _hand_over(full, slot)
+            _hand_over(full, slot, COPIES_PENDING)
 
     @gluon.jit
     def _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N: gl.constexpr, row_layout: gl.constexpr):
@@ -107,17 +113,17 @@ if HAVE_GLUON:
         return gl.where((idx >= 0) & (idx < S_KV), idx, -1)
 
     @gluon.jit
-    def _producer_bf16(k_ring, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                       n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr):
+    def _producer_bf16(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
+                       n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
         """bf16 keys: every part of a block by asynchronous copies, issued once its slot is free
-        (CHUNKED: one copy group per 128 columns, each handed over as it lands)."""
+        (CHUNKED: one copy group per 128 columns, each handed over as it lands; CHUNK_BUFFERS: one
+        copy per 128-column chunk buffer)."""
         b16_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         cols = gl.arange(0, 256, layout=gl.SliceLayout(0, b16_layout))
         cols128 = gl.arange(0, 128, layout=gl.SliceLayout(0, b16_layout))
         for i in range(n_blocks):
             slot = i % STAGES
-            k_slot = k_ring.index(slot)
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, b16_layout))
             valid = rows >= 0
             base = _row_ptrs(KV, rows, cols, stride_kvs, 256)
@@ -127,7 +133,7 @@ if HAVE_GLUON:
             if CHUNKED:
                 base128 = _row_ptrs(KV, rows, cols128, stride_kvs, 128)
                 for c in gl.static_range(4):
-                    async_rows(k_slot.slice(c * 128, 128, dim=1), base128 + c * 128, mask=valid[:, None])
+                    async_rows(_slot_chunk(k0, k1, k2, k3, slot, c, CHUNK_BUFFERS), base128 + c * 128, mask=valid[:, None])
                     async_copy.commit_group()
                 # Groups complete in order: chunk c (the rope with the first) once 3 - c remain.
                 async_copy.wait_group(3)
@@ -138,16 +144,23 @@ if HAVE_GLUON:
                 _chunk_ready(full, slot, 2, CHUNKED)
                 async_copy.wait_group(0)
                 _chunk_ready(full, slot, 3, CHUNKED)
+            elif CHUNK_BUFFERS:
+                base128 = _row_ptrs(KV, rows, cols128, stride_kvs, 128)
+                for c in gl.static_range(4):
+                    async_rows(_slot_chunk(k0, k1, k2, k3, slot, c, CHUNK_BUFFERS), base128 + c * 128, mask=valid[:, None])
+                async_copy.commit_group()
+                _hand_over(full, slot)
             else:
+                k_slot = k0.index(slot)
                 async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
                 async_rows(k_slot.slice(256, 256, dim=1), base + 256, mask=valid[:, None])
                 async_copy.commit_group()
                 _hand_over(full, slot)
 
     @gluon.jit
-    def _producer_fp8(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss, stride_rs,
-                      S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      CHUNKED: gl.constexpr):
+    def _producer_fp8(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
+                      stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                      CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
         """FP8 latent, one block at a time: its four 128-column chunks are loaded into registers
         (issued before the slot is free), then dequantized into the slot as bf16. The next block's
         loads start only after this block is stored."""
@@ -158,7 +171,6 @@ if HAVE_GLUON:
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         for i in range(n_blocks):
             slot = i % STAGES
-            k_slot = k_ring.index(slot)
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, fp8_layout))
             valid = rows >= 0
             base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
@@ -174,13 +186,13 @@ if HAVE_GLUON:
             ok_ring.index(slot).store(valid.to(gl.int32))
             if CHUNKED:
                 async_copy.wait_group(0)  # the rope goes with the first chunk
-            _dequant_store(k_slot, raw0, sc0, 0, CHUNK)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 0, CHUNK_BUFFERS), raw0, sc0)
             _chunk_ready(full, slot, 0, CHUNKED)
-            _dequant_store(k_slot, raw1, sc1, 1, CHUNK)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 1, CHUNK_BUFFERS), raw1, sc1)
             _chunk_ready(full, slot, 1, CHUNKED)
-            _dequant_store(k_slot, raw2, sc2, 2, CHUNK)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 2, CHUNK_BUFFERS), raw2, sc2)
             _chunk_ready(full, slot, 2, CHUNKED)
-            _dequant_store(k_slot, raw3, sc3, 3, CHUNK)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 3, CHUNK_BUFFERS), raw3, sc3)
             _slot_done(full, slot, CHUNKED)
 
     @gluon.jit
@@ -198,28 +210,46 @@ if HAVE_GLUON:
         return sc0, sc1, sc2, sc3
 
     @gluon.jit
-    def _producer_fp8_in_slot(k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
-                              stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                              CHUNKED: gl.constexpr):
+    def _raw_pair(k2, k3, slot, pair: gl.constexpr, BLOCK_N: gl.constexpr):
+        """CHUNK_BUFFERS: raw (e4m3) chunks 2 pair and 2 pair + 1 of the slot's rows, staged in bf16
+        chunk buffer 2 + pair as 256 byte columns."""
+        raw_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        return smem_view(_slot_chunk(k2, k3, k2, k3, slot, pair, True), gl.float8e4nv, [BLOCK_N, 256], raw_layout)
+
+    @gluon.jit
+    def _raw_chunk(k0, k1, k2, k3, slot, g: gl.constexpr, BLOCK_N: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
+        """Where raw (e4m3) chunk g of the slot's rows is staged: the upper half of the slot's latent
+        bytes, raw chunks 0-1 where bf16 chunk 2 goes and 2-3 where bf16 chunk 3 goes."""
+        raw_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        if CHUNK_BUFFERS:
+            view = _raw_pair(k2, k3, slot, g // 2, BLOCK_N).slice((g % 2) * 128, 128, dim=1)
+        else:
+            # The slot's 64 KiB of latent as 1024 byte columns; the upper 512 hold the raw rows.
+            view = smem_view(k0.index(slot), gl.float8e4nv, [BLOCK_N, 2 * D_LAT], raw_layout).slice(D_LAT + g * 128, 128, dim=1)
+        return view
+
+    @gluon.jit
+    def _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs,
+                              stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr,
+                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
         bytes [16K g, 16K (g+1)) of the slot (128-byte swizzle slabs, 64 rows each); raw chunk g
         is bytes [32K + 8K g, 32K + 8K (g+1)). Chunks 0 and 1 write below the raw bytes; chunk 2
         overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites raw chunks 2 and
-        3 (chunk 3 read into registers first, then a barrier)."""
+        3 (chunk 3 read into registers first, then a barrier). With CHUNK_BUFFERS the same bytes are
+        four buffers (raw chunks 0-1 in chunk buffer 2, 2-3 in buffer 3): the stores into chunks 0
+        and 1 then need no compiler-inserted barrier between them (see _four_buffers)."""
         CHUNK: gl.constexpr = 128
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        raw_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
+        cols_pair = gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         rows_next = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
         for i in range(n_blocks):
             slot = i % STAGES
-            k_slot = k_ring.index(slot)
-            # The slot's 64 KiB of latent as 1024 byte columns; the upper 512 hold the raw rows.
-            raw = smem_view(k_slot, gl.float8e4nv, [BLOCK_N, 2 * D_LAT], raw_layout).slice(D_LAT, D_LAT, dim=1)
             rows = rows_next
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
@@ -229,25 +259,35 @@ if HAVE_GLUON:
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
             # Invalid rows copy nothing and are zero-filled (no stale byte can read as NaN).
-            for g in gl.static_range(4):
-                async_rows(raw.slice(g * CHUNK, CHUNK, dim=1), base + g * CHUNK, mask=valid[:, None])
+            if CHUNK_BUFFERS:
+                # One copy per buffer: two copies into one buffer get a barrier between them.
+                base_pair = _row_ptrs(KV, rows, cols_pair, stride_kvs, 2 * CHUNK)
+                async_rows(_raw_pair(k2, k3, slot, 0, BLOCK_N), base_pair, mask=valid[:, None])
+                async_rows(_raw_pair(k2, k3, slot, 1, BLOCK_N), base_pair + 2 * CHUNK, mask=valid[:, None])
+            else:
+                for g in gl.static_range(4):
+                    async_rows(_raw_chunk(k0, k1, k2, k3, slot, g, BLOCK_N, CHUNK_BUFFERS), base + g * CHUNK, mask=valid[:, None])
             async_copy.commit_group()
             async_copy.wait_group(0)
             partition_barrier()  # every producer thread's copies have landed
-            _dequant_store(k_slot, raw.slice(0, CHUNK, dim=1).load(fp8_layout), sc0, 0, CHUNK)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 0, CHUNK_BUFFERS),
+                           _raw_chunk(k0, k1, k2, k3, slot, 0, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc0)
             _chunk_ready(full, slot, 0, CHUNKED)
-            _dequant_store(k_slot, raw.slice(CHUNK, CHUNK, dim=1).load(fp8_layout), sc1, 1, CHUNK)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 1, CHUNK_BUFFERS),
+                           _raw_chunk(k0, k1, k2, k3, slot, 1, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc1)
             # Raw chunks 0 and 1 are read: chunk 2 may overwrite them (CHUNKED: its hand-over's barrier).
             if CHUNKED:
                 _chunk_ready(full, slot, 1, CHUNKED)
             else:
                 partition_barrier()
-            _dequant_store(k_slot, raw.slice(2 * CHUNK, CHUNK, dim=1).load(fp8_layout), sc2, 2, CHUNK)
-            last = raw.slice(3 * CHUNK, CHUNK, dim=1).load(fp8_layout)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 2, CHUNK_BUFFERS),
+                           _raw_chunk(k0, k1, k2, k3, slot, 2, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc2)
+            last = _raw_chunk(k0, k1, k2, k3, slot, 3, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout)
             # Raw chunks 2 and 3 are read: chunk 3 may overwrite them.
             if CHUNKED:
                 _chunk_ready(full, slot, 2, CHUNKED)
             else:
                 partition_barrier()
-            _dequant_store(k_slot, last, sc3, 3, CHUNK)
-            _slot_done(full, slot, CHUNKED)
+            _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 3, CHUNK_BUFFERS), last, sc3)
+            # Every copy landed before the conversion (CHUNK_BUFFERS: the hand-over skips the wait).
+            _slot_done(full, slot, CHUNKED, not CHUNK_BUFFERS)

@@ -39,6 +39,7 @@ if HAVE_GLUON:
         BLOCK_H,
         D_LAT,
         D_ROPE,
+        _four_buffers,
         _program_coords,
         fence_async_shared,
         gl,
@@ -98,16 +99,19 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
-        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False,
+        PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, CHUNK_BUFFERS: gl.constexpr = False,
     ):
         t, hb = _program_coords(H)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
         q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
-        k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.bfloat16)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
         q_a_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], q_a_layout)
         q_b_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], q_b_layout)
-        k_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_LAT], k_layout)
+        # The key ring: one [STAGES, BLOCK_N, 512] buffer (k0 four times), or with CHUNK_BUFFERS four
+        # rings of 128 columns, the same bytes (a chunk's store then needs no barrier before the next's).
+        K_COLS: gl.constexpr = 128 if CHUNK_BUFFERS else D_LAT
+        k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, K_COLS], gl.bfloat16)
+        k0, k1, k2, k3 = _four_buffers(CHUNK_BUFFERS, gl.bfloat16, [STAGES, BLOCK_N, K_COLS], k_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
         ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
         # full: one barrier a slot, or one a 128-column chunk of a slot (CHUNKED).
@@ -152,12 +156,15 @@ if HAVE_GLUON:
                 # two CONSUMER_REGS workers leave, 504 - 2 * CONSUMER_REGS (check_launch).
                 gl.warp_specialize(
                     [
-                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
-                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
-                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
+                        (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED,
+                                      CHUNK_BUFFERS)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
+                                           CHUNK_BUFFERS)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
+                                           CHUNK_BUFFERS)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -165,12 +172,15 @@ if HAVE_GLUON:
             else:
                 gl.warp_specialize(
                     [
-                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED)),
-                        (_consumer_split, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED)),
-                        (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
+                                           CHUNK_BUFFERS)),
+                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
+                                           CHUNK_BUFFERS)),
+                        (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED,
+                                      CHUNK_BUFFERS)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -178,12 +188,13 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize(
                 [
-                    (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                    (_consumer, (q_a_smem, q_b_smem, k0, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
-                    (_consumer, (q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                    (_consumer, (q_a_smem, q_b_smem, k0, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
-                    (_producer, (k_ring, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED)),
+                    (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
+                                  stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED,
+                                      CHUNK_BUFFERS)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -212,10 +223,15 @@ if HAVE_GLUON:
 # Two producer warpgroups (512 threads) do not compile: ptxas then caps every thread at 128
 # registers, and the 64 x 256 accumulator's wgmma needs 154.
 # IN_SLOT picks the FP8 producer; bf16 keys are always copied straight into the slot and ignore it.
+# CHUNK_BUFFERS (2026-11-28): each 128-column chunk of the key ring its own buffer, so the FP8
+# producer's chunk stores and raw copies are not ordered by compiler-inserted barriers (sm_90 PTX:
+# 5 barriers a block instead of 14; bf16 keys have 4). Decode FP8 FlashMLA 0.262 ms / row 0.231
+# against 0.271 / 0.237, prefill 7.20 / 6.44 ms against 7.51 / 6.42; bf16 keys 0.206 against 0.199
+# (the consumers' two 128-column value products and four chunk score products): on for FP8 only.
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False)
+                   CHUNKED=False, CHUNK_BUFFERS=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False)
+                  CHUNKED=False, CHUNK_BUFFERS=True)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
@@ -254,9 +270,9 @@ def check_launch(cfg: dict) -> None:
     for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
-    if not cfg["SPLIT_S"] and (cfg["CHUNKED"] or cfg["PRODUCER_DEFAULT"]):
-        raise ValueError("launch CHUNKED / PRODUCER_DEFAULT need SPLIT_S=True (the unsplit schedule waits for whole slots "
-                         "and always runs the producer as a worker)")
+    if not cfg["SPLIT_S"] and (cfg["CHUNKED"] or cfg["PRODUCER_DEFAULT"] or cfg["CHUNK_BUFFERS"]):
+        raise ValueError("launch CHUNKED / PRODUCER_DEFAULT / CHUNK_BUFFERS need SPLIT_S=True (the unsplit schedule waits "
+                         "for whole slots, reads the ring as one buffer and always runs the producer as a worker)")
     # The launch gets 168 registers a thread for 384 threads: 504 per 128-thread partition, of
     # which the default partition keeps what the two workers do not take.
     c, p = cfg["CONSUMER_REGS"], cfg["PRODUCER_REGS"]
