@@ -42,6 +42,23 @@ def bench(fn, warmup_ms=100, rep_ms=400) -> float:
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (run once outside it first, for compilation), as a callable
+    that replays it. Timed through ``bench``, a replay measures the GPU's time alone: a kernel
+    shorter than its host-side launch (a decode step: dispatch checks, the JIT's argument
+    handling) timed eagerly measures the host whenever the host is the slower, and decode serves
+    from CUDA graphs anyway."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def row(**kw):
     ROWS.append(kw)
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items()), flush=True)

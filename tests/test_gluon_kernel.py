@@ -65,8 +65,8 @@ def test_launch_settings_are_checked():
     ws.check_launch(dict(ws.LAUNCH_BF16))
     for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
                       (dict(CONSUMER_REGS=200, PRODUCER_REGS=112), "would get 192"), (dict(STAGE=2), "unknown"),
-                      (dict(CHUNKED=True, SPLIT_S=False), "need SPLIT_S=True"),
-                      (dict(CHUNK_BUFFERS=True, SPLIT_S=False), "need SPLIT_S=True"),
+                      (dict(CHUNKED=True, SPLIT_S=False), "pass CHUNKED=False"),
+                      (dict(CHUNK_BUFFERS=True, SPLIT_S=False), "pass CHUNK_BUFFERS=False"),
                       (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
@@ -86,7 +86,7 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(SPLIT_S=False), dict(CHUNKED=True), dict(CHUNKED=True, IN_SLOT=True),
+                                    dict(SPLIT_S=False, CHUNK_BUFFERS=False), dict(CHUNKED=True), dict(CHUNKED=True, IN_SLOT=True),
                                     dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
                                     dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True),
                                     dict(CHUNK_BUFFERS=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],

@@ -270,9 +270,12 @@ def check_launch(cfg: dict) -> None:
     for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
-    if not cfg["SPLIT_S"] and (cfg["CHUNKED"] or cfg["PRODUCER_DEFAULT"] or cfg["CHUNK_BUFFERS"]):
-        raise ValueError("launch CHUNKED / PRODUCER_DEFAULT / CHUNK_BUFFERS need SPLIT_S=True (the unsplit schedule waits "
-                         "for whole slots, reads the ring as one buffer and always runs the producer as a worker)")
+    needs_split = [key for key in ("CHUNKED", "PRODUCER_DEFAULT", "CHUNK_BUFFERS") if cfg[key]]
+    if not cfg["SPLIT_S"] and needs_split:
+        raise ValueError(f"launch SPLIT_S=False with {', '.join(f'{key}=True' for key in needs_split)}: those need SPLIT_S=True "
+                         "(the unsplit schedule waits for whole slots, reads the ring as one buffer and always runs the producer "
+                         f"as a worker); pass {', '.join(f'{key}=False' for key in needs_split)} with SPLIT_S=False "
+                         "(LAUNCH_FP8 has CHUNK_BUFFERS=True)")
     # The launch gets 168 registers a thread for 384 threads: 504 per 128-thread partition, of
     # which the default partition keeps what the two workers do not take.
     c, p = cfg["CONSUMER_REGS"], cfg["PRODUCER_REGS"]
