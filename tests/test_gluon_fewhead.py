@@ -36,7 +36,8 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-wgmma-l2-ahead', True, 4, dict(WGMMA=True, L2_AHEAD=4)),\n"
         "                                  ('fp8-tiles-ws-wgmma-unsplit', True, 4, dict(WGMMA=True, SPLITS=1)),\n"
         "                                  ('fp8-tiles-ws-wgmma-bf16-tiles', True, 4, dict(WGMMA=True, F16=False)),\n"
-        "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3))):\n"
+        "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3)),\n"
+        "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
@@ -87,7 +88,9 @@ def test_launch_settings_name_the_bad_setting():
                            (True, dict(QK_CHAINS=3), "QK_CHAINS=3"), (True, dict(WGMMA=True, WS=0), "WS=0"),
                            (True, dict(WGMMA=True, QK_CHAINS=2), "QK_CHAINS=2 with WGMMA"), (False, dict(WGMMA=True), "bf16 keys"),
                            (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
-                           (False, dict(BLOCK_N=16), "BLOCK_N=16"), (True, dict(WS=True, F16=True), "F16=True without WGMMA")):
+                           (False, dict(BLOCK_N=16), "BLOCK_N=16"), (True, dict(WS=True, F16=True), "F16=True without WGMMA"),
+                           (True, dict(WGMMA=True, DQ_WARPS=6), "DQ_WARPS=6"), (True, dict(WS=True, DQ_WARPS=8), "DQ_WARPS=8 without WGMMA"),
+                           (True, dict(WGMMA=True, DQ_WARPS=8, DEQUANT_REGS=136), "use DEQUANT_REGS <= 128")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.launch_settings(fp8, bad)
 
@@ -132,6 +135,11 @@ FP8_LAUNCH_IDS += ["wgmma", "wgmma-unsplit", "wgmma-3-splits", "wgmma-1-tile-5-s
 FP8_LAUNCHES += [dict(WGMMA=True, F16=False), dict(WGMMA=True, F16=False, SPLITS=1), dict(WGMMA=True, F16=False, SPLITS=3),
                  dict(WGMMA=True, F16=False, TILES=1, STAGES=5, SPLITS=3)]
 FP8_LAUNCH_IDS += ["wgmma-bf16-tiles", "wgmma-bf16-tiles-unsplit", "wgmma-bf16-tiles-3-splits", "wgmma-bf16-1-tile-5-slots-3-splits"]
+# ... with 8 dequantizing warps.
+FP8_LAUNCHES += [dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, SPLITS=1), dict(WGMMA=True, DQ_WARPS=8, F16=False, SPLITS=3),
+                 dict(WGMMA=True, DQ_WARPS=8, TILES=1, STAGES=5), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=2)]
+FP8_LAUNCH_IDS += ["wgmma-8-warps", "wgmma-8-warps-unsplit", "wgmma-8-warps-bf16-tiles-3-splits", "wgmma-8-warps-1-tile-5-slots",
+                   "wgmma-8-warps-l2-2-ahead"]
 
 
 def _exact_keys(launch) -> bool:
@@ -151,9 +159,10 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 @needs_gpu
 @pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False)),
                                             ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4)),
-                                            ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4))],
+                                            ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4)),
+                                            ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8))],
                          ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits",
-                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits"])
+                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True,

@@ -69,10 +69,14 @@ LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=
 # half blocks prefetched into L2, F16 the latent staged as f16 with the scales on the scores and P.
 # H200, same shape, 2026-11-28 (seventh call set), FlashMLA layout / row scale: F16 0.086 / 0.078 ms,
 # bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083; bf16 keys 0.088.
+# DQ_WARPS: warps of the WGMMA kernel's dequantizing partition (4 or 8; the MMA partition has 4).
+# H200, same shape, 2026-11-28 (eighth call set, CUDA graphs): 8 warps FlashMLA 0.0872 / row 0.0786
+# ms against 0.0848 / 0.0787 with 4 (the MMA partition waits on the tiles, but not for lack of
+# converting warps).
 LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0,
-                    F16=True)
+                    F16=True, DQ_WARPS=4)
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD",
-            "F16")
+            "F16", "DQ_WARPS")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
@@ -439,9 +443,16 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
             raise ValueError(f"launch TILES={cfg['TILES']}: 1 or 2 bf16 tiles")
         if cfg["L2_AHEAD"] not in range(0, 17):
             raise ValueError(f"launch L2_AHEAD={cfg['L2_AHEAD']}: 0..16 half blocks")
+        if cfg["DQ_WARPS"] not in (4, 8):
+            raise ValueError(f"launch DQ_WARPS={cfg['DQ_WARPS']}: 4 or 8 warps in the dequantizing partition")
+        # 65536 registers an SM: the MMA partition's 128 threads need 256 of them a thread at most.
+        if cfg["DQ_WARPS"] * 32 * cfg["DEQUANT_REGS"] > 65536 - 128 * 256:
+            raise ValueError(f"launch DQ_WARPS={cfg['DQ_WARPS']} DEQUANT_REGS={cfg['DEQUANT_REGS']}: the dequantizing partition would take "
+                             f"{cfg['DQ_WARPS'] * 32 * cfg['DEQUANT_REGS']} of the 32768 registers the MMA partition leaves; "
+                             f"use DEQUANT_REGS <= {32768 // (cfg['DQ_WARPS'] * 32)}")
         cfg["F16"] = bool(cfg["F16"])
     else:
-        for key in ("TILES", "L2_AHEAD", "F16"):
+        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS"):
             if key in launch:
                 raise ValueError(f"launch {key}={launch[key]} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
@@ -507,7 +518,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
         shape.pop("QK_CHAINS")
         _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"],
-                                        F16=cfg["F16"], num_warps=4)
+                                        F16=cfg["F16"], DQ_WARPS=cfg["DQ_WARPS"], num_warps=4)
     elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
@@ -541,7 +552,8 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
     if cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
-        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], F16=cfg["F16"])
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], F16=cfg["F16"],
+                          DQ_WARPS=cfg["DQ_WARPS"])
     elif cfg["WS"]:
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:

@@ -71,18 +71,18 @@ if HAVE_GLUON:
         _stage_rows_and_q,
     )
 
-    _NW = gl.constexpr(4)  # warps in each partition
+    _NW = gl.constexpr(4)  # warps of the kernel's own partition (the MMAs); the dequantizing one has DQ_WARPS
     P_UNIT = gl.constexpr(32768.0)  # F16: P^T x scale / (largest scale) is stored times this
     _HALF = gl.constexpr(32)  # keys a ring slot holds: half a block
 
     @gluon.jit
-    def _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs):
+    def _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, NW: gl.constexpr):
         """Asks L2 for half block j's rows (latent, scales, rope: every 128-byte line a row
         touches, FlashMLA's unaligned 656-byte rows included), without registers or shared memory
         to hold them: the ring's copies of it, later, then wait on L2 instead of HBM."""
         if j < n_halves:
             # [32 rows, 8 lines] over the partition's 128 threads, each address once.
-            layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [_NW, 1], [1, 0])
+            layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [NW, 1], [1, 0])
             rows = half_rows.index(j).load(gl.SliceLayout(1, layout))[:, None] + gl.zeros([_HALF, 8], gl.int32, layout)
             at = gl.maximum(rows, 0).to(gl.int64)
             k = gl.arange(0, 8, layout=gl.SliceLayout(0, layout))[None, :]
@@ -116,18 +116,18 @@ if HAVE_GLUON:
         q_exp.store(((127 + e) << 23).to(gl.float32, bitcast=True))
 
     @gluon.jit
-    def _convert_into(lat_ring, dst, slot, c: gl.constexpr):
+    def _convert_into(lat_ring, dst, slot, c: gl.constexpr, NW: gl.constexpr):
         """Columns c*128 .. c*128+127 of the FP8 latent in ring slot ``slot`` into ``dst``, that
         chunk's f16 buffer, as they are (e4m3 -> f16 is exact, one conversion a pair; the scales go
         to the scores and P). Same thread layout as gluon_fewhead._dequantize_into (no bank conflicts)."""
-        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [_NW, 1], [1, 0])
+        cvt_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
         dst.store(lat_ring.index(slot).slice(c * 128, 128, dim=1).load(cvt_layout).to(gl.float16))
 
     @gluon.jit
-    def _copy_scales(scale_slots, slot, tile_scales, tile, part: gl.constexpr):
+    def _copy_scales(scale_slots, slot, tile_scales, tile, part: gl.constexpr, NW: gl.constexpr):
         """F16: the scales of a half block, every value tile's in one step, from the ring slot into
         the tile's scales (a warp a value tile; one step: steps into one buffer are ordered by barriers)."""
-        scale_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [_NW, 1], [1, 0])
+        scale_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
         tile_scales.index(tile).slice(part * _HALF, _HALF, dim=1).store(scale_slots.index(slot).load(scale_layout))
 
     @gluon.jit
@@ -135,19 +135,19 @@ if HAVE_GLUON:
                                 e0, e1, e2, e3,
                                 KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
                                 N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-                                TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr):
-        """Copies half blocks STAGES - 1 ahead; block b's two halves go into tile b % TILES once
+                                TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr, NW: gl.constexpr):
+        """Copies half blocks STAGES - 1 ahead (NW warps: DQ_WARPS); block b's two halves go into tile b % TILES once
         the MMA partition has released it (block b - TILES), then one arrive hands it over. F16:
         the latent is converted as it is and its scales copied beside the tile."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
         n_halves = 2 * gl.cdiv(n_hi - n_lo, BLOCK_N)
         for j in gl.static_range(STAGES - 1 + L2_AHEAD):
             if j >= STAGES - 1:
-                _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs)
+                _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, NW)
             else:
                 _issue_block(j, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW, scale_slots)
-        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [_NW, 1], [1, 0])
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, NW, scale_slots)
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
         for b in range(n_halves // 2):
             tile = b % TILES
             for part in gl.static_range(2):
@@ -158,9 +158,10 @@ if HAVE_GLUON:
                 if part == 1:
                     partition_barrier()
                 _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, _NW, scale_slots)
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, NW, scale_slots)
                 if L2_AHEAD > 0:
-                    _prefetch_half(i + STAGES - 1 + L2_AHEAD, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs)
+                    _prefetch_half(i + STAGES - 1 + L2_AHEAD, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs,
+                                   NW)
                 slot = i % STAGES
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of half block i have landed
                 partition_barrier()  # ... and every thread's
@@ -171,14 +172,14 @@ if HAVE_GLUON:
                         mbarrier.wait(_chunk(c, e0, e1, e2, e3).index(tile), ((b // TILES) & 1) ^ 1)
                     dst = _chunk(c, k0, k1, k2, k3).index(tile).slice(part * _HALF, _HALF, dim=0)
                     if F16:
-                        _convert_into(lat_ring, dst, slot, c)
+                        _convert_into(lat_ring, dst, slot, c, NW)
                     else:
-                        _dequantize_into(lat_ring, scale_ring, dst, slot, c, N_TILES, _NW)
+                        _dequantize_into(lat_ring, scale_ring, dst, slot, c, N_TILES, NW)
                     if c == 0:
                         rope_tiles.index(tile).slice(part * _HALF, _HALF, dim=0).store(rope_ring.index(slot).load(rope_layout))
                         if F16:
                             # The MMAs read the tile's scales before its chunk 0 goes back.
-                            _copy_scales(scale_slots, slot, tile_scales, tile, part)
+                            _copy_scales(scale_slots, slot, tile_scales, tile, part, NW)
             # The MMAs read the tile through the async proxy: order these stores before them.
             fence_async_shared()
             partition_barrier()  # every thread's stores are done: one arrive for the partition
@@ -365,7 +366,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr, TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr = False,
+        DEQUANT_REGS: gl.constexpr, TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr = False, DQ_WARPS: gl.constexpr = 4,
     ):
         gl.static_assert(BLOCK_N == 2 * _HALF, "a block is two ring slots of keys")
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
@@ -414,8 +415,8 @@ if HAVE_GLUON:
                                   stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, TILES, N_TILES, F16)),
                 (_dequantizing_partition, (lat_ring, rope_ring, scale_ring, scale_slots, k0, k1, k2, k3, rope_tiles, tile_scales, half_rows, full, e0, e1, e2, e3,
                                            KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
-                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES, L2_AHEAD, F16)),
+                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES, L2_AHEAD, F16, DQ_WARPS)),
             ],
-            [4],
+            [DQ_WARPS],
             [DEQUANT_REGS],
         )
