@@ -27,7 +27,7 @@ def test_compiles_for_hopper_within_shared_memory():
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
         "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT'])),\n"
-        "                                  ('fp8-chunk-buffers', True, 4, dict(CHUNK_BUFFERS=True)),\n"
+        "                                  ('fp8-one-ring', True, 4, dict(CHUNK_BUFFERS=False)),\n"
         "                                  ('bf16-chunk-buffers', False, 1, dict(CHUNK_BUFFERS=True))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
@@ -85,13 +85,16 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(IN_SLOT=True), dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(SPLIT_S=False, CHUNK_BUFFERS=False), dict(CHUNKED=True), dict(CHUNKED=True, IN_SLOT=True),
-                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True),
-                                    dict(CHUNK_BUFFERS=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
-                         ids=["default", "in-slot", "in-registers", "unsplit", "chunked", "chunked-in-slot", "chunked-in-registers",
-                              "chunk-buffers", "chunked-chunk-buffers", "chunk-buffers-in-registers"])
+# LAUNCH_FP8 has CHUNK_BUFFERS=True (the key ring as four buffers); CHUNK_BUFFERS=False is one ring.
+@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=False),
+                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True, CHUNK_BUFFERS=False),
+                                    dict(SPLIT_S=False, CHUNK_BUFFERS=False), dict(CHUNKED=True, CHUNK_BUFFERS=False),
+                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True,
+                                         CHUNK_BUFFERS=False),
+                                    dict(CHUNKED=True),
+                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
+                         ids=["default", "one-ring", "one-ring-in-registers", "unsplit", "one-ring-chunked", "one-ring-chunked-in-registers",
+                              "chunked", "in-registers"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
@@ -100,7 +103,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 @needs_hopper
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
-@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=True)], ids=["default", "chunk-buffers"])
+@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=False)], ids=["default", "one-ring"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.

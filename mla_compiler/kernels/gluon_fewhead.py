@@ -445,7 +445,8 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
             raise ValueError(f"launch L2_AHEAD={cfg['L2_AHEAD']}: 0..16 half blocks")
         if cfg["DQ_WARPS"] not in (4, 8):
             raise ValueError(f"launch DQ_WARPS={cfg['DQ_WARPS']}: 4 or 8 warps in the dequantizing partition")
-        # 65536 registers an SM: the MMA partition's 128 threads need 256 of them a thread at most.
+        # 65536 registers an SM; this keeps 256 a thread for the MMA partition's 128 threads (a
+        # conservative rule: the compiler gave it 248 with 8 warps at 128).
         if cfg["DQ_WARPS"] * 32 * cfg["DEQUANT_REGS"] > 65536 - 128 * 256:
             raise ValueError(f"launch DQ_WARPS={cfg['DQ_WARPS']} DEQUANT_REGS={cfg['DEQUANT_REGS']}: the dequantizing partition would take "
                              f"{cfg['DQ_WARPS'] * 32 * cfg['DEQUANT_REGS']} of the 32768 registers the MMA partition leaves; "

@@ -15,9 +15,9 @@ instead, and no product is padded:
 - values, transposed: O^T [512, 16] += V^T [512, 64] P^T [64, 16] (the same tile, read
   transposed, and P^T through 2 KB of shared memory); 64 accumulator registers a thread.
 
-Partitions as in gluon_fewhead_ws: a dequantizing partition (4 warps) copies the rows of each
-32-key half block into a ring of STAGES half slots and turns two landed halves into one 64-key
-tile (rope copied); the MMA partition (the kernel's 4 warps, one warpgroup) runs the products on
+Partitions as in gluon_fewhead_ws: a dequantizing partition (4 warps; launch DQ_WARPS) copies
+the rows of each 32-key half block into a ring of STAGES half slots and turns two landed halves
+into one 64-key tile (rope copied); the MMA partition (the kernel's 4 warps, one warpgroup) runs the products on
 the other tile. The MMA partition gives a tile back a 128-column chunk at a time, as each chunk's
 value product is done, so the next block's conversion starts before the block's last product.
 Each chunk of the tiles, each P and each chunk's release barrier are their own buffer, and the
@@ -81,7 +81,7 @@ if HAVE_GLUON:
         touches, FlashMLA's unaligned 656-byte rows included), without registers or shared memory
         to hold them: the ring's copies of it, later, then wait on L2 instead of HBM."""
         if j < n_halves:
-            # [32 rows, 8 lines] over the partition's 128 threads, each address once.
+            # [32 rows, 8 lines] over the partition's threads: each address once with 4 warps, twice with 8.
             layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [NW, 1], [1, 0])
             rows = half_rows.index(j).load(gl.SliceLayout(1, layout))[:, None] + gl.zeros([_HALF, 8], gl.int32, layout)
             at = gl.maximum(rows, 0).to(gl.int64)
