@@ -60,19 +60,15 @@ LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGM
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, QK_CHAINS=1, WS=False, WGMMA=False)  # FP8 without warp specialization
 LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=4, WS=True, Q_HELD=True, WGMMA=False)
 # WGMMA: gluon_fewhead_wgmma's kernel (FP8 only, warp-specialized): keys as the rows of warpgroup
-# MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots; TILES its bf16 tiles (2:
+# MMAs, so 64-key blocks; STAGES counts its ring's 32-key half slots; TILES its tiles (2:
 # dequantization beside the MMAs, 1: room for a deeper ring); L2_AHEAD: half blocks past the
-# ring whose rows are prefetched into L2 (0: none). H200, same shape (RESULTS.md, sixth call set),
-# FlashMLA layout / row scale: 0.093 / 0.089 ms (bf16 keys 0.088); TILES=1 with 5 half slots
-# 0.103 / 0.098; L2_AHEAD 2-8 within 1 % of none (on a disturbed device).
-# WGMMA: gluon_fewhead_wgmma (keys as warpgroup MMA rows); TILES bf16 (F16: f16) tiles, L2_AHEAD
-# half blocks prefetched into L2, F16 the latent staged as f16 with the scales on the scores and P.
-# H200, same shape, 2026-11-28 (seventh call set), FlashMLA layout / row scale: F16 0.086 / 0.078 ms,
-# bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083; bf16 keys 0.088.
-# DQ_WARPS: warps of the WGMMA kernel's dequantizing partition (4 or 8; the MMA partition has 4).
-# H200, same shape, 2026-11-28 (eighth call set, CUDA graphs): 8 warps FlashMLA 0.0872 / row 0.0786
-# ms against 0.0848 / 0.0787 with 4 (the MMA partition waits on the tiles, but not for lack of
-# converting warps).
+# ring whose rows are prefetched into L2 (0: none); F16: the latent staged as f16, with the scales
+# on the scores and P (else dequantized into bf16 tiles); DQ_WARPS: warps of its dequantizing
+# partition (4 or 8; the MMA partition has 4). H200, same shape, FlashMLA layout / row scale
+# (RESULTS.md): sixth call set, bf16 tiles 0.093 / 0.089 ms, TILES=1 with 5 half slots 0.103 /
+# 0.098, L2_AHEAD 2-8 within 1 % of none (on a disturbed device); seventh, F16 0.086 / 0.078,
+# bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083 (bf16 keys 0.088); eighth (CUDA
+# graphs), DQ_WARPS=8 0.0872 / 0.0786 against 0.0848 / 0.0787 with 4.
 LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0,
                     F16=True, DQ_WARPS=4)
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD",
@@ -162,9 +158,6 @@ if HAVE_GLUON:
             rope_ptr = gl.max_contiguous(gl.multiple_of(rope_rows[:, None] + r_cols[None, :], [16, 16]), [1, D_ROPE])
             async_rows(rope_ring.index(slot), rope_ptr, mask=(r_rows >= 0)[:, None])
             if FP8:
-                sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-                s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
-                sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
                 if scale_slots is not None and N_TILES == 4:
                     # [4 tiles, rows]: 4 tiles x 8 rows a warp, the row's 16 bytes from 4 adjacent lanes.
                     tiles_layout: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, NW], [0, 1])
@@ -173,6 +166,9 @@ if HAVE_GLUON:
                         + gl.arange(0, 4, layout=gl.SliceLayout(1, tiles_layout))[:, None]
                     async_rows(scale_slots.index(slot), t_ptr, mask=(t_rows >= 0)[None, :])
                 else:
+                    sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+                    s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
+                    sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
                     for tile in gl.static_range(N_TILES):
                         async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
         async_copy.commit_group()

@@ -126,30 +126,29 @@ if HAVE_GLUON:
             slot = i % STAGES
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, b16_layout))
             valid = rows >= 0
-            base = _row_ptrs(KV, rows, cols, stride_kvs, 256)
+            base = _row_ptrs(KV, rows, cols, stride_kvs, 256)  # before the wait: overlaps it
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
-            if CHUNKED:
+            if CHUNKED or CHUNK_BUFFERS:
                 base128 = _row_ptrs(KV, rows, cols128, stride_kvs, 128)
                 for c in gl.static_range(4):
                     async_rows(_slot_chunk(k0, k1, k2, k3, slot, c, CHUNK_BUFFERS), base128 + c * 128, mask=valid[:, None])
+                    if CHUNKED:
+                        async_copy.commit_group()
+                if CHUNKED:
+                    # Groups complete in order: chunk c (the rope with the first) once 3 - c remain.
+                    async_copy.wait_group(3)
+                    _chunk_ready(full, slot, 0, CHUNKED)
+                    async_copy.wait_group(2)
+                    _chunk_ready(full, slot, 1, CHUNKED)
+                    async_copy.wait_group(1)
+                    _chunk_ready(full, slot, 2, CHUNKED)
+                    async_copy.wait_group(0)
+                    _chunk_ready(full, slot, 3, CHUNKED)
+                else:
                     async_copy.commit_group()
-                # Groups complete in order: chunk c (the rope with the first) once 3 - c remain.
-                async_copy.wait_group(3)
-                _chunk_ready(full, slot, 0, CHUNKED)
-                async_copy.wait_group(2)
-                _chunk_ready(full, slot, 1, CHUNKED)
-                async_copy.wait_group(1)
-                _chunk_ready(full, slot, 2, CHUNKED)
-                async_copy.wait_group(0)
-                _chunk_ready(full, slot, 3, CHUNKED)
-            elif CHUNK_BUFFERS:
-                base128 = _row_ptrs(KV, rows, cols128, stride_kvs, 128)
-                for c in gl.static_range(4):
-                    async_rows(_slot_chunk(k0, k1, k2, k3, slot, c, CHUNK_BUFFERS), base128 + c * 128, mask=valid[:, None])
-                async_copy.commit_group()
-                _hand_over(full, slot)
+                    _hand_over(full, slot)
             else:
                 k_slot = k0.index(slot)
                 async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
