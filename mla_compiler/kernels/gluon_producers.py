@@ -36,7 +36,7 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, COPY_AHEAD: gl.constexpr,
+        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized). The slot's four
@@ -51,17 +51,13 @@ if HAVE_GLUON:
             if IN_SLOT:
                 _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                                       stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED,
-                                      CHUNK_BUFFERS, COPY_AHEAD)
+                                      CHUNK_BUFFERS)
             else:
                 _producer_fp8(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                               stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
         else:
-            if COPY_AHEAD:
-                _producer_bf16_ahead(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV,
-                                     TOPK, n_blocks, BLOCK_N, STAGES, CHUNK_BUFFERS)
-            else:
-                _producer_bf16(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                               n_blocks, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
+            _producer_bf16(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
+                           n_blocks, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
 
     @gluon.jit
     def _row_ptrs(BASE, rows, cols, stride, WIDTH: gl.constexpr):
@@ -161,46 +157,6 @@ if HAVE_GLUON:
                 _hand_over(full, slot)
 
     @gluon.jit
-    def _issue_bf16_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows, i, stride_kvs, stride_rs,
-                          STAGES: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
-        """Once block i's slot is free: its valid-key mask, and its rows' copies (rope, latent)
-        into the slot, not committed."""
-        b16_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        slot = i % STAGES
-        valid = rows >= 0
-        COLS: gl.constexpr = 128 if CHUNK_BUFFERS else 256
-        base = _row_ptrs(KV, rows, gl.arange(0, COLS, layout=gl.SliceLayout(0, b16_layout)), stride_kvs, COLS)
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-        ok_ring.index(slot).store(valid.to(gl.int32))
-        _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
-        if CHUNK_BUFFERS:
-            for c in gl.static_range(4):
-                async_rows(_slot_chunk(k0, k1, k2, k3, slot, c, True), base + c * 128, mask=valid[:, None])
-        else:
-            async_rows(k0.index(slot).slice(0, 256, dim=1), base, mask=valid[:, None])
-            async_rows(k0.index(slot).slice(256, 256, dim=1), base + 256, mask=valid[:, None])
-
-    @gluon.jit
-    def _producer_bf16_ahead(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
-                             n_blocks, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
-        """bf16 keys with COPY_AHEAD: block i + 1's copies are issued (once its slot is free) before
-        block i's are waited for, so two blocks' rows are in flight instead of one."""
-        row_layout: gl.constexpr = gl.SliceLayout(1, gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0]))
-        rows = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
-        _issue_bf16_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows, 0, stride_kvs, stride_rs, STAGES, CHUNK_BUFFERS)
-        async_copy.commit_group()
-        for i in range(n_blocks):
-            if i + 1 < n_blocks:
-                rows = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)
-                _issue_bf16_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows, i + 1, stride_kvs, stride_rs, STAGES,
-                                  CHUNK_BUFFERS)
-            async_copy.commit_group()  # empty past the last block: wait_group(1) below stays right
-            async_copy.wait_group(1)  # block i's copies have landed
-            _hand_over(full, i % STAGES, False)
-        async_copy.wait_group(0)
-
-    @gluon.jit
     def _producer_fp8(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs, stride_ss,
                       stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
@@ -272,33 +228,9 @@ if HAVE_GLUON:
         return view
 
     @gluon.jit
-    def _issue_fp8_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows, i, stride_kvs, stride_rs,
-                         BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
-        """Once block i's slot is free: its valid-key mask, the copy of its rope rows, and of its raw
-        e4m3 latent into the slot's staging bytes (_raw_chunk), not committed. Invalid rows copy
-        nothing and are zero-filled (no stale byte can read as NaN)."""
-        CHUNK: gl.constexpr = 128
-        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        slot = i % STAGES
-        valid = rows >= 0
-        base = _row_ptrs(KV, rows, gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout)), stride_kvs, CHUNK)
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-        ok_ring.index(slot).store(valid.to(gl.int32))
-        _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
-        if CHUNK_BUFFERS:
-            # One copy per buffer: two copies into one buffer get a barrier between them.
-            base_pair = _row_ptrs(KV, rows, gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, fp8_layout)), stride_kvs, 2 * CHUNK)
-            async_rows(_raw_pair(k2, k3, slot, 0, BLOCK_N), base_pair, mask=valid[:, None])
-            async_rows(_raw_pair(k2, k3, slot, 1, BLOCK_N), base_pair + 2 * CHUNK, mask=valid[:, None])
-        else:
-            for g in gl.static_range(4):
-                async_rows(_raw_chunk(k0, k1, k2, k3, slot, g, BLOCK_N, False), base + g * CHUNK, mask=valid[:, None])
-
-    @gluon.jit
     def _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs,
                               stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, COPY_AHEAD: gl.constexpr):
+                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
@@ -307,34 +239,36 @@ if HAVE_GLUON:
         overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites raw chunks 2 and
         3 (chunk 3 read into registers first, then a barrier). With CHUNK_BUFFERS the same bytes are
         four buffers (raw chunks 0-1 in chunk buffer 2, 2-3 in buffer 3): the stores into chunks 0
-        and 1 then need no compiler-inserted barrier between them (see _four_buffers). COPY_AHEAD:
-        block i + 1's copies are issued (once its slot is free) before block i is converted, so
-        they land while it is."""
+        and 1 then need no compiler-inserted barrier between them (see _four_buffers)."""
+        CHUNK: gl.constexpr = 128
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
+        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
+        cols_pair = gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         rows_next = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
-        if COPY_AHEAD:
-            _issue_fp8_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows_next, 0, stride_kvs, stride_rs, BLOCK_N, STAGES,
-                             CHUNK_BUFFERS)
-            async_copy.commit_group()
         for i in range(n_blocks):
             slot = i % STAGES
             rows = rows_next
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
             sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
-            if COPY_AHEAD:
-                if i + 1 < n_blocks:
-                    _issue_fp8_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows_next, i + 1, stride_kvs, stride_rs,
-                                     BLOCK_N, STAGES, CHUNK_BUFFERS)
-                async_copy.commit_group()  # empty past the last block: wait_group(1) stays right
-                async_copy.wait_group(1)
+            base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            ok_ring.index(slot).store(valid.to(gl.int32))
+            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+            # Invalid rows copy nothing and are zero-filled (no stale byte can read as NaN).
+            if CHUNK_BUFFERS:
+                # One copy per buffer: two copies into one buffer get a barrier between them.
+                base_pair = _row_ptrs(KV, rows, cols_pair, stride_kvs, 2 * CHUNK)
+                async_rows(_raw_pair(k2, k3, slot, 0, BLOCK_N), base_pair, mask=valid[:, None])
+                async_rows(_raw_pair(k2, k3, slot, 1, BLOCK_N), base_pair + 2 * CHUNK, mask=valid[:, None])
             else:
-                _issue_fp8_block(k0, k1, k2, k3, r_ring, ok_ring, empty, KV, KV_ROPE, rows, i, stride_kvs, stride_rs, BLOCK_N, STAGES,
-                                 CHUNK_BUFFERS)
-                async_copy.commit_group()
-                async_copy.wait_group(0)
-            partition_barrier()  # every producer thread's copies of block i have landed
+                for g in gl.static_range(4):
+                    async_rows(_raw_chunk(k0, k1, k2, k3, slot, g, BLOCK_N, CHUNK_BUFFERS), base + g * CHUNK, mask=valid[:, None])
+            async_copy.commit_group()
+            async_copy.wait_group(0)
+            partition_barrier()  # every producer thread's copies have landed
             _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 0, CHUNK_BUFFERS),
                            _raw_chunk(k0, k1, k2, k3, slot, 0, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc0)
             _chunk_ready(full, slot, 0, CHUNKED)
@@ -354,8 +288,5 @@ if HAVE_GLUON:
             else:
                 partition_barrier()
             _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 3, CHUNK_BUFFERS), last, sc3)
-            # Every copy of the block landed before the conversion (CHUNK_BUFFERS: the hand-over skips
-            # the wait; COPY_AHEAD must, the next block's copies are in flight).
-            _slot_done(full, slot, CHUNKED, not CHUNK_BUFFERS and not COPY_AHEAD)
-        if COPY_AHEAD:
-            async_copy.wait_group(0)
+            # Every copy landed before the conversion (CHUNK_BUFFERS: the hand-over skips the wait).
+            _slot_done(full, slot, CHUNKED, not CHUNK_BUFFERS)
