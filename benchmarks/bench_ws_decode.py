@@ -67,8 +67,7 @@ def check() -> int:
             poison_unselected(latent, scale, rope)
             r_out, r_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
             for label, launch in (("", None), (" one-ring", dict(CHUNK_BUFFERS=False)), (" unsplit", dict(SPLIT_S=False, CHUNK_BUFFERS=False)), (" producer-default", dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=120)),
-                                  (" in-registers", dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)),
-                                  (" consumer-copies", dict(CONSUMER_COPIES=True))):
+                                  (" in-registers", dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True))):
                 out, lse = gk.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
                 err, dl = rel(out, r_out), (lse[fin] - r_lse[fin]).abs().max().item()
                 ok = err < 1e-2 and dl < 1e-3 and torch.isinf(lse[2]).all().item() and (out[2] == 0).all().item()
@@ -85,13 +84,10 @@ def stress(repeats: int) -> int:
         q, kv, idx = make()
         kv = torch.nan_to_num(kv)
         fp8 = fp8_key_sets(kv)
-        copies = dict(CONSUMER_COPIES=True)
         for name, fn in (
             ("bf16", lambda: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE)),
             ("FP8 FlashMLA", lambda: gk.forward(q, *fp8["flashmla"], idx, SCALE)),
             ("FP8 row", lambda: gk.forward(q, *fp8["row"], idx, SCALE)),
-            ("FP8 FlashMLA consumer-copies", lambda: gk.forward(q, *fp8["flashmla"], idx, SCALE, launch=copies)),
-            ("FP8 row consumer-copies", lambda: gk.forward(q, *fp8["row"], idx, SCALE, launch=copies)),
         ):
             first, lse0 = fn()
             diff = 0
@@ -117,11 +113,9 @@ def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) 
         ("dispatch FP8 row (policy)", lambda: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512)),
     ]
     for cfg in launches:
-        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']}{' in-slot' if cfg['IN_SLOT'] else ''}{' split' if cfg['SPLIT_S'] else ''}{' pd' if cfg['PRODUCER_DEFAULT'] else ''}{' chunked' if cfg['CHUNKED'] else ''}{' chunk-buffers' if cfg['CHUNK_BUFFERS'] else ''}{' consumer-copies' if cfg.get('CONSUMER_COPIES') else ''}"
-        # CONSUMER_COPIES is an FP8 setting: the bf16 row of such a launch runs without it.
-        bf16_cfg = dict(cfg, CONSUMER_COPIES=False)
+        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']}{' in-slot' if cfg['IN_SLOT'] else ''}{' split' if cfg['SPLIT_S'] else ''}{' pd' if cfg['PRODUCER_DEFAULT'] else ''}{' chunked' if cfg['CHUNKED'] else ''}{' chunk-buffers' if cfg['CHUNK_BUFFERS'] else ''}"
         cands += [
-            (f"ws bf16 {tag}", lambda c=bf16_cfg: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=c)),
+            (f"ws bf16 {tag}", lambda c=cfg: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=c)),
             (f"ws FP8 FlashMLA {tag}", lambda c=cfg: gk.forward(q, *fp8["flashmla"], idx, SCALE, launch=c)),
             (f"ws FP8 row {tag}", lambda c=cfg: gk.forward(q, *fp8["row"], idx, SCALE, launch=c)),
         ]
@@ -157,7 +151,7 @@ def main() -> int:
     p.add_argument("part", choices=["check", "time", "stress"])
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--launches", default="216/72/64/2/1", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_SLOT 0|1[/SPLIT_S 0|1[/PRODUCER_DEFAULT 0|1[/CHUNKED 0|1[/CHUNK_BUFFERS 0|1[/CONSUMER_COPIES 0|1 (FP8 rows only)]]]]], comma-separated")
+    p.add_argument("--launches", default="216/72/64/2/1", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_SLOT 0|1[/SPLIT_S 0|1[/PRODUCER_DEFAULT 0|1[/CHUNKED 0|1[/CHUNK_BUFFERS 0|1]]]], comma-separated")
     p.add_argument("--shape", choices=["decode", "prefill"], default="decode")
     p.add_argument("--out")
     a = p.parse_args()
@@ -168,10 +162,9 @@ def main() -> int:
     launches = []
     for spec in a.launches.split(","):
         c, pr, n, s, f, *opt = (int(x) for x in spec.split("/"))
-        opt = opt + [1, 0, 0, 0, 0][len(opt):]
+        opt = opt + [1, 0, 0, 0][len(opt):]
         launches.append(dict(CONSUMER_REGS=c, PRODUCER_REGS=pr, BLOCK_N=n, STAGES=s, IN_SLOT=bool(f), SPLIT_S=bool(opt[0]),
-                             PRODUCER_DEFAULT=bool(opt[1]), CHUNKED=bool(opt[2]), CHUNK_BUFFERS=bool(opt[3]),
-                             CONSUMER_COPIES=bool(opt[4])))
+                             PRODUCER_DEFAULT=bool(opt[1]), CHUNKED=bool(opt[2]), CHUNK_BUFFERS=bool(opt[3])))
     timing(a.rounds, launches, a.out, a.shape)
     return 0
 

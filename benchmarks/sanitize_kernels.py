@@ -63,10 +63,6 @@ def main(argv: list[str]) -> int:
         ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
         ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)
-    if "ws" in groups:  # an FP8-only launch
-        ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=dict(CONSUMER_COPIES=True))
-        ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1,
-                   launch=dict(CONSUMER_COPIES=True))
     # The few-head forward, called directly: 20 heads (a padded 16-head block), the same indices,
     # unsplit and split top-k, bf16 keys and both FP8 latents; FP8 through both kernels (WS: the
     # partitions' mbarrier hand-over, for racecheck and synccheck).

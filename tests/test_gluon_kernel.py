@@ -28,8 +28,7 @@ def test_compiles_for_hopper_within_shared_memory():
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
         "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT'])),\n"
         "                                  ('fp8-one-ring', True, 4, dict(CHUNK_BUFFERS=False)),\n"
-        "                                  ('bf16-chunk-buffers', False, 1, dict(CHUNK_BUFFERS=True)),\n"
-        "                                  ('fp8-consumer-copies', True, 4, dict(CONSUMER_COPIES=True))):\n"
+        "                                  ('bf16-chunk-buffers', False, 1, dict(CHUNK_BUFFERS=True))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
         "print(json.dumps(out))\n"
@@ -68,13 +67,9 @@ def test_launch_settings_are_checked():
                       (dict(CONSUMER_REGS=200, PRODUCER_REGS=112), "would get 192"), (dict(STAGE=2), "unknown"),
                       (dict(CHUNKED=True, SPLIT_S=False), "pass CHUNKED=False"),
                       (dict(CHUNK_BUFFERS=True, SPLIT_S=False), "pass CHUNK_BUFFERS=False"),
-                      (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120"),
-                      (dict(CONSUMER_COPIES=True), "got FP8=False")):
+                      (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
-    ws.check_launch(dict(ws.LAUNCH_FP8, CONSUMER_COPIES=True), fp8=True)
-    with pytest.raises(ValueError, match=re.escape("CHUNK_BUFFERS=False")):
-        ws.check_launch(dict(ws.LAUNCH_FP8, CONSUMER_COPIES=True, CHUNK_BUFFERS=False), fp8=True)
 
 
 @needs_hopper
@@ -97,10 +92,9 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
                                     dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True,
                                          CHUNK_BUFFERS=False),
                                     dict(CHUNKED=True),
-                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(CONSUMER_COPIES=True)],
+                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
                          ids=["default", "one-ring", "one-ring-in-registers", "unsplit", "one-ring-chunked", "one-ring-chunked-in-registers",
-                              "chunked", "in-registers", "consumer-copies"])
+                              "chunked", "in-registers"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
@@ -109,7 +103,7 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 
 @needs_hopper
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
-@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=False), dict(CONSUMER_COPIES=True)], ids=["default", "one-ring", "consumer-copies"])
+@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=False)], ids=["default", "one-ring"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.

@@ -20,7 +20,6 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from .gluon_producers import _consumer_copies, _consumer_rows
 
     @gluon.jit
     def _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H,
@@ -104,17 +103,12 @@ if HAVE_GLUON:
         q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
         WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
-        raw_full=None, KV=None, KV_ROPE=None, IDX=None, stride_kvs=0, stride_rs=0, stride_it=0, S_KV=0,
-        CONSUMER_COPIES: gl.constexpr = False,
     ):
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
         P V (all keys) for its 256 value columns. No product is computed twice. With CHUNK_BUFFERS
         (each 128-column chunk of a slot its own buffer) the scores take one product per chunk and
-        the values two accumulators of 128 columns, one per chunk. CONSUMER_COPIES (FP8 latent): the
-        warpgroups copy each block's raw rows into the slot they have just given back
-        (_consumer_copies), STAGES blocks ahead, so the copies never wait for the producer's
-        conversion and the producer never waits for a free slot."""
+        the values two accumulators of 128 columns, one per chunk."""
         t, hb = _program_coords(H)
         HALF: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
@@ -132,16 +126,8 @@ if HAVE_GLUON:
         acc_hi = gl.zeros([BLOCK_H, V_COLS], gl.float32, o_layout)  # CHUNK_BUFFERS: the second chunk's columns
         s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
-        if CONSUMER_COPIES:
-            idx_row = IDX + t * stride_it
-            for b in gl.static_range(STAGES):
-                if b < n_blocks:
-                    _consumer_copies(k2, k3, r_ring, raw_full, KV, KV_ROPE, _consumer_rows(idx_row, b, S_KV, TOPK, WG, BLOCK_N), b,
-                                     stride_kvs, stride_rs, WG, BLOCK_N, STAGES)
         for i in range(n_blocks):
             slot = i % STAGES
-            if CONSUMER_COPIES:
-                rows_ahead = _consumer_rows(idx_row, i + STAGES, S_KV, TOPK, WG, BLOCK_N)  # lands during the block's MMAs
             if CHUNKED or CHUNK_BUFFERS:
                 # One product per 128-column chunk. CHUNKED: FlashMLA's fine-grained copy-GEMM
                 # pipelining, the scores over each chunk start as soon as it is in the slot.
@@ -194,11 +180,6 @@ if HAVE_GLUON:
             m_i = m_new
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
-            if CONSUMER_COPIES:
-                if i + STAGES < n_blocks:
-                    mbarrier.wait(empty.index(slot), (i // STAGES) & 1)  # both warpgroups are past the slot
-                    _consumer_copies(k2, k3, r_ring, raw_full, KV, KV_ROPE, rows_ahead, i + STAGES, stride_kvs, stride_rs, WG, BLOCK_N,
-                                     STAGES)
 
         lsum.index(WG).store(l_i)
         partition_barrier()

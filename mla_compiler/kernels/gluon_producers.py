@@ -36,7 +36,7 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, raw_full=None, CONSUMER_COPIES: gl.constexpr = False,
+        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized). The slot's four
@@ -51,7 +51,7 @@ if HAVE_GLUON:
             if IN_SLOT:
                 _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                                       stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED,
-                                      CHUNK_BUFFERS, raw_full, CONSUMER_COPIES)
+                                      CHUNK_BUFFERS)
             else:
                 _producer_fp8(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                               stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
@@ -228,40 +228,9 @@ if HAVE_GLUON:
         return view
 
     @gluon.jit
-    def _consumer_rows(idx_row, i, S_KV, TOPK, WG: gl.constexpr, BLOCK_N: gl.constexpr):
-        """CONSUMER_COPIES: the rows of warpgroup WG's half of block i (-1 where invalid), read
-        ahead of _consumer_copies so the index load's latency is not on the consumers' path."""
-        HALF: gl.constexpr = BLOCK_N // 2
-        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
-        offs = i * BLOCK_N + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, fp8_layout))
-        idx = gl.load(idx_row + offs, mask=offs < TOPK, other=-1)
-        return gl.where((idx >= 0) & (idx < S_KV), idx, -1)
-
-    @gluon.jit
-    def _consumer_copies(k2, k3, r_ring, raw_full, KV, KV_ROPE, rows, i, stride_kvs, stride_rs,
-                         WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """CONSUMER_COPIES: run by consumer warpgroup WG once both are done with block i's slot:
-        copies its half of block i's rows (raw e4m3 latent into the slot's staging bytes, as the
-        in-slot producer does with CHUNK_BUFFERS; the rope) and arrives on ``raw_full`` as they
-        land (one arrival a thread), so the producer converts without waiting for the slot."""
-        HALF: gl.constexpr = BLOCK_N // 2
-        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
-        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        stride_rs = gl.multiple_of(stride_rs, 8)  # as in _producer (the host checks them)
-        stride_kvs = gl.multiple_of(stride_kvs, 16)
-        slot = i % STAGES
-        valid = rows >= 0
-        base = _row_ptrs(KV, rows, gl.arange(0, 256, layout=gl.SliceLayout(0, fp8_layout)), stride_kvs, 256)
-        async_rows(_raw_pair(k2, k3, slot, 0, BLOCK_N).slice(WG * HALF, HALF, dim=0), base, mask=valid[:, None])
-        async_rows(_raw_pair(k2, k3, slot, 1, BLOCK_N).slice(WG * HALF, HALF, dim=0), base + 256, mask=valid[:, None])
-        _rope_rows(r_ring.index(slot).slice(WG * HALF, HALF, dim=0), KV_ROPE, rows, stride_rs, rope_layout)
-        async_copy.mbarrier_arrive(raw_full.index(slot), increment_count=False)
-
-    @gluon.jit
     def _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs,
                               stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, raw_full,
-                              CONSUMER_COPIES: gl.constexpr):
+                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
@@ -285,19 +254,11 @@ if HAVE_GLUON:
             valid = rows >= 0
             sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
             base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
-            if CONSUMER_COPIES:
-                # The consumers copied the block's raw rows and rope into the slot once they were
-                # done with it (_consumer_copies); the barrier completes as the copies land.
-                mbarrier.wait(raw_full.index(slot), (i // STAGES) & 1)
-                ok_ring.index(slot).store(valid.to(gl.int32))
-            else:
-                mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
-                ok_ring.index(slot).store(valid.to(gl.int32))
-                _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+            mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            ok_ring.index(slot).store(valid.to(gl.int32))
+            _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
             # Invalid rows copy nothing and are zero-filled (no stale byte can read as NaN).
-            if CONSUMER_COPIES:
-                pass
-            elif CHUNK_BUFFERS:
+            if CHUNK_BUFFERS:
                 # One copy per buffer: two copies into one buffer get a barrier between them.
                 base_pair = _row_ptrs(KV, rows, cols_pair, stride_kvs, 2 * CHUNK)
                 async_rows(_raw_pair(k2, k3, slot, 0, BLOCK_N), base_pair, mask=valid[:, None])
@@ -305,9 +266,8 @@ if HAVE_GLUON:
             else:
                 for g in gl.static_range(4):
                     async_rows(_raw_chunk(k0, k1, k2, k3, slot, g, BLOCK_N, CHUNK_BUFFERS), base + g * CHUNK, mask=valid[:, None])
-            if not CONSUMER_COPIES:
-                async_copy.commit_group()
-                async_copy.wait_group(0)
+            async_copy.commit_group()
+            async_copy.wait_group(0)
             partition_barrier()  # every producer thread's copies have landed
             _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 0, CHUNK_BUFFERS),
                            _raw_chunk(k0, k1, k2, k3, slot, 0, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc0)

@@ -100,7 +100,6 @@ if HAVE_GLUON:
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, CHUNK_BUFFERS: gl.constexpr = False,
-        CONSUMER_COPIES: gl.constexpr = False,
     ):
         t, hb = _program_coords(H)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
@@ -123,10 +122,6 @@ if HAVE_GLUON:
             mbarrier.init(full.index(s), count=1)
         for s in gl.static_range(STAGES):
             mbarrier.init(empty.index(s), count=2)
-        # CONSUMER_COPIES: a slot's raw rows have landed (one arrival a consumer thread, as its copies land).
-        raw_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for s in gl.static_range(STAGES):
-            mbarrier.init(raw_full.index(s), count=256)
 
         # Q of this block of heads into shared memory, 128 columns at a time (padded heads are 0).
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
@@ -163,13 +158,13 @@ if HAVE_GLUON:
                     [
                         (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED,
-                                      CHUNK_BUFFERS, raw_full, CONSUMER_COPIES)),
+                                      CHUNK_BUFFERS)),
                         (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, raw_full, KV, KV_ROPE, IDX, stride_kvs, stride_rs, stride_it, S_KV, CONSUMER_COPIES)),
+                                           CHUNK_BUFFERS)),
                         (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, raw_full, KV, KV_ROPE, IDX, stride_kvs, stride_rs, stride_it, S_KV, CONSUMER_COPIES)),
+                                           CHUNK_BUFFERS)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -179,13 +174,13 @@ if HAVE_GLUON:
                     [
                         (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, raw_full, KV, KV_ROPE, IDX, stride_kvs, stride_rs, stride_it, S_KV, CONSUMER_COPIES)),
+                                           CHUNK_BUFFERS)),
                         (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, raw_full, KV, KV_ROPE, IDX, stride_kvs, stride_rs, stride_it, S_KV, CONSUMER_COPIES)),
+                                           CHUNK_BUFFERS)),
                         (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
                                       stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED,
-                                      CHUNK_BUFFERS, raw_full, CONSUMER_COPIES)),
+                                      CHUNK_BUFFERS)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -234,9 +229,9 @@ if HAVE_GLUON:
 # against 0.271 / 0.237, prefill 7.20 / 6.44 ms against 7.51 / 6.42; bf16 keys 0.206 against 0.199
 # (the consumers' two 128-column value products and four chunk score products): on for FP8 only.
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, CHUNK_BUFFERS=False, CONSUMER_COPIES=False)
+                   CHUNKED=False, CHUNK_BUFFERS=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False, CHUNK_BUFFERS=True, CONSUMER_COPIES=False)
+                  CHUNKED=False, CHUNK_BUFFERS=True)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
@@ -252,7 +247,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
         sig[name] = "i32"
     sig["sm_scale_log2"] = "fp32"
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    check_launch(cfg, fp8)
+    check_launch(cfg)
     constexprs = dict(FP8=fp8, N_TILES=n_tiles, **cfg)
     sig.update({k: "constexpr" for k in constexprs})
     names = list(sig)
@@ -264,8 +259,8 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
 REG_BUDGET = 504  # registers a thread-slot for the three 128-thread partitions (168 x 384 / 128)
 
 
-def check_launch(cfg: dict, fp8: bool = False) -> None:
-    """Raises ValueError naming the launch setting this kernel cannot run with (``fp8``: for FP8 keys)."""
+def check_launch(cfg: dict) -> None:
+    """Raises ValueError naming the launch setting this kernel cannot run with."""
     unknown = set(cfg) - set(LAUNCH_BF16)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {sorted(LAUNCH_BF16)}")
@@ -281,11 +276,6 @@ def check_launch(cfg: dict, fp8: bool = False) -> None:
                          "(the unsplit schedule waits for whole slots, reads the ring as one buffer and always runs the producer "
                          f"as a worker); pass {', '.join(f'{key}=False' for key in needs_split)} with SPLIT_S=False "
                          "(LAUNCH_FP8 has CHUNK_BUFFERS=True)")
-    if cfg["CONSUMER_COPIES"] and (not fp8 or not cfg["IN_SLOT"] or not cfg["CHUNK_BUFFERS"] or cfg["CHUNKED"] or not cfg["SPLIT_S"]):
-        raise ValueError("launch CONSUMER_COPIES=True: the consumers copy raw FP8 rows into the in-slot staging of the chunk "
-                         "buffers; it needs FP8 keys with IN_SLOT=True, CHUNK_BUFFERS=True, SPLIT_S=True and CHUNKED=False "
-                         f"(got FP8={fp8}, IN_SLOT={cfg['IN_SLOT']}, CHUNK_BUFFERS={cfg['CHUNK_BUFFERS']}, SPLIT_S={cfg['SPLIT_S']}, "
-                         f"CHUNKED={cfg['CHUNKED']}); pass CONSUMER_COPIES=False otherwise")
     # The launch gets 168 registers a thread for 384 threads: 504 per 128-thread partition, of
     # which the default partition keeps what the two workers do not take.
     c, p = cfg["CONSUMER_REGS"], cfg["PRODUCER_REGS"]
@@ -302,7 +292,7 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     per row or per 128-column tile) or bf16 (``kv_scale`` None), rope bf16; indices [T, 1, topk]."""
     fp8 = kv_scale is not None
     cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    check_launch(cfg, fp8)
+    check_launch(cfg)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     topk = indices.shape[-1]
