@@ -51,19 +51,16 @@ FEW_HEAD_TRITON = {
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
     "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, F16=False),
-                     dict(WGMMA=True, F16=False, L2_AHEAD=4), dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=4),
-                     dict(WGMMA=True, RING_KEYS=16, STAGES=4), dict(WGMMA=True, RING_KEYS=16, STAGES=3)],
+                     dict(WGMMA=True, F16=False, L2_AHEAD=4), dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=4)],
     "fp8 row": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, F16=False),
-                     dict(WGMMA=True, F16=False, L2_AHEAD=4), dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=4),
-                     dict(WGMMA=True, RING_KEYS=16, STAGES=4), dict(WGMMA=True, RING_KEYS=16, STAGES=5), dict(WGMMA=True, RING_KEYS=16, STAGES=3)],
+                     dict(WGMMA=True, F16=False, L2_AHEAD=4), dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=4)],
 }
 
 
 # --quick (few heads): the policy and these few-head launches only, a minute of GPU time.
 QUICK_GLUON = {"bf16": [dict(BLOCK_N=64, STAGES=2)],
-               "fp8 FlashMLA": [dict(WGMMA=True), dict(WGMMA=True, RING_KEYS=16, STAGES=3), dict(WGMMA=True, RING_KEYS=16, STAGES=4)],
-               "fp8 row": [dict(WGMMA=True), dict(WGMMA=True, RING_KEYS=16, STAGES=3), dict(WGMMA=True, RING_KEYS=16, STAGES=4),
-                           dict(WGMMA=True, RING_KEYS=16, STAGES=5)]}
+               "fp8 FlashMLA": [dict(WGMMA=True), dict(WGMMA=True, F16=False), dict(WGMMA=True, DQ_WARPS=8)],
+               "fp8 row": [dict(WGMMA=True), dict(WGMMA=True, F16=False), dict(WGMMA=True, DQ_WARPS=8)]}
 
 
 def shape_rows(name: str, batch: int, heads: int, rounds: int, quick: bool = False, graphs: bool = True) -> list[dict]:

@@ -37,12 +37,11 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-wgmma-unsplit', True, 4, dict(WGMMA=True, SPLITS=1)),\n"
         "                                  ('fp8-tiles-ws-wgmma-bf16-tiles', True, 4, dict(WGMMA=True, F16=False)),\n"
         "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3)),\n"
-        "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8)),\n"
-        "                                  ('fp8-rows-ws-wgmma-quarter-slots', True, 1, dict(WGMMA=True, RING_KEYS=16, STAGES=5, SPLITS=1))):\n"
+        "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False), cfg.get('RING_KEYS', 32))\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False))\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync') + ptx.count('wgmma.mma_async'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
         "                     partitions=ptx.count('setmaxnreg.dec'))\n"
@@ -91,8 +90,7 @@ def test_launch_settings_name_the_bad_setting():
                            (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
                            (False, dict(BLOCK_N=16), "BLOCK_N=16"), (True, dict(WS=True, F16=True), "F16=True without WGMMA"),
                            (True, dict(WGMMA=True, DQ_WARPS=6), "DQ_WARPS=6"), (True, dict(WS=True, DQ_WARPS=8), "DQ_WARPS=8 without WGMMA"),
-                           (True, dict(WGMMA=True, DQ_WARPS=8, DEQUANT_REGS=136), "use DEQUANT_REGS <= 128"),
-                           (True, dict(WGMMA=True, RING_KEYS=8), "RING_KEYS=8"), (True, dict(WS=True, RING_KEYS=16), "RING_KEYS=16 without WGMMA")):
+                           (True, dict(WGMMA=True, DQ_WARPS=8, DEQUANT_REGS=136), "use DEQUANT_REGS <= 128")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.launch_settings(fp8, bad)
 
@@ -142,11 +140,6 @@ FP8_LAUNCHES += [dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, SPLI
                  dict(WGMMA=True, DQ_WARPS=8, TILES=1, STAGES=5), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=2)]
 FP8_LAUNCH_IDS += ["wgmma-8-warps", "wgmma-8-warps-unsplit", "wgmma-8-warps-bf16-tiles-3-splits", "wgmma-8-warps-1-tile-5-slots",
                    "wgmma-8-warps-l2-2-ahead"]
-# Ring slots of a quarter block (RING_KEYS=16): more, smaller slots in the same bytes.
-FP8_LAUNCHES += [dict(WGMMA=True, RING_KEYS=16, STAGES=4), dict(WGMMA=True, RING_KEYS=16, STAGES=4, SPLITS=1),
-                 dict(WGMMA=True, RING_KEYS=16, STAGES=3, SPLITS=3, F16=False), dict(WGMMA=True, RING_KEYS=16, STAGES=2, TILES=1)]
-FP8_LAUNCH_IDS += ["wgmma-quarter-slots", "wgmma-quarter-slots-unsplit", "wgmma-quarter-slots-bf16-tiles-3-splits",
-                   "wgmma-quarter-slots-1-tile-2-slots"]
 
 
 def _exact_keys(launch) -> bool:
@@ -167,12 +160,9 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 @pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False)),
                                             ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4)),
                                             ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4)),
-                                            ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8)),
-                                            ("row", dict(WGMMA=True, RING_KEYS=16, STAGES=5, SPLITS=1)),
-                                            ("flashmla", dict(WGMMA=True, RING_KEYS=16, STAGES=4))],
+                                            ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8))],
                          ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits",
-                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps",
-                              "row-wgmma-quarter-slots-5", "flashmla-wgmma-quarter-slots-4"])
+                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True,

@@ -70,20 +70,20 @@ LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=
 # bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083 (bf16 keys 0.088); eighth (CUDA
 # graphs), DQ_WARPS=8 0.0872 / 0.0786 against 0.0848 / 0.0787 with 4.
 LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0,
-                    F16=True, DQ_WARPS=4, RING_KEYS=32)
+                    F16=True, DQ_WARPS=4)
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD",
-            "F16", "DQ_WARPS", "RING_KEYS")
+            "F16", "DQ_WARPS")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
 def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False,
-                 wgmma: bool = False, tiles: int = 2, f16: bool = False, ring_keys: int = 32) -> int:
+                 wgmma: bool = False, tiles: int = 2, f16: bool = False) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
     (WS: ``tiles``, each with the rope, and its barriers (WGMMA: five); WGMMA: and P, 64 x 16 bf16;
     F16: one P per scale of a row, the tiles' scales and Q's powers of two), and the compiler's scratch."""
-    slot = (ring_keys if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
+    slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
             + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 40) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
             + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES
@@ -439,8 +439,6 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
             raise ValueError(f"launch TILES={cfg['TILES']}: 1 or 2 bf16 tiles")
         if cfg["L2_AHEAD"] not in range(0, 17):
             raise ValueError(f"launch L2_AHEAD={cfg['L2_AHEAD']}: 0..16 half blocks")
-        if cfg["RING_KEYS"] not in (16, 32):
-            raise ValueError(f"launch RING_KEYS={cfg['RING_KEYS']}: 32 (half a block a ring slot) or 16 (a quarter)")
         if cfg["DQ_WARPS"] not in (4, 8):
             raise ValueError(f"launch DQ_WARPS={cfg['DQ_WARPS']}: 4 or 8 warps in the dequantizing partition")
         # 65536 registers an SM; this keeps 256 a thread for the MMA partition's 128 threads (a
@@ -451,7 +449,7 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
                              f"use DEQUANT_REGS <= {32768 // (cfg['DQ_WARPS'] * 32)}")
         cfg["F16"] = bool(cfg["F16"])
     else:
-        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS", "RING_KEYS"):
+        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS"):
             if key in launch:
                 raise ValueError(f"launch {key}={launch[key]} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
@@ -499,7 +497,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
     need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2),
-                        cfg.get("F16", False), cfg.get("RING_KEYS", 32))
+                        cfg.get("F16", False))
     if need > SHARED_LIMIT:
         fix = "fewer STAGES or TILES=1" if cfg["WGMMA"] else "fewer STAGES or BLOCK_N=32"
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
@@ -517,7 +515,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
         shape.pop("QK_CHAINS")
         _fewhead_wgmma_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"],
-                                        F16=cfg["F16"], DQ_WARPS=cfg["DQ_WARPS"], RING_KEYS=cfg["RING_KEYS"], num_warps=4)
+                                        F16=cfg["F16"], DQ_WARPS=cfg["DQ_WARPS"], num_warps=4)
     elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel
 
@@ -552,7 +550,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     if cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], F16=cfg["F16"],
-                          DQ_WARPS=cfg["DQ_WARPS"], RING_KEYS=cfg["RING_KEYS"])
+                          DQ_WARPS=cfg["DQ_WARPS"])
     elif cfg["WS"]:
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], Q_HELD=cfg["Q_HELD"])
     else:

@@ -73,17 +73,17 @@ if HAVE_GLUON:
 
     _NW = gl.constexpr(4)  # warps of the kernel's own partition (the MMAs); the dequantizing one has DQ_WARPS
     P_UNIT = gl.constexpr(32768.0)  # F16: P^T x scale / (largest scale) is stored times this
+    _HALF = gl.constexpr(32)  # keys a ring slot holds: half a block
 
     @gluon.jit
-    def _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, NW: gl.constexpr,
-                       RING_KEYS: gl.constexpr):
+    def _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, NW: gl.constexpr):
         """Asks L2 for half block j's rows (latent, scales, rope: every 128-byte line a row
         touches, FlashMLA's unaligned 656-byte rows included), without registers or shared memory
         to hold them: the ring's copies of it, later, then wait on L2 instead of HBM."""
         if j < n_halves:
             # [32 rows, 8 lines] over the partition's threads: each address once with 4 warps, twice with 8.
             layout: gl.constexpr = gl.BlockedLayout([1, 2], [8, 4], [NW, 1], [1, 0])
-            rows = half_rows.index(j).load(gl.SliceLayout(1, layout))[:, None] + gl.zeros([RING_KEYS, 8], gl.int32, layout)
+            rows = half_rows.index(j).load(gl.SliceLayout(1, layout))[:, None] + gl.zeros([_HALF, 8], gl.int32, layout)
             at = gl.maximum(rows, 0).to(gl.int64)
             k = gl.arange(0, 8, layout=gl.SliceLayout(0, layout))[None, :]
             lat = KV.to(gl.pointer_type(gl.uint8), bitcast=True) + at * stride_kvs + gl.minimum(k * 128, 511)
@@ -124,46 +124,44 @@ if HAVE_GLUON:
         dst.store(lat_ring.index(slot).slice(c * 128, 128, dim=1).load(cvt_layout).to(gl.float16))
 
     @gluon.jit
-    def _copy_scales(scale_slots, slot, tile_scales, tile, part: gl.constexpr, NW: gl.constexpr, RING_KEYS: gl.constexpr):
+    def _copy_scales(scale_slots, slot, tile_scales, tile, part: gl.constexpr, NW: gl.constexpr):
         """F16: the scales of a half block, every value tile's in one step, from the ring slot into
         the tile's scales (a warp a value tile; one step: steps into one buffer are ordered by barriers)."""
         scale_layout: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [NW, 1], [1, 0])
-        tile_scales.index(tile).slice(part * RING_KEYS, RING_KEYS, dim=1).store(scale_slots.index(slot).load(scale_layout))
+        tile_scales.index(tile).slice(part * _HALF, _HALF, dim=1).store(scale_slots.index(slot).load(scale_layout))
 
     @gluon.jit
     def _dequantizing_partition(lat_ring, rope_ring, scale_ring, scale_slots, k0, k1, k2, k3, rope_tiles, tile_scales, half_rows, full,
                                 e0, e1, e2, e3,
                                 KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
                                 N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr,
-                                TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr, NW: gl.constexpr,
-                                RING_KEYS: gl.constexpr = 32):
+                                TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr, NW: gl.constexpr):
         """Copies half blocks STAGES - 1 ahead (NW warps: DQ_WARPS); block b's two halves go into tile b % TILES once
         the MMA partition has released it (block b - TILES), then one arrive hands it over. F16:
         the latent is converted as it is and its scales copied beside the tile."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
-        PARTS: gl.constexpr = BLOCK_N // RING_KEYS  # ring slots a block
-        n_halves = PARTS * gl.cdiv(n_hi - n_lo, BLOCK_N)
+        n_halves = 2 * gl.cdiv(n_hi - n_lo, BLOCK_N)
         for j in gl.static_range(STAGES - 1 + L2_AHEAD):
             if j >= STAGES - 1:
-                _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, NW, RING_KEYS)
+                _prefetch_half(j, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, NW)
             else:
                 _issue_block(j, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                             stride_kvs, stride_ss, stride_rs, True, N_TILES, RING_KEYS, STAGES, NW, scale_slots)
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, NW, scale_slots)
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
-        for b in range(n_halves // PARTS):
+        for b in range(n_halves // 2):
             tile = b % TILES
-            for part in gl.static_range(PARTS):
-                i = PARTS * b + part
+            for part in gl.static_range(2):
+                i = 2 * b + part
                 # Slot (i - 1) % STAGES was dequantized last step: refill it before anything waits,
                 # so the copies never wait for the MMAs, once every thread is past its reads of it
-                # (after a block's last part the tile's hand-over barrier is that point).
-                if part > 0:
+                # (after half 1 the tile's hand-over barrier is that point).
+                if part == 1:
                     partition_barrier()
                 _issue_block(i + STAGES - 1, n_halves, half_rows, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
-                             stride_kvs, stride_ss, stride_rs, True, N_TILES, RING_KEYS, STAGES, NW, scale_slots)
+                             stride_kvs, stride_ss, stride_rs, True, N_TILES, _HALF, STAGES, NW, scale_slots)
                 if L2_AHEAD > 0:
                     _prefetch_half(i + STAGES - 1 + L2_AHEAD, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs,
-                                   NW, RING_KEYS)
+                                   NW)
                 slot = i % STAGES
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of half block i have landed
                 partition_barrier()  # ... and every thread's
@@ -172,16 +170,16 @@ if HAVE_GLUON:
                         # The MMAs release the tile a 128-column chunk at a time (chunk 0 with the
                         # rope): each chunk is refilled as soon as its product is done.
                         mbarrier.wait(_chunk(c, e0, e1, e2, e3).index(tile), ((b // TILES) & 1) ^ 1)
-                    dst = _chunk(c, k0, k1, k2, k3).index(tile).slice(part * RING_KEYS, RING_KEYS, dim=0)
+                    dst = _chunk(c, k0, k1, k2, k3).index(tile).slice(part * _HALF, _HALF, dim=0)
                     if F16:
                         _convert_into(lat_ring, dst, slot, c, NW)
                     else:
                         _dequantize_into(lat_ring, scale_ring, dst, slot, c, N_TILES, NW)
                     if c == 0:
-                        rope_tiles.index(tile).slice(part * RING_KEYS, RING_KEYS, dim=0).store(rope_ring.index(slot).load(rope_layout))
+                        rope_tiles.index(tile).slice(part * _HALF, _HALF, dim=0).store(rope_ring.index(slot).load(rope_layout))
                         if F16:
                             # The MMAs read the tile's scales before its chunk 0 goes back.
-                            _copy_scales(scale_slots, slot, tile_scales, tile, part, NW, RING_KEYS)
+                            _copy_scales(scale_slots, slot, tile_scales, tile, part, NW)
             # The MMAs read the tile through the async proxy: order these stores before them.
             fence_async_shared()
             partition_barrier()  # every thread's stores are done: one arrive for the partition
@@ -369,22 +367,21 @@ if HAVE_GLUON:
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
         DEQUANT_REGS: gl.constexpr, TILES: gl.constexpr, L2_AHEAD: gl.constexpr, F16: gl.constexpr = False, DQ_WARPS: gl.constexpr = 4,
-        RING_KEYS: gl.constexpr = 32,
     ):
-        gl.static_assert(BLOCK_N % RING_KEYS == 0, "a block is whole ring slots of keys")
+        gl.static_assert(BLOCK_N == 2 * _HALF, "a block is two ring slots of keys")
         operand_smem: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         TILE_DTYPE: gl.constexpr = gl.float16 if F16 else gl.bfloat16
         N_P: gl.constexpr = N_TILES if F16 else 1
         q_lat, q_rope, rows_2d, block_rows = _q_and_rows_smem(NB_P, BLOCK_N, True, TILE_DTYPE)
-        half_rows = smem_view(rows_2d, gl.int32, [(BLOCK_N // RING_KEYS) * NB_P, RING_KEYS], vec_smem)
-        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, RING_KEYS, D_LAT], plain_smem)
-        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, RING_KEYS, D_ROPE], operand_smem)
+        half_rows = smem_view(rows_2d, gl.int32, [2 * NB_P, _HALF], vec_smem)
+        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, _HALF, D_LAT], plain_smem)
+        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _HALF, D_ROPE], operand_smem)
         # The ring's scales: [slot, tile, key] for the copies (one step a half block), rows of keys
         # for the reads. The tiles by 128-column chunk, separate buffers (see _four_buffers).
-        scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, RING_KEYS], plain_smem)
-        scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, RING_KEYS], vec_smem)
+        scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, _HALF], plain_smem)
+        scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, _HALF], vec_smem)
         chunk_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, 128], TILE_DTYPE)
         k0, k1, k2, k3 = _four_buffers(True, TILE_DTYPE, [TILES, BLOCK_N, 128], chunk_layout)
         rope_tiles = gl.allocate_shared_memory(gl.bfloat16, [TILES, BLOCK_N, D_ROPE],
@@ -418,7 +415,7 @@ if HAVE_GLUON:
                                   stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, BLOCK_N, SPLITS, TILES, N_TILES, F16)),
                 (_dequantizing_partition, (lat_ring, rope_ring, scale_ring, scale_slots, k0, k1, k2, k3, rope_tiles, tile_scales, half_rows, full, e0, e1, e2, e3,
                                            KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, TOPK, H,
-                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES, L2_AHEAD, F16, DQ_WARPS, RING_KEYS)),
+                                           N_TILES, BLOCK_N, STAGES, SPLITS, TILES, L2_AHEAD, F16, DQ_WARPS)),
             ],
             [DQ_WARPS],
             [DEQUANT_REGS],
