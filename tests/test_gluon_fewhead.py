@@ -37,11 +37,13 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-wgmma-unsplit', True, 4, dict(WGMMA=True, SPLITS=1)),\n"
         "                                  ('fp8-tiles-ws-wgmma-bf16-tiles', True, 4, dict(WGMMA=True, F16=False)),\n"
         "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3)),\n"
-        "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8))):\n"
+        "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8)),\n"
+        "                                  ('fp8-tiles-ws-rega', True, 4, dict(REG_A=True)), ('fp8-rows-ws-rega-unsplit', True, 1, dict(REG_A=True, SPLITS=1)),\n"
+        "                                  ('fp8-rows-ws-rega-2-groups', True, 1, dict(REG_A=True, MMA_GROUPS=2, STAGES=3))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False))\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False), cfg.get('REG_A', False), cfg.get('MMA_GROUPS', 1))\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync') + ptx.count('wgmma.mma_async'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
         "                     partitions=ptx.count('setmaxnreg.dec'))\n"
@@ -83,6 +85,9 @@ def test_launch_settings_name_the_bad_setting():
     assert fh.launch_settings(True, dict(WS=False)) == dict(fh.LAUNCH_FP8, WS=False)
     assert fh.launch_settings(True, dict(Q_HELD=False))["WS"] is True
     assert fh.launch_settings(True, dict(F16=0)) == dict(fh.LAUNCH_WGMMA, F16=False)
+    # The register-operand kernel's slots are whole blocks: 4 unless given.
+    assert fh.launch_settings(True, dict(REG_A=1)) == dict(fh.LAUNCH_WGMMA, REG_A=True, STAGES=fh.REG_A_STAGES, DEQUANT_REGS=fh.REG_A_COPY_REGS)
+    assert fh.launch_settings(True, dict(REG_A=True, STAGES=2))["STAGES"] == 2
     for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
                            (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(WS=False, DEQUANT_REGS=96), "DEQUANT_REGS=96"),
                            (True, dict(QK_CHAINS=3), "QK_CHAINS=3"), (True, dict(WGMMA=True, WS=0), "WS=0"),
@@ -90,7 +95,10 @@ def test_launch_settings_name_the_bad_setting():
                            (True, dict(DEQUANT_REGS=100), "DEQUANT_REGS=100"), (True, dict(NUM_WARPS=8, BLOCK_N=64), "NUM_WARPS=8"),
                            (False, dict(BLOCK_N=16), "BLOCK_N=16"), (True, dict(WS=True, F16=True), "F16=True without WGMMA"),
                            (True, dict(WGMMA=True, DQ_WARPS=6), "DQ_WARPS=6"), (True, dict(WS=True, DQ_WARPS=8), "DQ_WARPS=8 without WGMMA"),
-                           (True, dict(WGMMA=True, DQ_WARPS=8, DEQUANT_REGS=136), "use DEQUANT_REGS <= 128")):
+                           (True, dict(WGMMA=True, DQ_WARPS=8, DEQUANT_REGS=136), "use DEQUANT_REGS <= 128"),
+                           (True, dict(REG_A=True, F16=False), "F16=False"), (True, dict(REG_A=True, TILES=1), "TILES=1 with REG_A"),
+                           (True, dict(WS=True, REG_A=True), "REG_A=True without WGMMA"), (True, dict(REG_A=True, MMA_GROUPS=3), "MMA_GROUPS=3"),
+                           (True, dict(WGMMA=True, MMA_GROUPS=2), "MMA_GROUPS=2 without REG_A")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.launch_settings(fp8, bad)
 
@@ -140,6 +148,12 @@ FP8_LAUNCHES += [dict(WGMMA=True, DQ_WARPS=8), dict(WGMMA=True, DQ_WARPS=8, SPLI
                  dict(WGMMA=True, DQ_WARPS=8, TILES=1, STAGES=5), dict(WGMMA=True, DQ_WARPS=8, L2_AHEAD=2)]
 FP8_LAUNCH_IDS += ["wgmma-8-warps", "wgmma-8-warps-unsplit", "wgmma-8-warps-bf16-tiles-3-splits", "wgmma-8-warps-1-tile-5-slots",
                    "wgmma-8-warps-l2-2-ahead"]
+# ... with the keys read from the ring slot into the MMAs' registers (gluon_fewhead_rega).
+FP8_LAUNCHES += [dict(REG_A=True), dict(REG_A=True, SPLITS=1), dict(REG_A=True, SPLITS=3), dict(REG_A=True, STAGES=2, SPLITS=1),
+                 dict(REG_A=True, STAGES=3, SPLITS=3), dict(REG_A=True, DEQUANT_REGS=128), dict(REG_A=True, MMA_GROUPS=2, STAGES=3),
+                 dict(REG_A=True, MMA_GROUPS=2, STAGES=2, SPLITS=3), dict(REG_A=True, MMA_GROUPS=2, STAGES=3, SPLITS=1)]
+FP8_LAUNCH_IDS += ["rega", "rega-unsplit", "rega-3-splits", "rega-2-slots-unsplit", "rega-3-slots-3-splits", "rega-128-copy-registers",
+                   "rega-2-groups", "rega-2-groups-2-slots-3-splits", "rega-2-groups-unsplit"]
 
 
 def _exact_keys(launch) -> bool:
@@ -160,9 +174,12 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
 @pytest.mark.parametrize("layout, launch", [("flashmla", None), ("row", None), ("row", dict(SPLITS=4)), ("flashmla", dict(WS=False)), ("row", dict(WS=False)),
                                             ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4)),
                                             ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4)),
-                                            ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8))],
+                                            ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8)),
+                                            ("flashmla", dict(REG_A=True)), ("row", dict(REG_A=True, SPLITS=4)),
+                                            ("flashmla", dict(REG_A=True, MMA_GROUPS=2, STAGES=3)), ("row", dict(REG_A=True, MMA_GROUPS=2, STAGES=3))],
                          ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits",
-                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps"])
+                              "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps",
+                              "flashmla-rega", "row-rega-4-splits", "flashmla-rega-2-groups", "row-rega-2-groups"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True,
@@ -192,7 +209,8 @@ def test_launch_settings_are_checked():
                       (dict(WGMMA=True, STAGES=3), "shared memory"), (dict(WGMMA=True, TILES=1, STAGES=7), "shared memory"),
                       (dict(WGMMA=True, TILES=3), "TILES=3"), (dict(WS=True, TILES=1), "TILES=1 without WGMMA"),
                       (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(WS=True, L2_AHEAD=2), "L2_AHEAD=2 without WGMMA"),
-                      (dict(WS=True, F16=True), "F16=True without WGMMA")):
+                      (dict(WS=True, F16=True), "F16=True without WGMMA"), (dict(REG_A=True, STAGES=5), "shared memory"),
+                      (dict(REG_A=True, MMA_GROUPS=2), "shared memory")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 

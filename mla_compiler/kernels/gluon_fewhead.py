@@ -70,21 +70,31 @@ LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=
 # bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083 (bf16 keys 0.088); eighth (CUDA
 # graphs), DQ_WARPS=8 0.0872 / 0.0786 against 0.0848 / 0.0787 with 4.
 LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0,
-                    F16=True, DQ_WARPS=4)
+                    F16=True, DQ_WARPS=4, REG_A=False, MMA_GROUPS=1)
+# REG_A: gluon_fewhead_rega's kernel instead (the WGMMA form with the keys read from the ring
+# slot into the MMAs' registers, no converted tile; F16's scales): STAGES counts its slots of
+# whole 64-key blocks (default 4), DEQUANT_REGS its copy partition's registers (default 56), and
+# MMA_GROUPS (1 or 2) its MMA warpgroups, each taking every other block (merged at the end).
+REG_A_STAGES, REG_A_COPY_REGS = 4, 56
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD",
-            "F16", "DQ_WARPS")
+            "F16", "DQ_WARPS", "REG_A", "MMA_GROUPS")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
 def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False,
-                 wgmma: bool = False, tiles: int = 2, f16: bool = False) -> int:
+                 wgmma: bool = False, tiles: int = 2, f16: bool = False, reg_a: bool = False, mma_groups: int = 1) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
     (WS: ``tiles``, each with the rope, and its barriers (WGMMA: five); WGMMA: and P, 64 x 16 bf16;
     F16: one P per scale of a row, the tiles' scales and Q's powers of two), and the compiler's scratch."""
+    rows = 4 * triton.next_power_of_2(blocks_per_split) * block_n
+    if reg_a:  # Q (f16 latent), the rows, the ring of whole blocks, a P per scale of a row, barriers
+        return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + rows + stages * block_n * (_D_LAT + 2 * _D_ROPE + 4 * n_tiles)
+                + mma_groups * n_tiles * 2 * block_n * _BLOCK_H + 4 * _BLOCK_H + 16 * stages + 8 + SCRATCH_BYTES
+                + (mma_groups - 1) * 4 * (_D_LAT + 2) * _BLOCK_H)  # two warpgroups: the second's state for the merge
     slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
-    return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + 4 * triton.next_power_of_2(blocks_per_split) * block_n + stages * slot
+    return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + rows + stages * slot
             + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 40) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
             + (2 * block_n * _BLOCK_H if wgmma else 0) + SCRATCH_BYTES
             + ((n_tiles - 1) * 2 * block_n * _BLOCK_H + tiles * n_tiles * 4 * block_n + 4 * _BLOCK_H if f16 else 0))
@@ -131,6 +141,34 @@ if HAVE_GLUON:
         return (base.to(gl.pointer_type(gl.uint8), bitcast=True) + rows * stride_bytes).to(gl.pointer_type(dtype), bitcast=True)
 
     @gluon.jit
+    def _issue_rope_and_scales(rows, slot, rope_ring, scale_ring, KV_SCALE, KV_ROPE, stride_ss, stride_rs,
+                               FP8: gl.constexpr, N_TILES: gl.constexpr, NW: gl.constexpr, scale_slots=None):
+        """Starts the asynchronous copies of the rope and (FP8) the scales of the key rows
+        ``rows`` (a shared-memory vector, -1 invalid) into ring slot ``slot``; ``scale_slots`` as in
+        _issue_block."""
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
+        r_rows = rows.load(gl.SliceLayout(1, rope_layout)).to(gl.int64)
+        r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))
+        # The host checked 16-byte rows; pitches are in bytes (FlashMLA's 656-byte rows).
+        rope_rows = _rows_at_pitch(KV_ROPE, r_rows, stride_rs, gl.bfloat16)
+        rope_ptr = gl.max_contiguous(gl.multiple_of(rope_rows[:, None] + r_cols[None, :], [16, 16]), [1, D_ROPE])
+        async_rows(rope_ring.index(slot), rope_ptr, mask=(r_rows >= 0)[:, None])
+        if FP8:
+            if scale_slots is not None and N_TILES == 4:
+                # [4 tiles, rows]: 4 tiles x 8 rows a warp, the row's 16 bytes from 4 adjacent lanes.
+                tiles_layout: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, NW], [0, 1])
+                t_rows = rows.load(gl.SliceLayout(0, tiles_layout)).to(gl.int64)
+                t_ptr = _rows_at_pitch(KV_SCALE, t_rows, stride_ss, gl.float32)[None, :] \
+                    + gl.arange(0, 4, layout=gl.SliceLayout(1, tiles_layout))[:, None]
+                async_rows(scale_slots.index(slot), t_ptr, mask=(t_rows >= 0)[None, :])
+            else:
+                sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
+                s_rows = rows.load(sc_layout).to(gl.int64)
+                sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
+                for tile in gl.static_range(N_TILES):
+                    async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
+
+    @gluon.jit
     def _issue_block(j, n_blocks, rows_smem, lat_ring, rope_ring, scale_ring, KV, KV_SCALE, KV_ROPE,
                      stride_kvs, stride_ss, stride_rs,
                      FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr,
@@ -145,32 +183,13 @@ if HAVE_GLUON:
         if j < n_blocks:
             slot = j % STAGES
             lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [1, 32], [NW, 1], [1, 0]) if FP8 else gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
-            rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NW, 1], [1, 0])
             rows = rows_smem.index(j).load(gl.SliceLayout(1, lat_layout)).to(gl.int64)
             cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, lat_layout))
             lat_ptr = KV + rows[:, None] * stride_kvs + cols[None, :]
             lat_ptr = gl.max_contiguous(gl.multiple_of(lat_ptr, [16, 16]), [1, D_LAT])
             async_rows(lat_ring.index(slot), lat_ptr, mask=(rows >= 0)[:, None])
-            r_rows = rows_smem.index(j).load(gl.SliceLayout(1, rope_layout)).to(gl.int64)
-            r_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, rope_layout))
-            # The host checked 16-byte rows; pitches are in bytes (FlashMLA's 656-byte rows).
-            rope_rows = _rows_at_pitch(KV_ROPE, r_rows, stride_rs, gl.bfloat16)
-            rope_ptr = gl.max_contiguous(gl.multiple_of(rope_rows[:, None] + r_cols[None, :], [16, 16]), [1, D_ROPE])
-            async_rows(rope_ring.index(slot), rope_ptr, mask=(r_rows >= 0)[:, None])
-            if FP8:
-                if scale_slots is not None and N_TILES == 4:
-                    # [4 tiles, rows]: 4 tiles x 8 rows a warp, the row's 16 bytes from 4 adjacent lanes.
-                    tiles_layout: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [1, NW], [0, 1])
-                    t_rows = rows_smem.index(j).load(gl.SliceLayout(0, tiles_layout)).to(gl.int64)
-                    t_ptr = _rows_at_pitch(KV_SCALE, t_rows, stride_ss, gl.float32)[None, :] \
-                        + gl.arange(0, 4, layout=gl.SliceLayout(1, tiles_layout))[:, None]
-                    async_rows(scale_slots.index(slot), t_ptr, mask=(t_rows >= 0)[None, :])
-                else:
-                    sc_layout: gl.constexpr = gl.BlockedLayout([1], [32], [NW], [0])
-                    s_rows = rows_smem.index(j).load(sc_layout).to(gl.int64)
-                    sc_rows = _rows_at_pitch(KV_SCALE, s_rows, stride_ss, gl.float32)
-                    for tile in gl.static_range(N_TILES):
-                        async_rows(scale_ring.index(slot * N_TILES + tile), sc_rows + tile, mask=s_rows >= 0)
+            _issue_rope_and_scales(rows_smem.index(j), slot, rope_ring, scale_ring, KV_SCALE, KV_ROPE, stride_ss, stride_rs, FP8, N_TILES,
+                                   NW, scale_slots)
         async_copy.commit_group()
 
     @gluon.jit
@@ -448,8 +467,23 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
                              f"{cfg['DQ_WARPS'] * 32 * cfg['DEQUANT_REGS']} of the 32768 registers the MMA partition leaves; "
                              f"use DEQUANT_REGS <= {32768 // (cfg['DQ_WARPS'] * 32)}")
         cfg["F16"] = bool(cfg["F16"])
+        cfg["REG_A"] = bool(cfg["REG_A"])
+        if cfg["REG_A"]:
+            if not cfg["F16"]:
+                raise ValueError("launch REG_A=True with F16=False: the register-operand kernel takes the scales as F16 does; drop F16")
+            for key in ("TILES", "L2_AHEAD", "DQ_WARPS"):
+                if key in launch:
+                    raise ValueError(f"launch {key}={launch[key]} with REG_A=True: a setting of the converting WGMMA kernel only")
+            if "STAGES" not in launch:
+                cfg["STAGES"] = REG_A_STAGES
+            if "DEQUANT_REGS" not in launch:
+                cfg["DEQUANT_REGS"] = REG_A_COPY_REGS
+            if cfg["MMA_GROUPS"] not in (1, 2):
+                raise ValueError(f"launch MMA_GROUPS={cfg['MMA_GROUPS']}: 1 or 2 MMA warpgroups")
+        elif "MMA_GROUPS" in launch:
+            raise ValueError(f"launch MMA_GROUPS={launch['MMA_GROUPS']} without REG_A=True: a setting of the register-operand kernel only")
     else:
-        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS"):
+        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS", "REG_A", "MMA_GROUPS"):
             if key in launch:
                 raise ValueError(f"launch {key}={launch[key]} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
@@ -497,7 +531,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
     need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2),
-                        cfg.get("F16", False))
+                        cfg.get("F16", False), cfg.get("REG_A", False), cfg.get("MMA_GROUPS", 1))
     if need > SHARED_LIMIT:
         fix = "fewer STAGES or TILES=1" if cfg["WGMMA"] else "fewer STAGES or BLOCK_N=32"
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
@@ -510,7 +544,12 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
             indices.stride(0), out.stride(0), out.stride(1), lse.stride(0), kv_latent.shape[0], topk, h, t, float(sm_scale) * LOG2E)
     shape = dict(N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits, NB_P=triton.next_power_of_2(blocks_per_split),
                  QK_CHAINS=cfg["QK_CHAINS"])
-    if cfg["WGMMA"]:
+    if cfg.get("REG_A"):
+        from .gluon_fewhead_rega import _fewhead_rega_fwd_kernel
+
+        shape.pop("QK_CHAINS")
+        _fewhead_rega_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], MMA_GROUPS=cfg["MMA_GROUPS"], num_warps=4)
+    elif cfg["WGMMA"]:
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel
 
         shape.pop("QK_CHAINS")
@@ -535,7 +574,9 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     from triton.experimental.gluon._runtime import GluonASTSource
 
     cfg = launch_settings(fp8, launch)
-    if cfg["WGMMA"]:
+    if cfg.get("REG_A"):
+        from .gluon_fewhead_rega import _fewhead_rega_fwd_kernel as kernel
+    elif cfg["WGMMA"]:
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel as kernel
     elif cfg["WS"]:
         from .gluon_fewhead_ws import _fewhead_ws_fwd_kernel as kernel
@@ -547,7 +588,10 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     splits = cfg.get("SPLITS", 2)
     constexprs = dict(N_TILES=n_tiles, BLOCK_N=cfg["BLOCK_N"], STAGES=cfg["STAGES"], SPLITS=splits,
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
-    if cfg["WGMMA"]:
+    if cfg.get("REG_A"):
+        constexprs.pop("QK_CHAINS")
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], MMA_GROUPS=cfg["MMA_GROUPS"])
+    elif cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], F16=cfg["F16"],
                           DQ_WARPS=cfg["DQ_WARPS"])

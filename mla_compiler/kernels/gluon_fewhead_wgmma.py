@@ -95,16 +95,34 @@ if HAVE_GLUON:
                                       "=r,l,r", [ptrs, rows], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _stage_q_f16(Q, q_lat, q_rope, q_exp, t, hb, stride_qt, stride_qh, H):
+    def _k_order(k):
+        """gluon_fewhead_rega's score operands: the latent column (within its 128-column chunk) at
+        position ``k`` of the products' order (bits 0, 3, 4, 5 of k: the byte in a thread's
+        16-byte run of a key row; bits 1, 2: the run; bit 6: the half)."""
+        return (k & 1) | (((k >> 3) & 7) << 1) | (((k >> 1) & 3) << 4) | (k & 64)
+
+    @gluon.jit
+    def _v_order(m):
+        """gluon_fewhead_rega's value operands: the latent column (within its 128-column chunk) at
+        row ``m`` of V^T and O^T (bits 3, 6 of m: the byte in a thread's 4-byte run of a key row;
+        bits 0-2 and 4-5: the run)."""
+        return ((m >> 3) & 1) | (((m >> 6) & 1) << 1) | ((m & 7) << 2) | (((m >> 4) & 3) << 5)
+
+    @gluon.jit
+    def _stage_q_f16(Q, q_lat, q_rope, q_exp, t, hb, stride_qt, stride_qh, H, K_ORDER: gl.constexpr = False):
         """Q of the program's heads for an f16 key tile (F16): each head's row times 2^-e, the
         power of two that brings its latent's largest magnitude into [2^14, 2^15), so bf16 -> f16
         is exact (f16 has the wider mantissa, and the row now fits its range); the latent as f16,
-        the rope as bf16; 2^e per head into ``q_exp`` for the scores. Padded heads are 0."""
+        the rope as bf16; 2^e per head into ``q_exp`` for the scores. Padded heads are 0.
+        K_ORDER: the latent's columns in _k_order within each 128-column chunk."""
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [_NW, 1], [1, 0])
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
         h_ok = (heads < H)[:, None]
         q_row = Q + t * stride_qt + heads[:, None] * stride_qh
-        lat = gl.load(q_row + gl.arange(0, D_LAT, layout=gl.SliceLayout(0, q_layout))[None, :], mask=h_ok, other=0.0).to(gl.float32)
+        cols = gl.arange(0, D_LAT, layout=gl.SliceLayout(0, q_layout))
+        if K_ORDER:
+            cols = (cols & ~127) | _k_order(cols & 127)
+        lat = gl.load(q_row + cols[None, :], mask=h_ok, other=0.0).to(gl.float32)
         amax = gl.max(gl.abs(lat), 1)
         # floor(log2(amax)) - 14 from the exponent bits (exact), kept where 2^e and 2^-e are normal floats.
         e = gl.where(amax > 0.0, ((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 141, 0)
@@ -188,14 +206,18 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_result_t(OUT, LSE, PARTIAL, o_t, col0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
-                        SPLITS: gl.constexpr, WITH_STATE: gl.constexpr, acc_l: gl.constexpr):
+                        SPLITS: gl.constexpr, WITH_STATE: gl.constexpr, acc_l: gl.constexpr, V_ORDER: gl.constexpr = False):
         """gluon_fewhead._store_result for a transposed accumulator O^T [columns, heads] holding
         output columns col0 ...: unsplit, out (normalized, bf16) and, WITH_STATE, lse (natural
         log; +inf for a head with no valid key); split, the unnormalized partial state per (split,
-        token, head) that triton_sparse_mla's combine kernel merges (acc [512], m in base 2, l)."""
+        token, head) that triton_sparse_mla's combine kernel merges (acc [512], m in base 2, l).
+        V_ORDER: O^T's rows are the 128 columns of a chunk in _v_order."""
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, acc_l))
         h_ok = heads < H
-        cols = col0 + gl.arange(0, o_t.shape[0], layout=gl.SliceLayout(1, acc_l))
+        cols = gl.arange(0, o_t.shape[0], layout=gl.SliceLayout(1, acc_l))
+        if V_ORDER:
+            cols = _v_order(cols)
+        cols = col0 + cols
         if SPLITS == 1:
             empty_head = l_i == 0.0
             l_safe = gl.where(empty_head, 1.0, l_i)

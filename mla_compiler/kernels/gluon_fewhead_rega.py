@@ -1,0 +1,345 @@
+"""The few-head FP8 forward with the latent read from its ring slot straight into the registers of
+the warpgroup MMAs: no converted tile in shared memory.
+
+gluon_fewhead_wgmma converts each block's e4m3 latent into an f16 tile that both products read
+from shared memory. At 16 heads H200 measured shared memory as its busiest unit (the copies, the
+raw reads, the tile's stores and both products' reads of it) and the converting partition's
+chain of steps as its bound. Here the products take the keys as register operands (the A
+operand of a warpgroup MMA may live in registers), loaded from the raw bytes and converted on
+the way:
+
+- scores, transposed: S^T [64 keys, 16 heads] = K Q^T, K's 128-column chunk c loaded as
+  [64, 128] e4m3 straight into the A operand's layout and converted to f16 in registers;
+- values, transposed: O^T [128, 16] += V^T P^T for each 128-column chunk, V^T loaded the same way.
+
+Each thread's share of an operand is made of whole 16-byte (K) or 4-byte (V^T) runs of its key
+rows by numbering the columns in the products' own order, which only has to agree between the
+two operands of a product: Q's latent columns are staged in K's order, and O^T's rows come out
+in V^T's order and are put back when stored (``_k_order`` / ``_v_order``). The ring's 16-byte
+runs are swizzled by row (XOR of the row's low 3 bits), so both read patterns are free of bank
+conflicts. The scales are those of gluon_fewhead_wgmma's F16 form: on the scores, and on P by
+value tile.
+
+Partitions: a copy partition (4 warps; its registers DEQUANT_REGS) fills a ring of STAGES slots
+of 64-key blocks (latent by 128-column chunk, rope, scales) and hands each over when it has
+landed; the MMA partition (the kernel's 4 warps, one warpgroup) does everything else and gives a
+slot back once its last value chunk is in registers.
+"""
+
+from __future__ import annotations
+
+from .gluon_common import HAVE_GLUON
+
+if HAVE_GLUON:
+    from .gluon_common import (
+        _four_buffers,
+        async_copy,
+        async_rows,
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        partition_barrier,
+        smem_view,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from .gluon_fewhead import BLOCK_H, _issue_rope_and_scales, _q_and_rows_smem, _split_coords, _stage_rows_and_q
+    from .gluon_fewhead_wgmma import P_UNIT, _key_scales, _stage_q_f16, _store_result_t
+
+    _BLOCK_N = gl.constexpr(64)
+    _LANES = gl.constexpr([[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]])  # the A operand's lanes (k_width 2)
+    _WARPS = gl.constexpr([[16, 0], [32, 0]])
+
+    @gluon.jit
+    def _key_operand(chunk):
+        """K's 128-column chunk [64 keys, 128] (``chunk``: a ring chunk), as f16 in the A
+        operand's registers, columns in K order: element (key, k) is byte _k_order(k) of the row.
+        Each thread reads two rows x two 16-byte runs."""
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
+        # Offset bits of the chunk (byte in the run x4, run x3, row x6) -> (key, k).
+        view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 2], [0, 4], [0, 64],
+                                                                 [1, 2], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]])
+        # The A operand's bases with the 16 bytes of a run first, so one load moves them.
+        load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [8, 0], [0, 64]],
+                                                        lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[64, 128])
+        raw = smem_view(chunk, gl.float8e4nv, [64, 128], view).load(load)
+        return gl.convert_layout(raw.to(gl.float16), gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2), assert_trivial=True)
+
+    @gluon.jit
+    def _value_operand(chunk):
+        """V^T of a 128-column chunk, [128, 64 keys], as f16 in the A operand's registers, rows in
+        V order: row m is byte _v_order(m) of each key row. Each thread reads 4-byte runs."""
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
+        view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[8, 0], [64, 0], [1, 0], [2, 0], [4, 0], [16, 0], [32, 0],
+                                                                 [4, 1], [16, 2], [32, 4], [0, 8], [0, 16], [0, 32]])
+        load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[8, 0], [64, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
+                                                        lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[128, 64])
+        raw = smem_view(chunk, gl.float8e4nv, [128, 64], view).load(load)
+        return gl.convert_layout(raw.to(gl.float16), gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2), assert_trivial=True)
+
+    @gluon.jit
+    def _issue_rows(j, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
+                    stride_kvs, stride_ss, stride_rs, N_TILES: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
+        """Starts the copies of block j's rows into slot j % STAGES (latent by 128-column chunk,
+        rope, scales; nothing past the last block; rows -1 copy nothing), then closes the copy
+        group (one a block, empty or not: see gluon_fewhead._issue_block)."""
+        if j < n_blocks:
+            slot = j % STAGES
+            # 8 lanes a row's 128 bytes of a chunk, 16 bytes a thread.
+            lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [NW, 1], [1, 0])
+            rows = block_rows.index(j).load(gl.SliceLayout(1, lat_layout)).to(gl.int64)
+            ptr = KV + rows[:, None] * stride_kvs + gl.arange(0, 128, layout=gl.SliceLayout(0, lat_layout))[None, :]
+            ptr = gl.max_contiguous(gl.multiple_of(ptr, [16, 16]), [1, 128])
+            ok = (rows >= 0)[:, None]
+            for c in gl.static_range(4):
+                async_rows(lat_ring.index(slot * 4 + c), ptr + c * 128, mask=ok)
+            _issue_rope_and_scales(block_rows.index(j), slot, rope_ring, scale_ring, KV_SCALE, KV_ROPE, stride_ss, stride_rs, True,
+                                   N_TILES, NW, scale_slots)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _copy_partition(lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+                        stride_kvs, stride_ss, stride_rs, TOPK, H,
+                        N_TILES: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr):
+        """Keeps STAGES - 1 blocks in flight: hands block b over once its copies have landed, then
+        refills the slot block b - 1 had (once the MMA partition has given it back) with block
+        b + STAGES - 1."""
+        t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, _BLOCK_N)
+        n_blocks = gl.cdiv(n_hi - n_lo, _BLOCK_N)
+        for j in gl.static_range(STAGES - 1):
+            _issue_rows(j, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
+                        stride_kvs, stride_ss, stride_rs, N_TILES, STAGES, 4)
+        for b in range(n_blocks):
+            async_copy.wait_group(STAGES - 2)  # this thread's copies of block b have landed
+            fence_async_shared()  # the rope is read by the MMAs (async proxy)
+            partition_barrier()  # ... and every thread's
+            mbarrier.arrive(full.index(b % STAGES))
+            nxt = b + STAGES - 1
+            mbarrier.wait(empty.index(nxt % STAGES), ((nxt // STAGES) & 1) ^ 1)
+            _issue_rows(nxt, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
+                        stride_kvs, stride_ss, stride_rs, N_TILES, STAGES, 4)
+        async_copy.wait_group(0)
+
+    @gluon.jit
+    def _scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES: gl.constexpr, AHEAD: gl.constexpr):
+        """S^T up to the per-head factor: the rope's product plus each 128-column chunk's (K from
+        registers) times its keys' scales (``a0`` .., per key row; N_TILES 1: one product over the
+        512 columns, one scale). AHEAD 1 (N_TILES 1): one chunk's product runs while the next chunk
+        is loaded (two chunks' operands held; four, and the compiler serializes every MMA); AHEAD 0:
+        one chunk's operand at a time."""
+        s = warpgroup_mma(rope, q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        k = _key_operand(lat_ring.index(slot * 4))
+        s0 = warpgroup_mma(k, q_lat.slice(0, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if N_TILES == 4:
+            s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
+            s = s + s0 * a0[:, None]
+            k = _key_operand(lat_ring.index(slot * 4 + 1))
+            s1 = warpgroup_mma(k, q_lat.slice(128, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s1 = warpgroup_mma_wait(0, deps=[s1])
+            s = s + s1 * a1[:, None]
+            k = _key_operand(lat_ring.index(slot * 4 + 2))
+            s2 = warpgroup_mma(k, q_lat.slice(256, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s2 = warpgroup_mma_wait(0, deps=[s2])
+            s = s + s2 * a2[:, None]
+            k = _key_operand(lat_ring.index(slot * 4 + 3))
+            s3 = warpgroup_mma(k, q_lat.slice(384, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s3 = warpgroup_mma_wait(0, deps=[s3])
+            s = s + s3 * a3[:, None]
+        else:
+            for c in gl.static_range(1, 4):
+                k = _key_operand(lat_ring.index(slot * 4 + c))
+                s0 = warpgroup_mma(k, q_lat.slice(c * 128, 128, dim=1).permute((1, 0)), s0, is_async=True)
+                s0 = warpgroup_mma_wait(AHEAD, deps=[s0])
+            s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
+            s = s + s0 * a0[:, None]
+        return s
+
+    @gluon.jit
+    def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty, merge_o, merge_ml, merged,
+                       OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
+                       STAGES: gl.constexpr, SPLITS: gl.constexpr, N_TILES: gl.constexpr, WG: gl.constexpr, N_WG: gl.constexpr):
+        """The online softmax over the split's blocks, transposed (keys are rows, heads columns),
+        as gluon_fewhead_wgmma's F16 form, with both products' keys read from the ring slot. With
+        N_WG warpgroups of these, warpgroup WG takes blocks WG, WG + N_WG, ...; the second puts its
+        state in ``merge_o`` / ``merge_ml`` and the first merges it and stores the result."""
+        t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, _BLOCK_N)
+        n_blocks = gl.cdiv(n_hi - n_lo, _BLOCK_N)
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
+        head_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+        head_scale = q_exp.load(head_l) * sm_scale_log2  # Q's per-head 2^e back, and the softmax scale
+        # The largest scale so far of each value tile (N_TILES 1: u0 for all).
+        u0 = sm_scale_log2 * 0.0
+        u1 = u0
+        u2 = u0
+        u3 = u0
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, head_l)
+        l_rows = gl.zeros([_BLOCK_N, BLOCK_H], gl.float32, acc_l)
+        o0 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        o1 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        o2 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        o3 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
+        s_zero = gl.zeros([_BLOCK_N, BLOCK_H], gl.float32, acc_l)
+        for b in range(WG, n_blocks, N_WG):
+            slot = b % STAGES
+            valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
+            mbarrier.wait(full.index(slot), (b // STAGES) & 1)
+            a0, f0, u0, r0 = _key_scales(sc.index(slot * N_TILES), u0, acc_l)
+            if N_TILES == 4:
+                a1, f1, u1, r1 = _key_scales(sc.index(slot * N_TILES + 1), u1, acc_l)
+                a2, f2, u2, r2 = _key_scales(sc.index(slot * N_TILES + 2), u2, acc_l)
+                a3, f3, u3, r3 = _key_scales(sc.index(slot * N_TILES + 3), u3, acc_l)
+            else:
+                a1, f1, r1 = a0, f0, r0
+                a2, f2, r2 = a0, f0, r0
+                a3, f3, r3 = a0, f0, r0
+            # Two warpgroups: registers for one chunk's operand at a time (the other warpgroup hides the wait).
+            s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES, 2 - N_WG)
+            s = gl.where(valid[:, None], s * head_scale[None, :], float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 0))
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[None, :])
+            l_rows = l_rows * alpha[None, :] + p
+            m_i = m_new
+            # P^T by value tile, each key row times its tile's factor.
+            p0.store((p * f0[:, None]).to(gl.float16))
+            if N_TILES == 4:
+                p1.store((p * f1[:, None]).to(gl.float16))
+                p2.store((p * f2[:, None]).to(gl.float16))
+                p3.store((p * f3[:, None]).to(gl.float16))
+            fence_async_shared()
+            partition_barrier()  # every warp's P rows are in place for the products
+            if N_WG == 1 and N_TILES == 1:
+                # One chunk's product runs while the next chunk's operand is loaded; the slot goes
+                # back once the last operand is in registers. (With four scales a row this spills:
+                # H200, 0.142 against 0.116 ms.)
+                o0 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4)), p0, o0 * (alpha * r0)[None, :], is_async=True)
+                o1 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 1)), p1, o1 * (alpha * r1)[None, :], is_async=True)
+                o0 = warpgroup_mma_wait(1, deps=[o0])
+                o2 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 2)), p2, o2 * (alpha * r2)[None, :], is_async=True)
+                o1 = warpgroup_mma_wait(1, deps=[o1])
+                o3 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 3)), p3, o3 * (alpha * r3)[None, :], is_async=True)
+                partition_barrier()  # every warp is past its reads of the slot
+                mbarrier.arrive(empty.index(slot))
+                o2, o3 = warpgroup_mma_wait(0, deps=[o2, o3])
+            else:
+                o0 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4)), p0, o0 * (alpha * r0)[None, :])
+                o1 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 1)), p1, o1 * (alpha * r1)[None, :])
+                o2 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 2)), p2, o2 * (alpha * r2)[None, :])
+                o3 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 3)), p3, o3 * (alpha * r3)[None, :])
+                partition_barrier()  # every warp is past its reads of the slot
+                mbarrier.arrive(empty.index(slot))
+        # Back from units of each tile's largest scale / 2^15.
+        u0, u1, u2, u3 = u0 / P_UNIT, u1 / P_UNIT, u2 / P_UNIT, u3 / P_UNIT
+        if N_TILES == 4:
+            o0, o1, o2, o3 = o0 * u0, o1 * u1, o2 * u2, o3 * u3
+        else:
+            o0, o1, o2, o3 = o0 * u0, o1 * u0, o2 * u0, o3 * u0
+        l_i = gl.sum(l_rows, 0)
+        if N_WG == 2:
+            if WG == 1:
+                merge_o.index(0).store(o0)
+                merge_o.index(1).store(o1)
+                merge_o.index(2).store(o2)
+                merge_o.index(3).store(o3)
+                merge_ml.index(0).store(m_i)
+                merge_ml.index(1).store(l_i)
+                partition_barrier()
+                mbarrier.arrive(merged.index(0))
+                return
+            mbarrier.wait(merged.index(0), 0)
+            m_o = merge_ml.index(0).load(head_l)
+            m_new = gl.maximum(m_i, m_o)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            mine = gl.exp2(m_i - m_use)[None, :]
+            theirs = gl.exp2(m_o - m_use)
+            l_i = l_i * gl.exp2(m_i - m_use) + merge_ml.index(1).load(head_l) * theirs
+            theirs = theirs[None, :]
+            o0 = o0 * mine + merge_o.index(0).load(acc_l) * theirs
+            o1 = o1 * mine + merge_o.index(1).load(acc_l) * theirs
+            o2 = o2 * mine + merge_o.index(2).load(acc_l) * theirs
+            o3 = o3 * mine + merge_o.index(3).load(acc_l) * theirs
+            m_i = m_new
+        _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l, True)
+        _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
+        _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
+        _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
+
+    @gluon.jit
+    def _fewhead_rega_fwd_kernel(
+        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE, PARTIAL,
+        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
+        S_KV, TOPK, H, T, sm_scale_log2,
+        N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
+        DEQUANT_REGS: gl.constexpr, MMA_GROUPS: gl.constexpr = 1,
+    ):
+        gl.static_assert(BLOCK_N == _BLOCK_N, "the keys are a warpgroup MMA's 64 rows")
+        plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        q_lat, q_rope, rows_2d, block_rows = _q_and_rows_smem(NB_P, BLOCK_N, True, gl.float16)
+        # The ring: [slot x 4 chunks, 64 keys, 128 bytes] of latent, the rope as an MMA operand, the
+        # scales ([slot, tile, key] for the copies, rows of keys for the reads).
+        # Each row's 16-byte runs XORed with the row's low 3 bits: no bank conflicts for either operand's reads.
+        ring_smem: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, [1, 0])
+        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 4, BLOCK_N, 128], ring_smem)
+        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 64],
+                                              gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.bfloat16))
+        scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, BLOCK_N], plain_smem)
+        scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
+        p_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.float16)
+        p0, p1, p2, p3 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H], p_smem)
+        if MMA_GROUPS == 2:  # the second warpgroup's P, and its state for the merge
+            p4, p5, p6, p7 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H], p_smem)
+            merge_o = gl.allocate_shared_memory(gl.float32, [4, 128, BLOCK_H], plain_smem)
+            merge_ml = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_smem)
+        else:
+            p4, p5, p6, p7 = p0, p1, p2, p3
+            merge_o = p0
+            merge_ml = p0
+        merged = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(merged.index(0), count=1)
+        q_exp = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_smem)
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(full.index(s), count=1)
+            mbarrier.init(empty.index(s), count=1)
+
+        t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
+        _stage_rows_and_q(Q, IDX, q_lat, q_rope, rows_2d, t, hb, n_lo, n_hi, stride_qt, stride_qh, stride_it, S_KV, H, BLOCK_N, NB_P, 4,
+                          False)
+        _stage_q_f16(Q, q_lat, q_rope, q_exp, t, hb, stride_qt, stride_qh, H, True)
+        fence_async_shared()
+        partition_barrier()
+        # (The partitions' argument tuples are written out in both calls: constexprs in a tuple
+        # variable become tensors in Gluon 3.6.)
+        if MMA_GROUPS == 2:
+            # The registers the copy partition leaves, halved (a multiple of 8).
+            MMA_REGS: gl.constexpr = (512 - DEQUANT_REGS) // 16 * 8
+            gl.warp_specialize(
+                [
+                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
+                                      merge_o, merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T,
+                                      sm_scale_log2, STAGES, SPLITS, N_TILES, 0, 2)),
+                    (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+                                       stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
+                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p4, p5, p6, p7, block_rows, full, empty,
+                                      merge_o, merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T,
+                                      sm_scale_log2, STAGES, SPLITS, N_TILES, 1, 2)),
+                ],
+                [4, 4],
+                [DEQUANT_REGS, MMA_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
+                                      merge_o, merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T,
+                                      sm_scale_log2, STAGES, SPLITS, N_TILES, 0, 1)),
+                    (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+                                       stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
+                ],
+                [4],
+                [DEQUANT_REGS],
+            )
