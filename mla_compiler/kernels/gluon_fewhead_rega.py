@@ -122,12 +122,12 @@ if HAVE_GLUON:
         async_copy.wait_group(0)
 
     @gluon.jit
-    def _scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES: gl.constexpr, AHEAD: gl.constexpr):
+    def _scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES: gl.constexpr):
         """S^T up to the per-head factor: the rope's product plus each 128-column chunk's (K from
         registers) times its keys' scales (``a0`` .., per key row; N_TILES 1: one product over the
-        512 columns, one scale). AHEAD 1 (N_TILES 1): one chunk's product runs while the next chunk
-        is loaded (two chunks' operands held; four, and the compiler serializes every MMA); AHEAD 0:
-        one chunk's operand at a time."""
+        512 columns, one scale). N_TILES 1: one chunk's product runs while the next chunk is
+        loaded (two chunks' operands held; four, and the compiler serializes every MMA); N_TILES
+        4: one chunk at a time (each has its own accumulator; more spills)."""
         s = warpgroup_mma(rope, q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         k = _key_operand(lat_ring.index(slot * 4))
         s0 = warpgroup_mma(k, q_lat.slice(0, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -150,19 +150,17 @@ if HAVE_GLUON:
             for c in gl.static_range(1, 4):
                 k = _key_operand(lat_ring.index(slot * 4 + c))
                 s0 = warpgroup_mma(k, q_lat.slice(c * 128, 128, dim=1).permute((1, 0)), s0, is_async=True)
-                s0 = warpgroup_mma_wait(AHEAD, deps=[s0])
+                s0 = warpgroup_mma_wait(1, deps=[s0])
             s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
             s = s + s0 * a0[:, None]
         return s
 
     @gluon.jit
-    def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty, merge_o, merge_ml, merged,
+    def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty,
                        OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                       STAGES: gl.constexpr, SPLITS: gl.constexpr, N_TILES: gl.constexpr, WG: gl.constexpr, N_WG: gl.constexpr):
+                       STAGES: gl.constexpr, SPLITS: gl.constexpr, N_TILES: gl.constexpr):
         """The online softmax over the split's blocks, transposed (keys are rows, heads columns),
-        as gluon_fewhead_wgmma's F16 form, with both products' keys read from the ring slot. With
-        N_WG warpgroups of these, warpgroup WG takes blocks WG, WG + N_WG, ...; the second puts its
-        state in ``merge_o`` / ``merge_ml`` and the first merges it and stores the result."""
+        as gluon_fewhead_wgmma's F16 form, with both products' keys read from the ring slot."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, _BLOCK_N)
         n_blocks = gl.cdiv(n_hi - n_lo, _BLOCK_N)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
@@ -180,7 +178,7 @@ if HAVE_GLUON:
         o2 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
         o3 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
         s_zero = gl.zeros([_BLOCK_N, BLOCK_H], gl.float32, acc_l)
-        for b in range(WG, n_blocks, N_WG):
+        for b in range(n_blocks):
             slot = b % STAGES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
             mbarrier.wait(full.index(slot), (b // STAGES) & 1)
@@ -193,8 +191,7 @@ if HAVE_GLUON:
                 a1, f1, r1 = a0, f0, r0
                 a2, f2, r2 = a0, f0, r0
                 a3, f3, r3 = a0, f0, r0
-            # Two warpgroups: registers for one chunk's operand at a time (the other warpgroup hides the wait).
-            s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES, 2 - N_WG)
+            s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES)
             s = gl.where(valid[:, None], s * head_scale[None, :], float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 0))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -210,7 +207,7 @@ if HAVE_GLUON:
                 p3.store((p * f3[:, None]).to(gl.float16))
             fence_async_shared()
             partition_barrier()  # every warp's P rows are in place for the products
-            if N_WG == 1 and N_TILES == 1:
+            if N_TILES == 1:
                 # One chunk's product runs while the next chunk's operand is loaded; the slot goes
                 # back once the last operand is in registers. (With four scales a row this spills:
                 # H200, 0.142 against 0.116 ms.)
@@ -237,30 +234,6 @@ if HAVE_GLUON:
         else:
             o0, o1, o2, o3 = o0 * u0, o1 * u0, o2 * u0, o3 * u0
         l_i = gl.sum(l_rows, 0)
-        if N_WG == 2:
-            if WG == 1:
-                merge_o.index(0).store(o0)
-                merge_o.index(1).store(o1)
-                merge_o.index(2).store(o2)
-                merge_o.index(3).store(o3)
-                merge_ml.index(0).store(m_i)
-                merge_ml.index(1).store(l_i)
-                partition_barrier()
-                mbarrier.arrive(merged.index(0))
-                return
-            mbarrier.wait(merged.index(0), 0)
-            m_o = merge_ml.index(0).load(head_l)
-            m_new = gl.maximum(m_i, m_o)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            mine = gl.exp2(m_i - m_use)[None, :]
-            theirs = gl.exp2(m_o - m_use)
-            l_i = l_i * gl.exp2(m_i - m_use) + merge_ml.index(1).load(head_l) * theirs
-            theirs = theirs[None, :]
-            o0 = o0 * mine + merge_o.index(0).load(acc_l) * theirs
-            o1 = o1 * mine + merge_o.index(1).load(acc_l) * theirs
-            o2 = o2 * mine + merge_o.index(2).load(acc_l) * theirs
-            o3 = o3 * mine + merge_o.index(3).load(acc_l) * theirs
-            m_i = m_new
         _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l, True)
         _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
         _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
@@ -272,7 +245,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr, MMA_GROUPS: gl.constexpr = 1,
+        DEQUANT_REGS: gl.constexpr,
     ):
         gl.static_assert(BLOCK_N == _BLOCK_N, "the keys are a warpgroup MMA's 64 rows")
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
@@ -287,18 +260,8 @@ if HAVE_GLUON:
                                               gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.bfloat16))
         scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, BLOCK_N], plain_smem)
         scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
-        p_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.float16)
-        p0, p1, p2, p3 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H], p_smem)
-        if MMA_GROUPS == 2:  # the second warpgroup's P, and its state for the merge
-            p4, p5, p6, p7 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H], p_smem)
-            merge_o = gl.allocate_shared_memory(gl.float32, [4, 128, BLOCK_H], plain_smem)
-            merge_ml = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_smem)
-        else:
-            p4, p5, p6, p7 = p0, p1, p2, p3
-            merge_o = p0
-            merge_ml = p0
-        merged = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(merged.index(0), count=1)
+        p0, p1, p2, p3 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.float16))
         q_exp = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_smem)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -312,34 +275,13 @@ if HAVE_GLUON:
         _stage_q_f16(Q, q_lat, q_rope, q_exp, t, hb, stride_qt, stride_qh, H, True)
         fence_async_shared()
         partition_barrier()
-        # (The partitions' argument tuples are written out in both calls: constexprs in a tuple
-        # variable become tensors in Gluon 3.6.)
-        if MMA_GROUPS == 2:
-            # The registers the copy partition leaves, halved (a multiple of 8).
-            MMA_REGS: gl.constexpr = (512 - DEQUANT_REGS) // 16 * 8
-            gl.warp_specialize(
-                [
-                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
-                                      merge_o, merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T,
-                                      sm_scale_log2, STAGES, SPLITS, N_TILES, 0, 2)),
-                    (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
-                                       stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
-                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p4, p5, p6, p7, block_rows, full, empty,
-                                      merge_o, merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T,
-                                      sm_scale_log2, STAGES, SPLITS, N_TILES, 1, 2)),
-                ],
-                [4, 4],
-                [DEQUANT_REGS, MMA_REGS],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
-                                      merge_o, merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T,
-                                      sm_scale_log2, STAGES, SPLITS, N_TILES, 0, 1)),
-                    (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
-                                       stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
-                ],
-                [4],
-                [DEQUANT_REGS],
-            )
+        gl.warp_specialize(
+            [
+                (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
+                                  OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, STAGES, SPLITS, N_TILES)),
+                (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+                                   stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
+            ],
+            [4],
+            [DEQUANT_REGS],
+        )
