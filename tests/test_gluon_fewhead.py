@@ -87,6 +87,9 @@ def test_launch_settings_name_the_bad_setting():
     # The register-operand kernel's slots are whole blocks: 4 unless given.
     assert fh.launch_settings(True, dict(REG_A=1)) == dict(fh.LAUNCH_WGMMA, REG_A=True, STAGES=fh.REG_A_STAGES, DEQUANT_REGS=fh.REG_A_COPY_REGS)
     assert fh.launch_settings(True, dict(REG_A=True, STAGES=2))["STAGES"] == 2
+    # Without a launch the layout picks: one scale a row, the register-operand kernel.
+    assert fh.default_launch(True, 1) == dict(fh.LAUNCH_WGMMA, REG_A=True, STAGES=3, DEQUANT_REGS=fh.REG_A_COPY_REGS)
+    assert fh.default_launch(True, 4) == fh.LAUNCH_WGMMA and fh.default_launch(False) == fh.LAUNCH_BF16
     for fp8, bad, word in ((False, dict(WS=True), "bf16 keys"), (False, dict(Q_HELD=True), "Q_HELD=True"), (True, dict(STAGE=2), "unknown"),
                            (True, dict(WS=False, Q_HELD=True), "Q_HELD=True"), (True, dict(WS=False, DEQUANT_REGS=96), "DEQUANT_REGS=96"),
                            (True, dict(QK_CHAINS=3), "QK_CHAINS=3"), (True, dict(WGMMA=True, WS=0), "WS=0"),
@@ -219,6 +222,11 @@ def test_forward_entry_points_dispatch_to_it_where_it_applies():
     out, lse = tk.forward_fp8(q, latent, scale, rope, idx, SCALE, 512)
     assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head" and tk.LAST_LAUNCH["forward_fp8"]["WGMMA"]
     assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512))
+    # One scale a row: the register-operand launch (LAUNCH_ROW_SCALE), checked against the exact keys.
+    latent, scale, rope = fr.quantize_keys(kv, "row")
+    out, lse = tk.forward_fp8(q, latent, scale, rope, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon few-head" and tk.LAST_LAUNCH["forward_fp8"]["REG_A"]
+    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512, exact_keys=True))
     # Where it does not apply (a sink, int64 indices), the Triton kernel runs and the reason is kept.
     tk.forward(q, kv, idx, SCALE, 512, attn_sink=torch.zeros(16, device="cuda"))
     assert "attn_sink" in tk.FEWHEAD_DECLINED["forward"]

@@ -421,9 +421,18 @@ def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> in
     return triton.cdiv(blocks, triton.cdiv(blocks, wanted))
 
 
-def default_launch(fp8: bool) -> dict:
-    """The measured-fastest launch for the key type: bf16 keys, or an FP8 latent (one scale a row
-    or one per 128 columns alike: the warp-specialized kernel with keys as warpgroup MMA rows)."""
+# One scale a row, no launch given: the register-operand kernel with 3 slots. H200, b64 h16, CUDA
+# graphs (RESULTS.md, tenth call set): 0.0707 ms against 0.0791 for LAUNCH_WGMMA. Four scales a
+# row keep LAUNCH_WGMMA (the register-operand kernel spills there: 0.116 against 0.085 ms).
+LAUNCH_ROW_SCALE = dict(REG_A=True, STAGES=3)
+
+
+def default_launch(fp8: bool, n_tiles: int = 4) -> dict:
+    """The measured-fastest launch for the key type: bf16 keys, or an FP8 latent with ``n_tiles``
+    scales a row (4: the warp-specialized kernel with keys as warpgroup MMA rows and an f16 tile;
+    1: the same with the keys read straight into the MMAs' registers, LAUNCH_ROW_SCALE)."""
+    if fp8 and n_tiles == 1:
+        return launch_settings(True, LAUNCH_ROW_SCALE)
     return dict(LAUNCH_WGMMA if fp8 else LAUNCH_BF16)
 
 
@@ -504,7 +513,8 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
 
     fp8 = kv_scale is not None
     n_tiles = kv_scale.shape[1] if fp8 else 1
-    cfg = launch_settings(fp8, launch)
+    # No launch: the layout's default (default_launch); a launch is read over LAUNCH_WGMMA's settings.
+    cfg = default_launch(fp8, n_tiles) if launch is None else launch_settings(fp8, launch)
     if indices.dtype != torch.int32:
         raise ValueError(f"indices: dtype {indices.dtype}; expected int32 (indices.to(torch.int32))")
     LAST_LAUNCH.clear()

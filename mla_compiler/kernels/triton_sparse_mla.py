@@ -717,7 +717,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
     index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
     for module, label, declined, launch in (
         (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
-        (fh, "gluon few-head", FEWHEAD_DECLINED, fh.default_launch(kv_scale is not None)),
+        (fh, "gluon few-head", FEWHEAD_DECLINED, fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ):
         reason = index_reason or module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
