@@ -48,10 +48,8 @@ FEW_HEAD_TRITON = {
     "fp8 row": [dict(BLOCK_N=64, num_warps=8, num_stages=1, SPLITS=2, DEQUANT=tk.DEQUANT_FP32, PREFETCH=True),
                 dict(BLOCK_N=32, num_warps=4, num_stages=3, SPLITS=2, DEQUANT=tk.DEQUANT_FOLD, PREFETCH=True)],
 }
-# REG_A: the keys read from the ring slot into the MMAs' registers (gluon_fewhead_rega), 4 / 3 slots;
-# two MMA warpgroups, 4 / 2 slots.
-REG_A_GLUON = [dict(WGMMA=True, REG_A=True), dict(WGMMA=True, REG_A=True, STAGES=3), dict(WGMMA=True, REG_A=True, MMA_GROUPS=2),
-               dict(WGMMA=True, REG_A=True, MMA_GROUPS=2, STAGES=2)]
+# REG_A: the keys read from the ring slot into the MMAs' registers (gluon_fewhead_rega), 4 / 3 slots.
+REG_A_GLUON = [dict(WGMMA=True, REG_A=True), dict(WGMMA=True, REG_A=True, STAGES=3)]
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
     "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, F16=False),

@@ -38,12 +38,11 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-wgmma-bf16-tiles', True, 4, dict(WGMMA=True, F16=False)),\n"
         "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3)),\n"
         "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8)),\n"
-        "                                  ('fp8-tiles-ws-rega', True, 4, dict(REG_A=True)), ('fp8-rows-ws-rega-unsplit', True, 1, dict(REG_A=True, SPLITS=1)),\n"
-        "                                  ('fp8-rows-ws-rega-2-groups', True, 1, dict(REG_A=True, MMA_GROUPS=2))):\n"
+        "                                  ('fp8-tiles-ws-rega', True, 4, dict(REG_A=True)), ('fp8-rows-ws-rega-unsplit', True, 1, dict(REG_A=True, SPLITS=1))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False), cfg.get('REG_A', False), cfg.get('MMA_GROUPS', 1))\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False), cfg.get('REG_A', False))\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync') + ptx.count('wgmma.mma_async'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
         "                     partitions=ptx.count('setmaxnreg.dec'))\n"
@@ -100,9 +99,7 @@ def test_launch_settings_name_the_bad_setting():
                            (True, dict(WGMMA=True, DQ_WARPS=6), "DQ_WARPS=6"), (True, dict(WS=True, DQ_WARPS=8), "DQ_WARPS=8 without WGMMA"),
                            (True, dict(WGMMA=True, DQ_WARPS=8, DEQUANT_REGS=136), "use DEQUANT_REGS <= 128"),
                            (True, dict(REG_A=True, F16=False), "F16=False"), (True, dict(REG_A=True, TILES=1), "TILES=1 with REG_A"),
-                           (True, dict(WS=True, REG_A=True), "REG_A=True without WGMMA"), (True, dict(REG_A=True, MMA_GROUPS=3), "MMA_GROUPS=3"),
-                           (True, dict(REG_A=True, MMA_GROUPS=2, STAGES=3), "an even number of slots"),
-                           (True, dict(WGMMA=True, MMA_GROUPS=2), "MMA_GROUPS=2 without REG_A")):
+                           (True, dict(WS=True, REG_A=True), "REG_A=True without WGMMA")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.launch_settings(fp8, bad)
 
@@ -156,9 +153,6 @@ FP8_LAUNCH_IDS += ["wgmma-8-warps", "wgmma-8-warps-unsplit", "wgmma-8-warps-bf16
 FP8_LAUNCHES += [dict(REG_A=True), dict(REG_A=True, SPLITS=1), dict(REG_A=True, SPLITS=3), dict(REG_A=True, STAGES=2, SPLITS=1),
                  dict(REG_A=True, STAGES=3, SPLITS=3), dict(REG_A=True, DEQUANT_REGS=128)]
 FP8_LAUNCH_IDS += ["rega", "rega-unsplit", "rega-3-splits", "rega-2-slots-unsplit", "rega-3-slots-3-splits", "rega-128-copy-registers"]
-# ... with two MMA warpgroups, each taking every other block (even slots for the first).
-FP8_LAUNCHES += [dict(REG_A=True, MMA_GROUPS=2), dict(REG_A=True, MMA_GROUPS=2, SPLITS=1), dict(REG_A=True, MMA_GROUPS=2, STAGES=2, SPLITS=3)]
-FP8_LAUNCH_IDS += ["rega-2-groups", "rega-2-groups-unsplit", "rega-2-groups-2-slots-3-splits"]
 
 
 def _exact_keys(launch) -> bool:
@@ -180,11 +174,10 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
                                             ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4)),
                                             ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4)),
                                             ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8)),
-                                            ("flashmla", dict(REG_A=True)), ("row", dict(REG_A=True, SPLITS=4)),
-                                            ("flashmla", dict(REG_A=True, MMA_GROUPS=2)), ("row", dict(REG_A=True, MMA_GROUPS=2))],
+                                            ("flashmla", dict(REG_A=True)), ("row", dict(REG_A=True, SPLITS=4))],
                          ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits",
                               "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps",
-                              "flashmla-rega", "row-rega-4-splits", "flashmla-rega-2-groups", "row-rega-2-groups"])
+                              "flashmla-rega", "row-rega-4-splits"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True,

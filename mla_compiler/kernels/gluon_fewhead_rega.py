@@ -122,12 +122,12 @@ if HAVE_GLUON:
         async_copy.wait_group(0)
 
     @gluon.jit
-    def _scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES: gl.constexpr, AHEAD: gl.constexpr):
+    def _scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES: gl.constexpr):
         """S^T up to the per-head factor: the rope's product plus each 128-column chunk's (K from
         registers) times its keys' scales (``a0`` .., per key row; N_TILES 1: one product over the
-        512 columns, one scale). N_TILES 1 and AHEAD 1: one chunk's product runs while the next
-        chunk is loaded (two chunks' operands held; four, and the compiler serializes every MMA);
-        otherwise one chunk at a time (N_TILES 4: each has its own accumulator)."""
+        512 columns, one scale). N_TILES 1: one chunk's product runs while the next chunk is
+        loaded (two chunks' operands held; four, and the compiler serializes every MMA); N_TILES
+        4: one chunk at a time (each has its own accumulator; more spills)."""
         s = warpgroup_mma(rope, q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         k = _key_operand(lat_ring.index(slot * 4))
         s0 = warpgroup_mma(k, q_lat.slice(0, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
@@ -150,20 +150,17 @@ if HAVE_GLUON:
             for c in gl.static_range(1, 4):
                 k = _key_operand(lat_ring.index(slot * 4 + c))
                 s0 = warpgroup_mma(k, q_lat.slice(c * 128, 128, dim=1).permute((1, 0)), s0, is_async=True)
-                s0 = warpgroup_mma_wait(AHEAD, deps=[s0])
+                s0 = warpgroup_mma_wait(1, deps=[s0])
             s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
             s = s + s0 * a0[:, None]
         return s
 
     @gluon.jit
-    def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty, merge_ml, merged,
+    def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty,
                        OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                       STAGES: gl.constexpr, SPLITS: gl.constexpr, N_TILES: gl.constexpr, WG: gl.constexpr, N_WG: gl.constexpr):
+                       STAGES: gl.constexpr, SPLITS: gl.constexpr, N_TILES: gl.constexpr):
         """The online softmax over the split's blocks, transposed (keys are rows, heads columns),
-        as gluon_fewhead_wgmma's F16 form, with both products' keys read from the ring slot. With
-        N_WG = 2 warpgroups of these, warpgroup WG takes blocks WG, WG + 2, ... (with an even
-        number of slots, the even slots are warpgroup 0's and the odd ones warpgroup 1's); at the
-        end warpgroup 1 hands its state over (_merge_warpgroups) and warpgroup 0 stores the result."""
+        as gluon_fewhead_wgmma's F16 form, with both products' keys read from the ring slot."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, _BLOCK_N)
         n_blocks = gl.cdiv(n_hi - n_lo, _BLOCK_N)
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
@@ -181,7 +178,7 @@ if HAVE_GLUON:
         o2 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
         o3 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
         s_zero = gl.zeros([_BLOCK_N, BLOCK_H], gl.float32, acc_l)
-        for b in range(WG, n_blocks, N_WG):
+        for b in range(n_blocks):
             slot = b % STAGES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
             mbarrier.wait(full.index(slot), (b // STAGES) & 1)
@@ -194,8 +191,7 @@ if HAVE_GLUON:
                 a1, f1, r1 = a0, f0, r0
                 a2, f2, r2 = a0, f0, r0
                 a3, f3, r3 = a0, f0, r0
-            # Two warpgroups: registers for one chunk's operand at a time (the other warpgroup hides the waits).
-            s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES, 2 - N_WG)
+            s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES)
             s = gl.where(valid[:, None], s * head_scale[None, :], float("-inf"))
             m_new = gl.maximum(m_i, gl.max(s, 0))
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -211,7 +207,7 @@ if HAVE_GLUON:
                 p3.store((p * f3[:, None]).to(gl.float16))
             fence_async_shared()
             partition_barrier()  # every warp's P rows are in place for the products
-            if N_TILES == 1 and N_WG == 1:
+            if N_TILES == 1:
                 # One chunk's product runs while the next chunk's operand is loaded; the slot goes
                 # back once the last operand is in registers. (With four scales a row this spills:
                 # H200, 0.142 against 0.116 ms.)
@@ -238,49 +234,10 @@ if HAVE_GLUON:
         else:
             o0, o1, o2, o3 = o0 * u0, o1 * u0, o2 * u0, o3 * u0
         l_i = gl.sum(l_rows, 0)
-        if N_WG == 2:
-            o0, o1, o2, o3, m_i, l_i = _merge_warpgroups(lat_ring, merge_ml, merged, o0, o1, o2, o3, m_i, l_i, WG, acc_l)
-        if WG == 0:
-            _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l, True)
-            _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
-            _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
-            _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
-
-    @gluon.jit
-    def _merge_warpgroups(lat_ring, merge_ml, merged, o0, o1, o2, o3, m_i, l_i, WG: gl.constexpr, acc_l: gl.constexpr):
-        """Two MMA warpgroups' softmax states into one: warpgroup 1 stores O^T into slot 1's four
-        chunks (only its own blocks used the odd slots, and none is copied after its last) and m, l
-        into ``merge_ml``; warpgroup 0 waits for them and returns the merged state."""
-        o_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        head_l: gl.constexpr = gl.SliceLayout(0, acc_l)
-        v0 = smem_view(lat_ring.index(4), gl.float32, [128, BLOCK_H], o_smem)
-        v1 = smem_view(lat_ring.index(5), gl.float32, [128, BLOCK_H], o_smem)
-        v2 = smem_view(lat_ring.index(6), gl.float32, [128, BLOCK_H], o_smem)
-        v3 = smem_view(lat_ring.index(7), gl.float32, [128, BLOCK_H], o_smem)
-        if WG == 1:
-            partition_barrier()  # every warp is past its reads of its last slot
-            v0.store(o0)
-            v1.store(o1)
-            v2.store(o2)
-            v3.store(o3)
-            merge_ml.index(0).store(m_i)
-            merge_ml.index(1).store(l_i)
-            partition_barrier()
-            mbarrier.arrive(merged.index(0))
-        else:
-            mbarrier.wait(merged.index(0), 0)
-            m_o = merge_ml.index(0).load(head_l)
-            m_new = gl.maximum(m_i, m_o)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            mine = gl.exp2(m_i - m_use)
-            theirs = gl.exp2(m_o - m_use)
-            l_i = l_i * mine + merge_ml.index(1).load(head_l) * theirs
-            o0 = o0 * mine[None, :] + v0.load(acc_l) * theirs[None, :]
-            o1 = o1 * mine[None, :] + v1.load(acc_l) * theirs[None, :]
-            o2 = o2 * mine[None, :] + v2.load(acc_l) * theirs[None, :]
-            o3 = o3 * mine[None, :] + v3.load(acc_l) * theirs[None, :]
-            m_i = m_new
-        return o0, o1, o2, o3, m_i, l_i
+        _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l, True)
+        _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
+        _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
+        _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
 
     @gluon.jit
     def _fewhead_rega_fwd_kernel(
@@ -288,10 +245,9 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr, MMA_GROUPS: gl.constexpr = 1,
+        DEQUANT_REGS: gl.constexpr,
     ):
         gl.static_assert(BLOCK_N == _BLOCK_N, "the keys are a warpgroup MMA's 64 rows")
-        gl.static_assert(MMA_GROUPS == 1 or STAGES % 2 == 0, "two MMA warpgroups take the even and the odd slots")
         plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         q_lat, q_rope, rows_2d, block_rows = _q_and_rows_smem(NB_P, BLOCK_N, True, gl.float16)
@@ -304,24 +260,14 @@ if HAVE_GLUON:
                                               gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.bfloat16))
         scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, BLOCK_N], plain_smem)
         scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
-        p_smem: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.float16)
-        p0, p1, p2, p3 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H], p_smem)
+        p0, p1, p2, p3 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.float16))
         q_exp = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_smem)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(full.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
-        # MMA_GROUPS 2: the second warpgroup's P, and its m and l for the merge.
-        if MMA_GROUPS == 2:
-            p4, p5, p6, p7 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H], p_smem)
-            merge_ml = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_smem)
-            merged = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-            mbarrier.init(merged.index(0), count=1)
-        else:  # not used
-            p4, p5, p6, p7 = p0, p1, p2, p3
-            merge_ml = scale_ring
-            merged = full
 
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
         _stage_rows_and_q(Q, IDX, q_lat, q_rope, rows_2d, t, hb, n_lo, n_hi, stride_qt, stride_qh, stride_it, S_KV, H, BLOCK_N, NB_P, 4,
@@ -329,34 +275,13 @@ if HAVE_GLUON:
         _stage_q_f16(Q, q_lat, q_rope, q_exp, t, hb, stride_qt, stride_qh, H, True)
         fence_async_shared()
         partition_barrier()
-        # (The partitions' argument tuples are written out in both calls: constexprs in a tuple
-        # variable become tensors in Gluon 3.6.)
-        if MMA_GROUPS == 2:
-            # The registers the copy partition leaves, halved (a multiple of 8).
-            MMA_REGS: gl.constexpr = (512 - DEQUANT_REGS) // 16 * 8
-            gl.warp_specialize(
-                [
-                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
-                                      merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                                      STAGES, SPLITS, N_TILES, 0, 2)),
-                    (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
-                                       stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
-                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p4, p5, p6, p7, block_rows, full, empty,
-                                      merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                                      STAGES, SPLITS, N_TILES, 1, 2)),
-                ],
-                [4, 4],
-                [DEQUANT_REGS, MMA_REGS],
-            )
-        else:
-            gl.warp_specialize(
-                [
-                    (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
-                                      merge_ml, merged, OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
-                                      STAGES, SPLITS, N_TILES, 0, 1)),
-                    (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
-                                       stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
-                ],
-                [4],
-                [DEQUANT_REGS],
-            )
+        gl.warp_specialize(
+            [
+                (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
+                                  OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, STAGES, SPLITS, N_TILES)),
+                (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+                                   stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
+            ],
+            [4],
+            [DEQUANT_REGS],
+        )
