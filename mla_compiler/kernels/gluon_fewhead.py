@@ -17,10 +17,12 @@ bf16 keys (benchmarks/RESULTS.md). Here:
   merges the partial softmax states.
 
 One program per (query token, block of 16 heads, top-k split), 4 warps, no warp specialization:
-the same warps dequantize and run the MMAs, one after the other. For FP8 latents two
-warp-specialized kernels share this module's steps, dequantization and MMAs in two partitions
-side by side: ``WGMMA`` (gluon_fewhead_wgmma, the default, where it measured fastest: keys as
-the rows of warpgroup MMAs) and ``WS`` (gluon_fewhead_ws: this module's mma.sync step).
+the same warps dequantize and run the MMAs, one after the other. For FP8 latents three
+warp-specialized kernels share this module's steps: ``WGMMA`` (gluon_fewhead_wgmma, the default
+for FlashMLA's four scales a row: keys as the rows of warpgroup MMAs, converted into an f16 tile
+beside the MMAs), ``REG_A`` (gluon_fewhead_rega, the default for one scale a row: the same
+products with the keys read from the gathered bytes straight into the MMAs' registers) and ``WS``
+(gluon_fewhead_ws: this module's mma.sync step).
 Shapes are DeepSeek's MLA latent 512 (the value) + rope 64, one key group; ``declines`` says which
 calls go to the Triton kernel instead.
 """
