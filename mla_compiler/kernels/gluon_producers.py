@@ -126,7 +126,8 @@ if HAVE_GLUON:
             slot = i % STAGES
             rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, b16_layout))
             valid = rows >= 0
-            base = _row_ptrs(KV, rows, cols, stride_kvs, 256)  # before the wait: overlaps it
+            if not (CHUNKED or CHUNK_BUFFERS):
+                base = _row_ptrs(KV, rows, cols, stride_kvs, 256)  # before the wait: overlaps it
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
@@ -253,7 +254,8 @@ if HAVE_GLUON:
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
             sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
-            base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
+            if not CHUNK_BUFFERS:
+                base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
             ok_ring.index(slot).store(valid.to(gl.int32))
             _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
