@@ -50,7 +50,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
     from .gluon_fewhead import BLOCK_H, _issue_rope_and_scales, _q_and_rows_smem, _split_coords, _stage_rows_and_q
-    from .gluon_fewhead_wgmma import P_UNIT, _key_scales, _stage_q_f16, _store_result_t
+    from .gluon_fewhead_wgmma import _block_scales, _softmax_state, _softmax_step, _stage_q_f16, _store_p_f16, _store_results_t
 
     _BLOCK_N = gl.constexpr(64)
     _LANES = gl.constexpr([[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]])  # the A operand's lanes (k_width 2)
@@ -171,45 +171,15 @@ if HAVE_GLUON:
         acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
         head_l: gl.constexpr = gl.SliceLayout(0, acc_l)
         head_scale = q_exp.load(head_l) * sm_scale_log2  # Q's per-head 2^e back, and the softmax scale
-        # The largest scale so far of each value tile (N_TILES 1: u0 for all).
-        u0 = sm_scale_log2 * 0.0
-        u1 = u0
-        u2 = u0
-        u3 = u0
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, head_l)
-        l_rows = gl.zeros([_BLOCK_N, BLOCK_H], gl.float32, acc_l)
-        o0 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        o1 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        o2 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        o3 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        s_zero = gl.zeros([_BLOCK_N, BLOCK_H], gl.float32, acc_l)
+        u0, u1, u2, u3, m_i, l_rows, o0, o1, o2, o3, s_zero = _softmax_state(sm_scale_log2, _BLOCK_N, acc_l)
         for b in range(n_blocks):
             slot = b % STAGES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
             mbarrier.wait(full.index(slot), (b // STAGES) & 1)
-            a0, f0, u0, r0 = _key_scales(sc.index(slot * N_TILES), u0, acc_l)
-            if N_TILES == 4:
-                a1, f1, u1, r1 = _key_scales(sc.index(slot * N_TILES + 1), u1, acc_l)
-                a2, f2, u2, r2 = _key_scales(sc.index(slot * N_TILES + 2), u2, acc_l)
-                a3, f3, u3, r3 = _key_scales(sc.index(slot * N_TILES + 3), u3, acc_l)
-            else:
-                a1, f1, r1 = a0, f0, r0
-                a2, f2, r2 = a0, f0, r0
-                a3, f3, r3 = a0, f0, r0
+            a0, a1, a2, a3, f0, f1, f2, f3, u0, u1, u2, u3, r0, r1, r2, r3 = _block_scales(sc, slot * N_TILES, u0, u1, u2, u3, N_TILES, acc_l)
             s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES)
-            s = gl.where(valid[:, None], s * head_scale[None, :], float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 0))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[None, :])
-            l_rows = l_rows * alpha[None, :] + p
-            m_i = m_new
-            # P^T by value tile, each key row times its tile's factor.
-            p0.store((p * f0[:, None]).to(gl.float16))
-            if N_TILES == 4:
-                p1.store((p * f1[:, None]).to(gl.float16))
-                p2.store((p * f2[:, None]).to(gl.float16))
-                p3.store((p * f3[:, None]).to(gl.float16))
+            p, alpha, m_i, l_rows = _softmax_step(s, valid, head_scale, m_i, l_rows)
+            _store_p_f16(p, p0, p1, p2, p3, f0, f1, f2, f3, N_TILES)
             fence_async_shared()
             partition_barrier()  # every warp's P rows are in place for the products
             if N_TILES == 1:
@@ -232,17 +202,8 @@ if HAVE_GLUON:
                 o3 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 3)), p3, o3 * (alpha * r3)[None, :])
                 partition_barrier()  # every warp is past its reads of the slot
                 mbarrier.arrive(empty.index(slot))
-        # Back from units of each tile's largest scale / 2^15.
-        u0, u1, u2, u3 = u0 / P_UNIT, u1 / P_UNIT, u2 / P_UNIT, u3 / P_UNIT
-        if N_TILES == 4:
-            o0, o1, o2, o3 = o0 * u0, o1 * u1, o2 * u2, o3 * u3
-        else:
-            o0, o1, o2, o3 = o0 * u0, o1 * u0, o2 * u0, o3 * u0
-        l_i = gl.sum(l_rows, 0)
-        _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l, True)
-        _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
-        _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
-        _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, True)
+        _store_results_t(OUT, LSE, PARTIAL, o0, o1, o2, o3, u0, u1, u2, u3, m_i, l_rows, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
+                         SPLITS, N_TILES, True, True, acc_l)
 
     @gluon.jit
     def _fewhead_rega_fwd_kernel(

@@ -293,6 +293,71 @@ if HAVE_GLUON:
         return sc, sc * gl.where(u_new > 0.0, P_UNIT / u_new, 0.0), u_new, gl.where(u_new > 0.0, u / u_new, 1.0)
 
     @gluon.jit
+    def _softmax_state(sm_scale_log2, BLOCK_N: gl.constexpr, acc_l: gl.constexpr):
+        """The online softmax's starting state, transposed: (F16: the largest scale so far of each
+        value tile, u0-u3, N_TILES 1: u0 for all; m per head; each key row's share of the sum,
+        rescaled with the accumulator and summed over the rows once at the end instead of across
+        warps every block; O^T by 128-column chunk of the value; zero scores)."""
+        u = sm_scale_log2 * 0.0
+        return (u, u, u, u, gl.full([BLOCK_H], float("-inf"), gl.float32, gl.SliceLayout(0, acc_l)),
+                gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l),
+                gl.zeros([128, BLOCK_H], gl.float32, acc_l), gl.zeros([128, BLOCK_H], gl.float32, acc_l),
+                gl.zeros([128, BLOCK_H], gl.float32, acc_l), gl.zeros([128, BLOCK_H], gl.float32, acc_l),
+                gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l))
+
+    @gluon.jit
+    def _block_scales(sc, first, u0, u1, u2, u3, N_TILES: gl.constexpr, acc_l: gl.constexpr):
+        """_key_scales of a block's value tiles (``sc`` rows ``first`` ..; N_TILES 1: the one
+        scale serves all four chunks): a0-a3, f0-f3, u0-u3, r0-r3."""
+        a0, f0, u0, r0 = _key_scales(sc.index(first), u0, acc_l)
+        if N_TILES == 4:
+            a1, f1, u1, r1 = _key_scales(sc.index(first + 1), u1, acc_l)
+            a2, f2, u2, r2 = _key_scales(sc.index(first + 2), u2, acc_l)
+            a3, f3, u3, r3 = _key_scales(sc.index(first + 3), u3, acc_l)
+        else:
+            a1, f1, r1 = a0, f0, r0
+            a2, f2, r2 = a0, f0, r0
+            a3, f3, r3 = a0, f0, r0
+        return a0, a1, a2, a3, f0, f1, f2, f3, u0, u1, u2, u3, r0, r1, r2, r3
+
+    @gluon.jit
+    def _softmax_step(s, valid, head_scale, m_i, l_rows):
+        """One block of the online softmax down the columns of S^T (keys not ``valid`` masked):
+        (P^T, the heads' rescale factor, m, the rows' sums)."""
+        s = gl.where(valid[:, None], s * head_scale[None, :], float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 0))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[None, :])
+        return p, alpha, m_new, l_rows * alpha[None, :] + p
+
+    @gluon.jit
+    def _store_p_f16(p, p0, p1, p2, p3, f0, f1, f2, f3, N_TILES: gl.constexpr):
+        """F16: P^T by value tile, each key row times its tile's factor (``f0`` ..)."""
+        p0.store((p * f0[:, None]).to(gl.float16))
+        if N_TILES == 4:
+            p1.store((p * f1[:, None]).to(gl.float16))
+            p2.store((p * f2[:, None]).to(gl.float16))
+            p3.store((p * f3[:, None]).to(gl.float16))
+
+    @gluon.jit
+    def _store_results_t(OUT, LSE, PARTIAL, o0, o1, o2, o3, u0, u1, u2, u3, m_i, l_rows, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
+                         SPLITS: gl.constexpr, N_TILES: gl.constexpr, F16: gl.constexpr, V_ORDER: gl.constexpr, acc_l: gl.constexpr):
+        """The four O^T chunks through _store_result_t, F16: first back from units of each value
+        tile's largest scale / 2^15 (``u0`` ..; N_TILES 1: u0 for all)."""
+        if F16:
+            u0, u1, u2, u3 = u0 / P_UNIT, u1 / P_UNIT, u2 / P_UNIT, u3 / P_UNIT
+            if N_TILES == 4:
+                o0, o1, o2, o3 = o0 * u0, o1 * u1, o2 * u2, o3 * u3
+            else:
+                o0, o1, o2, o3 = o0 * u0, o1 * u0, o2 * u0, o3 * u0
+        l_i = gl.sum(l_rows, 0)
+        _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l, V_ORDER)
+        _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, V_ORDER)
+        _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, V_ORDER)
+        _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l, V_ORDER)
+
+    @gluon.jit
     def _mma_partition(q_lat, q_rope, q_exp, k0, k1, k2, k3, rope_tiles, sc, p0, p1, p2, p3, block_rows, full, e0, e1, e2, e3,
                        OUT, LSE, PARTIAL,
                        stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2,
@@ -309,21 +374,8 @@ if HAVE_GLUON:
             head_scale = q_exp.load(head_l) * sm_scale_log2  # Q's per-head 2^e back, and the softmax scale
         else:
             head_scale = gl.full([BLOCK_H], 1.0, gl.float32, head_l) * sm_scale_log2
-        # The largest scale so far of each value tile (F16; N_TILES 1: u0 for all).
-        u0 = sm_scale_log2 * 0.0
-        u1 = u0
-        u2 = u0
-        u3 = u0
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, head_l)
-        # Each key row's share of the softmax sum, rescaled with the accumulator: summed over the
-        # rows once at the end instead of across warps every block.
-        l_rows = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l)
         # O^T by 128-column chunks of the value, one product each, so the tile is released by chunk.
-        o0 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        o1 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        o2 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        o3 = gl.zeros([128, BLOCK_H], gl.float32, acc_l)
-        s_zero = gl.zeros([BLOCK_N, BLOCK_H], gl.float32, acc_l)
+        u0, u1, u2, u3, m_i, l_rows, o0, o1, o2, o3, s_zero = _softmax_state(sm_scale_log2, BLOCK_N, acc_l)
         for b in range(n_blocks):
             tile = b % TILES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
@@ -332,32 +384,15 @@ if HAVE_GLUON:
             if F16:
                 # The products run while the keys' scales are read and reduced.
                 s, s0, s1, s2, s3 = _issue_scores_f16(c0, c1, c2, c3, rope_tiles.index(tile), q_lat, q_rope, s_zero, N_TILES)
-                a0, f0, u0, r0 = _key_scales(sc.index(tile * N_TILES), u0, acc_l)
-                if N_TILES == 4:
-                    a1, f1, u1, r1 = _key_scales(sc.index(tile * N_TILES + 1), u1, acc_l)
-                    a2, f2, u2, r2 = _key_scales(sc.index(tile * N_TILES + 2), u2, acc_l)
-                    a3, f3, u3, r3 = _key_scales(sc.index(tile * N_TILES + 3), u3, acc_l)
-                else:
-                    a1, f1, r1 = a0, f0, r0
-                    a2, f2, r2 = a0, f0, r0
-                    a3, f3, r3 = a0, f0, r0
+                a0, a1, a2, a3, f0, f1, f2, f3, u0, u1, u2, u3, r0, r1, r2, r3 = _block_scales(sc, tile * N_TILES, u0, u1, u2, u3, N_TILES,
+                                                                                               acc_l)
                 s = _finish_scores_f16(s, s0, s1, s2, s3, a0, a1, a2, a3, N_TILES)
             else:
                 s = warpgroup_mma(rope_tiles.index(tile), q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(0, deps=[_latent_scores(c0, c1, c2, c3, q_lat, s, True)])
-            s = gl.where(valid[:, None], s * head_scale[None, :], float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, 0))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[None, :])
-            l_rows = l_rows * alpha[None, :] + p
-            m_i = m_new
-            if F16:  # P^T by value tile, each key row times its tile's factor
-                p0.store((p * f0[:, None]).to(gl.float16))
-                if N_TILES == 4:
-                    p1.store((p * f1[:, None]).to(gl.float16))
-                    p2.store((p * f2[:, None]).to(gl.float16))
-                    p3.store((p * f3[:, None]).to(gl.float16))
+            p, alpha, m_i, l_rows = _softmax_step(s, valid, head_scale, m_i, l_rows)
+            if F16:
+                _store_p_f16(p, p0, p1, p2, p3, f0, f1, f2, f3, N_TILES)
             else:
                 p0.store(p.to(gl.bfloat16))
                 r0 = 1.0
@@ -370,17 +405,8 @@ if HAVE_GLUON:
             o1 = _value_chunk(c1, p1, o1 * (alpha * r1)[None, :], e1, tile)
             o2 = _value_chunk(c2, p2, o2 * (alpha * r2)[None, :], e2, tile)
             o3 = _value_chunk(c3, p3, o3 * (alpha * r3)[None, :], e3, tile)
-        if F16:  # back from units of each tile's largest scale / 2^15
-            u0, u1, u2, u3 = u0 / P_UNIT, u1 / P_UNIT, u2 / P_UNIT, u3 / P_UNIT
-            if N_TILES == 4:
-                o0, o1, o2, o3 = o0 * u0, o1 * u1, o2 * u2, o3 * u3
-            else:
-                o0, o1, o2, o3 = o0 * u0, o1 * u0, o2 * u0, o3 * u0
-        l_i = gl.sum(l_rows, 0)
-        _store_result_t(OUT, LSE, PARTIAL, o0, 0, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, True, acc_l)
-        _store_result_t(OUT, LSE, PARTIAL, o1, 128, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
-        _store_result_t(OUT, LSE, PARTIAL, o2, 256, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
-        _store_result_t(OUT, LSE, PARTIAL, o3, 384, m_i, l_i, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt, SPLITS, False, acc_l)
+        _store_results_t(OUT, LSE, PARTIAL, o0, o1, o2, o3, u0, u1, u2, u3, m_i, l_rows, t, hb, sp, T, H, stride_ot, stride_oh, stride_lt,
+                         SPLITS, N_TILES, F16, False, acc_l)
 
     @gluon.jit
     def _fewhead_wgmma_fwd_kernel(
