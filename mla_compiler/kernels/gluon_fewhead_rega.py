@@ -25,8 +25,8 @@ of 64-key blocks (latent by 128-column chunk, rope, scales) and hands each over 
 landed; the MMA partition (the kernel's 4 warps, one warpgroup) does everything else and gives a
 slot back once its last value chunk is in registers (one scale a row) or its products are done.
 
-H200, V3.2 decode at 16 heads (RESULTS.md, tenth call set): one scale a row 0.0707 ms with 3
-slots (the f16-tile kernel 0.0785, bf16 keys 0.0874); FlashMLA's four scales a row 0.116 (the
+H200, V3.2 decode at 16 heads (RESULTS.md, tenth call set): one scale a row 0.0697 ms with 3
+slots (the f16-tile kernel 0.0791, bf16 keys 0.0861); FlashMLA's four scales a row 0.116 (the
 f16-tile kernel 0.0845: four score accumulators and P buffers spill at 255 registers), so that
 layout keeps the f16 tile by default.
 """
@@ -127,38 +127,42 @@ if HAVE_GLUON:
         async_copy.wait_group(0)
 
     @gluon.jit
-    def _scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES: gl.constexpr):
-        """S^T up to the per-head factor: the rope's product plus each 128-column chunk's (K from
-        registers) times its keys' scales (``a0`` .., per key row; N_TILES 1: one product over the
-        512 columns, one scale). N_TILES 1: one chunk's product runs while the next chunk is
-        loaded (two chunks' operands held; four, and the compiler serializes every MMA); N_TILES
-        4: one chunk at a time (each has its own accumulator; more spills)."""
+    def _row_scores_issued(lat_ring, slot, rope, q_lat, q_rope, s_zero):
+        """One scale a row: starts S^T's products (the rope's; the latent's, K from registers, one
+        128-column chunk's product running while the next chunk is loaded: two chunks' operands
+        held, four and the compiler serializes every MMA) and returns their accumulators with the
+        last two still running."""
+        s = warpgroup_mma(rope, q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s0 = s_zero
+        for c in gl.static_range(4):
+            k = _key_operand(lat_ring.index(slot * 4 + c))
+            s0 = warpgroup_mma(k, q_lat.slice(c * 128, 128, dim=1).permute((1, 0)), s0, use_acc=c > 0, is_async=True)
+            if c > 0:
+                s0 = warpgroup_mma_wait(1, deps=[s0])
+        return s, s0
+
+    @gluon.jit
+    def _tile_scores(lat_ring, slot, rope, q_lat, q_rope, s_zero, a0, a1, a2, a3):
+        """Four scales a row (FlashMLA): S^T up to the per-head factor, each 128-column chunk's
+        product (K from registers) in its own accumulator times its keys' scales (``a0`` .., per
+        key row), one chunk at a time (overlapped, they spill)."""
         s = warpgroup_mma(rope, q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         k = _key_operand(lat_ring.index(slot * 4))
         s0 = warpgroup_mma(k, q_lat.slice(0, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        if N_TILES == 4:
-            s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
-            s = s + s0 * a0[:, None]
-            k = _key_operand(lat_ring.index(slot * 4 + 1))
-            s1 = warpgroup_mma(k, q_lat.slice(128, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s1 = warpgroup_mma_wait(0, deps=[s1])
-            s = s + s1 * a1[:, None]
-            k = _key_operand(lat_ring.index(slot * 4 + 2))
-            s2 = warpgroup_mma(k, q_lat.slice(256, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s2 = warpgroup_mma_wait(0, deps=[s2])
-            s = s + s2 * a2[:, None]
-            k = _key_operand(lat_ring.index(slot * 4 + 3))
-            s3 = warpgroup_mma(k, q_lat.slice(384, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s3 = warpgroup_mma_wait(0, deps=[s3])
-            s = s + s3 * a3[:, None]
-        else:
-            for c in gl.static_range(1, 4):
-                k = _key_operand(lat_ring.index(slot * 4 + c))
-                s0 = warpgroup_mma(k, q_lat.slice(c * 128, 128, dim=1).permute((1, 0)), s0, is_async=True)
-                s0 = warpgroup_mma_wait(1, deps=[s0])
-            s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
-            s = s + s0 * a0[:, None]
-        return s
+        s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
+        s = s + s0 * a0[:, None]
+        k = _key_operand(lat_ring.index(slot * 4 + 1))
+        s1 = warpgroup_mma(k, q_lat.slice(128, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s1 = warpgroup_mma_wait(0, deps=[s1])
+        s = s + s1 * a1[:, None]
+        k = _key_operand(lat_ring.index(slot * 4 + 2))
+        s2 = warpgroup_mma(k, q_lat.slice(256, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s2 = warpgroup_mma_wait(0, deps=[s2])
+        s = s + s2 * a2[:, None]
+        k = _key_operand(lat_ring.index(slot * 4 + 3))
+        s3 = warpgroup_mma(k, q_lat.slice(384, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s3 = warpgroup_mma_wait(0, deps=[s3])
+        return s + s3 * a3[:, None]
 
     @gluon.jit
     def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty,
@@ -176,17 +180,25 @@ if HAVE_GLUON:
             slot = b % STAGES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
             mbarrier.wait(full.index(slot), (b // STAGES) & 1)
-            a0, a1, a2, a3, f0, f1, f2, f3, u0, u1, u2, u3, r0, r1, r2, r3 = _block_scales(sc, slot * N_TILES, u0, u1, u2, u3, N_TILES, acc_l)
-            s = _scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3, N_TILES)
+            if N_TILES == 1:
+                # While the last score products run: the keys' scales, and value chunk 0's operand.
+                s, s0 = _row_scores_issued(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero)
+                a0, a1, a2, a3, f0, f1, f2, f3, u0, u1, u2, u3, r0, r1, r2, r3 = _block_scales(sc, slot, u0, u1, u2, u3, 1, acc_l)
+                v0 = _value_operand(lat_ring.index(slot * 4))
+                s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
+                s = s + s0 * a0[:, None]
+            else:
+                a0, a1, a2, a3, f0, f1, f2, f3, u0, u1, u2, u3, r0, r1, r2, r3 = _block_scales(sc, slot * 4, u0, u1, u2, u3, 4, acc_l)
+                s = _tile_scores(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero, a0, a1, a2, a3)
             p, alpha, m_i, l_rows = _softmax_step(s, valid, head_scale, m_i, l_rows)
             _store_p_f16(p, p0, p1, p2, p3, f0, f1, f2, f3, N_TILES)
             fence_async_shared()
             partition_barrier()  # every warp's P rows are in place for the products
             if N_TILES == 1:
-                # One chunk's product runs while the next chunk's operand is loaded; the slot goes
-                # back once the last operand is in registers. (With four scales a row this spills:
-                # H200, 0.142 against 0.116 ms.)
-                o0 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4)), p0, o0 * (alpha * r0)[None, :], is_async=True)
+                # One chunk's product runs while the next chunk's operand is loaded (chunk 0's was
+                # loaded under the score products); the slot goes back once the last operand is in
+                # registers. (With four scales a row this spills: H200, 0.142 against 0.116 ms.)
+                o0 = warpgroup_mma(v0, p0, o0 * (alpha * r0)[None, :], is_async=True)
                 o1 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 1)), p1, o1 * (alpha * r1)[None, :], is_async=True)
                 o0 = warpgroup_mma_wait(1, deps=[o0])
                 o2 = warpgroup_mma(_value_operand(lat_ring.index(slot * 4 + 2)), p2, o2 * (alpha * r2)[None, :], is_async=True)
