@@ -57,31 +57,36 @@ if HAVE_GLUON:
     _WARPS = gl.constexpr([[16, 0], [32, 0]])
 
     @gluon.jit
+    def _a_operand(chunk, view: gl.constexpr, load: gl.constexpr):
+        """A ring chunk read through the shared layout ``view`` in the register layout ``load`` (the
+        A operand's, its registers reordered so that each thread's bytes of a row come first),
+        converted to f16, in the A operand's layout (a renaming of registers: no data moves)."""
+        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
+        raw = smem_view(chunk, gl.float8e4nv, load.shape, view).load(load)
+        return gl.convert_layout(raw.to(gl.float16), gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2), assert_trivial=True)
+
+    @gluon.jit
     def _key_operand(chunk):
         """K's 128-column chunk [64 keys, 128] (``chunk``: a ring chunk), as f16 in the A
         operand's registers, columns in K order: element (key, k) is byte _k_order(k) of the row.
         Each thread reads two rows x two 16-byte runs."""
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
         # Offset bits of the chunk (byte in the run x4, run x3, row x6) -> (key, k).
         view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 2], [0, 4], [0, 64],
                                                                  [1, 2], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]])
         # The A operand's bases with the 16 bytes of a run first, so one load moves them.
         load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [8, 0], [0, 64]],
                                                         lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[64, 128])
-        raw = smem_view(chunk, gl.float8e4nv, [64, 128], view).load(load)
-        return gl.convert_layout(raw.to(gl.float16), gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2), assert_trivial=True)
+        return _a_operand(chunk, view, load)
 
     @gluon.jit
     def _value_operand(chunk):
         """V^T of a 128-column chunk, [128, 64 keys], as f16 in the A operand's registers, rows in
         V order: row m is byte _v_order(m) of each key row. Each thread reads 4-byte runs."""
-        acc_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 16])
         view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[8, 0], [64, 0], [1, 0], [2, 0], [4, 0], [16, 0], [32, 0],
                                                                  [4, 1], [16, 2], [32, 4], [0, 8], [0, 16], [0, 32]])
         load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[8, 0], [64, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
                                                         lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[128, 64])
-        raw = smem_view(chunk, gl.float8e4nv, [128, 64], view).load(load)
-        return gl.convert_layout(raw.to(gl.float16), gl.DotOperandLayout(operand_index=0, parent=acc_l, k_width=2), assert_trivial=True)
+        return _a_operand(chunk, view, load)
 
     @gluon.jit
     def _issue_rows(j, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
