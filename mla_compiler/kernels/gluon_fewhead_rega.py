@@ -37,6 +37,7 @@ from .gluon_common import HAVE_GLUON
 
 if HAVE_GLUON:
     from .gluon_common import (
+        _chunk,
         _four_buffers,
         async_copy,
         async_rows,
@@ -152,22 +153,15 @@ if HAVE_GLUON:
         product (K from registers) in its own accumulator times its keys' scales (``a0`` .., per
         key row), one chunk at a time (overlapped, they spill)."""
         s = warpgroup_mma(rope, q_rope.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        k = _key_operand(lat_ring.index(slot * 4))
-        s0 = warpgroup_mma(k, q_lat.slice(0, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s, s0 = warpgroup_mma_wait(0, deps=[s, s0])
-        s = s + s0 * a0[:, None]
-        k = _key_operand(lat_ring.index(slot * 4 + 1))
-        s1 = warpgroup_mma(k, q_lat.slice(128, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s1 = warpgroup_mma_wait(0, deps=[s1])
-        s = s + s1 * a1[:, None]
-        k = _key_operand(lat_ring.index(slot * 4 + 2))
-        s2 = warpgroup_mma(k, q_lat.slice(256, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s2 = warpgroup_mma_wait(0, deps=[s2])
-        s = s + s2 * a2[:, None]
-        k = _key_operand(lat_ring.index(slot * 4 + 3))
-        s3 = warpgroup_mma(k, q_lat.slice(384, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s3 = warpgroup_mma_wait(0, deps=[s3])
-        return s + s3 * a3[:, None]
+        for c in gl.static_range(4):
+            k = _key_operand(lat_ring.index(slot * 4 + c))
+            s_c = warpgroup_mma(k, q_lat.slice(c * 128, 128, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if c == 0:
+                s, s_c = warpgroup_mma_wait(0, deps=[s, s_c])
+            else:
+                s_c = warpgroup_mma_wait(0, deps=[s_c])
+            s = s + s_c * _chunk(c, a0, a1, a2, a3)[:, None]
+        return s
 
     @gluon.jit
     def _mma_partition(q_lat, q_rope, q_exp, lat_ring, rope_ring, sc, p0, p1, p2, p3, block_rows, full, empty,
