@@ -50,11 +50,6 @@ FEW_HEAD_TRITON = {
 }
 # REG_A: the keys read from the ring slot into the MMAs' registers (gluon_fewhead_rega), 4 / 3 slots.
 REG_A_GLUON = [dict(WGMMA=True, REG_A=True), dict(WGMMA=True, REG_A=True, STAGES=3)]
-# SEESAW: two MMA warpgroups taking turns at the scores (gluon_fewhead_seesaw), 4 / 3 slots.
-REG_A_GLUON += [dict(WGMMA=True, REG_A=True, SEESAW=True), dict(WGMMA=True, REG_A=True, SEESAW=True, STAGES=3)]
-# L2_AHEAD: the copy partition asks L2 for the rows of the block L2_AHEAD / 2 past the one it copies.
-REG_A_GLUON += [dict(WGMMA=True, REG_A=True, STAGES=3, L2_AHEAD=4), dict(WGMMA=True, REG_A=True, SEESAW=True, L2_AHEAD=2),
-                dict(WGMMA=True, REG_A=True, SEESAW=True, L2_AHEAD=4), dict(WGMMA=True, REG_A=True, SEESAW=True, L2_AHEAD=8)]
 FEW_HEAD_GLUON = {
     "bf16": [dict(BLOCK_N=64, STAGES=2), dict(BLOCK_N=32, STAGES=3, QK_CHAINS=4)],
     "fp8 FlashMLA": [dict(WS=False), dict(WS=True, Q_HELD=True), dict(WGMMA=True), dict(WGMMA=True, L2_AHEAD=4), dict(WGMMA=True, F16=False),

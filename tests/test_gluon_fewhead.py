@@ -38,12 +38,11 @@ def test_compiles_for_hopper_with_16_byte_copies():
         "                                  ('fp8-tiles-ws-wgmma-bf16-tiles', True, 4, dict(WGMMA=True, F16=False)),\n"
         "                                  ('fp8-rows-ws-wgmma-bf16-tiles-3-splits', True, 1, dict(WGMMA=True, F16=False, SPLITS=3)),\n"
         "                                  ('fp8-tiles-ws-wgmma-8-dequantizing-warps', True, 4, dict(WGMMA=True, DQ_WARPS=8)),\n"
-        "                                  ('fp8-tiles-ws-rega', True, 4, dict(REG_A=True)), ('fp8-rows-ws-rega-unsplit', True, 1, dict(REG_A=True, SPLITS=1)),\n"
-        "                                  ('fp8-tiles-ws-seesaw', True, 4, dict(REG_A=True, SEESAW=True)), ('fp8-rows-ws-seesaw-unsplit', True, 1, dict(REG_A=True, SEESAW=True, SPLITS=1))):\n"
+        "                                  ('fp8-tiles-ws-rega', True, 4, dict(REG_A=True)), ('fp8-rows-ws-rega-unsplit', True, 1, dict(REG_A=True, SPLITS=1))):\n"
         "    c = fh.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
         "    cfg = fh.launch_settings(fp8, launch)\n"
-        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False), cfg.get('REG_A', False), cfg.get('SEESAW', False))\n"
+        "    need = fh.shared_bytes(fp8, tiles, cfg['BLOCK_N'], cfg['STAGES'], 2048 // (cfg['BLOCK_N'] * cfg.get('SPLITS', 2)), cfg['WS'], cfg['WGMMA'], cfg.get('TILES', 2), cfg.get('F16', False), cfg.get('REG_A', False))\n"
         "    out[name] = dict(shared=c.metadata.shared, need=need, mma=ptx.count('mma.sync') + ptx.count('wgmma.mma_async'), wide=ptx.count(', 0x10,'),\n"
         "                     narrow=ptx.count(', 0x4,') + ptx.count(', 0x8,'), byte_loads=ptx.count('ld.shared.b8'),\n"
         "                     partitions=ptx.count('setmaxnreg.dec'))\n"
@@ -154,13 +153,6 @@ FP8_LAUNCH_IDS += ["wgmma-8-warps", "wgmma-8-warps-unsplit", "wgmma-8-warps-bf16
 FP8_LAUNCHES += [dict(REG_A=True), dict(REG_A=True, SPLITS=1), dict(REG_A=True, SPLITS=3), dict(REG_A=True, STAGES=2, SPLITS=1),
                  dict(REG_A=True, STAGES=3, SPLITS=3), dict(REG_A=True, DEQUANT_REGS=128)]
 FP8_LAUNCH_IDS += ["rega", "rega-unsplit", "rega-3-splits", "rega-2-slots-unsplit", "rega-3-slots-3-splits", "rega-128-copy-registers"]
-# ... with two MMA warpgroups taking turns (gluon_fewhead_seesaw): blocks odd and even in number, splits.
-FP8_LAUNCHES += [dict(REG_A=True, SEESAW=True), dict(REG_A=True, SEESAW=True, SPLITS=1), dict(REG_A=True, SEESAW=True, SPLITS=3),
-                 dict(REG_A=True, SEESAW=True, STAGES=3, SPLITS=1), dict(REG_A=True, SEESAW=True, STAGES=2, SPLITS=5)]
-FP8_LAUNCH_IDS += ["seesaw", "seesaw-unsplit", "seesaw-3-splits", "seesaw-3-slots-unsplit", "seesaw-2-slots-5-splits"]
-# ... with rows asked of L2 ahead of the copies.
-FP8_LAUNCHES += [dict(REG_A=True, L2_AHEAD=2, SPLITS=1), dict(REG_A=True, SEESAW=True, L2_AHEAD=4, SPLITS=3)]
-FP8_LAUNCH_IDS += ["rega-l2-1-block-ahead-unsplit", "seesaw-l2-2-blocks-ahead-3-splits"]
 
 
 def _exact_keys(launch) -> bool:
@@ -182,11 +174,10 @@ def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
                                             ("flashmla", dict(WGMMA=True)), ("row", dict(WGMMA=True, SPLITS=4)),
                                             ("flashmla", dict(WGMMA=True, F16=False)), ("row", dict(WGMMA=True, F16=False, SPLITS=4)),
                                             ("flashmla", dict(WGMMA=True, DQ_WARPS=8)), ("row", dict(WGMMA=True, DQ_WARPS=8)),
-                                            ("flashmla", dict(REG_A=True)), ("row", dict(REG_A=True, SPLITS=4)),
-                                            ("flashmla", dict(REG_A=True, SEESAW=True)), ("row", dict(REG_A=True, SEESAW=True, SPLITS=1))],
+                                            ("flashmla", dict(REG_A=True)), ("row", dict(REG_A=True, SPLITS=4))],
                          ids=["flashmla", "row", "row-4-splits", "flashmla-plain", "row-plain", "flashmla-wgmma", "row-wgmma-4-splits",
                               "flashmla-wgmma-bf16-tiles", "row-wgmma-bf16-tiles-4-splits", "flashmla-wgmma-8-warps", "row-wgmma-8-warps",
-                              "flashmla-rega", "row-rega-4-splits", "flashmla-seesaw", "row-seesaw-unsplit"])
+                              "flashmla-rega", "row-rega-4-splits"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero).
     assert_fp8_forward_matches(lambda *args: fh.forward(*args, launch=launch), layout, 16, 200, extreme=True,
@@ -216,8 +207,7 @@ def test_launch_settings_are_checked():
                       (dict(WGMMA=True, STAGES=3), "shared memory"), (dict(WGMMA=True, TILES=1, STAGES=7), "shared memory"),
                       (dict(WGMMA=True, TILES=3), "TILES=3"), (dict(WS=True, TILES=1), "TILES=1 without WGMMA"),
                       (dict(WGMMA=True, L2_AHEAD=17), "L2_AHEAD=17"), (dict(WS=True, L2_AHEAD=2), "L2_AHEAD=2 without WGMMA"),
-                      (dict(WS=True, F16=True), "F16=True without WGMMA"), (dict(REG_A=True, STAGES=5), "shared memory"),
-                      (dict(REG_A=True, L2_AHEAD=3), "L2_AHEAD=3 with REG_A"), (dict(SEESAW=True), "SEESAW=True without REG_A")):
+                      (dict(WS=True, F16=True), "F16=True without WGMMA"), (dict(REG_A=True, STAGES=5), "shared memory")):
         with pytest.raises(ValueError, match=re.escape(word)):
             fh.forward(q, latent, scale, rope, idx, SCALE, launch=bad)
 

@@ -72,30 +72,27 @@ LAUNCH_WS = dict(BLOCK_N=32, STAGES=4, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=
 # bf16 tiles 0.095 / 0.089, F16 with L2_AHEAD=4 0.091 / 0.083 (bf16 keys 0.088); eighth (CUDA
 # graphs), DQ_WARPS=8 0.0872 / 0.0786 against 0.0848 / 0.0787 with 4.
 LAUNCH_WGMMA = dict(BLOCK_N=64, STAGES=2, NUM_WARPS=4, DEQUANT_REGS=128, QK_CHAINS=1, WS=True, WGMMA=True, TILES=2, L2_AHEAD=0,
-                    F16=True, DQ_WARPS=4, REG_A=False, SEESAW=False)
+                    F16=True, DQ_WARPS=4, REG_A=False)
 # REG_A: gluon_fewhead_rega's kernel instead (the WGMMA form with the keys read from the ring
 # slot into the MMAs' registers, no converted tile; F16's scales): STAGES counts its slots of
 # whole 64-key blocks (default 4), DEQUANT_REGS its copy partition's registers (default 56).
 REG_A_STAGES, REG_A_COPY_REGS = 4, 56
-# SEESAW (with REG_A): gluon_fewhead_seesaw's kernel, two MMA warpgroups taking turns at the
-# scores and sharing every block's values by halves of the output.
 SETTINGS = ("BLOCK_N", "STAGES", "SPLITS", "NUM_WARPS", "WS", "DEQUANT_REGS", "QK_CHAINS", "Q_HELD", "WGMMA", "TILES", "L2_AHEAD",
-            "F16", "DQ_WARPS", "REG_A", "SEESAW")
+            "F16", "DQ_WARPS", "REG_A")
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a Hopper block may use
 SCRATCH_BYTES = 4096  # the compiler's own shared memory (reductions, layout conversions): 1-2 KB measured
 
 
 def shared_bytes(fp8: bool, n_tiles: int, block_n: int, stages: int, blocks_per_split: int, ws: bool = False,
-                 wgmma: bool = False, tiles: int = 2, f16: bool = False, reg_a: bool = False, seesaw: bool = False) -> int:
+                 wgmma: bool = False, tiles: int = 2, f16: bool = False, reg_a: bool = False) -> int:
     """Shared memory the kernel needs, at most: Q, the split's rows, the ring (latent, rope,
     scales; WGMMA: slots of half a block), for an FP8 latent the bf16 tile it is dequantized into
     (WS: ``tiles``, each with the rope, and its barriers (WGMMA: five); WGMMA: and P, 64 x 16 bf16;
     F16: one P per scale of a row, the tiles' scales and Q's powers of two), and the compiler's scratch."""
     rows = 4 * triton.next_power_of_2(blocks_per_split) * block_n
-    if reg_a:  # Q (f16 latent), the rows, the ring of whole blocks, a P per scale of a row (SEESAW: two sets, maxima, sums), barriers
+    if reg_a:  # Q (f16 latent), the rows, the ring of whole blocks, a P per scale of a row, barriers
         return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + rows + stages * block_n * (_D_LAT + 2 * _D_ROPE + 4 * n_tiles)
-                + (2 if seesaw else 1) * n_tiles * 2 * block_n * _BLOCK_H + (20 if seesaw else 4) * _BLOCK_H + 16 * stages
-                + (48 if seesaw else 0) + SCRATCH_BYTES)
+                + n_tiles * 2 * block_n * _BLOCK_H + 4 * _BLOCK_H + 16 * stages + SCRATCH_BYTES)
     slot = (block_n // 2 if wgmma else block_n) * (_D_LAT * (1 if fp8 else 2) + 2 * _D_ROPE + (4 * n_tiles if fp8 else 0))
     return (2 * _BLOCK_H * (_D_LAT + _D_ROPE) + rows + stages * slot
             + ((tiles * (2 * block_n * (_D_LAT + _D_ROPE) + 40) if ws else 2 * block_n * _D_LAT) if fp8 else 0)
@@ -483,20 +480,15 @@ def launch_settings(fp8: bool, launch: Optional[dict]) -> dict:
         if cfg["REG_A"]:
             if not cfg["F16"]:
                 raise ValueError("launch REG_A=True with F16=False: the register-operand kernel takes the scales as F16 does; drop F16")
-            for key in ("TILES", "DQ_WARPS"):
+            for key in ("TILES", "L2_AHEAD", "DQ_WARPS"):
                 if key in launch:
                     raise ValueError(f"launch {key}={launch[key]} with REG_A=True: a setting of the converting WGMMA kernel only")
-            if cfg["L2_AHEAD"] % 2:
-                raise ValueError(f"launch L2_AHEAD={cfg['L2_AHEAD']} with REG_A=True: whole blocks, an even number of half blocks")
             if "STAGES" not in launch:
                 cfg["STAGES"] = REG_A_STAGES
             if "DEQUANT_REGS" not in launch:
                 cfg["DEQUANT_REGS"] = REG_A_COPY_REGS
-        cfg["SEESAW"] = bool(cfg["SEESAW"])
-        if cfg["SEESAW"] and not cfg["REG_A"]:
-            raise ValueError("launch SEESAW=True without REG_A=True: the two-warpgroup schedule is the register-operand kernel's; add REG_A=True")
     else:
-        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS", "REG_A", "SEESAW"):
+        for key in ("TILES", "L2_AHEAD", "F16", "DQ_WARPS", "REG_A"):
             if key in launch:
                 raise ValueError(f"launch {key}={launch[key]} without WGMMA=True: a setting of the WGMMA kernel only")
     if cfg["BLOCK_N"] not in (32, 64) or not 2 <= cfg["STAGES"] <= 8:
@@ -545,7 +537,7 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     splits = max(splits, triton.cdiv(topk, MAX_ROWS))
     blocks_per_split = triton.cdiv(triton.cdiv(topk, splits), block_n)
     need = shared_bytes(fp8, n_tiles, block_n, cfg["STAGES"], blocks_per_split, cfg["WS"], cfg["WGMMA"], cfg.get("TILES", 2),
-                        cfg.get("F16", False), cfg.get("REG_A", False), cfg.get("SEESAW", False))
+                        cfg.get("F16", False), cfg.get("REG_A", False))
     if need > SHARED_LIMIT:
         fix = "fewer STAGES or TILES=1" if cfg["WGMMA"] else "fewer STAGES or BLOCK_N=32"
         raise ValueError(f"launch BLOCK_N={block_n} STAGES={cfg['STAGES']}: needs {need} bytes of shared memory, "
@@ -559,13 +551,10 @@ def forward(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.T
     shape = dict(N_TILES=n_tiles, BLOCK_N=block_n, STAGES=cfg["STAGES"], SPLITS=splits, NB_P=triton.next_power_of_2(blocks_per_split),
                  QK_CHAINS=cfg["QK_CHAINS"])
     if cfg.get("REG_A"):
-        if cfg["SEESAW"]:
-            from .gluon_fewhead_seesaw import _fewhead_seesaw_fwd_kernel as reg_a_kernel
-        else:
-            from .gluon_fewhead_rega import _fewhead_rega_fwd_kernel as reg_a_kernel
+        from .gluon_fewhead_rega import _fewhead_rega_fwd_kernel
 
         shape.pop("QK_CHAINS")
-        reg_a_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], L2_AHEAD=cfg["L2_AHEAD"], num_warps=4)
+        _fewhead_rega_fwd_kernel[grid](*args, **shape, DEQUANT_REGS=cfg["DEQUANT_REGS"], num_warps=4)
     elif cfg["WGMMA"]:
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel
 
@@ -591,9 +580,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
     from triton.experimental.gluon._runtime import GluonASTSource
 
     cfg = launch_settings(fp8, launch)
-    if cfg.get("SEESAW"):
-        from .gluon_fewhead_seesaw import _fewhead_seesaw_fwd_kernel as kernel
-    elif cfg.get("REG_A"):
+    if cfg.get("REG_A"):
         from .gluon_fewhead_rega import _fewhead_rega_fwd_kernel as kernel
     elif cfg["WGMMA"]:
         from .gluon_fewhead_wgmma import _fewhead_wgmma_fwd_kernel as kernel
@@ -609,7 +596,7 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                       NB_P=triton.next_power_of_2(triton.cdiv(2048, cfg["BLOCK_N"] * splits)), QK_CHAINS=cfg["QK_CHAINS"])
     if cfg.get("REG_A"):
         constexprs.pop("QK_CHAINS")
-        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], L2_AHEAD=cfg["L2_AHEAD"])
+        constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"])
     elif cfg["WGMMA"]:
         constexprs.pop("QK_CHAINS")
         constexprs.update(DEQUANT_REGS=cfg["DEQUANT_REGS"], TILES=cfg["TILES"], L2_AHEAD=cfg["L2_AHEAD"], F16=cfg["F16"],

@@ -51,10 +51,9 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
     from .gluon_fewhead import BLOCK_H, _issue_rope_and_scales, _q_and_rows_smem, _split_coords, _stage_rows_and_q
-    from .gluon_fewhead_wgmma import _block_scales, _prefetch_half, _softmax_state, _softmax_step, _stage_q_f16, _store_p_f16, _store_results_t
+    from .gluon_fewhead_wgmma import _block_scales, _softmax_state, _softmax_step, _stage_q_f16, _store_p_f16, _store_results_t
 
     _BLOCK_N = gl.constexpr(64)
-    COPY_THREADS = gl.constexpr(128)  # the copy partition's: each arrives on a slot's full barrier
     _LANES = gl.constexpr([[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]])  # the A operand's lanes (k_width 2)
     _WARPS = gl.constexpr([[16, 0], [32, 0]])
 
@@ -91,42 +90,47 @@ if HAVE_GLUON:
         return _a_operand(chunk, view, load)
 
     @gluon.jit
-    def _issue_rows(j, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
+    def _issue_rows(j, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
                     stride_kvs, stride_ss, stride_rs, N_TILES: gl.constexpr, STAGES: gl.constexpr, NW: gl.constexpr):
         """Starts the copies of block j's rows into slot j % STAGES (latent by 128-column chunk,
-        rope, scales; rows -1 copy nothing)."""
-        slot = j % STAGES
-        # 8 lanes a row's 128 bytes of a chunk, 16 bytes a thread.
-        lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [NW, 1], [1, 0])
-        rows = block_rows.index(j).load(gl.SliceLayout(1, lat_layout)).to(gl.int64)
-        ptr = KV + rows[:, None] * stride_kvs + gl.arange(0, 128, layout=gl.SliceLayout(0, lat_layout))[None, :]
-        ptr = gl.max_contiguous(gl.multiple_of(ptr, [16, 16]), [1, 128])
-        ok = (rows >= 0)[:, None]
-        for c in gl.static_range(4):
-            async_rows(lat_ring.index(slot * 4 + c), ptr + c * 128, mask=ok)
-        _issue_rope_and_scales(block_rows.index(j), slot, rope_ring, scale_ring, KV_SCALE, KV_ROPE, stride_ss, stride_rs, True,
-                               N_TILES, NW, scale_slots)
+        rope, scales; nothing past the last block; rows -1 copy nothing), then closes the copy
+        group (one a block, empty or not: see gluon_fewhead._issue_block)."""
+        if j < n_blocks:
+            slot = j % STAGES
+            # 8 lanes a row's 128 bytes of a chunk, 16 bytes a thread.
+            lat_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [NW, 1], [1, 0])
+            rows = block_rows.index(j).load(gl.SliceLayout(1, lat_layout)).to(gl.int64)
+            ptr = KV + rows[:, None] * stride_kvs + gl.arange(0, 128, layout=gl.SliceLayout(0, lat_layout))[None, :]
+            ptr = gl.max_contiguous(gl.multiple_of(ptr, [16, 16]), [1, 128])
+            ok = (rows >= 0)[:, None]
+            for c in gl.static_range(4):
+                async_rows(lat_ring.index(slot * 4 + c), ptr + c * 128, mask=ok)
+            _issue_rope_and_scales(block_rows.index(j), slot, rope_ring, scale_ring, KV_SCALE, KV_ROPE, stride_ss, stride_rs, True,
+                                   N_TILES, NW, scale_slots)
+        async_copy.commit_group()
 
     @gluon.jit
-    def _copy_partition(lat_ring, rope_ring, scale_ring, scale_slots, block_rows, half_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+    def _copy_partition(lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
                         stride_kvs, stride_ss, stride_rs, TOPK, H,
-                        N_TILES: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, L2_AHEAD: gl.constexpr):
-        """Fills each slot as soon as the MMA partition has given it back. Block j's slot is handed
-        over by the copies themselves: each thread's arrival on ``full`` (128 expected) comes when
-        its copies have landed, so a landed block is never held back behind a slot still in use.
-        (The readers fence before their MMAs read the rope: the copies are the generic proxy's.)
-        L2_AHEAD > 0: with block j's copies, block j + L2_AHEAD / 2's rows are asked of L2."""
+                        N_TILES: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr):
+        """Keeps STAGES - 1 blocks in flight: hands block b over once its copies have landed, then
+        refills the slot block b - 1 had (once the MMA partition has given it back) with block
+        b + STAGES - 1."""
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, _BLOCK_N)
-        for j in range(gl.cdiv(n_hi - n_lo, _BLOCK_N)):
-            slot = j % STAGES
-            mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-            _issue_rows(j, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
+        n_blocks = gl.cdiv(n_hi - n_lo, _BLOCK_N)
+        for j in gl.static_range(STAGES - 1):
+            _issue_rows(j, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
                         stride_kvs, stride_ss, stride_rs, N_TILES, STAGES, 4)
-            async_copy.mbarrier_arrive(full.index(slot), increment_count=False)
-            if L2_AHEAD > 0:
-                n_halves = 2 * gl.cdiv(n_hi - n_lo, _BLOCK_N)
-                _prefetch_half(2 * j + L2_AHEAD, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, 4)
-                _prefetch_half(2 * j + L2_AHEAD + 1, n_halves, half_rows, KV, KV_SCALE, KV_ROPE, stride_kvs, stride_ss, stride_rs, 4)
+        for b in range(n_blocks):
+            async_copy.wait_group(STAGES - 2)  # this thread's copies of block b have landed
+            fence_async_shared()  # the rope is read by the MMAs (async proxy)
+            partition_barrier()  # ... and every thread's
+            mbarrier.arrive(full.index(b % STAGES))
+            nxt = b + STAGES - 1
+            mbarrier.wait(empty.index(nxt % STAGES), ((nxt // STAGES) & 1) ^ 1)
+            _issue_rows(nxt, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,
+                        stride_kvs, stride_ss, stride_rs, N_TILES, STAGES, 4)
+        async_copy.wait_group(0)
 
     @gluon.jit
     def _row_scores_issued(lat_ring, slot, rope, q_lat, q_rope, s_zero):
@@ -175,7 +179,6 @@ if HAVE_GLUON:
             slot = b % STAGES
             valid = block_rows.index(b).load(gl.SliceLayout(1, acc_l)) >= 0
             mbarrier.wait(full.index(slot), (b // STAGES) & 1)
-            fence_async_shared()  # the copies' rope, before the MMAs read it
             if N_TILES == 1:
                 # While the last score products run: the keys' scales, and value chunk 0's operand.
                 s, s0 = _row_scores_issued(lat_ring, slot, rope_ring.index(slot), q_lat, q_rope, s_zero)
@@ -214,38 +217,33 @@ if HAVE_GLUON:
                          SPLITS, N_TILES, True, True, acc_l)
 
     @gluon.jit
-    def _ring_smem(STAGES: gl.constexpr, N_TILES: gl.constexpr):
-        """The ring: [slot x 4 chunks, 64 keys, 128 bytes] of latent, the rope as an MMA operand,
-        the scales ([slot, tile, key] for the copies, and the same as rows of keys for the reads)."""
-        # Each row's 16-byte runs XORed with the row's low 3 bits: no bank conflicts for either operand's reads.
-        ring_smem: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, [1, 0])
-        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 4, _BLOCK_N, 128], ring_smem)
-        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, _BLOCK_N, 64],
-                                              gl.NVMMASharedLayout.get_default_for([_BLOCK_N, 64], gl.bfloat16))
-        scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, _BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-        scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, _BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        return lat_ring, rope_ring, scale_slots, scale_ring
-
-    @gluon.jit
     def _fewhead_rega_fwd_kernel(
         Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE, PARTIAL,
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, T, sm_scale_log2,
         N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, SPLITS: gl.constexpr, NB_P: gl.constexpr,
-        DEQUANT_REGS: gl.constexpr, L2_AHEAD: gl.constexpr = 0,
+        DEQUANT_REGS: gl.constexpr,
     ):
         gl.static_assert(BLOCK_N == _BLOCK_N, "the keys are a warpgroup MMA's 64 rows")
+        plain_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         vec_smem: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         q_lat, q_rope, rows_2d, block_rows = _q_and_rows_smem(NB_P, BLOCK_N, True, gl.float16)
-        half_rows = smem_view(rows_2d, gl.int32, [2 * NB_P, BLOCK_N // 2], vec_smem)
-        lat_ring, rope_ring, scale_slots, scale_ring = _ring_smem(STAGES, N_TILES)
+        # The ring: [slot x 4 chunks, 64 keys, 128 bytes] of latent, the rope as an MMA operand, the
+        # scales ([slot, tile, key] for the copies, rows of keys for the reads).
+        # Each row's 16-byte runs XORed with the row's low 3 bits: no bank conflicts for either operand's reads.
+        ring_smem: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, [1, 0])
+        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 4, BLOCK_N, 128], ring_smem)
+        rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 64],
+                                              gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.bfloat16))
+        scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, BLOCK_N], plain_smem)
+        scale_ring = smem_view(scale_slots, gl.float32, [STAGES * N_TILES, BLOCK_N], vec_smem)
         p0, p1, p2, p3 = _four_buffers(N_TILES == 4, gl.float16, [BLOCK_N, BLOCK_H],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_H], gl.float16))
         q_exp = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_smem)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(full.index(s), count=COPY_THREADS)
+            mbarrier.init(full.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
 
         t, hb, sp, n_lo, n_hi = _split_coords(H, TOPK, SPLITS, BLOCK_N)
@@ -258,8 +256,8 @@ if HAVE_GLUON:
             [
                 (_mma_partition, (q_lat, q_rope, q_exp, lat_ring, rope_ring, scale_ring, p0, p1, p2, p3, block_rows, full, empty,
                                   OUT, LSE, PARTIAL, stride_ot, stride_oh, stride_lt, TOPK, H, T, sm_scale_log2, STAGES, SPLITS, N_TILES)),
-                (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, half_rows, full, empty, KV, KV_SCALE, KV_ROPE,
-                                   stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS, L2_AHEAD)),
+                (_copy_partition, (lat_ring, rope_ring, scale_ring, scale_slots, block_rows, full, empty, KV, KV_SCALE, KV_ROPE,
+                                   stride_kvs, stride_ss, stride_rs, TOPK, H, N_TILES, STAGES, SPLITS)),
             ],
             [4],
             [DEQUANT_REGS],
