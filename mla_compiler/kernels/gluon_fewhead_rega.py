@@ -16,7 +16,7 @@ Each thread's share of an operand is made of whole 16-byte (K) or 4-byte (V^T) r
 rows by numbering the columns in the products' own order, which only has to agree between the
 two operands of a product: Q's latent columns are staged in K's order, and O^T's rows come out
 in V^T's order and are put back when stored (``_k_order`` / ``_v_order``). The ring's 16-byte
-runs are swizzled by row (XOR of the row's low 3 bits), so both read patterns are free of bank
+runs are permuted by row (``_RING_ROWS``) so that both read patterns are free of bank
 conflicts. The scales are those of gluon_fewhead_wgmma's F16 form: on the scores, and on P by
 value tile.
 
@@ -56,6 +56,14 @@ if HAVE_GLUON:
     _BLOCK_N = gl.constexpr(64)
     _LANES = gl.constexpr([[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]])  # the A operand's lanes (k_width 2)
     _WARPS = gl.constexpr([[16, 0], [32, 0]])
+    # A ring chunk's bytes [64 keys, 128]: each row's 16-byte runs permuted by the row, the run's
+    # bit 2 flipped by row bits 0 and 2 and its bit 1 by row bit 1. Then the K operand's 16-byte
+    # reads (each 8-lane phase: two rows, one half of their runs each) and V^T's 4-byte reads
+    # (rows 0, 2, 4, 6 of a group, two runs each) both meet 32 distinct banks. (Row & 7 XORed into
+    # the run, the usual swizzle, puts a K phase's two rows on the same 16 banks: 2-way conflicts
+    # on every K read, measured on H200 as 25 % of the shared-load wavefronts.)
+    _RING_ROWS = gl.constexpr(gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [0, 32], [0, 64],
+                                                                  [1, 64], [2, 32], [4, 64], [8, 0], [16, 0], [32, 0]]))
 
     @gluon.jit
     def _a_operand(chunk, view: gl.constexpr, load: gl.constexpr):
@@ -73,7 +81,7 @@ if HAVE_GLUON:
         Each thread reads two rows x two 16-byte runs."""
         # Offset bits of the chunk (byte in the run x4, run x3, row x6) -> (key, k).
         view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 2], [0, 4], [0, 64],
-                                                                 [1, 2], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]])
+                                                                 [1, 64], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]])
         # The A operand's bases with the 16 bytes of a run first, so one load moves them.
         load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [8, 0], [0, 64]],
                                                         lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[64, 128])
@@ -84,7 +92,7 @@ if HAVE_GLUON:
         """V^T of a 128-column chunk, [128, 64 keys], as f16 in the A operand's registers, rows in
         V order: row m is byte _v_order(m) of each key row. Each thread reads 4-byte runs."""
         view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[8, 0], [64, 0], [1, 0], [2, 0], [4, 0], [16, 0], [32, 0],
-                                                                 [4, 1], [16, 2], [32, 4], [0, 8], [0, 16], [0, 32]])
+                                                                 [32, 1], [16, 2], [32, 4], [0, 8], [0, 16], [0, 32]])
         load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[8, 0], [64, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
                                                         lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[128, 64])
         return _a_operand(chunk, view, load)
@@ -104,7 +112,7 @@ if HAVE_GLUON:
             ptr = gl.max_contiguous(gl.multiple_of(ptr, [16, 16]), [1, 128])
             ok = (rows >= 0)[:, None]
             for c in gl.static_range(4):
-                async_rows(lat_ring.index(slot * 4 + c), ptr + c * 128, mask=ok)
+                async_rows(smem_view(lat_ring.index(slot * 4 + c), gl.float8e4nv, [_BLOCK_N, 128], _RING_ROWS), ptr + c * 128, mask=ok)
             _issue_rope_and_scales(block_rows.index(j), slot, rope_ring, scale_ring, KV_SCALE, KV_ROPE, stride_ss, stride_rs, True,
                                    N_TILES, NW, scale_slots)
         async_copy.commit_group()
@@ -230,9 +238,8 @@ if HAVE_GLUON:
         q_lat, q_rope, rows_2d, block_rows = _q_and_rows_smem(NB_P, BLOCK_N, True, gl.float16)
         # The ring: [slot x 4 chunks, 64 keys, 128 bytes] of latent, the rope as an MMA operand, the
         # scales ([slot, tile, key] for the copies, rows of keys for the reads).
-        # Each row's 16-byte runs XORed with the row's low 3 bits: no bank conflicts for either operand's reads.
-        ring_smem: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 8, [1, 0])
-        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 4, BLOCK_N, 128], ring_smem)
+        # Written and read through views in _RING_ROWS's order (the copies, _key_operand, _value_operand).
+        lat_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 4, BLOCK_N, 128], plain_smem)
         rope_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, 64],
                                               gl.NVMMASharedLayout.get_default_for([BLOCK_N, 64], gl.bfloat16))
         scale_slots = gl.allocate_shared_memory(gl.float32, [STAGES, N_TILES, BLOCK_N], plain_smem)
