@@ -242,13 +242,7 @@ if HAVE_GLUON:
         four buffers (raw chunks 0-1 in chunk buffer 2, 2-3 in buffer 3): the stores into chunks 0
         and 1 then need no compiler-inserted barrier between them (see _four_buffers)."""
         CHUNK: gl.constexpr = 128
-        # The copies: 16-byte vectors, 16 e4m3 values per thread and access.
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        # The dequantization: 8 values (16 bf16 bytes) a thread, 16 lanes a row, so each 8-lane
-        # phase of a store fills one 128-byte row of a swizzle slab: no bank conflicts. (Blocks of
-        # 16 values with 8 lanes a row put each phase's 8 stores on 4 bank groups, twice: H200
-        # measured as many excess shared wavefronts as ideal ones on every tile store.)
-        dq_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
@@ -259,8 +253,7 @@ if HAVE_GLUON:
             rows = rows_next
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
-            rows_dq = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, gl.SliceLayout(1, dq_layout))  # the same rows, for the scales
-            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows_dq.to(gl.int64) * stride_ss, rows_dq >= 0, N_TILES)
+            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
             if not CHUNK_BUFFERS:
                 base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
@@ -279,18 +272,18 @@ if HAVE_GLUON:
             async_copy.wait_group(0)
             partition_barrier()  # every producer thread's copies have landed
             _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 0, CHUNK_BUFFERS),
-                           _raw_chunk(k0, k1, k2, k3, slot, 0, BLOCK_N, CHUNK_BUFFERS).load(dq_layout), sc0)
+                           _raw_chunk(k0, k1, k2, k3, slot, 0, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc0)
             _chunk_ready(full, slot, 0, CHUNKED)
             _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 1, CHUNK_BUFFERS),
-                           _raw_chunk(k0, k1, k2, k3, slot, 1, BLOCK_N, CHUNK_BUFFERS).load(dq_layout), sc1)
+                           _raw_chunk(k0, k1, k2, k3, slot, 1, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc1)
             # Raw chunks 0 and 1 are read: chunk 2 may overwrite them (CHUNKED: its hand-over's barrier).
             if CHUNKED:
                 _chunk_ready(full, slot, 1, CHUNKED)
             else:
                 partition_barrier()
             _dequant_store(_slot_chunk(k0, k1, k2, k3, slot, 2, CHUNK_BUFFERS),
-                           _raw_chunk(k0, k1, k2, k3, slot, 2, BLOCK_N, CHUNK_BUFFERS).load(dq_layout), sc2)
-            last = _raw_chunk(k0, k1, k2, k3, slot, 3, BLOCK_N, CHUNK_BUFFERS).load(dq_layout)
+                           _raw_chunk(k0, k1, k2, k3, slot, 2, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout), sc2)
+            last = _raw_chunk(k0, k1, k2, k3, slot, 3, BLOCK_N, CHUNK_BUFFERS).load(fp8_layout)
             # Raw chunks 2 and 3 are read: chunk 3 may overwrite them.
             if CHUNKED:
                 _chunk_ready(full, slot, 2, CHUNKED)
