@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Nsight Compute's counters per source line and per SASS instruction (its source page, as CSV) of
+# one FP8 forward launch (LAUNCH, a Python dict or None for the default; LAYOUT, flashmla or row)
+# at batch 64, s_q 2, top-k 2048 with HEADS heads (16, default: the few-head kernel; 128: the
+# warp-specialized one): which instructions make the shared-memory bank conflicts, the excessive
+# global sectors and the stall samples. Writes $OUT/src_sass.csv (per SASS instruction) and
+# $OUT/src_cuda.csv, and prints the instructions with the most excessive shared wavefronts.
+OUT=${OUT:-.}
+cd "$(dirname "$0")/.."
+cat > /tmp/source_lines_driver.py <<'PY'
+import os, sys
+sys.path.insert(0, "benchmarks")
+from bench_sparse_mla import decode_inputs, fp8_key_sets
+from mla_compiler.kernels import gluon_fewhead as fh, gluon_sparse_mla as gk
+heads = int(os.environ.get("HEADS", "16"))
+q, kv, idx = decode_inputs(heads=heads)
+latent, scale, rope = fp8_key_sets(kv)[os.environ.get("LAYOUT", "flashmla")]
+(fh if heads <= fh.MAX_HEADS else gk).forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=eval(os.environ.get("LAUNCH") or "None"))
+PY
+timeout 150 ncu --clock-control none -k regex:"fewhead|_ws_fwd" -c 1 --section SourceCounters --import-source yes -f -o /tmp/source_lines \
+  python3 /tmp/source_lines_driver.py > "$OUT/ncu_source_lines_run.txt" 2>&1
+echo "ncu exit $?"
+ncu -i /tmp/source_lines.ncu-rep --page source --csv --print-source cuda > "$OUT/src_cuda.csv" 2> "$OUT/src_err.txt"
+ncu -i /tmp/source_lines.ncu-rep --page source --csv --print-source sass > "$OUT/src_sass.csv" 2>> "$OUT/src_err.txt"
+tail -3 "$OUT/src_err.txt"
+python3 - "$OUT/src_sass.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+cols = rows[1]
+body = [r for r in rows[2:] if len(r) == len(cols)]
+at = {c: i for i, c in enumerate(cols)}
+def num(x):
+    try:
+        return float(x.replace(",", ""))
+    except ValueError:
+        return 0.0
+for metric in ("L1 Wavefronts Shared Excessive", "Warp Stall Sampling (All Samples)"):
+    k = at[metric]
+    print(f"{metric}: {sum(num(r[k]) for r in body):.0f} over {len(body)} instructions; the most:")
+    for r in sorted(body, key=lambda r: -num(r[k]))[:12]:
+        print(f"  {num(r[k]):>10.0f}  shared ideal {num(r[at['L1 Wavefronts Shared Ideal']]):>9.0f}  {r[1].strip()[:90]}")
+PY
