@@ -113,7 +113,7 @@ def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) 
         ("dispatch FP8 row (policy)", lambda: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512)),
     ]
     for cfg in launches:
-        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']}{' in-slot' if cfg['IN_SLOT'] else ''}{' split' if cfg['SPLIT_S'] else ''}{' pd' if cfg['PRODUCER_DEFAULT'] else ''}{' chunked' if cfg['CHUNKED'] else ''}{' chunk-buffers' if cfg['CHUNK_BUFFERS'] else ''}{' dq-store ' + str(cfg['DQ_STORE']) if cfg.get('DQ_STORE') else ''}"
+        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']}{' in-slot' if cfg['IN_SLOT'] else ''}{' split' if cfg['SPLIT_S'] else ''}{' pd' if cfg['PRODUCER_DEFAULT'] else ''}{' chunked' if cfg['CHUNKED'] else ''}{' chunk-buffers' if cfg['CHUNK_BUFFERS'] else ''}"
         cands += [
             (f"ws bf16 {tag}", lambda c=cfg: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=c)),
             (f"ws FP8 FlashMLA {tag}", lambda c=cfg: gk.forward(q, *fp8["flashmla"], idx, SCALE, launch=c)),
@@ -151,7 +151,7 @@ def main() -> int:
     p.add_argument("part", choices=["check", "time", "stress"])
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--launches", default="216/72/64/2/1", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_SLOT 0|1[/SPLIT_S 0|1[/PRODUCER_DEFAULT 0|1[/CHUNKED 0|1[/CHUNK_BUFFERS 0|1[/DQ_STORE 0|1|2]]]]], comma-separated")
+    p.add_argument("--launches", default="216/72/64/2/1", help="consumer regs/producer regs/BLOCK_N/STAGES/IN_SLOT 0|1[/SPLIT_S 0|1[/PRODUCER_DEFAULT 0|1[/CHUNKED 0|1[/CHUNK_BUFFERS 0|1]]]], comma-separated")
     p.add_argument("--shape", choices=["decode", "prefill"], default="decode")
     p.add_argument("--out")
     a = p.parse_args()
@@ -162,9 +162,9 @@ def main() -> int:
     launches = []
     for spec in a.launches.split(","):
         c, pr, n, s, f, *opt = (int(x) for x in spec.split("/"))
-        opt = opt + [1, 0, 0, 0, 0][len(opt):]
+        opt = opt + [1, 0, 0, 0][len(opt):]
         launches.append(dict(CONSUMER_REGS=c, PRODUCER_REGS=pr, BLOCK_N=n, STAGES=s, IN_SLOT=bool(f), SPLIT_S=bool(opt[0]),
-                             PRODUCER_DEFAULT=bool(opt[1]), CHUNKED=bool(opt[2]), CHUNK_BUFFERS=bool(opt[3]), DQ_STORE=opt[4]))
+                             PRODUCER_DEFAULT=bool(opt[1]), CHUNKED=bool(opt[2]), CHUNK_BUFFERS=bool(opt[3])))
     timing(a.rounds, launches, a.out, a.shape)
     return 0
 

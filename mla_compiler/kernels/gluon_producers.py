@@ -36,7 +36,7 @@ if HAVE_GLUON:
         stride_kvs, stride_ss, stride_rs, stride_it,
         S_KV, TOPK, H,
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IN_SLOT: gl.constexpr,
-        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, DQ_STORE: gl.constexpr = 0,
+        CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
         an FP8 latent staged in the slot or through registers, then dequantized). The slot's four
@@ -51,7 +51,7 @@ if HAVE_GLUON:
             if IN_SLOT:
                 _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                                       stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED,
-                                      CHUNK_BUFFERS, DQ_STORE)
+                                      CHUNK_BUFFERS)
             else:
                 _producer_fp8(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row,
                               stride_kvs, stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES, BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS)
@@ -231,7 +231,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_fp8_in_slot(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, idx_row, stride_kvs,
                               stride_ss, stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr,
-                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, DQ_STORE: gl.constexpr = 0):
+                              STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
         dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
@@ -242,44 +242,32 @@ if HAVE_GLUON:
         four buffers (raw chunks 0-1 in chunk buffer 2, 2-3 in buffer 3): the stores into chunks 0
         and 1 then need no compiler-inserted barrier between them (see _four_buffers)."""
         CHUNK: gl.constexpr = 128
+        # The copies: 16-byte vectors, 16 e4m3 values per thread and access.
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        # DQ_STORE (experiment): the dequantization's layout. 0: the copies' (16 values a thread, 8
-        # lanes a row: each 8-lane phase of a tile store meets 4 bank groups twice); 1: 8 values a
-        # thread, 16 lanes a row (conflict-free stores; the rows read again in that layout, a block
-        # ahead); 2: the copies' rows, each thread's 16 values as two runs of 8, 64 columns apart
-        # (conflict-free stores, 2-way raw loads, the same rows).
-        if DQ_STORE == 1:
-            dq_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
-        elif DQ_STORE == 2:
-            dq_layout: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 64], [16, 0], [32, 0]],
-                                                                 lane_bases=[[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]],
-                                                                 warp_bases=[[4, 0], [8, 0]], block_bases=[], shape=[64, 128])
-        else:
-            dq_layout: gl.constexpr = fp8_layout
+        # The dequantization: the copies' rows and 16 values a thread, as two runs of 8 columns 64
+        # apart, so each 8-lane phase of a tile store fills one 128-byte row of a swizzle slab (no
+        # bank conflicts). The copies' own layout (one run of 16) put each phase's 8 stores on 4
+        # bank groups twice. H200, V3.2 decode at 128 heads (RESULTS.md, eleventh call set):
+        # FlashMLA layout 0.262 -> 0.250 ms, row scale 0.231 -> 0.221; 8 values a thread with 16
+        # lanes a row (other rows, read again for the scales) 0.299 / 0.247.
+        dq_layout: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 64], [16, 0], [32, 0]],
+                                                             lane_bases=[[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]],
+                                                             warp_bases=[[4, 0], [8, 0]], block_bases=[], shape=[64, 128])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
-        dq_rows: gl.constexpr = gl.SliceLayout(1, dq_layout)
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         cols_pair = gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         rows_next = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
-        if DQ_STORE == 1:
-            rows_dq_next = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, dq_rows)
         for i in range(n_blocks):
             slot = i % STAGES
             rows = rows_next
             rows_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, row_layout)  # read one block ahead
             valid = rows >= 0
-            if DQ_STORE == 1:
-                rows_dq = rows_dq_next
-                rows_dq_next = _block_rows(idx_row, i + 1, S_KV, TOPK, BLOCK_N, dq_rows)
-                sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows_dq.to(gl.int64) * stride_ss, rows_dq >= 0, N_TILES)
-            else:
-                sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
-                if DQ_STORE == 2:  # the same rows a thread: a renaming
-                    sc0 = gl.convert_layout(sc0, dq_rows)
-                    sc1 = gl.convert_layout(sc1, dq_rows)
-                    sc2 = gl.convert_layout(sc2, dq_rows)
-                    sc3 = gl.convert_layout(sc3, dq_rows)
+            sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
+            # The same rows a thread in both layouts: a renaming of registers.
+            dq_rows: gl.constexpr = gl.SliceLayout(1, dq_layout)
+            sc0, sc1 = gl.convert_layout(sc0, dq_rows), gl.convert_layout(sc1, dq_rows)
+            sc2, sc3 = gl.convert_layout(sc2, dq_rows), gl.convert_layout(sc3, dq_rows)
             if not CHUNK_BUFFERS:
                 base = _row_ptrs(KV, rows, cols, stride_kvs, CHUNK)
             mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)

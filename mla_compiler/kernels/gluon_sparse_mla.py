@@ -100,7 +100,6 @@ if HAVE_GLUON:
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, CHUNK_BUFFERS: gl.constexpr = False,
-        DQ_STORE: gl.constexpr = 0,
     ):
         t, hb = _program_coords(H)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
@@ -158,7 +157,7 @@ if HAVE_GLUON:
                 gl.warp_specialize(
                     [
                         (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS, DQ_STORE)),
+                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
                         (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
                                            CHUNK_BUFFERS)),
@@ -179,7 +178,7 @@ if HAVE_GLUON:
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
                                            CHUNK_BUFFERS)),
                         (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS, DQ_STORE)),
+                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -192,7 +191,7 @@ if HAVE_GLUON:
                     (_consumer, (q_a_smem, q_b_smem, k0, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                     (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                 stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS, DQ_STORE)),
+                                 stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -227,9 +226,9 @@ if HAVE_GLUON:
 # against 0.271 / 0.237, prefill 7.20 / 6.44 ms against 7.51 / 6.42; bf16 keys 0.206 against 0.199
 # (the consumers' two 128-column value products and four chunk score products): on for FP8 only.
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, CHUNK_BUFFERS=False, DQ_STORE=0)
+                   CHUNKED=False, CHUNK_BUFFERS=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False, CHUNK_BUFFERS=True, DQ_STORE=0)
+                  CHUNKED=False, CHUNK_BUFFERS=True)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
