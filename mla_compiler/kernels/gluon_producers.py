@@ -249,10 +249,14 @@ if HAVE_GLUON:
         # bank conflicts). The copies' own layout (one run of 16) put each phase's 8 stores on 4
         # bank groups twice. H200, V3.2 decode at 128 heads (RESULTS.md, eleventh call set):
         # FlashMLA layout 0.262 -> 0.250 ms, row scale 0.231 -> 0.221; 8 values a thread with 16
-        # lanes a row (other rows, read again for the scales) 0.299 / 0.247.
-        dq_layout: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 64], [16, 0], [32, 0]],
-                                                             lane_bases=[[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]],
-                                                             warp_bases=[[4, 0], [8, 0]], block_bases=[], shape=[64, 128])
+        # lanes a row (other rows, read again for the scales) 0.299 / 0.247. (The one-ring form,
+        # without CHUNK_BUFFERS, keeps the copies' layout: it was not timed with this one.)
+        if CHUNK_BUFFERS:
+            dq_layout: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 64], [16, 0], [32, 0]],
+                                                                 lane_bases=[[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]],
+                                                                 warp_bases=[[4, 0], [8, 0]], block_bases=[], shape=[64, 128])
+        else:
+            dq_layout: gl.constexpr = fp8_layout
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
