@@ -64,6 +64,18 @@ if HAVE_GLUON:
     # on every K read, measured on H200 as 25 % of the shared-load wavefronts.)
     _RING_ROWS = gl.constexpr(gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [0, 32], [0, 64],
                                                                   [1, 64], [2, 32], [4, 64], [8, 0], [16, 0], [32, 0]]))
+    # The same bytes as K [64 keys, 128 in K order]: offset bits (byte in the run x4, run x3, row
+    # x6) -> (key, k); and the A operand's register layout with the 16 bytes of a run first, so
+    # one load moves them.
+    _K_VIEW = gl.constexpr(gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 2], [0, 4], [0, 64],
+                                                               [1, 64], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]]))
+    _K_LOAD = gl.constexpr(gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [8, 0], [0, 64]],
+                                                      lane_bases=_LANES.value, warp_bases=_WARPS.value, block_bases=[], shape=[64, 128]))
+    # ... and as V^T [128 in V order, 64 keys], 4-byte runs a load.
+    _V_VIEW = gl.constexpr(gl.SharedLinearLayout(offset_bases=[[8, 0], [64, 0], [1, 0], [2, 0], [4, 0], [16, 0], [32, 0],
+                                                               [32, 1], [16, 2], [32, 4], [0, 8], [0, 16], [0, 32]]))
+    _V_LOAD = gl.constexpr(gl.DistributedLinearLayout(reg_bases=[[8, 0], [64, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
+                                                      lane_bases=_LANES.value, warp_bases=_WARPS.value, block_bases=[], shape=[128, 64]))
 
     @gluon.jit
     def _a_operand(chunk, view: gl.constexpr, load: gl.constexpr):
@@ -79,23 +91,13 @@ if HAVE_GLUON:
         """K's 128-column chunk [64 keys, 128] (``chunk``: a ring chunk), as f16 in the A
         operand's registers, columns in K order: element (key, k) is byte _k_order(k) of the row.
         Each thread reads two rows x two 16-byte runs."""
-        # Offset bits of the chunk (byte in the run x4, run x3, row x6) -> (key, k).
-        view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 2], [0, 4], [0, 64],
-                                                                 [1, 64], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]])
-        # The A operand's bases with the 16 bytes of a run first, so one load moves them.
-        load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [8, 0], [0, 64]],
-                                                        lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[64, 128])
-        return _a_operand(chunk, view, load)
+        return _a_operand(chunk, _K_VIEW, _K_LOAD)
 
     @gluon.jit
     def _value_operand(chunk):
         """V^T of a 128-column chunk, [128, 64 keys], as f16 in the A operand's registers, rows in
         V order: row m is byte _v_order(m) of each key row. Each thread reads 4-byte runs."""
-        view: gl.constexpr = gl.SharedLinearLayout(offset_bases=[[8, 0], [64, 0], [1, 0], [2, 0], [4, 0], [16, 0], [32, 0],
-                                                                 [32, 1], [16, 2], [32, 4], [0, 8], [0, 16], [0, 32]])
-        load: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[8, 0], [64, 0], [0, 1], [0, 8], [0, 16], [0, 32]],
-                                                        lane_bases=_LANES, warp_bases=_WARPS, block_bases=[], shape=[128, 64])
-        return _a_operand(chunk, view, load)
+        return _a_operand(chunk, _V_VIEW, _V_LOAD)
 
     @gluon.jit
     def _issue_rows(j, n_blocks, block_rows, lat_ring, rope_ring, scale_ring, scale_slots, KV, KV_SCALE, KV_ROPE,

@@ -22,6 +22,17 @@ if HAVE_GLUON:
         smem_view,
     )
 
+    # The in-slot FP8 producer's dequantization, [64 rows, 128 columns] of a chunk: the copies'
+    # rows (BlockedLayout([1, 16], [4, 8], [4, 1])) and 16 values a thread, as two runs of 8
+    # columns 64 apart, so each 8-lane phase of a bf16 tile store fills one 128-byte row of a
+    # swizzle slab (no bank conflicts). The copies' own layout (one run of 16) put each phase's 8
+    # stores on 4 bank groups twice. H200, V3.2 decode at 128 heads (RESULTS.md, eleventh call
+    # set): FlashMLA layout 0.262 -> 0.250 ms, row scale 0.231 -> 0.221; 8 values a thread with 16
+    # lanes a row (other rows, read again for the scales) 0.299 / 0.247.
+    DEQUANT_LAYOUT = gl.constexpr(gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 64], [16, 0], [32, 0]],
+                                                             lane_bases=[[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]],
+                                                             warp_bases=[[4, 0], [8, 0]], block_bases=[], shape=[64, 128]))
+
     @gluon.jit
     def _dequant_store(dst, raw, sc):
         """A 128-column chunk of the FP8 rows, times its scales (per row) in fp32, into ``dst`` (the
@@ -244,17 +255,10 @@ if HAVE_GLUON:
         CHUNK: gl.constexpr = 128
         # The copies: 16-byte vectors, 16 e4m3 values per thread and access.
         fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        # The dequantization: the copies' rows and 16 values a thread, as two runs of 8 columns 64
-        # apart, so each 8-lane phase of a tile store fills one 128-byte row of a swizzle slab (no
-        # bank conflicts). The copies' own layout (one run of 16) put each phase's 8 stores on 4
-        # bank groups twice. H200, V3.2 decode at 128 heads (RESULTS.md, eleventh call set):
-        # FlashMLA layout 0.262 -> 0.250 ms, row scale 0.231 -> 0.221; 8 values a thread with 16
-        # lanes a row (other rows, read again for the scales) 0.299 / 0.247. (The one-ring form,
-        # without CHUNK_BUFFERS, keeps the copies' layout: it was not timed with this one.)
+        # The dequantization: DEQUANT_LAYOUT with chunk buffers (the FP8 default). (The one-ring
+        # form keeps the copies' layout: it was not timed with the other.)
         if CHUNK_BUFFERS:
-            dq_layout: gl.constexpr = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 64], [16, 0], [32, 0]],
-                                                                 lane_bases=[[0, 8], [0, 16], [0, 32], [1, 0], [2, 0]],
-                                                                 warp_bases=[[4, 0], [8, 0]], block_bases=[], shape=[64, 128])
+            dq_layout: gl.constexpr = DEQUANT_LAYOUT
         else:
             dq_layout: gl.constexpr = fp8_layout
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])

@@ -1,0 +1,129 @@
+"""The shared-memory layouts the FP8 kernels read and write through, checked for bank conflicts
+and for agreeing on where each byte lives, by evaluating their linear layouts on the CPU (no
+GPU, no compile). Hopper's shared memory has 32 banks of 4 bytes; a 16-byte access is served
+8 lanes at a time, a 4-byte one a warp at a time: an access is conflict-free when those lanes
+meet distinct banks. (Both layouts were measured on H200 with their conflicts and without:
+RESULTS.md, eleventh call set.)"""
+
+import pytest
+
+from mla_compiler.kernels import gluon_fewhead as fh
+
+pytestmark = pytest.mark.skipif(not fh.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+
+
+def _xor(bases, index):
+    """The coordinates a linear layout gives ``index`` (bit i of it selects basis i)."""
+    out = [0] * len(bases[0])
+    for bit, basis in enumerate(bases):
+        if index >> bit & 1:
+            out = [a ^ b for a, b in zip(out, basis)]
+    return tuple(out)
+
+
+def _offsets(view):
+    """{coordinates: byte offset} of a SharedLinearLayout over one byte a coordinate."""
+    bases = view.offset_bases
+    table = {_xor(bases, o): o for o in range(1 << len(bases))}
+    assert len(table) == 1 << len(bases), "the view is not one-to-one"
+    return table
+
+
+def _distributed(layout, reg, lane, warp):
+    return tuple(a ^ b ^ c for a, b, c in zip(_xor(layout.reg_bases, reg), _xor(layout.lane_bases, lane), _xor(layout.warp_bases, warp)))
+
+
+def _conflicts(layout, offset_of, vector_bits: int, access_bytes: int) -> list:
+    """Every access of ``layout`` (its first ``vector_bits`` register bits one vector of
+    ``access_bytes``), as (instruction, lane group, banks met twice) where a lane group meets a
+    bank twice; [] when conflict-free. Also checks that each vector is contiguous."""
+    lanes_at_once = 128 // access_bytes if access_bytes >= 8 else 32
+    found = []
+    for reg_hi in range(1 << (len(layout.reg_bases) - vector_bits)):
+        for warp in range(1 << len(layout.warp_bases)):
+            starts = []
+            for lane in range(32):
+                vec = [offset_of(_distributed(layout, (reg_hi << vector_bits) | r, lane, warp)) for r in range(1 << vector_bits)]
+                step = access_bytes // len(vec)
+                assert vec == list(range(vec[0], vec[0] + access_bytes, step)), "a vector's bytes are not contiguous"
+                starts.append(vec[0])
+            for g in range(0, 32, lanes_at_once):
+                banks = [b for s in starts[g:g + lanes_at_once] for b in range(s // 4 % 32, s // 4 % 32 + access_bytes // 4)]
+                if len(set(banks)) != len(banks):
+                    found.append((reg_hi, warp, g // lanes_at_once, sorted({b for b in banks if banks.count(b) > 1})))
+    return found
+
+
+def _rega():
+    from mla_compiler.kernels import gluon_fewhead_rega as rega
+
+    return rega
+
+
+def test_register_operand_views_agree_on_every_byte():
+    # The copies write byte b of key row r where the K view reads (r, k) with _k_order(k) = b and
+    # the V^T view reads (m, r) with _v_order(m) = b.
+    from mla_compiler.kernels import gluon_fewhead_wgmma as wg
+
+    rega = _rega()
+    ring = _offsets(rega._RING_ROWS.value)
+    k_view = _offsets(rega._K_VIEW.value)
+    v_view = _offsets(rega._V_VIEW.value)
+    for (row, byte), offset in ring.items():
+        assert k_view[(row, next(k for k in range(128) if wg._k_order.fn(k) == byte))] == offset
+        assert v_view[(next(m for m in range(128) if wg._v_order.fn(m) == byte), row)] == offset
+
+
+def test_register_operand_reads_and_copies_are_conflict_free():
+    from triton.experimental.gluon import language as gl
+
+    rega = _rega()
+    ring = _offsets(rega._RING_ROWS.value)
+    k_view = _offsets(rega._K_VIEW.value)
+    v_view = _offsets(rega._V_VIEW.value)
+    assert _conflicts(rega._K_LOAD.value, k_view.__getitem__, 4, 16) == []  # LDS.128: 16 bytes of a run
+    assert _conflicts(rega._V_LOAD.value, v_view.__getitem__, 2, 4) == []  # LDS.32: 4 bytes of a run
+    # The copies: 16 bytes a thread, 8 lanes a row's 128 bytes (gluon_fewhead_rega._issue_rows).
+    copy = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [16, 0], [32, 0]],
+                                      lane_bases=[[0, 16], [0, 32], [0, 64], [1, 0], [2, 0]], warp_bases=[[4, 0], [8, 0]],
+                                      block_bases=[], shape=[64, 128])
+    assert _conflicts(copy, ring.__getitem__, 4, 16) == []
+
+
+def test_the_row_xor_swizzle_is_caught_with_conflicts_on_k_reads():
+    # The swizzle this ring replaced (row & 7 XORed into the run): each K phase's two rows meet
+    # the same 16 banks, as Nsight Compute measured (2.5-way on 26 % of the load wavefronts).
+    from triton.experimental.gluon import language as gl
+
+    rega = _rega()
+    xor_view = gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 8], [0, 16], [0, 32], [0, 2], [0, 4], [0, 64],
+                                                   [1, 2], [2, 4], [4, 64], [8, 0], [16, 0], [32, 0]])
+    found = _conflicts(rega._K_LOAD.value, _offsets(xor_view).__getitem__, 4, 16)
+    assert len(found) == 4 * 4 * 4  # every phase of every instruction
+
+
+def _bf16_tile_offset(coords):
+    """Byte offset of (row, column) in a [64, 128] bf16 tile in the 128-byte-swizzled layout the
+    warpgroup MMAs read (NVMMASharedLayout): 64-column slabs of 128-byte rows, each row's 16-byte
+    runs XORed with the row's low 3 bits."""
+    row, col = coords
+    return (col // 64) * 64 * 128 + row * 128 + (((col % 64) // 8) ^ (row % 8)) * 16 + (col % 8) * 2
+
+
+def test_fp8_producer_tile_stores_are_conflict_free_and_keep_the_copies_rows():
+    from triton.experimental.gluon import language as gl
+
+    from mla_compiler.kernels import gluon_producers as gp
+
+    dequant = gp.DEQUANT_LAYOUT.value
+    assert _conflicts(dequant, _bf16_tile_offset, 3, 16) == []  # STS.128: 8 bf16 values
+    # The copies' layout, BlockedLayout([1, 16], [4, 8], [4, 1]): the conversion used to store from it.
+    copies = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [16, 0], [32, 0]],
+                                        lane_bases=[[0, 16], [0, 32], [0, 64], [1, 0], [2, 0]], warp_bases=[[4, 0], [8, 0]],
+                                        block_bases=[], shape=[64, 128])
+    assert len(_conflicts(copies, _bf16_tile_offset, 3, 16)) == 8 * 4 * 4  # every phase of its 8 stores, each warp
+    # The same rows a thread in both (the scales move by a renaming of registers).
+    for lane in range(32):
+        for warp in range(4):
+            rows = [{_distributed(layout, r, lane, warp)[0] for r in range(64)} for layout in (dequant, copies)]
+            assert rows[0] == rows[1]
