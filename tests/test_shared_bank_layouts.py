@@ -102,12 +102,19 @@ def test_the_row_xor_swizzle_is_caught_with_conflicts_on_k_reads():
     assert len(found) == 4 * 4 * 4  # every phase of every instruction
 
 
-def _bf16_tile_offset(coords):
-    """Byte offset of (row, column) in a [64, 128] bf16 tile in the 128-byte-swizzled layout the
-    warpgroup MMAs read (NVMMASharedLayout): 64-column slabs of 128-byte rows, each row's 16-byte
-    runs XORed with the row's low 3 bits."""
-    row, col = coords
-    return (col // 64) * 64 * 128 + row * 128 + (((col % 64) // 8) ^ (row % 8)) * 16 + (col % 8) * 2
+def _bf16_tile_offsets():
+    """{(row, column): byte offset} of a [64, 128] bf16 tile in the layout the warpgroup MMAs read
+    (NVMMASharedLayout, 128-byte swizzle), as Triton itself lays it out: 64-column slabs of
+    128-byte rows, each row's 16-byte runs XORed with the row's low 3 bits."""
+    from triton._C.libtriton import gluon_ir, ir
+    from triton.experimental.gluon import language as gl
+
+    context = ir.context()
+    ir.load_dialects(context)
+    builder = gluon_ir.GluonOpBuilder(context)
+    tile = gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16)
+    elements = _offsets(builder.to_linear_layout(tile._to_ir(builder), [64, 128]))
+    return {coords: 2 * offset for coords, offset in elements.items()}
 
 
 def test_fp8_producer_tile_stores_are_conflict_free_and_keep_the_copies_rows():
@@ -116,12 +123,13 @@ def test_fp8_producer_tile_stores_are_conflict_free_and_keep_the_copies_rows():
     from mla_compiler.kernels import gluon_producers as gp
 
     dequant = gp.DEQUANT_LAYOUT.value
-    assert _conflicts(dequant, _bf16_tile_offset, 3, 16) == []  # STS.128: 8 bf16 values
+    tile = _bf16_tile_offsets().__getitem__
+    assert _conflicts(dequant, tile, 3, 16) == []  # STS.128: 8 bf16 values
     # The copies' layout, BlockedLayout([1, 16], [4, 8], [4, 1]): the conversion used to store from it.
     copies = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [16, 0], [32, 0]],
                                         lane_bases=[[0, 16], [0, 32], [0, 64], [1, 0], [2, 0]], warp_bases=[[4, 0], [8, 0]],
                                         block_bases=[], shape=[64, 128])
-    assert len(_conflicts(copies, _bf16_tile_offset, 3, 16)) == 8 * 4 * 4  # every phase of its 8 stores, each warp
+    assert len(_conflicts(copies, tile, 3, 16)) == 8 * 4 * 4  # every phase of its 8 stores, each warp
     # The same rows a thread in both (the scales move by a renaming of registers).
     for lane in range(32):
         for warp in range(4):
