@@ -5,7 +5,8 @@
 # warp-specialized one): which instructions make the shared-memory bank conflicts, the excessive
 # global sectors and the stall samples. Writes $OUT/src_sass.csv (per SASS instruction) and
 # $OUT/src_cuda.csv, and prints the instructions with the most excessive shared wavefronts.
-OUT=${OUT:-.}
+OUT=$(realpath -m "${OUT:-.}")
+mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 cat > /tmp/source_lines_driver.py <<'PY'
 import os, sys
@@ -15,11 +16,18 @@ from mla_compiler.kernels import gluon_fewhead as fh, gluon_sparse_mla as gk
 heads = int(os.environ.get("HEADS", "16"))
 q, kv, idx = decode_inputs(heads=heads)
 latent, scale, rope = fp8_key_sets(kv)[os.environ.get("LAYOUT", "flashmla")]
-(fh if heads <= fh.MAX_HEADS else gk).forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=eval(os.environ.get("LAUNCH") or "None"))
+for _ in range(2):  # the first launch compiles and warms up; the second is profiled
+    (fh if heads <= fh.MAX_HEADS else gk).forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=eval(os.environ.get("LAUNCH") or "None"))
 PY
-timeout 150 ncu --clock-control none -k regex:"fewhead|_ws_fwd" -c 1 --section SourceCounters --import-source yes -f -o /tmp/source_lines \
+rm -f /tmp/source_lines.ncu-rep
+timeout 150 ncu --clock-control none -k regex:"fewhead|_ws_fwd" --launch-skip 1 -c 1 --section SourceCounters --import-source yes -f -o /tmp/source_lines \
   python3 /tmp/source_lines_driver.py > "$OUT/ncu_source_lines_run.txt" 2>&1
-echo "ncu exit $?"
+status=$?
+echo "ncu exit $status"
+if [ "$status" -ne 0 ] || [ ! -s /tmp/source_lines.ncu-rep ]; then
+  tail -20 "$OUT/ncu_source_lines_run.txt"
+  exit 1
+fi
 ncu -i /tmp/source_lines.ncu-rep --page source --csv --print-source cuda > "$OUT/src_cuda.csv" 2> "$OUT/src_err.txt"
 ncu -i /tmp/source_lines.ncu-rep --page source --csv --print-source sass > "$OUT/src_sass.csv" 2>> "$OUT/src_err.txt"
 tail -3 "$OUT/src_err.txt"

@@ -424,7 +424,7 @@ def splits_for(tokens: int, heads: int, topk: int, block_n: int, sms: int) -> in
 
 
 # One scale a row, no launch given: the register-operand kernel with 3 slots. H200, b64 h16, CUDA
-# graphs (RESULTS.md, eleventh call set): 0.0680 ms against 0.0791 for LAUNCH_WGMMA. Four scales a
+# graphs (RESULTS.md, eleventh call set): 0.0680 ms against 0.0786 for LAUNCH_WGMMA. Four scales a
 # row keep LAUNCH_WGMMA (the register-operand kernel spills there: 0.116 against 0.085 ms).
 LAUNCH_ROW_SCALE = dict(REG_A=True, STAGES=3)
 

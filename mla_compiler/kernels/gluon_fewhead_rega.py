@@ -26,7 +26,7 @@ landed; the MMA partition (the kernel's 4 warps, one warpgroup) does everything 
 slot back once its last value chunk is in registers (one scale a row) or its products are done.
 
 H200, V3.2 decode at 16 heads (RESULTS.md, tenth and eleventh call sets): one scale a row
-0.0680 ms with 3 slots (0.0697 before _RING_ROWS; the f16-tile kernel 0.0791, bf16 keys 0.0861-0.0876); FlashMLA's four scales a row 0.116 (the
+0.0680 ms with 3 slots (0.0698-0.0702 before _RING_ROWS; the f16-tile kernel 0.0791, bf16 keys 0.0861-0.0876); FlashMLA's four scales a row 0.116 (the
 f16-tile kernel 0.0845: four score accumulators and P buffers spill at 255 registers), so that
 layout keeps the f16 tile by default.
 """
@@ -61,7 +61,7 @@ if HAVE_GLUON:
     # reads (each 8-lane phase: two rows, one half of their runs each) and V^T's 4-byte reads
     # (rows 0, 2, 4, 6 of a group, two runs each) both meet 32 distinct banks. (Row & 7 XORed into
     # the run, the usual swizzle, puts a K phase's two rows on the same 16 banks: 2-way conflicts
-    # on every K read, measured on H200 as 25 % of the shared-load wavefronts.)
+    # on every K read, measured on H200 as 26 % of the shared-load wavefronts.)
     _RING_ROWS = gl.constexpr(gl.SharedLinearLayout(offset_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [0, 32], [0, 64],
                                                                   [1, 64], [2, 32], [4, 64], [8, 0], [16, 0], [32, 0]]))
     # The same bytes as K [64 keys, 128 in K order]: offset bits (byte in the run x4, run x3, row

@@ -22,8 +22,10 @@ if HAVE_GLUON:
         smem_view,
     )
 
+    # The FP8 producers' copies of a chunk's rows: 16-byte vectors, 16 e4m3 values a thread.
+    COPY_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0]))
     # The in-slot FP8 producer's dequantization, [64 rows, 128 columns] of a chunk: the copies'
-    # rows (BlockedLayout([1, 16], [4, 8], [4, 1])) and 16 values a thread, as two runs of 8
+    # rows (COPY_LAYOUT) and 16 values a thread, as two runs of 8
     # columns 64 apart, so each 8-lane phase of a bf16 tile store fills one 128-byte row of a
     # swizzle slab (no bank conflicts). The copies' own layout (one run of 16) put each phase's 8
     # stores on 4 bank groups twice. H200, V3.2 decode at 128 heads (RESULTS.md, eleventh call
@@ -253,10 +255,9 @@ if HAVE_GLUON:
         four buffers (raw chunks 0-1 in chunk buffer 2, 2-3 in buffer 3): the stores into chunks 0
         and 1 then need no compiler-inserted barrier between them (see _four_buffers)."""
         CHUNK: gl.constexpr = 128
-        # The copies: 16-byte vectors, 16 e4m3 values per thread and access.
-        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-        # The dequantization: DEQUANT_LAYOUT with chunk buffers (the FP8 default). (The one-ring
-        # form keeps the copies' layout: it was not timed with the other.)
+        fp8_layout: gl.constexpr = COPY_LAYOUT
+        # The dequantization: DEQUANT_LAYOUT with chunk buffers (timed as the FP8 default; the
+        # other chunk-buffer launches take it untimed). The one-ring form keeps the copies' layout.
         if CHUNK_BUFFERS:
             dq_layout: gl.constexpr = DEQUANT_LAYOUT
         else:
