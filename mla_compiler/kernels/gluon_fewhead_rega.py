@@ -26,9 +26,10 @@ landed; the MMA partition (the kernel's 4 warps, one warpgroup) does everything 
 slot back once its last value chunk is in registers (one scale a row) or its products are done.
 
 H200, V3.2 decode at 16 heads (RESULTS.md, tenth and eleventh call sets): one scale a row
-0.0680 ms with 3 slots (0.0698-0.0702 before _RING_ROWS; the f16-tile kernel 0.0791, bf16 keys 0.0861-0.0876); FlashMLA's four scales a row 0.116 (the
-f16-tile kernel 0.0845: four score accumulators and P buffers spill at 255 registers), so that
-layout keeps the f16 tile by default.
+0.0680 ms with 3 slots (0.0698-0.0702 before _RING_ROWS; the f16-tile kernel 0.0786-0.0791,
+bf16 keys 0.0861-0.0876); FlashMLA's four scales a row 0.116 (the f16-tile kernel 0.0845: four
+score accumulators and P buffers spill at 255 registers), so that layout keeps the f16 tile by
+default.
 """
 
 from __future__ import annotations

@@ -178,8 +178,7 @@ if HAVE_GLUON:
         (issued before the slot is free), then dequantized into the slot as bf16. The next block's
         loads start only after this block is stored."""
         CHUNK: gl.constexpr = 128
-        # 16-byte vectors: 16 e4m3 values per thread and access.
-        fp8_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        fp8_layout: gl.constexpr = COPY_LAYOUT
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         for i in range(n_blocks):
@@ -264,6 +263,7 @@ if HAVE_GLUON:
             dq_layout: gl.constexpr = fp8_layout
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         row_layout: gl.constexpr = gl.SliceLayout(1, fp8_layout)
+        dq_rows: gl.constexpr = gl.SliceLayout(1, dq_layout)  # the same rows a thread as row_layout
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         cols_pair = gl.arange(0, 2 * CHUNK, layout=gl.SliceLayout(0, fp8_layout))
         rows_next = _block_rows(idx_row, 0, S_KV, TOPK, BLOCK_N, row_layout)
@@ -274,7 +274,6 @@ if HAVE_GLUON:
             valid = rows >= 0
             sc0, sc1, sc2, sc3 = _scale_loads(KV_SCALE + rows.to(gl.int64) * stride_ss, valid, N_TILES)
             # The same rows a thread in both layouts: a renaming of registers.
-            dq_rows: gl.constexpr = gl.SliceLayout(1, dq_layout)
             sc0, sc1 = gl.convert_layout(sc0, dq_rows), gl.convert_layout(sc1, dq_rows)
             sc2, sc3 = gl.convert_layout(sc2, dq_rows), gl.convert_layout(sc3, dq_rows)
             if not CHUNK_BUFFERS:
