@@ -1,0 +1,120 @@
+"""FP8 products against FP8 dequantized to bf16, at the DeepSeek-V3.2 decode shape (batch 64, s_q 2,
+128 heads, top-k 2048, s_kv 32768), side by side in one run: the warp-specialized kernel with bf16
+keys, with an e4m3 latent (FlashMLA's layout and one scale a row) dequantized into bf16 MMAs, and
+the FP8-MMA kernel (e4m3 products, one scale a row). Also the measured ceilings (bf16 and e4m3
+matmul rate, device-to-device copy) and each kernel's error against the exact references.
+Timed from CUDA graphs in interleaved rounds (medians).
+
+    python benchmarks/bench_fp8_mma.py --rounds 5 --out fp8_mma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, graphed  # noqa: E402
+
+from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
+from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
+from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
+from mla_compiler.kernels import reference  # noqa: E402
+
+SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
+
+
+def rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def ceilings() -> dict:
+    """bf16 and e4m3 matmul rates (8192^3) and the device-to-device copy bandwidth."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    bf16 = 2 * 8192**3 / bench(lambda: a @ b) / 1e9
+    a8, b8 = a.to(torch.float8_e4m3fn), b.t().contiguous().to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    e4m3 = 2 * 8192**3 / bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)) / 1e9
+    x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy = 2 * 2**30 / bench(lambda: y.copy_(x)) / 1e9  # bytes a ms / 1e9 = TB/s
+    return dict(bf16_tflops=bf16, e4m3_tflops=e4m3, copy_tb_s=copy)
+
+
+def needed_bytes(q, idx, s_kv, key_row_bytes: int) -> int:
+    """What the step must move at least: each selected key row once, Q, the output, the indices."""
+    valid = ((idx >= 0) & (idx < s_kv)).sum().item()
+    return valid * key_row_bytes + q.numel() * 2 + q.shape[0] * q.shape[1] * 512 * 2 + idx.numel() * 4
+
+
+def sample_errors(q, kv, idx, fp8) -> dict:
+    """Each kernel's relative error on the first 8 query tokens: against the exact FP8 reference
+    (keys e4m3 x scale in fp32) and against bf16 keys."""
+    qs, ids = q[:8], idx[:8]
+    bf16_out, _ = reference.sparse_attn_reference(qs, kv, ids, SCALE, 512)
+    out = {}
+    for name, parts, fn in (
+        ("ws FP8 row (dequantized)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE)),
+        ("FP8-MMA row", fp8["row"], lambda p: fm.forward(qs, *p, ids, SCALE)),
+        ("ws FP8 FlashMLA (dequantized)", fp8["flashmla"], lambda p: ws.forward(qs, *p, ids, SCALE)),
+    ):
+        exact, _ = fr.sparse_attn_fp8kv_reference(qs, *parts, ids, SCALE, 512, exact_keys=True)
+        got, _ = fn(parts)
+        out[name] = dict(vs_exact_fp8=rel(got, exact), vs_bf16_keys=rel(got, bf16_out), layout_vs_bf16_keys=rel(exact, bf16_out))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out")
+    a = p.parse_args()
+    q, kv, idx = decode_inputs()
+    s_kv = kv.shape[0]
+    fl = flops_fwd(idx, q.shape[1], 576, 512, s_kv)
+    fp8 = fp8_key_sets(kv)
+    lat, rope = kv[:, 0, :512], kv[:, 0, 512:]
+    cands = [
+        ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2),
+        ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656),
+        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+        ("FP8-MMA row", lambda: fm.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+    ]
+    graphs = {name: graphed(fn) for name, fn, _ in cands}
+    times = {name: [] for name, _, _ in cands}
+    for _ in range(a.rounds):
+        for name, _, _ in cands:
+            times[name].append(bench(graphs[name]))
+    roof = ceilings()
+    errors = sample_errors(q, kv, idx, fp8)
+    base = statistics.median(times["ws bf16 keys"])
+    rows = []
+    for name, _, row_bytes in cands:
+        ms = statistics.median(times[name])
+        gb = needed_bytes(q, idx, s_kv, row_bytes) / 1e9
+        # HBM fraction: the bytes needed over the time, against the measured copy bandwidth.
+        rows.append(dict(impl=name, ms=ms, tflops=fl / ms / 1e9, vs_bf16_keys=base / ms, needed_gb=gb,
+                         hbm_fraction=gb / ms / roof["copy_tb_s"], spread=max(times[name]) / min(times[name])))
+    print(f"\nceilings: bf16 {roof['bf16_tflops']:.0f} TFLOPS, e4m3 {roof['e4m3_tflops']:.0f} TFLOPS, copy {roof['copy_tb_s']:.2f} TB/s")
+    for name, e in errors.items():
+        print(f"error {name}: vs exact FP8 {e['vs_exact_fp8']:.2e}, vs bf16 keys {e['vs_bf16_keys']:.2e} (layout alone {e['layout_vs_bf16_keys']:.2e})")
+    print(f"\n{'impl':32s} {'ms':>7s} {'TFLOPS':>7s} {'vs bf16':>8s} {'HBM %':>6s} {'spread':>6s}")
+    for r in rows:
+        print(f"{r['impl']:32s} {r['ms']:7.4f} {r['tflops']:7.0f} {r['vs_bf16_keys']:7.2f}x {100 * r['hbm_fraction']:6.1f} {r['spread']:6.2f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=roof, errors=errors, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""Sparse MLA forward with FP8 tensor-core products (Hopper, Gluon): Q K^T over the latent and P V
+run as e4m3 warpgroup MMAs, for an e4m3 latent with one scale a key row. The rope product stays
+bf16. Reference: ``reference_fp8_mma`` below (the same roundings), and fp8_reference.py (exact).
+
+Why: at 128 heads and two query tokens a decode step is compute-bound (256 query rows a key).
+With bf16 MMAs an FP8 cache at best matches bf16 keys there (RESULTS.md); e4m3 MMAs run at twice
+the rate. The price is two roundings the dequantizing kernels do not make:
+- Q's latent part is rounded to e4m3 with one power-of-two scale a (token, head) row;
+- P is rounded to e4m3 after it takes the key rows' scales: P' = P * sigma_j * 2^(8 - e) <= 256,
+  where e is per row and block: the least integer with P_j sigma_j <= 2^e over the block's keys
+  (from max_j score_j + log2 sigma_j, exchanged with the row maxima), so each row's largest P'
+  lies in [128, 256] whatever the spread of the key scales; the value accumulator carries 2^(e-8).
+The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token scale into P the
+same way, without a per-row exponent.)
+
+Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
+shape it runs 0.230 ms against 0.220 for the dequantizing kernel (row scale) and 0.199 for bf16
+keys; without the producer's transposes it would run 0.163 (benchmarks/probe_fp8_mma.py,
+RESULTS.md). The transposes' 4-byte stores put the 4 column rows of each phase on the same banks.
+
+Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads); a
+producer partition gathers each 64-key block into a ring slot (the raw e4m3 rows by asynchronous
+copies: they are Q K^T's B operand as they land) and writes the block's transposed copy, keys
+contiguous, which e4m3 P V needs (wgmma takes 8-bit B operands K-major only). Two consumer
+warpgroups each compute the scores of half the keys, exchange row maxima and their P' halves,
+and add P' V for their 256 value columns. A slot's raw rows are released after the scores and its
+transposed tiles after P V, so the producer copies block i + 1 while it transposes block i
+(0.240 -> 0.230 ms against releasing the whole slot after P V).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem
+
+if HAVE_GLUON:
+    from .gluon_common import (
+        BLOCK_H,
+        D_LAT,
+        D_ROPE,
+        V_HALF,
+        _program_coords,
+        async_copy,
+        async_rows,
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        partition_barrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from .gluon_consumers import _softmax_p_alpha, _store_output
+    from .gluon_producers import _block_rows, _rope_rows, _row_ptrs
+
+LOG2E = 1.4426950408889634
+ENV_OFF = "MLA_COMPILER_FP8_MMA"  # =0: never take this kernel
+P_HEADROOM_LOG2 = 8  # P' = P * sigma * 2^(P_HEADROOM_LOG2 - e) <= 256 (see p_exponent)
+E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays a normal float
+# PROBE_SKIP (timing probes only, the output is wrong): 1 skips the transposes, 2 the P V products,
+# 4 runs Q K^T over 32 latent columns. benchmarks/probe_fp8_mma.py times them (RESULTS.md).
+LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0)
+
+
+def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
+             d_v: int, attn_sink=None, topk_length=None, h_kv: int = 1) -> Optional[str]:
+    """Why the FP8-MMA kernel does not take this call (None when it does)."""
+    problem = platform_problem(q, ENV_OFF, "e4m3 wgmma is an sm_90 instruction", h_kv)
+    if problem is not None:
+        return problem
+    if kv_scale is None:
+        return "bf16 keys (this kernel's products take an e4m3 latent)"
+    if kv_latent.shape[1] != _D_LAT or kv_rope is None or kv_rope.shape[1] != _D_ROPE or d_v != _D_LAT:
+        rope = None if kv_rope is None else kv_rope.shape[1]
+        return f"latent {kv_latent.shape[1]} / rope {rope} / d_v {d_v} (512 / 64 / 512 only)"
+    if q.shape[2] != _D_LAT + _D_ROPE:
+        return f"query width {q.shape[2]} (576 only)"
+    if q.shape[1] < _BLOCK_H:
+        return f"{q.shape[1]} heads (64 or more: wgmma tiles 64 rows)"
+    if attn_sink is not None or topk_length is not None:
+        return "attn_sink / topk_length (not implemented here)"
+    problem = key_operands_problem(kv_latent, kv_scale, kv_rope)
+    if problem is not None:
+        return problem
+    if kv_scale.shape[1] != 1:
+        return (f"{kv_scale.shape[1]} scales a row: e4m3 products take one scale a key row (a scale per 128 columns "
+                "would need a score accumulator per tile); quantize the cache with layout 'row'")
+    for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
+        if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
+            return f"{name}: rows not contiguous or not 16-byte aligned (stride {tuple(tensor.stride())})"
+    return None
+
+
+# --- the reference: the kernel's roundings, in torch -------------------------------------------
+
+def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The least power of two >= x for float32 x > 0 (from the bits, exact); 0 stays 0."""
+    bits = x.float().contiguous().view(torch.int32)
+    return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+
+
+def p_exponent(w_max: torch.Tensor, m_use: torch.Tensor, e_prev: torch.Tensor) -> torch.Tensor:
+    """A row's exponent e for a block: the least integer with P_j sigma_j <= 2^e over the block's
+    keys, from w_max = max_j (score_j + log2 sigma_j) (base 2) and the row's running maximum,
+    clamped to +-E_LIMIT; the previous block's e where the row has no valid key in this one."""
+    return torch.where(w_max == float("-inf"), e_prev, torch.ceil(w_max - m_use)).clamp(-E_LIMIT, E_LIMIT)
+
+
+def quantize_q_rows(q_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., 512] -> (e4m3 [..., 512], float32 [...]): one power-of-two scale a row, amax / 448
+    rounded up (1 for a zero row), so x / scale is exact before the cast."""
+    amax = q_latent.float().abs().amax(-1)
+    scale = pow2_ceil(amax * torch.tensor(1.0 / 448.0, dtype=torch.float32))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (q_latent.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
+
+
+def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int = 64):
+    """out [T, H, 512] (float32) and lse [T, H] of the FP8-MMA kernel's arithmetic: Q's latent and
+    P' rounded to e4m3 as the kernel does, blocks of ``block_n`` keys in top-k order, online
+    softmax in fp32. q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale [S, 1], kv_rope bf16
+    [S, 64], indices [T, 1, topk]."""
+    t, h, _ = q.shape
+    s_kv = kv_latent.shape[0]
+    q8, qs = quantize_q_rows(q[..., :_D_LAT])
+    q8, q_rope = q8.float(), q[..., _D_LAT:].float()
+    scale_log2 = sm_scale * LOG2E
+    idx = indices[:, 0].long()
+    topk = idx.shape[-1]
+    m = torch.full((t, h), float("-inf"), device=q.device)
+    l_sum = torch.zeros((t, h), device=q.device)
+    e = torch.zeros((t, h), device=q.device)
+    acc = torch.zeros((t, h, _D_LAT), device=q.device)
+    for b0 in range(0, topk, block_n):
+        blk = idx[:, b0:b0 + block_n]
+        valid = (blk >= 0) & (blk < s_kv)
+        safe = torch.where(valid, blk, torch.zeros_like(blk))
+        k8 = torch.where(valid[..., None], kv_latent[safe].float(), 0.0)  # [T, n, 512]
+        sig = torch.where(valid, kv_scale[safe, 0].float(), 0.0)  # [T, n]
+        rope = torch.where(valid[..., None], kv_rope[safe].float(), 0.0)
+        s8 = torch.einsum("thd,tnd->thn", q8, k8)
+        s = s8 * (qs * scale_log2)[..., None] * sig[:, None, :] + torch.einsum("thd,tnd->thn", q_rope, rope) * scale_log2
+        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
+        p = torch.exp2(s - m_use[..., None])
+        alpha = torch.exp2(m - m_use)
+        e = p_exponent((s + torch.log2(sig)[:, None, :]).amax(-1), m_use, e)
+        p8 = (p * sig[:, None, :] * torch.exp2(P_HEADROOM_LOG2 - e)[..., None]).to(torch.float8_e4m3fn).float()
+        acc = acc * alpha[..., None] + torch.einsum("thn,tnd->thd", p8, k8) * torch.exp2(e - P_HEADROOM_LOG2)[..., None]
+        l_sum = l_sum * alpha + p.sum(-1)
+        m = m_new
+    empty = l_sum == 0
+    out = acc / torch.where(empty, 1.0, l_sum)[..., None]
+    lse = torch.where(empty, float("inf"), (m + torch.log2(torch.where(empty, 1.0, l_sum))) / LOG2E)
+    return out, lse
+
+
+if HAVE_GLUON:
+    HEADROOM_LOG2, E_MAX = gl.constexpr(P_HEADROOM_LOG2), gl.constexpr(E_LIMIT)
+
+    @gluon.jit
+    def _pow2_ceil(x):
+        """pow2_ceil in the kernel: the least power of two >= x > 0, from the bits (exact)."""
+        bits = x.to(gl.int32, bitcast=True)
+        return ((bits + 0x7FFFFF) & 0x7F800000).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _pow2_inv(x):
+        """1 / x for a normal power of two x (2^-125 .. 2^126), from the bits (exact)."""
+        return (0x7F000000 - x.to(gl.int32, bitcast=True)).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _exp2_int(k):
+        """2^k for an integer-valued float k in -126 .. 127, from the bits (exact)."""
+        return ((k.to(gl.int32) + 127) << 23).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H):
+        """This program's 64 query rows into shared memory: the latent as e4m3 with one power-of-two
+        scale a row (``qs_smem``), the rope as bf16 (padded heads are 0)."""
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
+        h_ok = (heads < H)[:, None]
+        q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, q_layout))
+        amax = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, q_layout))
+        for c in gl.static_range(D_LAT // 128):
+            x = gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0).to(gl.float32)
+            amax = gl.maximum(amax, gl.max(gl.abs(x), 1))
+        qs = _pow2_ceil(amax * (1.0 / 448.0))
+        qs = gl.where(qs > 0.0, qs, 1.0)
+        inv = _pow2_inv(qs)
+        for c in gl.static_range(D_LAT // 128):
+            x = gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0).to(gl.float32)
+            q8_smem.slice(c * 128, 128, dim=1).store((x * inv[:, None]).to(gl.float8e4nv))
+        qs_smem.store(qs)
+        rope_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
+        qr_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
+
+    @gluon.jit
+    def _producer_fp8_mma(k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
+                          KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H,
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
+        """Each 64-key block: the raw e4m3 rows copied into the slot (Q K^T's B operand), the rope
+        rows, the keys' scales sigma and log2 sigma, then the rows transposed into two [512, 32]
+        tiles (P V's B operands, keys contiguous)."""
+        copy_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
+        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        # The transpose: 4 keys x 8 columns a thread (8-byte loads from the rows, 4-byte stores
+        # into the keys-contiguous tile; the stores' 4 column rows a phase share their banks).
+        t_layout: gl.constexpr = gl.BlockedLayout([4, 8], [8, 4], [1, 4], [1, 0])
+        HALF: gl.constexpr = BLOCK_N // 2
+        row_layout: gl.constexpr = gl.SliceLayout(1, copy_layout)
+        t, _ = _program_coords(H)
+        stride_rs = gl.multiple_of(stride_rs, 8)
+        stride_kvs = gl.multiple_of(stride_kvs, 16)
+        idx_row = IDX + t * stride_it
+        cols = gl.arange(0, 256, layout=gl.SliceLayout(0, copy_layout))
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, 0, stride_kvs, stride_ss,
+                     stride_rs, S_KV, TOPK, cols, BLOCK_N, STAGES, row_layout, rope_layout)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            # Block i + 1's rows are in flight while block i is transposed (its key slot is free
+            # once the consumers' scores of block i - 1 are done); past the last block, an empty group.
+            if i + 1 < n_blocks:
+                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, i + 1, stride_kvs,
+                             stride_ss, stride_rs, S_KV, TOPK, cols, BLOCK_N, STAGES, row_layout, rope_layout)
+            else:
+                async_copy.commit_group()
+            async_copy.wait_group(1)
+            partition_barrier()  # every producer thread's rows of block i have landed
+            mbarrier.wait(v_empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            k_slot = k8_ring.index(slot)
+            for h in gl.static_range(2 if PROBE_SKIP % 2 == 0 else 0):
+                for c in gl.static_range(D_LAT // 128):
+                    x = k_slot.slice(h * HALF, HALF, dim=0).slice(c * 128, 128, dim=1).load(t_layout)
+                    vt_ring.index(slot * 2 + h).slice(c * 128, 128, dim=0).permute((1, 0)).store(x)
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(full.index(slot))
+
+    @gluon.jit
+    def _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, i, stride_kvs, stride_ss,
+                     stride_rs, S_KV, TOPK, cols, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, row_layout: gl.constexpr,
+                     rope_layout: gl.constexpr):
+        """Block i's raw rows and rope rows by asynchronous copies (one commit group) into its slot,
+        once the consumers' scores of block i - STAGES are done; its keys' validity, sigma and
+        log2 sigma beside them."""
+        slot = i % STAGES
+        rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, row_layout)
+        valid = rows >= 0
+        base = _row_ptrs(KV, rows, cols, stride_kvs, 256)
+        sig = gl.load(KV_SCALE + rows.to(gl.int64) * stride_ss, mask=valid, other=0.0)
+        mbarrier.wait(k_empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        k_slot = k8_ring.index(slot)
+        async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
+        async_rows(k_slot.slice(256, 256, dim=1), base + 256, mask=valid[:, None])
+        _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+        async_copy.commit_group()
+        ok_ring.index(slot).store(valid.to(gl.int32))
+        sig_ring.index(slot).store(sig)
+        lsig_ring.index(slot).store(gl.log2(sig))
+
+    @gluon.jit
+    def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
+                          xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
+                          sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
+        """Scores of this warpgroup's half of each block's keys (e4m3 latent product and bf16 rope
+        product), the row maxima and P' halves exchanged with the other warpgroup, then P' V (e4m3,
+        all the block's keys) into this warpgroup's 256 value columns."""
+        t, hb = _program_coords(H)
+        HALF: gl.constexpr = BLOCK_N // 2
+        OTHER: gl.constexpr = 1 - WG
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 32])
+        sr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 32])
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        q_log2 = qs_smem.load(row_s) * sm_scale_log2  # the Q row's scale, with the softmax scale
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
+        e_prev = gl.zeros([BLOCK_H], gl.float32, row_s)  # acc holds the output / 2^(e_prev - 8)
+        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
+        s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
+        sr_zero = gl.zeros([BLOCK_H, HALF], gl.float32, sr_layout)
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            mbarrier.wait(full.index(slot), (i // STAGES) & 1)
+            keys = k8_ring.index(slot).slice(WG * HALF, HALF, dim=0)
+            if (PROBE_SKIP // 4) % 2 == 0:
+                s8 = warpgroup_mma(q8_smem, keys.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            else:
+                s8 = warpgroup_mma(q8_smem.slice(0, 32, dim=1), keys.slice(0, 32, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            sr = warpgroup_mma(qr_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), sr_zero,
+                               use_acc=False, is_async=True)
+            s8, sr = warpgroup_mma_wait(0, deps=[s8, sr])
+            sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
+            valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
+            s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
+            s = gl.where(valid[None, :], s, float("-inf"))
+            m_mine = gl.max(s, 1)
+            w_mine = gl.max(s + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
+            # The slot's keys, rope rows and scales are read: the producer may refill them.
+            partition_barrier()
+            mbarrier.arrive(k_empty.index(slot))
+            xmax.index(WG).store(m_mine)
+            wmax.index(WG).store(w_mine)
+            partition_barrier()
+            mbarrier.arrive(bar_x.index(WG))
+            mbarrier.wait(bar_x.index(OTHER), i & 1)
+            m_new = gl.maximum(m_i, gl.maximum(m_mine, xmax.index(OTHER).load(row_s)))
+            w_row = gl.maximum(w_mine, wmax.index(OTHER).load(row_s))
+            p, l_i, alpha = _softmax_p_alpha(s, m_i, m_new, l_i)
+            # P' = P sigma 2^(8 - e) <= 256, e per row (p_exponent); acc carries 2^(e - 8).
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row - m_use))
+            e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
+            p8_half.index(WG).store((p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv))
+            acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), row_o)[:, None]
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(bar_p.index(WG))
+            mbarrier.wait(bar_p.index(OTHER), i & 1)
+            v_lo = vt_ring.index(slot * 2).slice(WG * V_HALF, V_HALF, dim=0).permute((1, 0))
+            v_hi = vt_ring.index(slot * 2 + 1).slice(WG * V_HALF, V_HALF, dim=0).permute((1, 0))
+            if (PROBE_SKIP // 2) % 2 == 0:
+                acc = warpgroup_mma(p8_half.index(0), v_lo, acc, is_async=True)
+                acc = warpgroup_mma(p8_half.index(1), v_hi, acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=[acc])
+            m_i = m_new
+            e_prev = e
+            partition_barrier()
+            mbarrier.arrive(v_empty.index(slot))
+
+        lsum.index(WG).store(l_i)
+        partition_barrier()
+        mbarrier.arrive(bar_l.index(WG))
+        mbarrier.wait(bar_l.index(OTHER), 0)
+        l_i = l_i + lsum.index(OTHER).load(row_s)
+        _store_output(acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None], m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF,
+                      WG == 0, row_s, o_layout)
+
+    @gluon.jit
+    def _fp8_mma_fwd_kernel(
+        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE,
+        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
+        S_KV, TOPK, H, sm_scale_log2,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PROBE_SKIP: gl.constexpr = 0,
+    ):
+        t, hb = _program_coords(H)
+        HALF: gl.constexpr = BLOCK_N // 2
+        vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float8e4nv)
+        qr_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
+        k8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.float8e4nv)
+        vt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_LAT, HALF], gl.float8e4nv)
+        r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
+        p8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], gl.float8e4nv)
+        q8_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_H, D_LAT], q8_layout)
+        qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], qr_layout)
+        qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
+        k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
+        vt_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 2, D_LAT, HALF], vt_layout)
+        r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
+        ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec)
+        sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
+        lsig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
+        xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
+        wmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
+        lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
+        p8_half = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_H, HALF], p8_layout)
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(full.index(s), count=1)
+            mbarrier.init(k_empty.index(s), count=2)
+            mbarrier.init(v_empty.index(s), count=2)
+        for w in gl.static_range(2):
+            mbarrier.init(bar_x.index(w), count=1)
+            mbarrier.init(bar_p.index(w), count=1)
+            mbarrier.init(bar_l.index(w), count=1)
+        _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H)
+        fence_async_shared()
+        partition_barrier()
+        gl.warp_specialize(
+            [
+                (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                                     k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                     TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, PROBE_SKIP)),
+                (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                                     k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                     TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, PROBE_SKIP)),
+                (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV, KV_SCALE, KV_ROPE,
+                                     IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, PROBE_SKIP)),
+            ],
+            [4, 4],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+def _signature() -> dict:
+    sig = {"Q": "*bf16", "KV": "*fp8e4nv", "KV_SCALE": "*fp32", "KV_ROPE": "*bf16", "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32"}
+    for name in ("stride_qt", "stride_qh", "stride_kvs", "stride_ss", "stride_rs", "stride_it", "stride_ot", "stride_oh",
+                 "stride_lt", "S_KV", "TOPK", "H"):
+        sig[name] = "i32"
+    sig["sm_scale_log2"] = "fp32"
+    return sig
+
+
+def compile_for_hopper(launch: Optional[dict] = None):
+    """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = _signature()
+    constexprs = dict(BLOCK_N=64, STAGES=2, **dict(LAUNCH, **(launch or {})))
+    sig.update({k: "constexpr" for k in constexprs})
+    names = list(sig)
+    aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "stride_qt", "stride_qh", "stride_kvs", "stride_it", "stride_ot", "stride_oh")
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return triton.compile(GluonASTSource(_fp8_mma_fwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4})
+
+
+def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
+    """out [T, H, 512] and lse [T, H] with e4m3 products (see the module docstring for the two
+    extra roundings): q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope
+    bf16 [S, 64], indices [T, 1, topk] int32."""
+    problem = declines(q, kv_latent, kv_scale, kv_rope, _D_LAT)
+    if problem is not None:
+        raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
+    cfg = dict(LAUNCH, **(launch or {}))
+    unknown = set(cfg) - set(LAUNCH)
+    if unknown or not 0 <= cfg["PROBE_SKIP"] <= 7 or 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 504:
+        raise ValueError(f"launch {cfg}: the settings are {sorted(LAUNCH)}, PROBE_SKIP 0..7, 2 * CONSUMER_REGS + PRODUCER_REGS <= 504")
+    t, heads, _ = q.shape
+    q, indices = q.contiguous(), indices.contiguous()
+    out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
+    lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    rows = kv_latent.shape[0]
+    for name, part in (("kv_rope", kv_rope), ("kv_scale", kv_scale)):
+        if part.shape[0] < rows:
+            raise ValueError(f"{name} has {part.shape[0]} rows for a latent of {rows}: one per latent row")
+    _fp8_mma_fwd_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
+        q, kv_latent, kv_scale, kv_rope, indices, out, lse,
+        q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),
+        indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+        rows, indices.shape[-1], heads, float(sm_scale) * LOG2E,
+        BLOCK_N=64, STAGES=2, num_warps=4, **cfg,
+    )
+    return out, lse

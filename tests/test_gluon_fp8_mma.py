@@ -1,0 +1,137 @@
+"""The FP8-MMA forward (e4m3 products, gluon_fp8_mma.py): its reference's roundings are the ones
+documented and its error against the exact FP8 reference is bounded (CPU); it compiles for Hopper
+with e4m3 MMAs (CPU, no GPU needed); it declines with reasons; on a Hopper GPU it matches its
+reference on awkward inputs."""
+
+import pytest
+import torch
+from conftest import compiled_for_hopper, rel_err
+
+from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import gluon_fp8_mma as fm
+from mla_compiler.kernels.awkward_inputs import awkward_inputs, extreme_scales, poison_unselected
+
+hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+SCALE = 576**-0.5
+
+
+def _row_keys(heads: int, topk: int, device: str, extreme: bool = False, t: int = 6, s_kv: int = 3000):
+    q, kv, idx = awkward_inputs(t=t, heads=heads, topk=topk, s_kv=s_kv, device=device)
+    if extreme:
+        q, kv = extreme_scales(q, kv)
+    latent, scale, rope = fr.quantize_keys(kv, "row")
+    if not extreme:
+        poison_unselected(latent, scale, rope)
+    return q, latent, scale, rope, idx
+
+
+def test_pow2_ceil_and_q_rows_are_exact():
+    x = torch.tensor([1.0, 1.5, 0.75, 2.0**-130, 3.0e38, 0.0])
+    assert fm.pow2_ceil(x).tolist() == [1.0, 2.0, 1.0, 2.0**-126, float("inf"), 0.0]
+    q = torch.randn(3, 5, 512) * torch.logspace(-3, 3, 5)[None, :, None]
+    q[1, 2] = 0
+    q8, scale = fm.quantize_q_rows(q.to(torch.bfloat16))
+    assert scale[1, 2] == 1 and (q8[1, 2].float() == 0).all()
+    assert (torch.log2(scale) == torch.round(torch.log2(scale))).all()  # powers of two
+    amax = q.to(torch.bfloat16).float().abs().amax(-1)
+    used = amax / scale
+    assert (used <= 448).all() and (used[amax > 0] >= 224).all()  # x / scale fits e4m3 and uses its top binade
+    # e4m3 keeps 3 mantissa bits: within 2^-4 of each value (above the subnormal range).
+    err = (q8.float() * scale[..., None] - q.to(torch.bfloat16).float()).abs()
+    assert (err <= 2.0**-4 * q.to(torch.bfloat16).float().abs() + 2.0**-9 * scale[..., None]).all()
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme-scales"])
+def test_reference_error_against_the_exact_fp8_reference(extreme):
+    # The two extra roundings (Q and P in e4m3) against the FP8 reference with exact keys: on
+    # random inputs about the keys' own rounding (3.4 % against bf16 keys); with extreme scales
+    # (heads 1e-2 .. 10, key rows 2^-20 .. 2^4) the scores reach hundreds and Q's rounding moves them.
+    q, latent, scale, rope, idx = _row_keys(64, 200, "cpu", extreme, t=4, s_kv=1000)
+    out, lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE)
+    ref_out, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert out.isfinite().all() and (lse[2] == float("inf")).all() and (out[2] == 0).all()
+    assert rel_err(out, ref_out) < (0.25 if extreme else 0.05)
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max() < (8.0 if extreme else 0.05)
+
+
+def test_reference_keeps_small_scaled_keys_that_dominate():
+    # One key with a large scale but a very low score beside keys with scales 2^-20 smaller that
+    # carry the softmax mass: P's exponent is per row (from P sigma, not sigma alone), so the
+    # small keys' P' stays in e4m3's normal range and the output is theirs.
+    torch.manual_seed(0)
+    q = torch.randn(1, 64, 576).to(torch.bfloat16)
+    kv = torch.randn(70, 1, 576).to(torch.bfloat16) * 2.0**-20
+    kv[5] = -q[0, 0] * 4  # large and anti-aligned with head 0
+    latent, scale, rope = fr.quantize_keys(kv, "row")
+    idx = torch.arange(64, dtype=torch.int32).view(1, 1, 64)
+    out, _ = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE)
+    ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert rel_err(out[0, 0], ref_out[0, 0]) < 0.1
+
+
+def test_declines_with_reasons(monkeypatch):
+    q = torch.randn(2, 128, 576, dtype=torch.bfloat16)
+    kv = torch.randn(64, 1, 576, dtype=torch.bfloat16)
+    assert fm.declines(q, kv[:, 0, :512], None, kv[:, 0, 512:], 512) in ("not a CUDA tensor", "this Triton has no Gluon dialect")
+    monkeypatch.setattr(fm, "platform_problem", lambda *a: None)
+    assert "bf16 keys" in fm.declines(q, kv[:, 0, :512], None, kv[:, 0, 512:], 512)
+    tiles = fr.quantize_keys(kv, "flashmla")
+    assert "quantize the cache with layout 'row'" in fm.declines(q, *tiles, 512)
+    rows = fr.quantize_keys(kv, "row")
+    assert fm.declines(q, *rows, 512) is None
+    assert "heads" in fm.declines(q[:, :32], *rows, 512)
+    assert "attn_sink" in fm.declines(q, *rows, 512, attn_sink=torch.zeros(128))
+    monkeypatch.undo()
+    monkeypatch.setenv(fm.ENV_OFF, "0")
+    assert fm.declines(q, *rows, 512) == f"{fm.ENV_OFF}=0"
+
+
+@pytest.mark.skipif(not fm.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+def test_compiles_for_hopper_with_e4m3_products():
+    script = (
+        "import json; from mla_compiler.kernels import gluon_fp8_mma as fm\n"
+        "c = fm.compile_for_hopper()\n"
+        "ptx = c.asm['ptx']\n"
+        "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n256k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16')\n"
+        "print(json.dumps(dict(shared=c.metadata.shared, setmaxnreg='setmaxnreg' in ptx,\n"
+        "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds})))\n"
+    )
+    info = compiled_for_hopper(script)
+    assert info["shared"] <= 227 * 1024 and info["setmaxnreg"], info
+    # Each warpgroup: Q K^T over 512 latent columns as 16 e4m3 steps, P V as two e4m3 64 x 256
+    # products (one a key half), the rope product as four bf16 steps.
+    assert info["mma"] == {"m64n32k32.f32.e4m3.e4m3": 32, "m64n256k32.f32.e4m3.e4m3": 4, "m64n32k16.f32.bf16.bf16": 8}, info
+
+
+def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2):
+    """The kernel against reference_fp8_mma: the same roundings, but e4m3 products accumulate in
+    the tensor cores' reduced precision (and exp2 is approximate), so the scores move by about
+    1e-3 of their size: out within 1e-2 (relative L2), lse within ``lse_tol``; token 2 (no valid
+    index) lse +inf and out 0."""
+    fin = torch.isfinite(ref_lse)
+    assert rel_err(out, ref_out) < 1e-2, rel_err(out, ref_out)
+    dl = (lse[fin] - ref_lse[fin]).abs().max().item()
+    assert dl < lse_tol, f"lse differs from the reference by {dl:.3g}"
+    assert (lse[2] == float("inf")).all() and (out[2] == 0).all()
+
+
+@needs_hopper
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
+def test_matches_its_reference_on_awkward_inputs(heads, topk):
+    q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
+    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
+    ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert rel_err(out, ref_out) < 0.05
+
+
+@needs_hopper
+def test_keeps_extreme_scales():
+    q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
+    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE)
+    assert out.isfinite().all()
+    # Scores here reach hundreds (base 2): the products' reduced-precision accumulation moves the
+    # lse by up to ~0.2 (0.155 measured on H200), the output stays within 1e-2.
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE), lse_tol=0.5)
