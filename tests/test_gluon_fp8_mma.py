@@ -118,10 +118,11 @@ def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2)
 
 
 @needs_hopper
+@pytest.mark.parametrize("launch", [None, dict(CONSUMER_REGS=208, PRODUCER_REGS=88)], ids=["default", "regs-208-88"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
-def test_matches_its_reference_on_awkward_inputs(heads, topk):
+def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
-    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE)
+    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
     ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     assert rel_err(out, ref_out) < 0.05
@@ -135,3 +136,62 @@ def test_keeps_extreme_scales():
     # Scores here reach hundreds (base 2): the products' reduced-precision accumulation moves the
     # lse by up to ~0.2 (0.155 measured on H200), the output stays within 1e-2.
     _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE), lse_tol=0.5)
+
+
+def _shared_wavefronts(reg_bases, lane_bases, warp_bases, offset_of, vector_dim: int) -> tuple[int, int]:
+    """(wavefronts, ideal) of a register layout's shared accesses (bases as [key, column] pairs,
+    one dimension each; 1 byte an element), its vector the register bases 1, 2, 4, .. of
+    ``vector_dim`` (at most 16 bytes, checked contiguous and aligned): per access instruction and
+    lane phase (32 lanes for 4-byte accesses, 16 for 8, 8 for 16), the most distinct 4-byte words
+    one bank serves, summed over instructions and warps."""
+    from test_shared_bank_layouts import _xor
+
+    vec = []
+    while len(vec) < 4 and [1 << len(vec) if d == vector_dim else 0 for d in (0, 1)] in reg_bases:
+        vec.append(reg_bases.index([1 << len(vec) if d == vector_dim else 0 for d in (0, 1)]))
+    width = 1 << len(vec)
+    other = [i for i in range(len(reg_bases)) if i not in vec]
+    lanes_at_once = {4: 32, 8: 16, 16: 8}[width]
+
+    def at(reg, lane, warp):
+        return offset_of(tuple(a ^ b ^ c for a, b, c in zip(_xor(reg_bases, reg), _xor(lane_bases, lane), _xor(warp_bases, warp))))
+
+    total = 0
+    for warp in range(1 << len(warp_bases)):
+        for r in range(1 << len(other)):
+            reg = sum(1 << other[j] for j in range(len(other)) if r >> j & 1)
+            starts = []
+            for lane in range(32):
+                run = [at(reg | sum(1 << vec[j] for j in range(len(vec)) if k >> j & 1), lane, warp) for k in range(width)]
+                assert run == list(range(run[0], run[0] + width)) and run[0] % width == 0, "a vector is not one aligned run"
+                starts.append(run[0])
+            for g in range(0, 32, lanes_at_once):
+                banks: dict = {}
+                for start in starts[g:g + lanes_at_once]:
+                    for w in range(width // 4):
+                        banks.setdefault((start // 4 + w) % 32, set()).add(start // 4 + w)
+                total += max(len(words) for words in banks.values())
+    return total, (1 << (len(reg_bases) + len(lane_bases) + len(warp_bases))) // 128
+
+
+@pytest.mark.skipif(not fm.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+def test_transpose_layout_takes_twice_the_ideal_shared_wavefronts():
+    # The producer's transpose against Triton's own swizzled layouts: the key rows (128-byte
+    # swizzle) read in 4-byte runs, the transposed tile (64 keys a row, 64-byte swizzle) written
+    # in 16-byte runs, each at 2x the ideal wavefronts; the former layout (8 x 4 a thread, into two
+    # 32-key tiles) wrote at 4x.
+    from test_shared_bank_layouts import _offsets, _triton_linear
+    from triton.experimental.gluon import language as gl
+
+    rows = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([64, 512], gl.float8e4nv), [64, 512]))
+    tile = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([512, 64], gl.float8e4nv), [512, 64]))
+    t = fm.TRANSPOSE_LAYOUT.value
+    bases = (t.reg_bases, t.lane_bases, t.warp_bases)
+    assert set(map(tuple, t.reg_bases)) >= {(0, 1), (0, 2), (1, 0), (2, 0), (4, 0), (8, 0)}
+    loads = _shared_wavefronts(*bases, lambda kc: rows[kc], vector_dim=1)
+    stores = _shared_wavefronts(*bases, lambda kc: tile[(kc[1], kc[0])], vector_dim=0)
+    assert loads == (128, 64) and stores == (128, 64), (loads, stores)
+    # The former: BlockedLayout([4, 8], [8, 4], [1, 4]) over [32 keys, 128 columns], tiles [512, 32].
+    half = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([512, 32], gl.float8e4nv), [512, 32]))
+    old = ([[0, 1], [0, 2], [0, 4], [1, 0], [2, 0]], [[0, 8], [0, 16], [4, 0], [8, 0], [16, 0]], [[0, 32], [0, 64]])
+    assert _shared_wavefronts(*old, lambda kc: half[(kc[1], kc[0])], vector_dim=0) == (128, 32)

@@ -14,9 +14,10 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
-shape it runs 0.230 ms against 0.220 for the dequantizing kernel (row scale) and 0.199 for bf16
+shape it runs 0.211 ms against 0.221 for the dequantizing kernel (row scale) and 0.200 for bf16
 keys; without the producer's transposes it would run 0.163 (benchmarks/probe_fp8_mma.py,
-RESULTS.md). The transposes' 4-byte stores put the 4 column rows of each phase on the same banks.
+RESULTS.md); an earlier form with almost no products ran 0.159: the hand-offs, not the MMAs,
+set the pace.
 
 Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads); a
 producer partition gathers each 64-key block into a ring slot (the raw e4m3 rows by asynchronous
@@ -25,7 +26,8 @@ contiguous, which e4m3 P V needs (wgmma takes 8-bit B operands K-major only). Tw
 warpgroups each compute the scores of half the keys, exchange row maxima and their P' halves,
 and add P' V for their 256 value columns. A slot's raw rows are released after the scores and its
 transposed tiles after P V, so the producer copies block i + 1 while it transposes block i
-(0.240 -> 0.230 ms against releasing the whole slot after P V).
+(0.240 -> 0.230 ms against releasing the whole slot after P V). Issuing the next block's score
+products right behind P V measured slower (0.217 against 0.211 ms).
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ LOG2E = 1.4426950408889634
 ENV_OFF = "MLA_COMPILER_FP8_MMA"  # =0: never take this kernel
 P_HEADROOM_LOG2 = 8  # P' = P * sigma * 2^(P_HEADROOM_LOG2 - e) <= 256 (see p_exponent)
 E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays a normal float
-# PROBE_SKIP (timing probes only, the output is wrong): 1 skips the transposes, 2 the P V products,
-# 4 runs Q K^T over 32 latent columns. benchmarks/probe_fp8_mma.py times them (RESULTS.md).
+# PROBE_SKIP=1 (a timing probe only, the output is wrong): the producer skips the transposes;
+# benchmarks/probe_fp8_mma.py times it (RESULTS.md).
 LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0)
 
 
@@ -163,6 +165,15 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
 if HAVE_GLUON:
     HEADROOM_LOG2, E_MAX = gl.constexpr(P_HEADROOM_LOG2), gl.constexpr(E_LIMIT)
 
+    # The producer's transpose of a [64 keys, 128 columns] chunk: 4 columns x 16 keys a thread, read
+    # as 4-byte runs of the key rows, written as 16-byte runs of the transposed tile's rows (64
+    # keys, 64-byte swizzle). Both take twice their ideal shared wavefronts, the fewest among the
+    # layouts searched (runs of 4 bytes or more both ways; tests/test_gluon_fp8_mma.py counts
+    # them); 8 x 4 a thread into two 32-key tiles took 4x on the stores: 0.230 -> 0.211 ms.
+    TRANSPOSE_LAYOUT = gl.constexpr(gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0], [8, 0]],
+                                                               lane_bases=[[16, 0], [0, 4], [0, 64], [0, 32], [0, 16]],
+                                                               warp_bases=[[32, 0], [0, 8]], block_bases=[], shape=[64, 128]))
+
     @gluon.jit
     def _pow2_ceil(x):
         """pow2_ceil in the kernel: the least power of two >= x > 0, from the bits (exact)."""
@@ -207,14 +218,11 @@ if HAVE_GLUON:
                           KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
         """Each 64-key block: the raw e4m3 rows copied into the slot (Q K^T's B operand), the rope
-        rows, the keys' scales sigma and log2 sigma, then the rows transposed into two [512, 32]
-        tiles (P V's B operands, keys contiguous)."""
+        rows, the keys' scales sigma and log2 sigma, then the rows transposed into a [512, 64] tile
+        (P V's B operand, keys contiguous)."""
         copy_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        # The transpose: 4 keys x 8 columns a thread (8-byte loads from the rows, 4-byte stores
-        # into the keys-contiguous tile; the stores' 4 column rows a phase share their banks).
-        t_layout: gl.constexpr = gl.BlockedLayout([4, 8], [8, 4], [1, 4], [1, 0])
-        HALF: gl.constexpr = BLOCK_N // 2
+        t_layout: gl.constexpr = TRANSPOSE_LAYOUT
         row_layout: gl.constexpr = gl.SliceLayout(1, copy_layout)
         t, _ = _program_coords(H)
         stride_rs = gl.multiple_of(stride_rs, 8)
@@ -237,10 +245,9 @@ if HAVE_GLUON:
             partition_barrier()  # every producer thread's rows of block i have landed
             mbarrier.wait(v_empty.index(slot), ((i // STAGES) & 1) ^ 1)
             k_slot = k8_ring.index(slot)
-            for h in gl.static_range(2 if PROBE_SKIP % 2 == 0 else 0):
-                for c in gl.static_range(D_LAT // 128):
-                    x = k_slot.slice(h * HALF, HALF, dim=0).slice(c * 128, 128, dim=1).load(t_layout)
-                    vt_ring.index(slot * 2 + h).slice(c * 128, 128, dim=0).permute((1, 0)).store(x)
+            for c in gl.static_range(D_LAT // 128 if PROBE_SKIP == 0 else 0):
+                x = k_slot.slice(c * 128, 128, dim=1).load(t_layout)
+                vt_ring.index(slot).slice(c * 128, 128, dim=0).permute((1, 0)).store(x)
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(full.index(slot))
@@ -251,7 +258,8 @@ if HAVE_GLUON:
                      rope_layout: gl.constexpr):
         """Block i's raw rows and rope rows by asynchronous copies (one commit group) into its slot,
         once the consumers' scores of block i - STAGES are done; its keys' validity, sigma and
-        log2 sigma beside them."""
+        log2 sigma beside them. (Indices read three blocks ahead and scales two, to take their
+        latency off this path, measured slower: 0.254 against 0.211 ms.)"""
         slot = i % STAGES
         rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, row_layout)
         valid = rows >= 0
@@ -268,9 +276,22 @@ if HAVE_GLUON:
         lsig_ring.index(slot).store(gl.log2(sig))
 
     @gluon.jit
+    def _issue_scores(q8_smem, qr_smem, k8_ring, r_ring, full, i, s_zero, sr_zero, WG: gl.constexpr, HALF: gl.constexpr,
+                      STAGES: gl.constexpr):
+        """Waits for block i's slot and issues this warpgroup's score products on it (asynchronous):
+        the e4m3 latent product and the bf16 rope product, into separate accumulators."""
+        slot = i % STAGES
+        mbarrier.wait(full.index(slot), (i // STAGES) & 1)
+        keys = k8_ring.index(slot).slice(WG * HALF, HALF, dim=0)
+        s8 = warpgroup_mma(q8_smem, keys.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        sr = warpgroup_mma(qr_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), sr_zero, use_acc=False,
+                           is_async=True)
+        return s8, sr
+
+    @gluon.jit
     def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
                           xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                          sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
+                          sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """Scores of this warpgroup's half of each block's keys (e4m3 latent product and bf16 rope
         product), the row maxima and P' halves exchanged with the other warpgroup, then P' V (e4m3,
         all the block's keys) into this warpgroup's 256 value columns."""
@@ -294,14 +315,7 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             slot = i % STAGES
-            mbarrier.wait(full.index(slot), (i // STAGES) & 1)
-            keys = k8_ring.index(slot).slice(WG * HALF, HALF, dim=0)
-            if (PROBE_SKIP // 4) % 2 == 0:
-                s8 = warpgroup_mma(q8_smem, keys.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            else:
-                s8 = warpgroup_mma(q8_smem.slice(0, 32, dim=1), keys.slice(0, 32, dim=1).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            sr = warpgroup_mma(qr_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), sr_zero,
-                               use_acc=False, is_async=True)
+            s8, sr = _issue_scores(q8_smem, qr_smem, k8_ring, r_ring, full, i, s_zero, sr_zero, WG, HALF, STAGES)
             s8, sr = warpgroup_mma_wait(0, deps=[s8, sr])
             sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
             valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
@@ -330,12 +344,12 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(bar_p.index(WG))
             mbarrier.wait(bar_p.index(OTHER), i & 1)
-            v_lo = vt_ring.index(slot * 2).slice(WG * V_HALF, V_HALF, dim=0).permute((1, 0))
-            v_hi = vt_ring.index(slot * 2 + 1).slice(WG * V_HALF, V_HALF, dim=0).permute((1, 0))
-            if (PROBE_SKIP // 2) % 2 == 0:
-                acc = warpgroup_mma(p8_half.index(0), v_lo, acc, is_async=True)
-                acc = warpgroup_mma(p8_half.index(1), v_hi, acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=[acc])
+            v_all = vt_ring.index(slot).slice(WG * V_HALF, V_HALF, dim=0)
+            v_lo = v_all.slice(0, HALF, dim=1).permute((1, 0))
+            v_hi = v_all.slice(HALF, HALF, dim=1).permute((1, 0))
+            acc = warpgroup_mma(p8_half.index(0), v_lo, acc, is_async=True)
+            acc = warpgroup_mma(p8_half.index(1), v_hi, acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
             m_i = m_new
             e_prev = e
             partition_barrier()
@@ -362,14 +376,14 @@ if HAVE_GLUON:
         q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float8e4nv)
         qr_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         k8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.float8e4nv)
-        vt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_LAT, HALF], gl.float8e4nv)
+        vt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_LAT, BLOCK_N], gl.float8e4nv)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
         p8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], gl.float8e4nv)
         q8_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_H, D_LAT], q8_layout)
         qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], qr_layout)
         qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
-        vt_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES * 2, D_LAT, HALF], vt_layout)
+        vt_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D_LAT, BLOCK_N], vt_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
         ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec)
         sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
@@ -399,10 +413,10 @@ if HAVE_GLUON:
             [
                 (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                      k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                     TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, PROBE_SKIP)),
+                                     TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
                 (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                      k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                     TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, PROBE_SKIP)),
+                                     TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
                 (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV, KV_SCALE, KV_ROPE,
                                      IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, PROBE_SKIP)),
             ],
@@ -444,8 +458,8 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
         raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
     cfg = dict(LAUNCH, **(launch or {}))
     unknown = set(cfg) - set(LAUNCH)
-    if unknown or not 0 <= cfg["PROBE_SKIP"] <= 7 or 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 504:
-        raise ValueError(f"launch {cfg}: the settings are {sorted(LAUNCH)}, PROBE_SKIP 0..7, 2 * CONSUMER_REGS + PRODUCER_REGS <= 504")
+    if unknown or cfg["PROBE_SKIP"] not in (0, 1) or 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 504:
+        raise ValueError(f"launch {cfg}: the settings are {sorted(LAUNCH)}, PROBE_SKIP 0 or 1, 2 * CONSUMER_REGS + PRODUCER_REGS <= 504")
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
