@@ -42,6 +42,16 @@ if HAVE_GLUON:
             gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
 
     @gluon.jit
+    def _sum_halves(l_i, lsum, bar_l, WG: gl.constexpr, row_s: gl.constexpr):
+        """The softmax sums over both warpgroups' keys: this warpgroup's ``l_i`` plus the other's,
+        exchanged through ``lsum`` once both are past their last block."""
+        lsum.index(WG).store(l_i)
+        partition_barrier()
+        mbarrier.arrive(bar_l.index(WG))
+        mbarrier.wait(bar_l.index(1 - WG), 0)
+        return l_i + lsum.index(1 - WG).load(row_s)
+
+    @gluon.jit
     def _softmax_p_alpha(s, m_i, m_new, l_i):
         """P of the scores ``s`` (base 2) under the new row maxima, the running sum rescaled to them,
         and the factor alpha that rescales the value accumulators (rows with no valid key yet stay
@@ -181,11 +191,7 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
 
-        lsum.index(WG).store(l_i)
-        partition_barrier()
-        mbarrier.arrive(bar_l.index(WG))
-        mbarrier.wait(bar_l.index(OTHER), 0)
-        l_i = l_i + lsum.index(OTHER).load(row_s)
+        l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_COLS, WG == 0, row_s,
                       o_layout)
         if CHUNK_BUFFERS:

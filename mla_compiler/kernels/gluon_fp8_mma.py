@@ -56,7 +56,7 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from .gluon_consumers import _softmax_p_alpha, _store_output
+    from .gluon_consumers import _softmax_p_alpha, _store_output, _sum_halves
     from .gluon_producers import _block_rows, _rope_rows, _row_ptrs
 
 LOG2E = 1.4426950408889634
@@ -355,13 +355,9 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(v_empty.index(slot))
 
-        lsum.index(WG).store(l_i)
-        partition_barrier()
-        mbarrier.arrive(bar_l.index(WG))
-        mbarrier.wait(bar_l.index(OTHER), 0)
-        l_i = l_i + lsum.index(OTHER).load(row_s)
-        _store_output(acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None], m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF,
-                      WG == 0, row_s, o_layout)
+        l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
+        out = acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None]
+        _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout)
 
     @gluon.jit
     def _fp8_mma_fwd_kernel(
