@@ -45,8 +45,9 @@ def test_pow2_ceil_and_q_rows_are_exact():
 @pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme-scales"])
 def test_reference_error_against_the_exact_fp8_reference(extreme):
     # The two extra roundings (Q and P in e4m3) against the FP8 reference with exact keys: on
-    # random inputs about the keys' own rounding (3.4 % against bf16 keys); with extreme scales
-    # (heads 1e-2 .. 10, key rows 2^-20 .. 2^4) the scores reach hundreds and Q's rounding moves them.
+    # random inputs about the keys' own rounding (3.5e-2 measured, the keys 3.4e-2 against bf16
+    # keys); with extreme scales (heads 1e-2 .. 10, key rows 2^-20 .. 2^4) the scores reach
+    # hundreds and Q's rounding moves them by units (out 0.176, lse up to 4.3 measured).
     q, latent, scale, rope, idx = _row_keys(64, 200, "cpu", extreme, t=4, s_kv=1000)
     out, lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE)
     ref_out, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
@@ -68,6 +69,7 @@ def test_reference_keeps_small_scaled_keys_that_dominate():
     idx = torch.arange(64, dtype=torch.int32).view(1, 1, 64)
     out, _ = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE)
     ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    # An exponent from the scales alone flushes the small keys' P' to 0: error 1.0.
     assert rel_err(out[0, 0], ref_out[0, 0]) < 0.1
 
 
@@ -107,11 +109,12 @@ def test_compiles_for_hopper_with_e4m3_products():
 
 def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2):
     """The kernel against reference_fp8_mma: the same roundings, but e4m3 products accumulate in
-    the tensor cores' reduced precision (and exp2 is approximate), so the scores move by about
-    1e-3 of their size: out within 1e-2 (relative L2), lse within ``lse_tol``; token 2 (no valid
-    index) lse +inf and out 0."""
+    the tensor cores' reduced precision and exp2 is approximate, so some P' entries round to the
+    neighbouring e4m3 value (2^-3 of the entry): out within 1.5e-2 (relative L2; 6.0e-3 to
+    7.2e-3 measured on H200 over these inputs), lse within ``lse_tol``; token 2 (no valid index)
+    lse +inf and out 0."""
     fin = torch.isfinite(ref_lse)
-    assert rel_err(out, ref_out) < 1e-2, rel_err(out, ref_out)
+    assert rel_err(out, ref_out) < 1.5e-2, rel_err(out, ref_out)
     dl = (lse[fin] - ref_lse[fin]).abs().max().item()
     assert dl < lse_tol, f"lse differs from the reference by {dl:.3g}"
     assert (lse[2] == float("inf")).all() and (out[2] == 0).all()
@@ -119,11 +122,13 @@ def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2)
 
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(CONSUMER_REGS=208, PRODUCER_REGS=88)], ids=["default", "regs-208-88"])
-@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
     out, lse = fm.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
+    # Against exact FP8 keys: Q's and P's roundings add about the keys' own error (3.2e-2 to
+    # 3.5e-2 measured here; the layout alone gives 3.4e-2 against bf16 keys).
     ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     assert rel_err(out, ref_out) < 0.05
 
@@ -141,7 +146,7 @@ def test_keeps_extreme_scales():
 def _shared_wavefronts(reg_bases, lane_bases, warp_bases, offset_of, vector_dim: int) -> tuple[int, int]:
     """(wavefronts, ideal) of a register layout's shared accesses (bases as [key, column] pairs,
     one dimension each; 1 byte an element), its vector the register bases 1, 2, 4, .. of
-    ``vector_dim`` (at most 16 bytes, checked contiguous and aligned): per access instruction and
+    ``vector_dim`` (accesses of 4, 8 or 16 bytes, checked contiguous and aligned): per access instruction and
     lane phase (32 lanes for 4-byte accesses, 16 for 8, 8 for 16), the most distinct 4-byte words
     one bank serves, summed over instructions and warps."""
     from test_shared_bank_layouts import _xor
@@ -195,3 +200,11 @@ def test_transpose_layout_takes_twice_the_ideal_shared_wavefronts():
     half = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([512, 32], gl.float8e4nv), [512, 32]))
     old = ([[0, 1], [0, 2], [0, 4], [1, 0], [2, 0]], [[0, 8], [0, 16], [4, 0], [8, 0], [16, 0]], [[0, 32], [0, 64]])
     assert _shared_wavefronts(*old, lambda kc: half[(kc[1], kc[0])], vector_dim=0) == (128, 32)
+
+
+def test_launch_settings_are_checked():
+    fm.check_launch(dict(fm.LAUNCH))
+    for bad, words in ((dict(CONSUMER_REGS=220), "multiple of 8"), (dict(CONSUMER_REGS=232), "<= 504"),
+                       (dict(PROBE_SKIP=2), "PROBE_SKIP=2"), (dict(STAGES=3), "unknown")):
+        with pytest.raises(ValueError, match=words):
+            fm.check_launch(dict(fm.LAUNCH, **bad))

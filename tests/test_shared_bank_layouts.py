@@ -70,7 +70,10 @@ def _linear_form_aborts() -> bool:
              "from triton.experimental.gluon import language as gl\n"
              "c = ir.context(); ir.load_dialects(c); b = gluon_ir.GluonOpBuilder(c)\n"
              "b.to_linear_layout(gl.NVMMASharedLayout.get_default_for([64, 64], gl.float8e4nv)._to_ir(b), [64, 64])\n")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300)
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return True
     return done.returncode < 0 or b"Abort" in done.stderr
 
 

@@ -9,15 +9,16 @@ the rate. The price is two roundings the dequantizing kernels do not make:
 - P is rounded to e4m3 after it takes the key rows' scales: P' = P * sigma_j * 2^(8 - e) <= 256,
   where e is per row and block: the least integer with P_j sigma_j <= 2^e over the block's keys
   (from max_j score_j + log2 sigma_j, exchanged with the row maxima), so each row's largest P'
-  lies in [128, 256] whatever the spread of the key scales; the value accumulator carries 2^(e-8).
+  lies in (128, 256] for key scales within 2^-60 .. 2^60 of the row's (e is clamped to +-60 so
+  the accumulator's rescale stays a normal float); the value accumulator carries 2^(e-8).
 The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token scale into P the
 same way, without a per-row exponent.)
 
 Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
 shape it runs 0.211 ms against 0.221 for the dequantizing kernel (row scale) and 0.200 for bf16
 keys; without the producer's transposes it would run 0.163 (benchmarks/probe_fp8_mma.py,
-RESULTS.md); an earlier form with almost no products ran 0.159: the hand-offs, not the MMAs,
-set the pace.
+RESULTS.md); an earlier form with almost no products ran 0.159: the MMAs do not set the pace
+(the hand-offs between the partitions and the gathers' latency remain).
 
 Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads); a
 producer partition gathers each 64-key block into a ring slot (the raw e4m3 rows by asynchronous
@@ -27,7 +28,7 @@ warpgroups each compute the scores of half the keys, exchange row maxima and the
 and add P' V for their 256 value columns. A slot's raw rows are released after the scores and its
 transposed tiles after P V, so the producer copies block i + 1 while it transposes block i
 (0.240 -> 0.230 ms against releasing the whole slot after P V). Issuing the next block's score
-products right behind P V measured slower (0.217 against 0.211 ms).
+products right behind P V measured slower (0.2165 against 0.2107 ms).
 """
 
 from __future__ import annotations
@@ -105,11 +106,12 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
 
 
-def p_exponent(w_max: torch.Tensor, m_use: torch.Tensor, e_prev: torch.Tensor) -> torch.Tensor:
+def p_exponent(w_max: torch.Tensor, e_prev: torch.Tensor) -> torch.Tensor:
     """A row's exponent e for a block: the least integer with P_j sigma_j <= 2^e over the block's
-    keys, from w_max = max_j (score_j + log2 sigma_j) (base 2) and the row's running maximum,
-    clamped to +-E_LIMIT; the previous block's e where the row has no valid key in this one."""
-    return torch.where(w_max == float("-inf"), e_prev, torch.ceil(w_max - m_use)).clamp(-E_LIMIT, E_LIMIT)
+    keys, from w_max = max_j (score_j - m + log2 sigma_j) (base 2, m the row's running maximum),
+    clamped to +-E_LIMIT; the previous block's e where the row has no valid key with a nonzero
+    scale in this one."""
+    return torch.where(w_max == float("-inf"), e_prev, torch.ceil(w_max)).clamp(-E_LIMIT, E_LIMIT)
 
 
 def quantize_q_rows(q_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +153,7 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp2(s - m_use[..., None])
         alpha = torch.exp2(m - m_use)
-        e = p_exponent((s + torch.log2(sig)[:, None, :]).amax(-1), m_use, e)
+        e = p_exponent((s - m_use[..., None] + torch.log2(sig)[:, None, :]).amax(-1), e)
         p8 = (p * sig[:, None, :] * torch.exp2(P_HEADROOM_LOG2 - e)[..., None]).to(torch.float8_e4m3fn).float()
         acc = acc * alpha[..., None] + torch.einsum("thn,tnd->thd", p8, k8) * torch.exp2(e - P_HEADROOM_LOG2)[..., None]
         l_sum = l_sum * alpha + p.sum(-1)
@@ -230,8 +232,9 @@ if HAVE_GLUON:
         idx_row = IDX + t * stride_it
         cols = gl.arange(0, 256, layout=gl.SliceLayout(0, copy_layout))
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
-        _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, 0, stride_kvs, stride_ss,
-                     stride_rs, S_KV, TOPK, cols, BLOCK_N, STAGES, row_layout, rope_layout)
+        if n_blocks > 0:
+            _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, 0, stride_kvs,
+                         stride_ss, stride_rs, S_KV, TOPK, cols, BLOCK_N, STAGES, row_layout, rope_layout)
         for i in range(n_blocks):
             slot = i % STAGES
             # Block i + 1's rows are in flight while block i is transposed (its key slot is free
@@ -322,7 +325,10 @@ if HAVE_GLUON:
             s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
             s = gl.where(valid[None, :], s, float("-inf"))
             m_mine = gl.max(s, 1)
-            w_mine = gl.max(s + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
+            # max_j (score_j + log2 sigma_j) relative to this half's maximum: scores of any size
+            # keep log2 sigma's bits (the absolute sum loses them past 2^23).
+            m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
+            w_mine = gl.max(s - m_safe[:, None] + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
             # The slot's keys, rope rows and scales are read: the producer may refill them.
             partition_barrier()
             mbarrier.arrive(k_empty.index(slot))
@@ -331,12 +337,14 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(bar_x.index(WG))
             mbarrier.wait(bar_x.index(OTHER), i & 1)
-            m_new = gl.maximum(m_i, gl.maximum(m_mine, xmax.index(OTHER).load(row_s)))
-            w_row = gl.maximum(w_mine, wmax.index(OTHER).load(row_s))
+            m_other = xmax.index(OTHER).load(row_s)
+            m_new = gl.maximum(m_i, gl.maximum(m_mine, m_other))
             p, l_i, alpha = _softmax_p_alpha(s, m_i, m_new, l_i)
             # P' = P sigma 2^(8 - e) <= 256, e per row (p_exponent); acc carries 2^(e - 8).
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row - m_use))
+            w_row = gl.maximum(w_mine + (m_safe - m_use),
+                               wmax.index(OTHER).load(row_s) + (gl.where(m_other == float("-inf"), 0.0, m_other) - m_use))
+            e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
             e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
             p8_half.index(WG).store((p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv))
             acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), row_o)[:, None]
@@ -359,7 +367,8 @@ if HAVE_GLUON:
         out = acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None]
         _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout)
 
-    @gluon.jit
+    # TOPK == 1 would become a constant, and Triton 3.6 fails to compile the one-block loop then.
+    @gluon.jit(do_not_specialize=["TOPK"])
     def _fp8_mma_fwd_kernel(
         Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE,
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
@@ -445,6 +454,21 @@ def compile_for_hopper(launch: Optional[dict] = None):
                           options={"num_warps": 4})
 
 
+def check_launch(cfg: dict) -> None:
+    """Raises ValueError naming the launch setting this kernel cannot run with."""
+    unknown = set(cfg) - set(LAUNCH)
+    if unknown:
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {sorted(LAUNCH)}")
+    for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
+        if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
+            raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
+    if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 504:
+        raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
+                         "2 * CONSUMER_REGS + PRODUCER_REGS <= 504 (168 registers a thread for 384 threads)")
+    if cfg["PROBE_SKIP"] not in (0, 1):
+        raise ValueError(f"launch PROBE_SKIP={cfg['PROBE_SKIP']}: 0, or 1 for the timing probe without transposes")
+
+
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
     """out [T, H, 512] and lse [T, H] with e4m3 products (see the module docstring for the two
     extra roundings): q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope
@@ -453,9 +477,7 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     if problem is not None:
         raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
     cfg = dict(LAUNCH, **(launch or {}))
-    unknown = set(cfg) - set(LAUNCH)
-    if unknown or cfg["PROBE_SKIP"] not in (0, 1) or 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 504:
-        raise ValueError(f"launch {cfg}: the settings are {sorted(LAUNCH)}, PROBE_SKIP 0 or 1, 2 * CONSUMER_REGS + PRODUCER_REGS <= 504")
+    check_launch(cfg)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
