@@ -15,8 +15,8 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
-shape it runs 0.211 ms against 0.221 for the dequantizing kernel (row scale) and 0.200 for bf16
-keys; without the producer's transposes it would run 0.163 (benchmarks/probe_fp8_mma.py,
+shape it runs 0.215 ms against 0.221 for the dequantizing kernel (row scale) and 0.200 for bf16
+keys; without the producer's transposes it would run about 0.163 (benchmarks/probe_fp8_mma.py,
 RESULTS.md); an earlier form with almost no products ran 0.159: the MMAs do not set the pace
 (the hand-offs between the partitions and the gathers' latency remain).
 
