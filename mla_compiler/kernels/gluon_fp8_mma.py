@@ -39,6 +39,7 @@ import torch
 import triton
 
 from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem
+from .gluon_sparse_mla import REG_BUDGET, _misaligned, check_register_settings, check_row_counts, compile_ws_arguments
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -92,10 +93,7 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
     if kv_scale.shape[1] != 1:
         return (f"{kv_scale.shape[1]} scales a row: e4m3 products take one scale a key row (a scale per 128 columns "
                 "would need a score accumulator per tile); quantize the cache with layout 'row'")
-    for name, tensor, step in (("kv_latent", kv_latent, 16), ("kv_rope", kv_rope, 8)):
-        if tensor.stride(1) != 1 or tensor.stride(0) % step or tensor.data_ptr() % 16:
-            return f"{name}: rows not contiguous or not 16-byte aligned (stride {tuple(tensor.stride())})"
-    return None
+    return _misaligned(kv_latent, kv_rope)
 
 
 # --- the reference: the kernel's roundings, in torch -------------------------------------------
@@ -430,28 +428,9 @@ if HAVE_GLUON:
         )
 
 
-def _signature() -> dict:
-    sig = {"Q": "*bf16", "KV": "*fp8e4nv", "KV_SCALE": "*fp32", "KV_ROPE": "*bf16", "IDX": "*i32", "OUT": "*bf16", "LSE": "*fp32"}
-    for name in ("stride_qt", "stride_qh", "stride_kvs", "stride_ss", "stride_rs", "stride_it", "stride_ot", "stride_oh",
-                 "stride_lt", "S_KV", "TOPK", "H"):
-        sig[name] = "i32"
-    sig["sm_scale_log2"] = "fp32"
-    return sig
-
-
 def compile_for_hopper(launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    sig = _signature()
-    constexprs = dict(BLOCK_N=64, STAGES=2, **dict(LAUNCH, **(launch or {})))
-    sig.update({k: "constexpr" for k in constexprs})
-    names = list(sig)
-    aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "stride_qt", "stride_qh", "stride_kvs", "stride_it", "stride_ot", "stride_oh")
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(GluonASTSource(_fp8_mma_fwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4})
+    return compile_ws_arguments(_fp8_mma_fwd_kernel, True, dict(BLOCK_N=64, STAGES=2, **dict(LAUNCH, **(launch or {}))))
 
 
 def check_launch(cfg: dict) -> None:
@@ -459,12 +438,10 @@ def check_launch(cfg: dict) -> None:
     unknown = set(cfg) - set(LAUNCH)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {sorted(LAUNCH)}")
-    for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
-        if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
-            raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
-    if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > 504:
+    check_register_settings(cfg)
+    if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > REG_BUDGET:
         raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
-                         "2 * CONSUMER_REGS + PRODUCER_REGS <= 504 (168 registers a thread for 384 threads)")
+                         f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
     if cfg["PROBE_SKIP"] not in (0, 1):
         raise ValueError(f"launch PROBE_SKIP={cfg['PROBE_SKIP']}: 0, or 1 for the timing probe without transposes")
 
@@ -484,10 +461,8 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
+    check_row_counts(kv_latent, kv_rope, kv_scale)
     rows = kv_latent.shape[0]
-    for name, part in (("kv_rope", kv_rope), ("kv_scale", kv_scale)):
-        if part.shape[0] < rows:
-            raise ValueError(f"{name} has {part.shape[0]} rows for a latent of {rows}: one per latent row")
     _fp8_mma_fwd_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
         q, kv_latent, kv_scale, kv_rope, indices, out, lse,
         q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),

@@ -236,6 +236,14 @@ LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed), with the alignment facts a
     launch would give: for checking shared memory, registers and the PTX (``.asm``) off the GPU."""
+    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    check_launch(cfg)
+    return compile_ws_arguments(_ws_fwd_kernel, fp8, dict(FP8=fp8, N_TILES=n_tiles, **cfg))
+
+
+def compile_ws_arguments(kernel, fp8: bool, constexprs: dict):
+    """``kernel`` (this kernel's argument list: Q, KV, .. sm_scale_log2, then ``constexprs``)
+    compiled for sm_90 with the alignment facts a launch gives; KV e4m3 (``fp8``) or bf16."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -245,14 +253,26 @@ def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = Non
                  "stride_lt", "S_KV", "TOPK", "H"):
         sig[name] = "i32"
     sig["sm_scale_log2"] = "fp32"
-    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
-    check_launch(cfg)
-    constexprs = dict(FP8=fp8, N_TILES=n_tiles, **cfg)
     sig.update({k: "constexpr" for k in constexprs})
     names = list(sig)
     aligned = ("Q", "KV", "KV_SCALE", "KV_ROPE", "IDX", "OUT", "LSE", "stride_qt", "stride_qh", "stride_kvs", "stride_it", "stride_ot", "stride_oh")
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return triton.compile(GluonASTSource(_ws_fwd_kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def check_register_settings(cfg: dict) -> None:
+    """Raises ValueError where CONSUMER_REGS or PRODUCER_REGS is not a setmaxnreg value."""
+    for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
+        if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
+            raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
+
+
+def check_row_counts(kv_latent: torch.Tensor, kv_rope: torch.Tensor, kv_scale: Optional[torch.Tensor]) -> None:
+    """Raises ValueError where the rope or the scales have fewer rows than the latent."""
+    rows = kv_latent.shape[0]
+    for name, part in (("kv_rope", kv_rope), ("kv_scale", kv_scale)):
+        if part is not None and part.shape[0] < rows:
+            raise ValueError(f"{name} has {part.shape[0]} rows for a latent of {rows}: one per latent row")
 
 
 REG_BUDGET = 504  # registers a thread-slot for the three 128-thread partitions (168 x 384 / 128)
@@ -266,9 +286,7 @@ def check_launch(cfg: dict) -> None:
     if cfg["BLOCK_N"] != 64 or cfg["STAGES"] != 2:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: only 64 and 2 (Q and two 64-key slots fill "
                          "shared memory; the FP8 staging and the pair schedule assume them)")
-    for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
-        if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
-            raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
+    check_register_settings(cfg)
     needs_split = [key for key in ("CHUNKED", "PRODUCER_DEFAULT", "CHUNK_BUFFERS") if cfg[key]]
     if not cfg["SPLIT_S"] and needs_split:
         raise ValueError(f"launch SPLIT_S=False with {', '.join(f'{key}=True' for key in needs_split)}: those need SPLIT_S=True "
@@ -305,10 +323,7 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     bad = _misaligned(kv_latent, kv_rope)
     if bad is not None:
         raise ValueError(f"{bad}; pass a contiguous copy")
-    rows = kv_latent.shape[0]
-    for name, part in (("kv_rope", kv_rope), ("kv_scale", kv_scale)):
-        if part is not None and part.shape[0] < rows:
-            raise ValueError(f"{name} has {part.shape[0]} rows for a latent of {rows}: one per latent row")
+    check_row_counts(kv_latent, kv_rope, kv_scale)
     if fp8 and kv_scale.stride(1) != 1:
         raise ValueError(f"kv_scale stride {tuple(kv_scale.stride())}: a row's scales must be contiguous; pass kv_scale.contiguous()")
     scale = kv_scale if fp8 else lse
