@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, graphed  # noqa: E402
+from bench_sparse_mla import bench, ceilings, decode_inputs, flops_fwd, fp8_key_sets, graphed_rounds, rel  # noqa: E402
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
@@ -31,23 +31,15 @@ from mla_compiler.kernels import reference  # noqa: E402
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
 
 
-def rel(a, b) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def ceilings() -> dict:
-    """bf16 and e4m3 matmul rates (8192^3) and the device-to-device copy bandwidth."""
+def all_ceilings() -> dict:
+    """bench_sparse_mla's ceilings (bf16 matmul, copy) and the e4m3 matmul rate (8192^3)."""
+    out = ceilings()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    bf16 = 2 * 8192**3 / bench(lambda: a @ b) / 1e9
     a8, b8 = a.to(torch.float8_e4m3fn), b.t().contiguous().to(torch.float8_e4m3fn).t()
     one = torch.ones((), device="cuda")
-    e4m3 = 2 * 8192**3 / bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)) / 1e9
-    x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
-    y = torch.empty_like(x)
-    copy = 2 * 2**30 / bench(lambda: y.copy_(x)) / 1e9  # bytes a ms / 1e9 = TB/s
-    return dict(bf16_tflops=bf16, e4m3_tflops=e4m3, copy_tb_s=copy)
+    out["e4m3_tflops"] = 2 * 8192**3 / bench(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)) / 1e9
+    return out
 
 
 def needed_bytes(q, idx, s_kv, key_row_bytes: int) -> int:
@@ -89,12 +81,8 @@ def main() -> int:
         ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
         ("FP8-MMA row", lambda: fm.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
     ]
-    graphs = {name: graphed(fn) for name, fn, _ in cands}
-    times = {name: [] for name, _, _ in cands}
-    for _ in range(a.rounds):
-        for name, _, _ in cands:
-            times[name].append(bench(graphs[name]))
-    roof = ceilings()
+    times = graphed_rounds({name: fn for name, fn, _ in cands}, a.rounds)
+    roof = all_ceilings()
     errors = sample_errors(q, kv, idx, fp8)
     base = statistics.median(times["ws bf16 keys"])
     rows = []

@@ -59,6 +59,23 @@ def graphed(fn):
     return graph.replay
 
 
+def graphed_rounds(fns: dict, rounds: int) -> dict:
+    """{name: [ms a round]} of each callable in ``fns``, captured in a CUDA graph once and timed in
+    ``rounds`` interleaved rounds (every callable once a round, so a drifting clock hits all)."""
+    graphs = {name: graphed(fn) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, replay in graphs.items():
+            times[name].append(bench(replay))
+    return times
+
+
+def rel(a, b) -> float:
+    """Relative L2 error of ``a`` against ``b``."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def row(**kw):
     ROWS.append(kw)
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items()), flush=True)
@@ -377,16 +394,24 @@ def _fp8_case_rows(name, make, scale, copy_bw, sweep=False):
                     speedup_vs_bf16_policy=base / ms_c, err_vs_ref=err_c, **{k: v for k, v in info.items() if k in ("n_regs", "n_spills")})
 
 
-def roofline():
-    """Measured ceilings: bf16 matmul rate and device-to-device copy bandwidth."""
+def ceilings() -> dict:
+    """Measured ceilings: bf16 matmul rate (8192^3, TFLOPS) and device-to-device copy bandwidth
+    (1 GiB read and written, TB/s)."""
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = bench(lambda: a @ b)
-    row(section="roofline", impl="bf16 matmul 8192^3", ms=ms, tflops=2 * 8192**3 / ms / 1e9)
+    matmul_ms = bench(lambda: a @ b)
     x = torch.empty(2**30 // 2, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x))
-    row(section="roofline", impl="d2d copy 1 GiB", ms=ms, tb_per_s=2 * 2**30 / ms / 1e9)
+    copy_ms = bench(lambda: y.copy_(x))
+    return dict(bf16_tflops=2 * 8192**3 / matmul_ms / 1e9, bf16_matmul_ms=matmul_ms, copy_tb_s=2 * 2**30 / copy_ms / 1e9,
+                copy_ms=copy_ms)
+
+
+def roofline():
+    """Measured ceilings: bf16 matmul rate and device-to-device copy bandwidth."""
+    c = ceilings()
+    row(section="roofline", impl="bf16 matmul 8192^3", ms=c["bf16_matmul_ms"], tflops=c["bf16_tflops"])
+    row(section="roofline", impl="d2d copy 1 GiB", ms=c["copy_ms"], tb_per_s=c["copy_tb_s"])
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, prefill_inputs  # noqa: E402
+from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, prefill_inputs, rel  # noqa: E402
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels.awkward_inputs import awkward_inputs, poison_unselected  # noqa: E402
@@ -41,11 +41,6 @@ def triton_only(fn):
         finally:
             del os.environ[gk.ENV_OFF]
     return run
-
-
-def rel(a, b) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def check() -> int:

@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, decode_inputs, fp8_key_sets, graphed  # noqa: E402
+from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
@@ -31,11 +31,7 @@ def main() -> int:
     for regs in ((224, 56), (208, 88)):
         cands[f"fp8-mma {regs[0]}/{regs[1]}"] = lambda r=regs: fm.forward(q, *fp8["row"], idx, scale,
                                                                           launch=dict(CONSUMER_REGS=r[0], PRODUCER_REGS=r[1]))
-    graphs = {name: graphed(fn) for name, fn in cands.items()}
-    times = {name: [] for name in cands}
-    for _ in range(3):
-        for name in cands:
-            times[name].append(bench(graphs[name]))
+    times = graphed_rounds(cands, 3)
     for name in cands:
         print(f"{name:40s} {statistics.median(times[name]):.4f} ms")
     return 0
