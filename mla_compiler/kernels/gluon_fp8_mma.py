@@ -206,6 +206,8 @@ if HAVE_GLUON:
         qs = _pow2_ceil(amax * (1.0 / 448.0))
         qs = gl.where(qs > 0.0, qs, 1.0)
         inv = _pow2_inv(qs)
+        # Q is read again (from L2, once a program): holding a row's 512 values through the maxima
+        # would take 256 registers a thread.
         for c in gl.static_range(D_LAT // 128):
             x = gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0).to(gl.float32)
             q8_smem.slice(c * 128, 128, dim=1).store((x * inv[:, None]).to(gl.float8e4nv))
