@@ -1,12 +1,14 @@
-"""Where the FP8-MMA kernel's time goes, at the V3.2 decode shape (128 heads): the kernel timed
-with and without the producer's transposes (launch PROBE_SKIP=1: the output is then wrong, only
-the time counts), beside the dequantizing kernel (row
-scale) and bf16 keys, and the kernel under other register splits. CUDA graphs, interleaved
-rounds, medians.
+"""Where the FP8-MMA kernel's time goes, at the V3.2 decode shape (128 heads): the kernel under
+several launch settings (block size, ring depths, how far the producer copies ahead, split or
+whole scores; PROBE_SKIP=1 drops the producer's transposes: the output is then wrong, only the
+time counts), beside the dequantizing kernel (row scale) and bf16 keys. Each setting is first
+checked against reference_fp8_mma on 8 tokens. CUDA graphs, interleaved rounds, medians.
 
-    python benchmarks/probe_fp8_mma.py
+    python benchmarks/probe_fp8_mma.py [--rounds 3] [--launch '{"BLOCK_N": 32, ...}' ...] [--out probe.json]
 """
 
+import argparse
+import json
 import os
 import statistics
 import sys
@@ -14,26 +16,64 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds  # noqa: E402
+from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, rel  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 
+SETTINGS = [
+    {},
+    dict(PROBE_SKIP=1),
+    dict(PROBE_SKIP=2),
+    dict(CONSUMER_REGS=208, PRODUCER_REGS=88),
+    dict(SPLIT=0),
+    dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
+]
+
+
+def name_of(launch: dict) -> str:
+    return "fp8-mma " + (" ".join(f"{k}={v}" for k, v in launch.items()) or "default")
+
 
 def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--launch", action="append", type=json.loads, help="a launch dict (JSON); repeat; default: SETTINGS")
+    p.add_argument("--out")
+    a = p.parse_args()
+    settings = a.launch or SETTINGS
     q, kv, idx = decode_inputs()
     fp8 = fp8_key_sets(kv)
     scale = 576**-0.5
-    cands = {f"fp8-mma PROBE_SKIP={skip}": (lambda skip=skip: fm.forward(q, *fp8["row"], idx, scale, launch=dict(PROBE_SKIP=skip)))
-             for skip in (0, 1)}
+    errors, cands = {}, {}
+    for launch in settings:
+        name = name_of(launch)
+        try:
+            out, lse = fm.forward(q[:8], *fp8["row"], idx[:8], scale, launch=launch)
+        except Exception as e:  # a setting that does not compile or launch is reported, not fatal
+            errors[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+            print(name, errors[name], flush=True)
+            continue
+        cfg = dict(fm.LAUNCH, **launch)
+        ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, block_n=cfg["BLOCK_N"])
+        errors[name] = dict(out=rel(out, ref_out), lse=(lse - ref_lse).abs().max().item())
+        print(name, errors[name], flush=True)
+        cands[name] = lambda launch=launch: fm.forward(q, *fp8["row"], idx, scale, launch=launch)
     cands["ws FP8 row (dequantized)"] = lambda: ws.forward(q, *fp8["row"], idx, scale)
     cands["ws bf16 keys"] = lambda: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale)
-    for regs in ((224, 56), (208, 88)):
-        cands[f"fp8-mma {regs[0]}/{regs[1]}"] = lambda r=regs: fm.forward(q, *fp8["row"], idx, scale,
-                                                                          launch=dict(CONSUMER_REGS=r[0], PRODUCER_REGS=r[1]))
-    times = graphed_rounds(cands, 3)
+    times = graphed_rounds(cands, a.rounds)
+    base = statistics.median(times["ws bf16 keys"])
+    rows = []
     for name in cands:
-        print(f"{name:40s} {statistics.median(times[name]):.4f} ms")
+        ms = statistics.median(times[name])
+        rows.append(dict(impl=name, ms=ms, vs_bf16_keys=base / ms, spread=max(times[name]) / min(times[name]), error=errors.get(name)))
+    print(f"\n{'impl':72s} {'ms':>7s} {'vs bf16':>8s} {'out err':>8s}")
+    for r in rows:
+        err = r["error"]["out"] if isinstance(r["error"], dict) else float("nan")
+        print(f"{r['impl']:72s} {r['ms']:7.4f} {r['vs_bf16_keys']:7.2f}x {err:8.1e}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(rows=rows, errors=errors), f, indent=1)
     return 0
 
 

@@ -121,12 +121,16 @@ def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2)
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(CONSUMER_REGS=208, PRODUCER_REGS=88)], ids=["default", "regs-208-88"])
+@pytest.mark.parametrize("launch", [None, dict(CONSUMER_REGS=208, PRODUCER_REGS=88), dict(SPLIT=0),
+                                    dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
+                                    dict(SPLIT=0, BLOCK_N=32, STAGES=5, VT_STAGES=3, AHEAD=4)],
+                         ids=["default", "regs-208-88", "whole-64", "whole-32-s6-a5", "whole-32-s5-vt3"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
     out, lse = fm.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
+    block_n = dict(fm.LAUNCH, **(launch or {}))["BLOCK_N"]
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=block_n))
     # Against exact FP8 keys: Q's and P's roundings add about the keys' own error (3.2e-2 to
     # 3.5e-2 measured here; the layout alone gives 3.4e-2 against bf16 keys).
     ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
@@ -134,13 +138,15 @@ def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
 
 
 @needs_hopper
-def test_keeps_extreme_scales():
+@pytest.mark.parametrize("launch", [None, dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5)], ids=["default", "whole-32"])
+def test_keeps_extreme_scales(launch):
     q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
-    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE)
+    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    block_n = dict(fm.LAUNCH, **(launch or {}))["BLOCK_N"]
     assert out.isfinite().all()
     # Scores here reach hundreds (base 2): the products' reduced-precision accumulation moves the
     # lse by up to ~0.2 (0.155 measured on H200), the output stays within 1e-2.
-    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE), lse_tol=0.5)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=block_n), lse_tol=0.5)
 
 
 def _shared_wavefronts(reg_bases, lane_bases, warp_bases, offset_of, vector_dim: int) -> tuple[int, int]:
@@ -205,6 +211,8 @@ def test_transpose_layout_takes_twice_the_ideal_shared_wavefronts():
 def test_launch_settings_are_checked():
     fm.check_launch(dict(fm.LAUNCH))
     for bad, words in ((dict(CONSUMER_REGS=220), "multiple of 8"), (dict(CONSUMER_REGS=232), "<= 504"),
-                       (dict(PROBE_SKIP=2), "PROBE_SKIP=2"), (dict(STAGES=3), "unknown")):
+                       (dict(PROBE_SKIP=3), "PROBE_SKIP=3"), (dict(STAGE=3), "unknown"),
+                       (dict(BLOCK_N=48), "BLOCK_N=48"), (dict(BLOCK_N=32), "SPLIT=1"), (dict(AHEAD=2), "AHEAD=2"),
+                       (dict(VT_STAGES=0), "VT_STAGES=0"), (dict(STAGES=4, VT_STAGES=2, AHEAD=3), "shared memory")):
         with pytest.raises(ValueError, match=words):
             fm.check_launch(dict(fm.LAUNCH, **bad))

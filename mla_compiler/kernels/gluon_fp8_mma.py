@@ -15,10 +15,10 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
-shape it runs 0.215 ms against 0.221 for the dequantizing kernel (row scale) and 0.200 for bf16
-keys; without the producer's transposes it would run about 0.163 (benchmarks/probe_fp8_mma.py,
-RESULTS.md); an earlier form with almost no products ran 0.159: the MMAs do not set the pace
-(the hand-offs between the partitions and the gathers' latency remain).
+shape it runs 0.199 ms against 0.221 for the dequantizing kernel (row scale) and 0.201 for bf16
+keys; without the producer's transposes it would run about 0.157 (benchmarks/probe_fp8_mma.py,
+RESULTS.md). Nsight Compute's stall samples put each consumer warpgroup's waits for the producer
+at about a sixth of its time, and its waits for its own products at about as much.
 
 Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads); a
 producer partition gathers each 64-key block into a ring slot (the raw e4m3 rows by asynchronous
@@ -28,7 +28,11 @@ warpgroups each compute the scores of half the keys, exchange row maxima and the
 and add P' V for their 256 value columns. A slot's raw rows are released after the scores and its
 transposed tiles after P V, so the producer copies block i + 1 while it transposes block i
 (0.240 -> 0.230 ms against releasing the whole slot after P V). Issuing the next block's score
-products right behind P V measured slower (0.2165 against 0.2107 ms).
+products right behind P V measured slower (0.2165 against 0.2107 ms). The other schedules LAUNCH
+selects measured slower at this shape (probe_fp8_mma.py, H200): each warpgroup computing all of a
+block's scores (SPLIT=0; twice the Q K^T products, no exchanges) 0.263 ms against 0.199, the same
+with 32-key blocks in six slots 0.293, and three raw-row slots with one transposed tile 0.226
+(against 0.215 then).
 """
 
 from __future__ import annotations
@@ -59,15 +63,20 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
     from .gluon_consumers import _softmax_p_alpha, _store_output, _sum_halves
-    from .gluon_producers import _block_rows, _rope_rows, _row_ptrs
+    from .gluon_producers import _block_indices, _rope_rows, _row_ptrs
 
 LOG2E = 1.4426950408889634
 ENV_OFF = "MLA_COMPILER_FP8_MMA"  # =0: never take this kernel
 P_HEADROOM_LOG2 = 8  # P' = P * sigma * 2^(P_HEADROOM_LOG2 - e) <= 256 (see p_exponent)
 E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays a normal float
-# PROBE_SKIP=1 (a timing probe only, the output is wrong): the producer skips the transposes;
+# PROBE_SKIP=1 / 2 (timing probes only, the output is wrong): the producer skips the transposes /
+# the split consumers skip the value accumulator's rescale;
 # benchmarks/probe_fp8_mma.py times it (RESULTS.md).
-LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0)
+# BLOCK_N keys a block; STAGES raw-row slots, VT_STAGES transposed tiles; the producer copies
+# AHEAD blocks ahead of the one it transposes; SPLIT=1: the two warpgroups split each block's
+# scores and exchange maxima and P' (BLOCK_N 64 only), SPLIT=0: each computes all of them.
+LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0, BLOCK_N=64, STAGES=2, VT_STAGES=2, AHEAD=1, SPLIT=1)
+SHARED_LIMIT = 232448  # bytes a program may allocate on sm_90 (227 KB)
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -174,6 +183,13 @@ if HAVE_GLUON:
                                                                lane_bases=[[16, 0], [0, 4], [0, 64], [0, 32], [0, 16]],
                                                                warp_bases=[[32, 0], [0, 8]], block_bases=[], shape=[64, 128]))
 
+    # The same for 32-key blocks, a [32 keys, 128 columns] chunk into a [512, 32] tile (32-byte
+    # swizzle): 4 columns x 8 keys a thread; loads at 2x the ideal wavefronts, stores (8 bytes) at 4x.
+    TRANSPOSE_32_COLUMNS = gl.constexpr(128)
+    TRANSPOSE_LAYOUT_32 = gl.constexpr(gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                                                  lane_bases=[[0, 4], [0, 32], [0, 64], [8, 0], [0, 16]],
+                                                                  warp_bases=[[16, 0], [0, 8]], block_bases=[], shape=[32, 128]))
+
     @gluon.jit
     def _pow2_ceil(x):
         """pow2_ceil in the kernel: the least power of two >= x > 0, from the bits (exact)."""
@@ -218,13 +234,16 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_fp8_mma(k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
                           KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H,
-                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
-        """Each 64-key block: the raw e4m3 rows copied into the slot (Q K^T's B operand), the rope
-        rows, the keys' scales sigma and log2 sigma, then the rows transposed into a [512, 64] tile
-        (P V's B operand, keys contiguous)."""
+                          BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr, AHEAD: gl.constexpr,
+                          PROBE_SKIP: gl.constexpr):
+        """Each block: the raw e4m3 rows copied into a slot (Q K^T's B operand), the rope rows, the
+        keys' scales sigma and log2 sigma, then the rows transposed into a [512, BLOCK_N] tile (P V's
+        B operand, keys contiguous). Blocks i + 1 .. i + AHEAD are in flight while block i is
+        transposed."""
         copy_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        t_layout: gl.constexpr = TRANSPOSE_LAYOUT
+        t_layout: gl.constexpr = TRANSPOSE_LAYOUT if BLOCK_N == 64 else TRANSPOSE_LAYOUT_32
+        CHUNK: gl.constexpr = 128 if BLOCK_N == 64 else TRANSPOSE_32_COLUMNS
         row_layout: gl.constexpr = gl.SliceLayout(1, copy_layout)
         t, _ = _program_coords(H)
         stride_rs = gl.multiple_of(stride_rs, 8)
@@ -232,51 +251,64 @@ if HAVE_GLUON:
         idx_row = IDX + t * stride_it
         cols = gl.arange(0, 256, layout=gl.SliceLayout(0, copy_layout))
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
-        if n_blocks > 0:
-            _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, 0, stride_kvs,
-                         stride_ss, stride_rs, S_KV, TOPK, cols, BLOCK_N, STAGES, row_layout, rope_layout)
-        for i in range(n_blocks):
-            slot = i % STAGES
-            # Block i + 1's rows are in flight while block i is transposed (its key slot is free
-            # once the consumers' scores of block i - 1 are done); past the last block, an empty group.
-            if i + 1 < n_blocks:
-                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, i + 1, stride_kvs,
-                             stride_ss, stride_rs, S_KV, TOPK, cols, BLOCK_N, STAGES, row_layout, rope_layout)
+        sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        # One commit group a block, empty past the last one, so wait_group(AHEAD) always means
+        # "block i has landed". Each block's indices are read one issue ahead.
+        idx = _block_indices(idx_row, 0, TOPK, BLOCK_N, row_layout)
+        for j in gl.static_range(AHEAD):
+            rows = gl.where((idx >= 0) & (idx < S_KV), idx, -1)
+            idx = _block_indices(idx_row, j + 1, TOPK, BLOCK_N, row_layout)
+            if j < n_blocks:
+                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, j, stride_kvs, stride_ss,
+                             stride_rs, cols, STAGES, rope_layout, sig_layout)
             else:
                 async_copy.commit_group()
-            async_copy.wait_group(1)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            vslot = i % VT_STAGES
+            # The slot of block i + AHEAD is free once the consumers' scores of block
+            # i + AHEAD - STAGES (at most i - 1) are done.
+            # The indices were read an iteration ago; only here is their value waited on.
+            rows = gl.where((idx >= 0) & (idx < S_KV), idx, -1)
+            idx = _block_indices(idx_row, i + AHEAD + 1, TOPK, BLOCK_N, row_layout)
+            if i + AHEAD < n_blocks:
+                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, i + AHEAD, stride_kvs, stride_ss,
+                             stride_rs, cols, STAGES, rope_layout, sig_layout)
+            else:
+                async_copy.commit_group()
+            async_copy.wait_group(AHEAD)
             partition_barrier()  # every producer thread's rows of block i have landed
-            mbarrier.wait(v_empty.index(slot), ((i // STAGES) & 1) ^ 1)
+            # log2 sigma once a key here (the consumers would take log2's long form per element).
+            lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
+            mbarrier.wait(v_empty.index(vslot), ((i // VT_STAGES) & 1) ^ 1)
             k_slot = k8_ring.index(slot)
-            for c in gl.static_range(D_LAT // 128 if PROBE_SKIP == 0 else 0):
-                x = k_slot.slice(c * 128, 128, dim=1).load(t_layout)
-                vt_ring.index(slot).slice(c * 128, 128, dim=0).permute((1, 0)).store(x)
+            for c in gl.static_range(D_LAT // CHUNK if PROBE_SKIP != 1 else 0):
+                x = k_slot.slice(c * CHUNK, CHUNK, dim=1).load(t_layout)
+                vt_ring.index(vslot).slice(c * CHUNK, CHUNK, dim=0).permute((1, 0)).store(x)
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(full.index(slot))
 
     @gluon.jit
-    def _issue_block(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx_row, i, stride_kvs, stride_ss,
-                     stride_rs, S_KV, TOPK, cols, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, row_layout: gl.constexpr,
-                     rope_layout: gl.constexpr):
-        """Block i's raw rows and rope rows by asynchronous copies (one commit group) into its slot,
-        once the consumers' scores of block i - STAGES are done; its keys' validity, sigma and
-        log2 sigma beside them. (Indices read three blocks ahead and scales two, to take their
-        latency off this path, measured slower: 0.254 against 0.211 ms.)"""
+    def _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, i, stride_kvs, stride_ss, stride_rs,
+                     cols, STAGES: gl.constexpr, rope_layout: gl.constexpr, sig_layout: gl.constexpr):
+        """Block i's raw rows, rope rows and key scales by asynchronous copies (one commit group)
+        into its slot, once the consumers' scores of block i - STAGES are done; the keys' validity
+        beside them. ``rows`` were read an iteration earlier, and the scales are copied rather than
+        loaded, so no global load's latency lies on the producer's path: waiting on the indices,
+        then on the scales they address, each block ran 0.215 ms against 0.199 (H200)."""
         slot = i % STAGES
-        rows = _block_rows(idx_row, i, S_KV, TOPK, BLOCK_N, row_layout)
         valid = rows >= 0
         base = _row_ptrs(KV, rows, cols, stride_kvs, 256)
-        sig = gl.load(KV_SCALE + rows.to(gl.int64) * stride_ss, mask=valid, other=0.0)
         mbarrier.wait(k_empty.index(slot), ((i // STAGES) & 1) ^ 1)
         k_slot = k8_ring.index(slot)
         async_rows(k_slot.slice(0, 256, dim=1), base, mask=valid[:, None])
         async_rows(k_slot.slice(256, 256, dim=1), base + 256, mask=valid[:, None])
         _rope_rows(r_ring.index(slot), KV_ROPE, rows, stride_rs, rope_layout)
+        sig_rows = gl.convert_layout(rows, sig_layout)
+        async_rows(sig_ring.index(slot), KV_SCALE + sig_rows.to(gl.int64) * stride_ss, mask=sig_rows >= 0)
         async_copy.commit_group()
         ok_ring.index(slot).store(valid.to(gl.int32))
-        sig_ring.index(slot).store(sig)
-        lsig_ring.index(slot).store(gl.log2(sig))
 
     @gluon.jit
     def _issue_scores(q8_smem, qr_smem, k8_ring, r_ring, full, i, s_zero, sr_zero, WG: gl.constexpr, HALF: gl.constexpr,
@@ -294,7 +326,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
                           xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                          sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+                          sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr,
+                          PROBE_SKIP: gl.constexpr):
         """Scores of this warpgroup's half of each block's keys (e4m3 latent product and bf16 rope
         product), the row maxima and P' halves exchanged with the other warpgroup, then P' V (e4m3,
         all the block's keys) into this warpgroup's 256 value columns."""
@@ -347,12 +380,13 @@ if HAVE_GLUON:
             e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
             e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
             p8_half.index(WG).store((p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv))
-            acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), row_o)[:, None]
+            if PROBE_SKIP != 2:
+                acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), row_o)[:, None]
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(bar_p.index(WG))
             mbarrier.wait(bar_p.index(OTHER), i & 1)
-            v_all = vt_ring.index(slot).slice(WG * V_HALF, V_HALF, dim=0)
+            v_all = vt_ring.index(i % VT_STAGES).slice(WG * V_HALF, V_HALF, dim=0)
             v_lo = v_all.slice(0, HALF, dim=1).permute((1, 0))
             v_hi = v_all.slice(HALF, HALF, dim=1).permute((1, 0))
             acc = warpgroup_mma(p8_half.index(0), v_lo, acc, is_async=True)
@@ -361,9 +395,65 @@ if HAVE_GLUON:
             m_i = m_new
             e_prev = e
             partition_barrier()
-            mbarrier.arrive(v_empty.index(slot))
+            mbarrier.arrive(v_empty.index(i % VT_STAGES))
 
         l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
+        out = acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None]
+        _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout)
+
+    @gluon.jit
+    def _consumer_fp8_mma_whole(q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                v_empty, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, WG: gl.constexpr,
+                                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr):
+        """Scores of all of each block's keys (the other warpgroup computes the same ones: e4m3
+        Q K^T is cheap, and no exchange ties the two together, so one's softmax overlaps the other's
+        products), then P' V from registers into this warpgroup's 256 value columns. The rope
+        product accumulates onto the scaled latent scores: no second score accumulator."""
+        t, hb = _program_coords(H)
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+        sr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, V_HALF, 32])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        q_scale = qs_smem.load(row_s)
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
+        e_prev = gl.zeros([BLOCK_H], gl.float32, row_s)  # acc holds the output / 2^(e_prev - 8)
+        acc = gl.zeros([BLOCK_H, V_HALF], gl.float32, o_layout)
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            mbarrier.wait(full.index(slot), (i // STAGES) & 1)
+            s8 = warpgroup_mma(q8_smem, k8_ring.index(slot).permute((1, 0)), s_zero, use_acc=False)
+            sig = sig_ring.index(slot).load(col_s)
+            lsig = lsig_ring.index(slot).load(col_s)
+            valid = ok_ring.index(slot).load(col_s) != 0
+            s = gl.convert_layout(s8 * (q_scale[:, None] * sig[None, :]), sr_layout)
+            s = warpgroup_mma(qr_smem, r_ring.index(slot).permute((1, 0)), s)
+            # The slot's keys, rope rows and scales are read: the producer may refill them.
+            partition_barrier()
+            mbarrier.arrive(k_empty.index(slot))
+            s = gl.where(valid[None, :], gl.convert_layout(s, s_layout) * sm_scale_log2, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 1))
+            p, l_i, alpha = _softmax_p_alpha(s, m_i, m_new, l_i)
+            # P' = P sigma 2^(8 - e) <= 256, e per row (p_exponent) from max_j (score_j - m + log2
+            # sigma_j) relative to the maximum; acc carries 2^(e - 8).
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            w = gl.max(s - m_use[:, None] + lsig[None, :], 1)
+            e = gl.where(w == float("-inf"), e_prev, gl.ceil(w))
+            e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
+            p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
+            acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), row_o)[:, None]
+            vslot = i % VT_STAGES
+            acc = warpgroup_mma(gl.convert_layout(p8, p_layout), vt_ring.index(vslot).slice(WG * V_HALF, V_HALF, dim=0).permute((1, 0)),
+                                acc)
+            partition_barrier()
+            mbarrier.arrive(v_empty.index(vslot))
+            m_i = m_new
+            e_prev = e
         out = acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None]
         _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout)
 
@@ -373,7 +463,8 @@ if HAVE_GLUON:
         Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE,
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
-        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PROBE_SKIP: gl.constexpr = 0,
+        BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, PROBE_SKIP: gl.constexpr,
+        VT_STAGES: gl.constexpr, AHEAD: gl.constexpr, SPLIT: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         HALF: gl.constexpr = BLOCK_N // 2
@@ -388,7 +479,7 @@ if HAVE_GLUON:
         qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], qr_layout)
         qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
-        vt_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, D_LAT, BLOCK_N], vt_layout)
+        vt_ring = gl.allocate_shared_memory(gl.float8e4nv, [VT_STAGES, D_LAT, BLOCK_N], vt_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
         ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec)
         sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
@@ -399,13 +490,14 @@ if HAVE_GLUON:
         p8_half = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_H, HALF], p8_layout)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [VT_STAGES, 1], mbarrier.MBarrierLayout())
         bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(full.index(s), count=1)
             mbarrier.init(k_empty.index(s), count=2)
+        for s in gl.static_range(VT_STAGES):
             mbarrier.init(v_empty.index(s), count=2)
         for w in gl.static_range(2):
             mbarrier.init(bar_x.index(w), count=1)
@@ -414,25 +506,45 @@ if HAVE_GLUON:
         _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H)
         fence_async_shared()
         partition_barrier()
-        gl.warp_specialize(
-            [
-                (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
-                                     k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                     TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
-                (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
-                                     k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                     TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
-                (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV, KV_SCALE, KV_ROPE,
-                                     IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, PROBE_SKIP)),
-            ],
-            [4, 4],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        if SPLIT:
+            gl.warp_specialize(
+                [
+                    (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                                         k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh,
+                                         stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)),
+                    (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                                         k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh,
+                                         stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)),
+                    (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV,
+                                         KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N,
+                                         STAGES, VT_STAGES, AHEAD, PROBE_SKIP)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consumer_fp8_mma_whole, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                                               k_empty, v_empty, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0,
+                                               BLOCK_N, STAGES, VT_STAGES)),
+                    (_consumer_fp8_mma_whole, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                                               k_empty, v_empty, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1,
+                                               BLOCK_N, STAGES, VT_STAGES)),
+                    (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV,
+                                         KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N,
+                                         STAGES, VT_STAGES, AHEAD, PROBE_SKIP)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
 
 
 def compile_for_hopper(launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
-    return compile_ws_arguments(_fp8_mma_fwd_kernel, True, dict(BLOCK_N=64, STAGES=2, **dict(LAUNCH, **(launch or {}))))
+    cfg = dict(LAUNCH, **(launch or {}))
+    check_launch(cfg)
+    return compile_ws_arguments(_fp8_mma_fwd_kernel, True, cfg)
 
 
 def check_launch(cfg: dict) -> None:
@@ -444,8 +556,26 @@ def check_launch(cfg: dict) -> None:
     if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > REG_BUDGET:
         raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
-    if cfg["PROBE_SKIP"] not in (0, 1):
-        raise ValueError(f"launch PROBE_SKIP={cfg['PROBE_SKIP']}: 0, or 1 for the timing probe without transposes")
+    if cfg["PROBE_SKIP"] not in (0, 1, 2):
+        raise ValueError(f"launch PROBE_SKIP={cfg['PROBE_SKIP']}: 0, or 1 / 2 for the timing probes without transposes / "
+                         "without the value accumulator's rescale")
+    if cfg["BLOCK_N"] not in (32, 64) or cfg["SPLIT"] not in (0, 1) or (cfg["SPLIT"] and cfg["BLOCK_N"] != 64):
+        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} SPLIT={cfg['SPLIT']}: BLOCK_N 32 or 64, SPLIT 0 or 1 (1 with BLOCK_N 64 only)")
+    if not 1 <= cfg["AHEAD"] < cfg["STAGES"] or cfg["VT_STAGES"] < 1:
+        raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']} VT_STAGES={cfg['VT_STAGES']}: keep "
+                         "1 <= AHEAD < STAGES (the slot of block i + AHEAD frees after block i - 1) and VT_STAGES >= 1")
+    if shared_bytes(cfg) > SHARED_LIMIT:
+        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']} VT_STAGES={cfg['VT_STAGES']}: "
+                         f"{shared_bytes(cfg)} bytes of shared memory, over {SHARED_LIMIT}; use fewer stages")
+
+
+def shared_bytes(cfg: dict) -> int:
+    """The shared memory a launch allocates (the rings, Q and the exchange buffers), about."""
+    n = cfg["BLOCK_N"]
+    per_slot = n * _D_LAT + n * _D_ROPE * 2 + 3 * 4 * n
+    q = _BLOCK_H * (_D_LAT + 2 * _D_ROPE + 4)
+    exchange = 2 * _BLOCK_H * (n // 2) + 3 * 2 * 4 * _BLOCK_H + 8 * (2 * cfg["STAGES"] + cfg["VT_STAGES"] + 6)
+    return cfg["STAGES"] * per_slot + cfg["VT_STAGES"] * _D_LAT * n + q + exchange
 
 
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
@@ -470,6 +600,6 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
         q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),
         indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
         rows, indices.shape[-1], heads, float(sm_scale) * LOG2E,
-        BLOCK_N=64, STAGES=2, num_warps=4, **cfg,
+        num_warps=4, **cfg,
     )
     return out, lse

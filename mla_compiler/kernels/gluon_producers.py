@@ -121,9 +121,15 @@ if HAVE_GLUON:
         """Block i's key rows, -1 where the index is invalid (-1, >= S_KV, past top-k), in the
         indices' dtype (int32 from the model's top-k: half the registers of int64 where rows are
         held across blocks); widened to int64 before any stride multiply."""
-        offs = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_layout)
-        idx = gl.load(idx_row + offs, mask=offs < TOPK, other=-1)
+        idx = _block_indices(idx_row, i, TOPK, BLOCK_N, row_layout)
         return gl.where((idx >= 0) & (idx < S_KV), idx, -1)
+
+    @gluon.jit
+    def _block_indices(idx_row, i, TOPK, BLOCK_N: gl.constexpr, row_layout: gl.constexpr):
+        """Block i's indices as stored (-1 past top-k): the load alone, so a caller can read them a
+        block early and wait on their value only where it uses them."""
+        offs = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=row_layout)
+        return gl.load(idx_row + offs, mask=offs < TOPK, other=-1)
 
     @gluon.jit
     def _producer_bf16(k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_ROPE, idx_row, stride_kvs, stride_rs, S_KV, TOPK,
