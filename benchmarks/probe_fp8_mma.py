@@ -25,8 +25,6 @@ SETTINGS = [
     {},
     dict(PROBE_SKIP=1),
     dict(PROBE_SKIP=2),
-    dict(CONSUMER_REGS=208, PRODUCER_REGS=88),
-    dict(SPLIT=0),
     dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
 ]
 

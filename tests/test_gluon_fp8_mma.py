@@ -195,7 +195,7 @@ def test_transpose_layout_takes_twice_the_ideal_shared_wavefronts():
     from triton.experimental.gluon import language as gl
 
     rows = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([64, 512], gl.float8e4nv), [64, 512]))
-    tile = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([512, 64], gl.float8e4nv), [512, 64]))
+    tile = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([256, 64], gl.float8e4nv), [256, 64]))
     t = fm.TRANSPOSE_LAYOUT.value
     bases = (t.reg_bases, t.lane_bases, t.warp_bases)
     assert set(map(tuple, t.reg_bases)) >= {(0, 1), (0, 2), (1, 0), (2, 0), (4, 0), (8, 0)}

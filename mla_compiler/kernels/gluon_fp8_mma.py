@@ -15,8 +15,8 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
-shape it runs 0.199 ms against 0.221 for the dequantizing kernel (row scale) and 0.201 for bf16
-keys; without the producer's transposes it would run about 0.157 (benchmarks/probe_fp8_mma.py,
+shape it runs 0.196 ms against 0.221 for the dequantizing kernel (row scale) and 0.201 for bf16
+keys; without the producer's transposes it would run about 0.156 (benchmarks/probe_fp8_mma.py,
 RESULTS.md). Nsight Compute's stall samples put each consumer warpgroup's waits for the producer
 at about a sixth of its time, and its waits for its own products at about as much.
 
@@ -232,7 +232,7 @@ if HAVE_GLUON:
         qr_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
 
     @gluon.jit
-    def _producer_fp8_mma(k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
+    def _producer_fp8_mma(k8_ring, vt_lo, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
                           KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H,
                           BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr, AHEAD: gl.constexpr,
                           PROBE_SKIP: gl.constexpr):
@@ -244,6 +244,7 @@ if HAVE_GLUON:
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         t_layout: gl.constexpr = TRANSPOSE_LAYOUT if BLOCK_N == 64 else TRANSPOSE_LAYOUT_32
         CHUNK: gl.constexpr = 128 if BLOCK_N == 64 else TRANSPOSE_32_COLUMNS
+        HALF_CHUNKS: gl.constexpr = V_HALF // CHUNK
         row_layout: gl.constexpr = gl.SliceLayout(1, copy_layout)
         t, _ = _program_coords(H)
         stride_rs = gl.multiple_of(stride_rs, 8)
@@ -282,9 +283,15 @@ if HAVE_GLUON:
             lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
             mbarrier.wait(v_empty.index(vslot), ((i // VT_STAGES) & 1) ^ 1)
             k_slot = k8_ring.index(slot)
-            for c in gl.static_range(D_LAT // CHUNK if PROBE_SKIP != 1 else 0):
-                x = k_slot.slice(c * CHUNK, CHUNK, dim=1).load(t_layout)
-                vt_ring.index(vslot).slice(c * CHUNK, CHUNK, dim=0).permute((1, 0)).store(x)
+            # Chunks alternate between the two halves: the compiler fences a store to a tile from
+            # the previous store to the same tile with a barrier (one a block, not three: 0.199 ->
+            # 0.196 ms on H200).
+            for n in gl.static_range(D_LAT // CHUNK if PROBE_SKIP != 1 else 0):
+                x = k_slot.slice(((n % 2) * HALF_CHUNKS + n // 2) * CHUNK, CHUNK, dim=1).load(t_layout)
+                if n % 2 == 0:
+                    vt_lo.index(vslot).slice((n // 2) * CHUNK, CHUNK, dim=0).permute((1, 0)).store(x)
+                else:
+                    vt_hi.index(vslot).slice((n // 2) * CHUNK, CHUNK, dim=0).permute((1, 0)).store(x)
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(full.index(slot))
@@ -324,7 +331,7 @@ if HAVE_GLUON:
         return s8, sr
 
     @gluon.jit
-    def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
+    def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_mine, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
                           xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
                           sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr,
                           PROBE_SKIP: gl.constexpr):
@@ -386,7 +393,7 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(bar_p.index(WG))
             mbarrier.wait(bar_p.index(OTHER), i & 1)
-            v_all = vt_ring.index(i % VT_STAGES).slice(WG * V_HALF, V_HALF, dim=0)
+            v_all = vt_mine.index(i % VT_STAGES)
             v_lo = v_all.slice(0, HALF, dim=1).permute((1, 0))
             v_hi = v_all.slice(HALF, HALF, dim=1).permute((1, 0))
             acc = warpgroup_mma(p8_half.index(0), v_lo, acc, is_async=True)
@@ -402,7 +409,7 @@ if HAVE_GLUON:
         _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout)
 
     @gluon.jit
-    def _consumer_fp8_mma_whole(q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+    def _consumer_fp8_mma_whole(q8_smem, qr_smem, qs_smem, k8_ring, vt_mine, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
                                 v_empty, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, WG: gl.constexpr,
                                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr):
         """Scores of all of each block's keys (the other warpgroup computes the same ones: e4m3
@@ -448,7 +455,7 @@ if HAVE_GLUON:
             p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
             acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), row_o)[:, None]
             vslot = i % VT_STAGES
-            acc = warpgroup_mma(gl.convert_layout(p8, p_layout), vt_ring.index(vslot).slice(WG * V_HALF, V_HALF, dim=0).permute((1, 0)),
+            acc = warpgroup_mma(gl.convert_layout(p8, p_layout), vt_mine.index(vslot).permute((1, 0)),
                                 acc)
             partition_barrier()
             mbarrier.arrive(v_empty.index(vslot))
@@ -472,14 +479,16 @@ if HAVE_GLUON:
         q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float8e4nv)
         qr_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         k8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.float8e4nv)
-        vt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D_LAT, BLOCK_N], gl.float8e4nv)
+        vt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([V_HALF, BLOCK_N], gl.float8e4nv)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
         p8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], gl.float8e4nv)
         q8_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_H, D_LAT], q8_layout)
         qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], qr_layout)
         qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
-        vt_ring = gl.allocate_shared_memory(gl.float8e4nv, [VT_STAGES, D_LAT, BLOCK_N], vt_layout)
+        # The transposed tiles, one allocation per consumer warpgroup's 256 value columns.
+        vt_lo = gl.allocate_shared_memory(gl.float8e4nv, [VT_STAGES, V_HALF, BLOCK_N], vt_layout)
+        vt_hi = gl.allocate_shared_memory(gl.float8e4nv, [VT_STAGES, V_HALF, BLOCK_N], vt_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
         ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec)
         sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
@@ -509,13 +518,13 @@ if HAVE_GLUON:
         if SPLIT:
             gl.warp_specialize(
                 [
-                    (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                    (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_lo, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                          k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh,
                                          stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)),
-                    (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                    (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                          k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh,
                                          stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)),
-                    (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV,
+                    (_producer_fp8_mma, (k8_ring, vt_lo, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV,
                                          KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N,
                                          STAGES, VT_STAGES, AHEAD, PROBE_SKIP)),
                 ],
@@ -525,13 +534,13 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize(
                 [
-                    (_consumer_fp8_mma_whole, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                    (_consumer_fp8_mma_whole, (q8_smem, qr_smem, qs_smem, k8_ring, vt_lo, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                                k_empty, v_empty, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0,
                                                BLOCK_N, STAGES, VT_STAGES)),
-                    (_consumer_fp8_mma_whole, (q8_smem, qr_smem, qs_smem, k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full,
+                    (_consumer_fp8_mma_whole, (q8_smem, qr_smem, qs_smem, k8_ring, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                                k_empty, v_empty, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1,
                                                BLOCK_N, STAGES, VT_STAGES)),
-                    (_producer_fp8_mma, (k8_ring, vt_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV,
+                    (_producer_fp8_mma, (k8_ring, vt_lo, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty, KV,
                                          KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N,
                                          STAGES, VT_STAGES, AHEAD, PROBE_SKIP)),
                 ],
