@@ -25,6 +25,8 @@ SETTINGS = [
     {},
     dict(PROBE_SKIP=1),
     dict(PROBE_SKIP=2),
+    dict(STAGES=3, VT_STAGES=1, AHEAD=2),
+    dict(SPLIT=0),
     dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
 ]
 

@@ -29,10 +29,9 @@ and add P' V for their 256 value columns. A slot's raw rows are released after t
 transposed tiles after P V, so the producer copies block i + 1 while it transposes block i
 (0.240 -> 0.230 ms against releasing the whole slot after P V). Issuing the next block's score
 products right behind P V measured slower (0.2165 against 0.2107 ms). The other schedules LAUNCH
-selects measured slower at this shape (probe_fp8_mma.py, H200): each warpgroup computing all of a
-block's scores (SPLIT=0; twice the Q K^T products, no exchanges) 0.263 ms against 0.199, the same
-with 32-key blocks in six slots 0.293, and three raw-row slots with one transposed tile 0.226
-(against 0.215 then).
+selects measured slower at this shape (probe_fp8_mma.py, H200, against 0.196): each warpgroup
+computing all of a block's scores (SPLIT=0; twice the Q K^T products, no exchanges) 0.259 ms, the
+same with 32-key blocks in six slots 0.290, and three raw-row slots with one transposed tile 0.211.
 """
 
 from __future__ import annotations
