@@ -216,3 +216,42 @@ def test_launch_settings_are_checked():
                        (dict(VT_STAGES=0), "VT_STAGES=0"), (dict(STAGES=4, VT_STAGES=2, AHEAD=3), "shared memory")):
         with pytest.raises(ValueError, match=words):
             fm.check_launch(dict(fm.LAUNCH, **bad))
+
+
+def test_dispatch_names_it_only_when_asked_for(monkeypatch):
+    # MLA_COMPILER_FP8_MMA=1 is an explicit choice (e4m3 Q and P cost accuracy): unset, the FP8
+    # forward at 128 heads stays with the dequantizing warp-specialized kernel.
+    from mla_compiler.kernels import triton_sparse_mla as tk
+    from mla_compiler.lowering.dispatch import Problem
+
+    def member(layout):
+        return tk.forward_member(Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048, fp8_layout=layout))
+
+    monkeypatch.delenv(fm.ENV_OFF, raising=False)
+    assert not fm.asked_for() and "warp-specialized" in member((512, 64, 1))
+    monkeypatch.setenv(fm.ENV_OFF, "1")
+    assert fm.asked_for() and "FP8-products" in member((512, 64, 1))
+    # FlashMLA's four tile scales: this kernel declines them, so the report does not name it.
+    assert "warp-specialized" in member((512, 64, 4))
+    monkeypatch.setenv(fm.ENV_OFF, "0")
+    assert not fm.asked_for()
+
+
+@needs_hopper
+def test_fp8_op_takes_it_when_asked_for(monkeypatch):
+    from mla_compiler.kernels import triton_sparse_mla as tk
+
+    q, kv, idx = awkward_inputs(t=200, heads=128, topk=300, s_kv=3000, device="cuda")
+    rows, tiles = fr.quantize_keys(kv, "row"), fr.quantize_keys(kv, "flashmla")
+    monkeypatch.setenv(fm.ENV_OFF, "1")
+    out, lse = torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon FP8 products"
+    _assert_matches_emulation(out.float(), lse, *fm.reference_fp8_mma(q, *rows, idx, SCALE))
+    # A layout it declines goes to the dequantizing kernel, the reason kept.
+    torch.ops.sparse_mla.sparse_attn_fp8kv(q, *tiles, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon warp-specialized"
+    assert "layout 'row'" in tk.FP8_MMA_DECLINED["forward_fp8"]
+    # Not asked for: the dequantizing kernel.
+    monkeypatch.delenv(fm.ENV_OFF)
+    torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon warp-specialized"

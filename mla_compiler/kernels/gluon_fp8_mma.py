@@ -14,7 +14,8 @@ the rate. The price is two roundings the dequantizing kernels do not make:
 The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token scale into P the
 same way, without a per-row exponent.)
 
-Status: no dispatch path takes this kernel; call ``forward`` here. On H200 at the V3.2 decode
+Status: taken by the FP8 forward (triton_sparse_mla.forward_fp8, the sparse_attn_fp8kv op) only
+where MLA_COMPILER_FP8_MMA=1 asks for it; ``forward`` here calls it directly. On H200 at the V3.2 decode
 shape it runs 0.196 ms against 0.221 for the dequantizing kernel (row scale) and 0.201 for bf16
 keys; without the producer's transposes it would run about 0.156 (benchmarks/probe_fp8_mma.py,
 RESULTS.md). Nsight Compute's stall samples put each consumer warpgroup's waits for the producer
@@ -36,6 +37,7 @@ same with 32-key blocks in six slots 0.290, and three raw-row slots with one tra
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -65,7 +67,9 @@ if HAVE_GLUON:
     from .gluon_producers import _block_indices, _rope_rows, _row_ptrs
 
 LOG2E = 1.4426950408889634
-ENV_OFF = "MLA_COMPILER_FP8_MMA"  # =0: never take this kernel
+# =1: FP8 calls try this kernel first (it rounds Q and P to e4m3: less accurate than the
+# dequantizing kernels); unset: it is never taken; =0: declines() says it is switched off.
+ENV_OFF = "MLA_COMPILER_FP8_MMA"
 P_HEADROOM_LOG2 = 8  # P' = P * sigma * 2^(P_HEADROOM_LOG2 - e) <= 256 (see p_exponent)
 E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays a normal float
 # PROBE_SKIP=1 / 2 (timing probes only, the output is wrong): the producer skips the transposes /
@@ -76,6 +80,12 @@ E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays
 # scores and exchange maxima and P' (BLOCK_N 64 only), SPLIT=0: each computes all of them.
 LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0, BLOCK_N=64, STAGES=2, VT_STAGES=2, AHEAD=1, SPLIT=1)
 SHARED_LIMIT = 232448  # bytes a program may allocate on sm_90 (227 KB)
+
+
+def asked_for() -> bool:
+    """Whether FP8 calls should try this kernel first (MLA_COMPILER_FP8_MMA=1): an explicit choice,
+    since its e4m3 Q and P roughly add the key layout's own error again (RESULTS.md)."""
+    return os.environ.get(ENV_OFF) == "1"
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],

@@ -72,14 +72,19 @@ def declines(problem) -> Optional[str]:
 def forward_member(problem) -> str:
     """Which forward of this family runs ``problem`` on a GPU, as far as its shapes tell: the Gluon
     kernels also check the GPU, row alignment, sink and ``topk_length`` when called, and fall back
-    to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran)."""
+    to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran).
+    With ``MLA_COMPILER_FP8_MMA=1`` an FP8 call tries gluon_fp8_mma first (``FP8_MMA_DECLINED``)."""
     from mla_compiler.kernels import gluon_fewhead as fh
+    from mla_compiler.kernels import gluon_fp8_mma as fm
     from mla_compiler.kernels import gluon_sparse_mla as ws
     from mla_compiler.kernels.gluon_common import switched_off
 
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
         deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
+    if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and fm.asked_for():
+        return ("forward: the FP8-products Gluon kernel on Hopper (MLA_COMPILER_FP8_MMA=1: e4m3 Q and P), "
+                "else the warp-specialized one when the programs fill the SMs, else Triton")
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
     if deepseek and problem.heads <= fh.MAX_HEADS and not switched_off(fh.ENV_OFF):
@@ -711,14 +716,18 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
     if interpreted() or q.device.type != "cuda":
         return None
     from mla_compiler.kernels import gluon_fewhead as fh
+    from mla_compiler.kernels import gluon_fp8_mma as fm
     from mla_compiler.kernels import gluon_sparse_mla as ws
 
     name = "forward_fp8" if kv_scale is not None else "forward"
     index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
-    for module, label, declined, launch in (
+    kernels = [
         (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
         (fh, "gluon few-head", FEWHEAD_DECLINED, fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
-    ):
+    ]
+    if kv_scale is not None and fm.asked_for():
+        kernels.insert(0, (fm, "gluon FP8 products", FP8_MMA_DECLINED, fm.LAUNCH))  # tried first, only when asked for
+    for module, label, declined, launch in kernels:
         reason = index_reason or module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
             declined[name] = reason
@@ -727,6 +736,9 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
         # Reasons from earlier calls no longer describe this one (a kernel not consulted has none).
         declined.pop(name, None)
         if module is ws:
+            FEWHEAD_DECLINED.pop(name, None)
+        if module is fm:
+            WS_DECLINED.pop(name, None)
             FEWHEAD_DECLINED.pop(name, None)
         LAST_LAUNCH[name] = dict(kernel=label, **getattr(module, "LAST_LAUNCH", None) or launch)
         return out
@@ -737,6 +749,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
 # point (for reports).
 WS_DECLINED: dict = {}
 FEWHEAD_DECLINED: dict = {}
+FP8_MMA_DECLINED: dict = {}  # only where MLA_COMPILER_FP8_MMA=1 asked for that kernel
 
 
 def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
