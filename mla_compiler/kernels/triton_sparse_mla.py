@@ -727,6 +727,8 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
     ]
     if kv_scale is not None and fm.asked_for():
         kernels.insert(0, (fm, "gluon FP8 products", FP8_MMA_DECLINED, fm.LAUNCH))  # tried first, only when asked for
+    else:
+        FP8_MMA_DECLINED.pop(name, None)  # not consulted: an earlier call's reason no longer applies
     for module, label, declined, launch in kernels:
         reason = index_reason or module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
