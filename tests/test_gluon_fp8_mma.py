@@ -85,6 +85,12 @@ def test_declines_with_reasons(monkeypatch):
     assert fm.declines(q, *rows, 512) is None
     assert "heads" in fm.declines(q[:, :32], *rows, 512)
     assert "attn_sink" in fm.declines(q, *rows, 512, attn_sink=torch.zeros(128))
+    # The FP8 forward hands it a call only where the programs fill the SMs; forward() runs any.
+    assert fm.dispatch_declines(q, *rows, 512) is None
+    monkeypatch.setattr(fm, "_sm_count", lambda device: 132)  # 2 tokens x 2 head blocks
+    assert fm.declines(q, *rows, 512) is None
+    assert "4 programs for 132 SMs" in fm.dispatch_declines(q, *rows, 512)
+    assert "bf16 keys" in fm.dispatch_declines(q, kv[:, 0, :512], None, kv[:, 0, 512:], 512)
     monkeypatch.undo()
     monkeypatch.setenv(fm.ENV_OFF, "0")
     assert fm.declines(q, *rows, 512) == f"{fm.ENV_OFF}=0"
@@ -123,8 +129,8 @@ def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2)
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(CONSUMER_REGS=208, PRODUCER_REGS=88), dict(SPLIT=0),
                                     dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
-                                    dict(SPLIT=0, BLOCK_N=32, STAGES=5, VT_STAGES=3, AHEAD=4)],
-                         ids=["default", "regs-208-88", "whole-64", "whole-32-s6-a5", "whole-32-s5-vt3"])
+                                    dict(SPLIT=0, BLOCK_N=32, STAGES=5, VT_STAGES=3, AHEAD=4), dict(STAGES=3, VT_STAGES=1, AHEAD=2)],
+                         ids=["default", "regs-208-88", "whole-64", "whole-32-s6-a5", "whole-32-s5-vt3", "split-s3-vt1-a2"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
@@ -208,14 +214,36 @@ def test_transpose_layout_takes_twice_the_ideal_shared_wavefronts():
     assert _shared_wavefronts(*old, lambda kc: half[(kc[1], kc[0])], vector_dim=0) == (128, 32)
 
 
+@pytest.mark.skipif(not fm.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+def test_shared_memory_is_the_compilers_count():
+    # Settings at the edge of sm_90's 227 KB are judged by what the compiler allocates: whole scores
+    # with three raw-row slots fit (232,328 bytes with Triton 3.6), four slots do not.
+    script = (
+        "import json; from mla_compiler.kernels import gluon_fp8_mma as fm\n"
+        "out = {}\n"
+        "for name, cfg in (('fits', dict(SPLIT=0, STAGES=3, AHEAD=2)), ('over', dict(STAGES=4, AHEAD=3))):\n"
+        "    try:\n"
+        "        out[name] = fm.compile_for_hopper(cfg).metadata.shared\n"
+        "    except ValueError as e:\n"
+        "        out[name] = str(e)\n"
+        "print(json.dumps(out))\n"
+    )
+    info = compiled_for_hopper(script)
+    assert isinstance(info["fits"], int) and info["fits"] <= fm.SHARED_LIMIT, info
+    assert "shared memory, over sm_90's" in info["over"] and "STAGES" in info["over"], info
+
+
 def test_launch_settings_are_checked():
     fm.check_launch(dict(fm.LAUNCH))
     for bad, words in ((dict(CONSUMER_REGS=220), "multiple of 8"), (dict(CONSUMER_REGS=232), "<= 504"),
                        (dict(PROBE_SKIP=3), "PROBE_SKIP=3"), (dict(STAGE=3), "unknown"),
                        (dict(BLOCK_N=48), "BLOCK_N=48"), (dict(BLOCK_N=32), "SPLIT=1"), (dict(AHEAD=2), "AHEAD=2"),
-                       (dict(VT_STAGES=0), "VT_STAGES=0"), (dict(STAGES=4, VT_STAGES=2, AHEAD=3), "shared memory")):
+                       (dict(VT_STAGES=0), "VT_STAGES=0"), (dict(PROBE_SKIP=2, SPLIT=0), "split consumers only")):
         with pytest.raises(ValueError, match=words):
             fm.check_launch(dict(fm.LAUNCH, **bad))
+    # Settings the GPU tests and the probe run are accepted.
+    for good in (dict(STAGES=3, VT_STAGES=1, AHEAD=2), dict(SPLIT=0, BLOCK_N=32, STAGES=6, AHEAD=5), dict(PROBE_SKIP=2)):
+        fm.check_launch(dict(fm.LAUNCH, **good))
 
 
 def test_dispatch_names_it_only_when_asked_for(monkeypatch):
@@ -255,3 +283,4 @@ def test_fp8_op_takes_it_when_asked_for(monkeypatch):
     monkeypatch.delenv(fm.ENV_OFF)
     torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512)
     assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon warp-specialized"
+    assert "forward_fp8" not in tk.FP8_MMA_DECLINED  # not consulted: the old reason is gone

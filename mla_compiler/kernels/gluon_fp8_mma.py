@@ -18,8 +18,9 @@ Status: taken by the FP8 forward (triton_sparse_mla.forward_fp8, the sparse_attn
 where MLA_COMPILER_FP8_MMA=1 asks for it; ``forward`` here calls it directly. On H200 at the V3.2 decode
 shape it runs 0.196 ms against 0.221 for the dequantizing kernel (row scale) and 0.201 for bf16
 keys; without the producer's transposes it would run about 0.156 (benchmarks/probe_fp8_mma.py,
-RESULTS.md). Nsight Compute's stall samples put each consumer warpgroup's waits for the producer
-at about a sixth of its time, and its waits for its own products at about as much.
+RESULTS.md). Nsight Compute's stall samples (taken before the index prefetch, at about 0.211 ms)
+put each consumer warpgroup's waits for the producer at about a sixth of its time, and its waits
+for its own products at about as much.
 
 Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads); a
 producer partition gathers each 64-key block into a ring slot (the raw e4m3 rows by asynchronous
@@ -32,7 +33,8 @@ transposed tiles after P V, so the producer copies block i + 1 while it transpos
 products right behind P V measured slower (0.2165 against 0.2107 ms). The other schedules LAUNCH
 selects measured slower at this shape (probe_fp8_mma.py, H200, against 0.196): each warpgroup
 computing all of a block's scores (SPLIT=0; twice the Q K^T products, no exchanges) 0.259 ms, the
-same with 32-key blocks in six slots 0.290, and three raw-row slots with one transposed tile 0.211.
+same with 32-key blocks in six slots 0.290 (both spill at the default registers), and three
+raw-row slots with one transposed tile, two blocks copied ahead, 0.211.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Optional
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem
 from .gluon_sparse_mla import REG_BUDGET, _misaligned, check_register_settings, check_row_counts, compile_ws_arguments
@@ -82,6 +85,10 @@ LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0, BLOCK_N=64, STA
 SHARED_LIMIT = 232448  # bytes a program may allocate on sm_90 (227 KB)
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def asked_for() -> bool:
     """Whether FP8 calls should try this kernel first (MLA_COMPILER_FP8_MMA=1): an explicit choice,
     since its e4m3 Q and P roughly add the key layout's own error again (RESULTS.md)."""
@@ -112,6 +119,19 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
         return (f"{kv_scale.shape[1]} scales a row: e4m3 products take one scale a key row (a scale per 128 columns "
                 "would need a score accumulator per tile); quantize the cache with layout 'row'")
     return _misaligned(kv_latent, kv_rope)
+
+
+def dispatch_declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
+                      d_v: int, attn_sink=None, topk_length=None, h_kv: int = 1) -> Optional[str]:
+    """Why the FP8 forward should not hand this call to this kernel (None when it should): what
+    ``declines`` says, or too few programs to fill the SMs (one program walks a token's whole
+    top-k; the Triton kernel splits it). ``forward`` itself runs any call ``declines`` accepts."""
+    problem = declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
+    if problem is not None:
+        return problem
+    programs = q.shape[0] * triton.cdiv(q.shape[1], _BLOCK_H)
+    sms = _sm_count(q.device)
+    return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)" if programs < sms else None
 
 
 # --- the reference: the kernel's roundings, in torch -------------------------------------------
@@ -562,7 +582,15 @@ def compile_for_hopper(launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
     cfg = dict(LAUNCH, **(launch or {}))
     check_launch(cfg)
-    return compile_ws_arguments(_fp8_mma_fwd_kernel, True, cfg)
+    compiled = compile_ws_arguments(_fp8_mma_fwd_kernel, True, cfg)
+    if compiled.metadata.shared > SHARED_LIMIT:
+        raise ValueError(_too_much_shared(cfg, compiled.metadata.shared))
+    return compiled
+
+
+def _too_much_shared(cfg: dict, needed) -> str:
+    return (f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']} VT_STAGES={cfg['VT_STAGES']} SPLIT={cfg['SPLIT']}: "
+            f"{needed} bytes of shared memory, over sm_90's {SHARED_LIMIT}; use fewer STAGES or VT_STAGES")
 
 
 def check_launch(cfg: dict) -> None:
@@ -574,6 +602,8 @@ def check_launch(cfg: dict) -> None:
     if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > REG_BUDGET:
         raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
+    if cfg["PROBE_SKIP"] == 2 and not cfg["SPLIT"]:
+        raise ValueError("launch PROBE_SKIP=2 SPLIT=0: the rescale probe is in the split consumers only")
     if cfg["PROBE_SKIP"] not in (0, 1, 2):
         raise ValueError(f"launch PROBE_SKIP={cfg['PROBE_SKIP']}: 0, or 1 / 2 for the timing probes without transposes / "
                          "without the value accumulator's rescale")
@@ -582,18 +612,6 @@ def check_launch(cfg: dict) -> None:
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"] or cfg["VT_STAGES"] < 1:
         raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']} VT_STAGES={cfg['VT_STAGES']}: keep "
                          "1 <= AHEAD < STAGES (the slot of block i + AHEAD frees after block i - 1) and VT_STAGES >= 1")
-    if shared_bytes(cfg) > SHARED_LIMIT:
-        raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']} VT_STAGES={cfg['VT_STAGES']}: "
-                         f"{shared_bytes(cfg)} bytes of shared memory, over {SHARED_LIMIT}; use fewer stages")
-
-
-def shared_bytes(cfg: dict) -> int:
-    """The shared memory a launch allocates (the rings, Q and the exchange buffers), about."""
-    n = cfg["BLOCK_N"]
-    per_slot = n * _D_LAT + n * _D_ROPE * 2 + 3 * 4 * n
-    q = _BLOCK_H * (_D_LAT + 2 * _D_ROPE + 4)
-    exchange = 2 * _BLOCK_H * (n // 2) + 3 * 2 * 4 * _BLOCK_H + 8 * (2 * cfg["STAGES"] + cfg["VT_STAGES"] + 6)
-    return cfg["STAGES"] * per_slot + cfg["VT_STAGES"] * _D_LAT * n + q + exchange
 
 
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
@@ -612,6 +630,15 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     if t == 0:
         return out, lse
     check_row_counts(kv_latent, kv_rope, kv_scale)
+    try:
+        _launch(q, kv_latent, kv_scale, kv_rope, indices, out, lse, sm_scale, cfg)
+    except OutOfResources as e:  # the compiler's count of the shared memory, not an estimate
+        raise ValueError(_too_much_shared(cfg, getattr(e, "required", "too many"))) from e
+    return out, lse
+
+
+def _launch(q, kv_latent, kv_scale, kv_rope, indices, out, lse, sm_scale: float, cfg: dict) -> None:
+    t, heads, _ = q.shape
     rows = kv_latent.shape[0]
     _fp8_mma_fwd_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
         q, kv_latent, kv_scale, kv_rope, indices, out, lse,
@@ -620,4 +647,3 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
         rows, indices.shape[-1], heads, float(sm_scale) * LOG2E,
         num_warps=4, **cfg,
     )
-    return out, lse

@@ -83,8 +83,8 @@ def forward_member(problem) -> str:
     if problem.fp8_layout is not None:
         deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
     if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and fm.asked_for():
-        return ("forward: the FP8-products Gluon kernel on Hopper (MLA_COMPILER_FP8_MMA=1: e4m3 Q and P), "
-                "else the warp-specialized one when the programs fill the SMs, else Triton")
+        return ("forward: the FP8-products Gluon kernel on Hopper (MLA_COMPILER_FP8_MMA=1: e4m3 Q and P) when the "
+                "(token, 64-head) programs fill the SMs, else Triton")
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
     if deepseek and problem.heads <= fh.MAX_HEADS and not switched_off(fh.ENV_OFF):
@@ -722,15 +722,16 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
     name = "forward_fp8" if kv_scale is not None else "forward"
     index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
     kernels = [
-        (ws, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
-        (fh, "gluon few-head", FEWHEAD_DECLINED, fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
+        (ws, ws.declines, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
+        (fh, fh.declines, "gluon few-head", FEWHEAD_DECLINED,
+         fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
-    if kv_scale is not None and fm.asked_for():
-        kernels.insert(0, (fm, "gluon FP8 products", FP8_MMA_DECLINED, fm.LAUNCH))  # tried first, only when asked for
+    if kv_scale is not None and fm.asked_for():  # tried first, only when asked for
+        kernels.insert(0, (fm, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fm.LAUNCH))
     else:
         FP8_MMA_DECLINED.pop(name, None)  # not consulted: an earlier call's reason no longer applies
-    for module, label, declined, launch in kernels:
-        reason = index_reason or module.declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
+    for module, module_declines, label, declined, launch in kernels:
+        reason = index_reason or module_declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
             declined[name] = reason
             continue
