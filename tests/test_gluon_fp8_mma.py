@@ -8,6 +8,7 @@ import torch
 from conftest import compiled_for_hopper, rel_err
 
 from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import gluon_common
 from mla_compiler.kernels import gluon_fp8_mma as fm
 from mla_compiler.kernels.awkward_inputs import awkward_inputs, extreme_scales, poison_unselected
 
@@ -87,7 +88,7 @@ def test_declines_with_reasons(monkeypatch):
     assert "attn_sink" in fm.declines(q, *rows, 512, attn_sink=torch.zeros(128))
     # The FP8 forward hands it a call only where the programs fill the SMs; forward() runs any.
     assert fm.dispatch_declines(q, *rows, 512) is None
-    monkeypatch.setattr(fm, "_sm_count", lambda device: 132)  # 2 tokens x 2 head blocks
+    monkeypatch.setattr(gluon_common, "sm_count", lambda device: 132)  # 2 tokens x 2 head blocks
     assert fm.declines(q, *rows, 512) is None
     assert "4 programs for 132 SMs" in fm.dispatch_declines(q, *rows, 512)
     assert "bf16 keys" in fm.dispatch_declines(q, kv[:, 0, :512], None, kv[:, 0, 512:], 512)

@@ -112,6 +112,21 @@ def switched_off(env_off: str) -> bool:
     return os.environ.get(env_off, "1") in ("0", "")
 
 
+def sm_count(device: torch.device) -> int:
+    """The device's SMs; 1 off CUDA (under the interpreter splitting buys nothing)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def too_few_programs(q: torch.Tensor) -> Optional[str]:
+    """Why one program per (token, 64 heads) would leave SMs idle (None when the programs fill
+    them): the Triton kernel splits the top-k there."""
+    programs = q.shape[0] * -(-q.shape[1] // _BLOCK_H)
+    sms = sm_count(q.device)
+    return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)" if programs < sms else None
+
+
 def platform_problem(q: torch.Tensor, env_off: str, hopper_why: str, h_kv: int) -> Optional[str]:
     """Why a Gluon kernel cannot run this call on this machine (None when it can): switched off by
     ``env_off``=0, no Gluon, not a CUDA tensor, not a Hopper GPU (``hopper_why`` says why that

@@ -46,7 +46,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem
+from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem, too_few_programs
 from .gluon_sparse_mla import REG_BUDGET, _misaligned, check_register_settings, check_row_counts, compile_ws_arguments
 
 if HAVE_GLUON:
@@ -67,7 +67,7 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
     from .gluon_consumers import _softmax_p_alpha, _store_output, _sum_halves
-    from .gluon_producers import _block_indices, _rope_rows, _row_ptrs
+    from .gluon_producers import _block_indices, _rope_rows, _row_ptrs, _valid_rows
 
 LOG2E = 1.4426950408889634
 # =1: FP8 calls try this kernel first (it rounds Q and P to e4m3: less accurate than the
@@ -83,10 +83,6 @@ E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays
 # scores and exchange maxima and P' (BLOCK_N 64 only), SPLIT=0: each computes all of them.
 LAUNCH = dict(CONSUMER_REGS=216, PRODUCER_REGS=72, PROBE_SKIP=0, BLOCK_N=64, STAGES=2, VT_STAGES=2, AHEAD=1, SPLIT=1)
 SHARED_LIMIT = 232448  # bytes a program may allocate on sm_90 (227 KB)
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def asked_for() -> bool:
@@ -126,12 +122,7 @@ def dispatch_declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Option
     """Why the FP8 forward should not hand this call to this kernel (None when it should): what
     ``declines`` says, or too few programs to fill the SMs (one program walks a token's whole
     top-k; the Triton kernel splits it). ``forward`` itself runs any call ``declines`` accepts."""
-    problem = declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
-    if problem is not None:
-        return problem
-    programs = q.shape[0] * triton.cdiv(q.shape[1], _BLOCK_H)
-    sms = _sm_count(q.device)
-    return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)" if programs < sms else None
+    return declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv) or too_few_programs(q)
 
 
 # --- the reference: the kernel's roundings, in torch -------------------------------------------
@@ -283,29 +274,18 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         # One commit group a block, empty past the last one, so wait_group(AHEAD) always means
-        # "block i has landed". Each block's indices are read one issue ahead.
+        # "block i has landed".
         idx = _block_indices(idx_row, 0, TOPK, BLOCK_N, row_layout)
         for j in gl.static_range(AHEAD):
-            rows = gl.where((idx >= 0) & (idx < S_KV), idx, -1)
-            idx = _block_indices(idx_row, j + 1, TOPK, BLOCK_N, row_layout)
-            if j < n_blocks:
-                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, j, stride_kvs, stride_ss,
-                             stride_rs, cols, STAGES, rope_layout, sig_layout)
-            else:
-                async_copy.commit_group()
+            idx = _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs,
+                              stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, rope_layout, sig_layout)
         for i in range(n_blocks):
             slot = i % STAGES
             vslot = i % VT_STAGES
             # The slot of block i + AHEAD is free once the consumers' scores of block
             # i + AHEAD - STAGES (at most i - 1) are done.
-            # The indices were read an iteration ago; only here is their value waited on.
-            rows = gl.where((idx >= 0) & (idx < S_KV), idx, -1)
-            idx = _block_indices(idx_row, i + AHEAD + 1, TOPK, BLOCK_N, row_layout)
-            if i + AHEAD < n_blocks:
-                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, i + AHEAD, stride_kvs, stride_ss,
-                             stride_rs, cols, STAGES, rope_layout, sig_layout)
-            else:
-                async_copy.commit_group()
+            idx = _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, i + AHEAD, n_blocks,
+                              stride_kvs, stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, rope_layout, sig_layout)
             async_copy.wait_group(AHEAD)
             partition_barrier()  # every producer thread's rows of block i have landed
             # log2 sigma once a key here (the consumers would take log2's long form per element).
@@ -324,6 +304,21 @@ if HAVE_GLUON:
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(full.index(slot))
+
+    @gluon.jit
+    def _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs, stride_ss,
+                    stride_rs, cols, S_KV, TOPK, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, row_layout: gl.constexpr,
+                    rope_layout: gl.constexpr, sig_layout: gl.constexpr):
+        """Block j's copies from its indices ``idx`` (an empty commit group past the last block);
+        returns block j + 1's indices, read now: their value is waited on only at the next call."""
+        rows = _valid_rows(idx, S_KV)
+        idx_next = _block_indices(idx_row, j + 1, TOPK, BLOCK_N, row_layout)
+        if j < n_blocks:
+            _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, j, stride_kvs, stride_ss, stride_rs,
+                         cols, STAGES, rope_layout, sig_layout)
+        else:
+            async_copy.commit_group()
+        return idx_next
 
     @gluon.jit
     def _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, i, stride_kvs, stride_ss, stride_rs,

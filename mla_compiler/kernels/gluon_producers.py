@@ -121,7 +121,11 @@ if HAVE_GLUON:
         """Block i's key rows, -1 where the index is invalid (-1, >= S_KV, past top-k), in the
         indices' dtype (int32 from the model's top-k: half the registers of int64 where rows are
         held across blocks); widened to int64 before any stride multiply."""
-        idx = _block_indices(idx_row, i, TOPK, BLOCK_N, row_layout)
+        return _valid_rows(_block_indices(idx_row, i, TOPK, BLOCK_N, row_layout), S_KV)
+
+    @gluon.jit
+    def _valid_rows(idx, S_KV):
+        """Indices as key rows: -1 where invalid (-1, >= S_KV; past top-k they read -1)."""
         return gl.where((idx >= 0) & (idx < S_KV), idx, -1)
 
     @gluon.jit

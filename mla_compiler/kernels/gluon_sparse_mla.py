@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import triton
 
-from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem
+from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem, too_few_programs
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -73,11 +73,7 @@ def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.
     problem = key_operands_problem(kv_latent, kv_scale, kv_rope)
     if problem is not None:
         return problem
-    programs = q.shape[0] * triton.cdiv(q.shape[1], _BLOCK_H)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    if programs < sms:
-        return f"{programs} programs for {sms} SMs (the Triton kernel splits the top-k there)"
-    return _misaligned(kv_latent, kv_rope)
+    return too_few_programs(q) or _misaligned(kv_latent, kv_rope)
 
 
 def _misaligned(kv_latent: torch.Tensor, kv_rope: torch.Tensor) -> Optional[str]:

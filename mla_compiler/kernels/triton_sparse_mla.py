@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from mla_compiler.errors import SparseAttnArgumentError
+from mla_compiler.kernels.gluon_common import sm_count
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -730,19 +731,16 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
         kernels.insert(0, (fm, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fm.LAUNCH))
     else:
         FP8_MMA_DECLINED.pop(name, None)  # not consulted: an earlier call's reason no longer applies
-    for module, module_declines, label, declined, launch in kernels:
+    for k, (module, module_declines, label, declined, launch) in enumerate(kernels):
         reason = index_reason or module_declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
             declined[name] = reason
             continue
         out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
-        # Reasons from earlier calls no longer describe this one (a kernel not consulted has none).
-        declined.pop(name, None)
-        if module is ws:
-            FEWHEAD_DECLINED.pop(name, None)
-        if module is fm:
-            WS_DECLINED.pop(name, None)
-            FEWHEAD_DECLINED.pop(name, None)
+        # Reasons from earlier calls no longer describe this one: the kernel that ran and those
+        # after it, not consulted, have none.
+        for *_, later_declined, _ in kernels[k:]:
+            later_declined.pop(name, None)
         LAST_LAUNCH[name] = dict(kernel=label, **getattr(module, "LAST_LAUNCH", None) or launch)
         return out
     return None
@@ -800,12 +798,6 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     return _forward_launch("forward_fp8", key, q, kv_latent, 0, 1, indices, sm_scale, d_v, constexprs, attn_sink, topk_length, candidates, launch is not None)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: splitting buys nothing, tests ask for it explicitly
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _forward_launch(name, key, q, kv, stride_kvg, h_kv, indices, sm_scale, d_v, constexprs, attn_sink, topk_length, candidates, overridden):
     """Launch _fwd_kernel (and _combine_kernel when the top-k is split) for the bf16 or FP8 keys
     (``kv`` is the keys or the FP8 latent, rows first). ``candidates``: launches, best first;
@@ -819,7 +811,7 @@ def _forward_launch(name, key, q, kv, stride_kvg, h_kv, indices, sm_scale, d_v, 
     if t == 0:
         return out, lse
     first = candidates[0]
-    splits = first.get("SPLITS") or LaunchPolicy.splits(t * h_kv * triton.cdiv(hpg, first["BLOCK_H"]), topk, first["BLOCK_N"], _sm_count(q.device))
+    splits = first.get("SPLITS") or LaunchPolicy.splits(t * h_kv * triton.cdiv(hpg, first["BLOCK_H"]), topk, first["BLOCK_N"], sm_count(q.device))
     for cfg in candidates:
         cfg["SPLITS"] = splits
     # Per (split, token, head): the unnormalized accumulator, then m and l.
