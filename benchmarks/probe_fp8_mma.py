@@ -25,9 +25,13 @@ SETTINGS = [
     {},
     dict(PROBE_SKIP=1),
     dict(PROBE_SKIP=2),
-    dict(STAGES=3, VT_STAGES=1, AHEAD=2),
-    dict(SPLIT=0),
-    dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
+    dict(fm.ONE_PRODUCER),
+    dict(fm.ONE_PRODUCER, PROBE_SKIP=1),
+    dict(STAGES=3, VT_STAGES=1),
+    dict(VT_STAGES=3),
+    dict(fm.ONE_PRODUCER, STAGES=3, VT_STAGES=1, AHEAD=2),
+    dict(fm.ONE_PRODUCER, SPLIT=0),
+    dict(fm.ONE_PRODUCER, SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
 ]
 
 

@@ -103,15 +103,15 @@ def test_compiles_for_hopper_with_e4m3_products():
         "import json; from mla_compiler.kernels import gluon_fp8_mma as fm\n"
         "c = fm.compile_for_hopper()\n"
         "ptx = c.asm['ptx']\n"
-        "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n256k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16')\n"
+        "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n128k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16')\n"
         "print(json.dumps(dict(shared=c.metadata.shared, setmaxnreg='setmaxnreg' in ptx,\n"
         "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds})))\n"
     )
     info = compiled_for_hopper(script)
     assert info["shared"] <= 227 * 1024 and info["setmaxnreg"], info
-    # Each warpgroup: Q K^T over 512 latent columns as 16 e4m3 steps, P V as two e4m3 64 x 256
-    # products (one a key half), the rope product as four bf16 steps.
-    assert info["mma"] == {"m64n32k32.f32.e4m3.e4m3": 32, "m64n256k32.f32.e4m3.e4m3": 4, "m64n32k16.f32.bf16.bf16": 8}, info
+    # Each consumer warpgroup: Q K^T over 512 latent columns as 16 e4m3 steps, P V as four e4m3
+    # 64 x 128 products (a key half by a 128-column accumulator), the rope product as four bf16 steps.
+    assert info["mma"] == {"m64n32k32.f32.e4m3.e4m3": 32, "m64n128k32.f32.e4m3.e4m3": 8, "m64n32k16.f32.bf16.bf16": 8}, info
 
 
 def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2):
@@ -128,10 +128,13 @@ def _assert_matches_emulation(out, lse, ref_out, ref_lse, lse_tol: float = 1e-2)
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(CONSUMER_REGS=208, PRODUCER_REGS=88), dict(SPLIT=0),
-                                    dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
-                                    dict(SPLIT=0, BLOCK_N=32, STAGES=5, VT_STAGES=3, AHEAD=4), dict(STAGES=3, VT_STAGES=1, AHEAD=2)],
-                         ids=["default", "regs-208-88", "whole-64", "whole-32-s6-a5", "whole-32-s5-vt3", "split-s3-vt1-a2"])
+@pytest.mark.parametrize("launch", [None, dict(fm.ONE_PRODUCER), dict(fm.ONE_PRODUCER, CONSUMER_REGS=208, PRODUCER_REGS=88),
+                                    dict(fm.ONE_PRODUCER, SPLIT=0),
+                                    dict(fm.ONE_PRODUCER, SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5),
+                                    dict(fm.ONE_PRODUCER, SPLIT=0, BLOCK_N=32, STAGES=5, VT_STAGES=3, AHEAD=4),
+                                    dict(fm.ONE_PRODUCER, STAGES=3, VT_STAGES=1, AHEAD=2), dict(STAGES=3, VT_STAGES=1), dict(VT_STAGES=3)],
+                         ids=["default", "one-producer", "one-producer-regs-208-88", "whole-64", "whole-32-s6-a5", "whole-32-s5-vt3",
+                              "one-producer-s3-vt1-a2", "s3-vt1", "vt3"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
@@ -145,7 +148,8 @@ def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5)], ids=["default", "whole-32"])
+@pytest.mark.parametrize("launch", [None, dict(fm.ONE_PRODUCER), dict(fm.ONE_PRODUCER, SPLIT=0, BLOCK_N=32, STAGES=6, VT_STAGES=2, AHEAD=5)],
+                         ids=["default", "one-producer", "whole-32"])
 def test_keeps_extreme_scales(launch):
     q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
     out, lse = fm.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
@@ -222,7 +226,7 @@ def test_shared_memory_is_the_compilers_count():
     script = (
         "import json; from mla_compiler.kernels import gluon_fp8_mma as fm\n"
         "out = {}\n"
-        "for name, cfg in (('fits', dict(SPLIT=0, STAGES=3, AHEAD=2)), ('over', dict(STAGES=4, AHEAD=3))):\n"
+        "for name, cfg in (('fits', dict(fm.ONE_PRODUCER, SPLIT=0, STAGES=3, AHEAD=2)), ('over', dict(STAGES=4, AHEAD=3))):\n"
         "    try:\n"
         "        out[name] = fm.compile_for_hopper(cfg).metadata.shared\n"
         "    except ValueError as e:\n"
@@ -236,14 +240,18 @@ def test_shared_memory_is_the_compilers_count():
 
 def test_launch_settings_are_checked():
     fm.check_launch(dict(fm.LAUNCH))
-    for bad, words in ((dict(CONSUMER_REGS=220), "multiple of 8"), (dict(CONSUMER_REGS=232), "<= 504"),
+    for bad, words in ((dict(CONSUMER_REGS=220), "multiple of 8"), (dict(CONSUMER_REGS=216), "<= 512"),
+                       (dict(fm.ONE_PRODUCER, CONSUMER_REGS=232), "<= 504"),
                        (dict(PROBE_SKIP=3), "PROBE_SKIP=3"), (dict(STAGE=3), "unknown"),
-                       (dict(BLOCK_N=48), "BLOCK_N=48"), (dict(BLOCK_N=32), "SPLIT=1"), (dict(AHEAD=2), "AHEAD=2"),
-                       (dict(VT_STAGES=0), "VT_STAGES=0"), (dict(PROBE_SKIP=2, SPLIT=0), "split consumers only")):
+                       (dict(fm.ONE_PRODUCER, BLOCK_N=48), "BLOCK_N=48"), (dict(fm.ONE_PRODUCER, BLOCK_N=32), "SPLIT=1"),
+                       (dict(AHEAD=2), "AHEAD=2"), (dict(VT_STAGES=0), "VT_STAGES=0"),
+                       (dict(fm.ONE_PRODUCER, PROBE_SKIP=2, SPLIT=0), "split consumers only"),
+                       (dict(SPLIT=0, BLOCK_N=32), "SPLIT=1 only"), (dict(COPIER_REGS=60), "multiple of 8")):
         with pytest.raises(ValueError, match=words):
             fm.check_launch(dict(fm.LAUNCH, **bad))
     # Settings the GPU tests and the probe run are accepted.
-    for good in (dict(STAGES=3, VT_STAGES=1, AHEAD=2), dict(SPLIT=0, BLOCK_N=32, STAGES=6, AHEAD=5), dict(PROBE_SKIP=2)):
+    for good in (dict(STAGES=3, VT_STAGES=1, AHEAD=2), dict(fm.ONE_PRODUCER, SPLIT=0, BLOCK_N=32, STAGES=6, AHEAD=5), dict(PROBE_SKIP=2),
+                 dict(fm.ONE_PRODUCER), dict(fm.ONE_PRODUCER, STAGES=3, VT_STAGES=1, AHEAD=2)):
         fm.check_launch(dict(fm.LAUNCH, **good))
 
 
