@@ -38,7 +38,11 @@ few for one product's 128 accumulator registers, so each consumer's value column
 scores (SPLIT=0; twice the Q K^T products, no exchanges) 0.259 ms, the same with 32-key blocks in
 six slots 0.290 (both spill at the default registers), three raw-row slots with one transposed
 tile, two blocks copied ahead, 0.211 (0.218 with the copier). Issuing the next block's score
-products right behind P V measured slower (0.2165 against 0.2107 ms, an earlier version).
+products right behind P V measured slower (0.2165 against 0.2107 ms, an earlier version), and so
+did the two consumers alternating blocks (each the scores and softmax of every other block, its P'
+handed over, its next scores issued while the other's softmax runs; the FlashAttention-3
+ping-pong with the value columns split): 0.2575 ms with 32-key blocks in four slots, 0.208
+without the transposes, 0.275 with 64-key blocks (spilling); not kept.
 """
 
 from __future__ import annotations
