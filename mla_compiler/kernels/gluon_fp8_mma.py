@@ -42,7 +42,13 @@ products right behind P V measured slower (0.2165 against 0.2107 ms, an earlier 
 did the two consumers alternating blocks (each the scores and softmax of every other block, its P'
 handed over, its next scores issued while the other's softmax runs; the FlashAttention-3
 ping-pong with the value columns split): 0.2575 ms with 32-key blocks in four slots, 0.208
-without the transposes, 0.275 with 64-key blocks (spilling); not kept.
+without the transposes, 0.275 with 64-key blocks (spilling). Also measured slower and not kept
+(against 0.184-0.186 in the same calls): the scores started before the transposes (0.188), the
+transposed tiles released a block later to save a barrier (0.190), the keys' scales read before
+the score products' wait (0.195), the copier asking L2 for blocks 1-4 ahead (0.193-0.196), and
+a third latent slot beside a separate two-slot rope ring (0.186). Nsight Compute's stall samples
+(RESULTS.md) show the copier and the transposer mostly waiting, the consumers spread over their
+products' waits, the exchanges' barriers and short-scoreboard waits on shared memory.
 """
 
 from __future__ import annotations
