@@ -45,11 +45,12 @@ ping-pong with the value columns split): 0.2575 ms with 32-key blocks in four sl
 without the transposes, 0.275 with 64-key blocks (spilling). Also measured slower and not kept
 (against 0.184-0.186 in the same calls): the scores started before the transposes (0.188), the
 transposed tiles released a block later to save a barrier (0.190), the keys' scales read before
-the score products' wait (0.195), the copier asking L2 for blocks 1-4 ahead (0.193-0.196), and
-a third latent slot beside a separate two-slot rope ring (0.186), and Q's first 128 latent
-columns held in registers as the score products' A operand (0.1833 against 0.1835; 256 spill). Nsight Compute's stall samples
-(RESULTS.md) show the copier and the transposer mostly waiting, the consumers spread over their
-products' waits, the exchanges' barriers and short-scoreboard waits on shared memory.
+the score products' wait (0.195), the copier asking L2 for blocks 1-4 ahead (0.193-0.196), a
+third latent slot beside a separate two-slot rope ring (0.186), and Q's first 128 latent columns
+held in registers as the score products' A operand (0.1833 against 0.1835; 256 spill). Nsight
+Compute (RESULTS.md): shared memory is the busiest unit (69.6 %); the stall samples show the
+copier and the transposer mostly waiting, the consumers spread over their products' waits, the
+exchanges' barriers and short-scoreboard waits on shared memory.
 """
 
 from __future__ import annotations
