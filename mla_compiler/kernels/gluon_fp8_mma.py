@@ -216,6 +216,11 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
 if HAVE_GLUON:
     HEADROOM_LOG2, E_MAX = gl.constexpr(P_HEADROOM_LOG2), gl.constexpr(E_LIMIT)
 
+    # How the copying partition spreads a block's copies: 64 rows x 256 latent bytes (16 a thread),
+    # and 64 rows x 64 rope values.
+    RAW_COPY_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0]))
+    ROPE_COPY_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+
     # The producer's transpose of a [64 keys, 128 columns] chunk: 4 columns x 16 keys a thread, read
     # as 4-byte runs of the key rows, written as 16-byte runs of the transposed tile's rows (64
     # keys, 64-byte swizzle). Both take twice their ideal shared wavefronts, the fewest among the
@@ -282,8 +287,8 @@ if HAVE_GLUON:
         keys' scales sigma and log2 sigma, then the rows transposed into a [512, BLOCK_N] tile (P V's
         B operand, keys contiguous). Blocks i + 1 .. i + AHEAD are in flight while block i is
         transposed."""
-        copy_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
-        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        copy_layout: gl.constexpr = RAW_COPY_LAYOUT
+        rope_layout: gl.constexpr = ROPE_COPY_LAYOUT
         row_layout: gl.constexpr = gl.SliceLayout(1, copy_layout)
         t, _ = _program_coords(H)
         stride_rs = gl.multiple_of(stride_rs, 8)
@@ -299,21 +304,29 @@ if HAVE_GLUON:
             idx = _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs,
                               stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, rope_layout, sig_layout)
         for i in range(n_blocks):
-            slot = i % STAGES
-            vslot = i % VT_STAGES
             # The slot of block i + AHEAD is free once the consumers' scores of block
             # i + AHEAD - STAGES (at most i - 1) are done.
             idx = _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, i + AHEAD, n_blocks,
                               stride_kvs, stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, rope_layout, sig_layout)
             async_copy.wait_group(AHEAD)
             partition_barrier()  # every producer thread's rows of block i have landed
-            # log2 sigma once a key here (the consumers would take log2's long form per element).
-            lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
-            mbarrier.wait(v_empty.index(vslot), ((i // VT_STAGES) & 1) ^ 1)
-            _transpose_block(k8_ring.index(slot), vt_lo.index(vslot), vt_hi.index(vslot), BLOCK_N, PROBE_SKIP)
-            fence_async_shared()
-            partition_barrier()
-            mbarrier.arrive(full.index(slot))
+            _hand_over_block(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)
+
+    @gluon.jit
+    def _hand_over_block(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         VT_STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
+        """Block i, landed in its slot: log2 sigma once a key (the consumers would take log2's long
+        form per element), the transposes once its transposed tiles are free, then the block handed
+        to the consumers (``full``)."""
+        slot = i % STAGES
+        vslot = i % VT_STAGES
+        sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
+        mbarrier.wait(v_empty.index(vslot), ((i // VT_STAGES) & 1) ^ 1)
+        _transpose_block(k8_ring.index(slot), vt_lo.index(vslot), vt_hi.index(vslot), BLOCK_N, PROBE_SKIP)
+        fence_async_shared()
+        partition_barrier()
+        mbarrier.arrive(full.index(slot))
 
     @gluon.jit
     def _transpose_block(k_slot, vt_lo_slot, vt_hi_slot, BLOCK_N: gl.constexpr, PROBE_SKIP: gl.constexpr):
@@ -337,8 +350,8 @@ if HAVE_GLUON:
         """COPIER=1: block after block, as soon as its slot frees, the raw rows, rope rows and key
         scales by asynchronous copies, whose landing ``landed`` tracks (the copies' own arrivals),
         and the keys' validity beside them. Nothing here waits on a copy: the transposer does."""
-        copy_layout: gl.constexpr = gl.BlockedLayout([1, 16], [2, 16], [4, 1], [1, 0])
-        rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        copy_layout: gl.constexpr = RAW_COPY_LAYOUT
+        rope_layout: gl.constexpr = ROPE_COPY_LAYOUT
         sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         row_layout: gl.constexpr = gl.SliceLayout(1, copy_layout)
         t, _ = _program_coords(H)
@@ -365,18 +378,10 @@ if HAVE_GLUON:
         """COPIER=1: each block once its copies land and its transposed tiles are free: log2 sigma,
         the transposes, then the block handed to the consumers. Off the copies' path, so a block's
         transposes wait on neither the copy issue nor the consumers' scores of the block before."""
-        sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
-            slot = i % STAGES
-            vslot = i % VT_STAGES
-            mbarrier.wait(landed.index(slot), (i // STAGES) & 1)
-            lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
-            mbarrier.wait(v_empty.index(vslot), ((i // VT_STAGES) & 1) ^ 1)
-            _transpose_block(k8_ring.index(slot), vt_lo.index(vslot), vt_hi.index(vslot), BLOCK_N, PROBE_SKIP)
-            fence_async_shared()
-            partition_barrier()
-            mbarrier.arrive(full.index(slot))
+            mbarrier.wait(landed.index(i % STAGES), (i // STAGES) & 1)
+            _hand_over_block(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)
 
     @gluon.jit
     def _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs, stride_ss,
