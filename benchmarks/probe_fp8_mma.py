@@ -4,7 +4,10 @@ whole scores; PROBE_SKIP=1 drops the producer's transposes: the output is then w
 time counts), beside the dequantizing kernel (row scale) and bf16 keys. Each setting is first
 checked against reference_fp8_mma on 8 tokens. CUDA graphs, interleaved rounds, medians.
 
-    python benchmarks/probe_fp8_mma.py [--rounds 3] [--launch '{"BLOCK_N": 32, ...}' ...] [--out probe.json]
+    python benchmarks/probe_fp8_mma.py [--rounds 3] [--launch '{"BLOCK_N": 32, ...}' ...] [--vregs '{"STAGES": 3}' ...]
+        [--out probe.json]
+
+``--vregs`` adds the kernel without transposes (gluon_fp8_mma_vregs) under the launch given.
 """
 
 import argparse
@@ -19,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, rel  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
+from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 
 SETTINGS = [
@@ -43,6 +47,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--launch", action="append", type=json.loads, help="a launch dict (JSON); repeat; default: SETTINGS")
+    p.add_argument("--vregs", action="append", type=json.loads, default=[],
+                   help="a launch dict (JSON) of the kernel without transposes (gluon_fp8_mma_vregs); repeat")
     p.add_argument("--out")
     a = p.parse_args()
     settings = a.launch or SETTINGS
@@ -50,19 +56,19 @@ def main() -> int:
     fp8 = fp8_key_sets(kv)
     scale = 576**-0.5
     errors, cands = {}, {}
-    for launch in settings:
-        name = name_of(launch)
+    runs = [(fm, launch, name_of(launch)) for launch in settings]
+    runs += [(fv, launch, "vregs " + (" ".join(f"{k}={v}" for k, v in launch.items()) or "default")) for launch in a.vregs]
+    for kernel, launch, name in runs:
         try:
-            out, lse = fm.forward(q[:8], *fp8["row"], idx[:8], scale, launch=launch)
+            out, lse = kernel.forward(q[:8], *fp8["row"], idx[:8], scale, launch=launch)
         except Exception as e:  # a setting that does not compile or launch is reported, not fatal
             errors[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
             print(name, errors[name], flush=True)
             continue
-        cfg = dict(fm.LAUNCH, **launch)
-        ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, block_n=cfg["BLOCK_N"])
+        ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, block_n=launch.get("BLOCK_N", 64))
         errors[name] = dict(out=rel(out, ref_out), lse=(lse - ref_lse).abs().max().item())
         print(name, errors[name], flush=True)
-        cands[name] = lambda launch=launch: fm.forward(q, *fp8["row"], idx, scale, launch=launch)
+        cands[name] = lambda kernel=kernel, launch=launch: kernel.forward(q, *fp8["row"], idx, scale, launch=launch)
     cands["ws FP8 row (dequantized)"] = lambda: ws.forward(q, *fp8["row"], idx, scale)
     cands["ws bf16 keys"] = lambda: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale)
     times = graphed_rounds(cands, a.rounds)

@@ -1,0 +1,340 @@
+"""Sparse MLA forward with e4m3 products and no transposed copy of the keys (Hopper, Gluon): the
+same arithmetic as gluon_fp8_mma (its reference, ``reference_fp8_mma``, holds for both), with P V
+computed as O^T = V^T P'^T.
+
+Why: e4m3 warpgroup MMAs take shared-memory operands K-major only. For O = P' V the keys are
+the K dimension of V, so gluon_fp8_mma writes a transposed copy of every block (a fourth
+partition, and the busiest unit, shared memory, moves each block's rows three more times). In
+O^T = V^T P'^T the value columns are M and V^T is the A operand, which may come from registers:
+each consumer thread reads its key rows with 4-byte loads (4 value columns of one key) and the
+bytes are regrouped in registers into A's fragments (4 keys of one value column). P' is B, and
+the [heads, keys] tile the consumers already write for each other is K-major as it stands.
+
+Which value column an accumulator row holds: a thread's A rows in the four 64-row products of
+a warpgroup are the same four rows r, so row r of product q holds value column 4 r + q, and the
+four are one 4-byte word of a key row. The output store undoes the mapping.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+from .gluon_common import _BLOCK_H, _D_LAT, HAVE_GLUON
+from .gluon_fp8_mma import LOG2E, SHARED_LIMIT, declines
+from .gluon_sparse_mla import REG_BUDGET, check_register_settings, check_row_counts, compile_ws_arguments
+
+if HAVE_GLUON:
+    from .gluon_common import (
+        BLOCK_H,
+        V_HALF,
+        _program_coords,
+        async_copy,
+        fence_async_shared,
+        gl,
+        gluon,
+        mbarrier,
+        partition_barrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from .gluon_consumers import _sum_halves
+    from .gluon_fp8_mma import E_MAX, HEADROOM_LOG2, RAW_COPY_LAYOUT, ROPE_COPY_LAYOUT, _exp2_int, _issue_block, _issue_scores, _quantize_q
+    from .gluon_producers import _block_indices, _valid_rows
+
+# STAGES ring slots of BLOCK_N=64 keys (raw rows, rope rows, scales), held until both consumers'
+# P V is done; the producer copies AHEAD blocks ahead of the one it hands over.
+# KEY_ORDER=1 reads V without bank conflicts (V_LOAD_LAYOUT_SPREAD).
+LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1)
+
+if HAVE_GLUON:
+    # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
+    # 4-byte word) x 4 keys a thread per load group. After regrouping (``_v_operand``) it is
+    # exactly the A operand fragment of the [256, 32] product with row 64 q + r = column 4 r + q.
+    # Its loads meet two key rows in the same banks (rows 8 apart share the 128-byte swizzle's phase).
+    V_LOAD_LAYOUT = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [0, 32], [16, 0]],
+        lane_bases=[[4, 0], [8, 0], [0, 4], [0, 8], [0, 16]],
+        warp_bases=[[0, 64], [0, 128]], block_bases=[], shape=[32, 256]))
+    # KEY_ORDER=1: the same with the product's key order k -> key (bits 1, 2, 4, 8, 16 -> 1, 8, 2, 4,
+    # 16), so a load's four lane rows are 2 apart, in four swizzle phases: no bank conflicts. P' is
+    # stored in the same key order (``_key_ordered``).
+    V_LOAD_LAYOUT_SPREAD = gl.constexpr(gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [1, 0], [8, 0], [0, 32], [16, 0]],
+        lane_bases=[[2, 0], [4, 0], [0, 4], [0, 8], [0, 16]],
+        warp_bases=[[0, 64], [0, 128]], block_bases=[], shape=[32, 256]))
+
+    @gluon.jit
+    def _key_ordered(x, KEY_ORDER: gl.constexpr):
+        """[rows, 32 keys] in the products' key order (KEY_ORDER=1: column k holds key 1, 8, 2, 4, 16
+        for k's bits 1, 2, 4, 8, 16; 0: unchanged)."""
+        if KEY_ORDER:
+            rows: gl.constexpr = x.shape[0]
+            x = gl.permute(gl.reshape(x, [rows, 2, 2, 2, 2, 2]), (0, 1, 3, 4, 2, 5))
+            x = gl.reshape(x, [rows, 32])
+        return x
+
+    @gluon.jit
+    def _v_operand(k_slot, WG: gl.constexpr, KEYS: gl.constexpr, HALF: gl.constexpr, a_layout: gl.constexpr,
+                   KEY_ORDER: gl.constexpr):
+        """V^T's A operand for this warpgroup's 256 value columns and the keys of half KEYS of
+        the slot: [256 rows (64 q + r = column 4 r + q), HALF keys in the products' key order]."""
+        keys = k_slot.slice(KEYS * HALF, HALF, dim=0).slice(WG * V_HALF, V_HALF, dim=1)
+        if KEY_ORDER:
+            x = keys.load(V_LOAD_LAYOUT_SPREAD)
+        else:
+            x = keys.load(V_LOAD_LAYOUT)
+        x = gl.permute(gl.reshape(x, [HALF, V_HALF // 4, 4]), (2, 1, 0))
+        x = _key_ordered(gl.reshape(x, [V_HALF, HALF]), KEY_ORDER)
+        return gl.convert_layout(x, a_layout)
+
+    @gluon.jit
+    def _producer_vregs(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                        AHEAD: gl.constexpr):
+        """Each block's raw rows, rope rows and scales copied into a slot AHEAD blocks before it is
+        handed over; once landed, log2 sigma, then ``full``."""
+        row_layout: gl.constexpr = gl.SliceLayout(1, RAW_COPY_LAYOUT)
+        sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        t, _ = _program_coords(H)
+        stride_rs = gl.multiple_of(stride_rs, 8)
+        stride_kvs = gl.multiple_of(stride_kvs, 16)
+        idx_row = IDX + t * stride_it
+        cols = gl.arange(0, 256, layout=gl.SliceLayout(0, RAW_COPY_LAYOUT))
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        idx = _block_indices(idx_row, 0, TOPK, BLOCK_N, row_layout)
+        # One commit group a block, empty past the last one: wait_group(AHEAD) means block i landed.
+        for j in range(n_blocks + AHEAD):
+            rows = _valid_rows(idx, S_KV)
+            idx = _block_indices(idx_row, j + 1, TOPK, BLOCK_N, row_layout)
+            if j < n_blocks:
+                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, j, stride_kvs, stride_ss,
+                             stride_rs, cols, STAGES, ROPE_COPY_LAYOUT, sig_layout)
+            else:
+                async_copy.commit_group()
+            if j >= AHEAD:
+                i = j - AHEAD
+                async_copy.wait_group(AHEAD)
+                partition_barrier()  # every producer thread's rows of block i have landed
+                slot = i % STAGES
+                lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
+                fence_async_shared()
+                partition_barrier()
+                mbarrier.arrive(full.index(slot))
+
+    @gluon.jit
+    def _consumer_vregs(q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax, p8_half,
+                        lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
+                        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr):
+        """Scores of this warpgroup's half of each block's keys, the row maxima and P' halves
+        exchanged with the other warpgroup (as gluon_fp8_mma), then O^T += V^T P'^T for this
+        warpgroup's 256 value columns, V^T from registers."""
+        t, hb = _program_coords(H)
+        HALF: gl.constexpr = BLOCK_N // 2
+        OTHER: gl.constexpr = 1 - WG
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 32])
+        sr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HALF, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        head_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        q_log2 = qs_smem.load(row_s) * sm_scale_log2
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
+        e_prev = gl.zeros([BLOCK_H], gl.float32, row_s)  # acc holds the output / 2^(e_prev - 8)
+        acc = gl.zeros([V_HALF, BLOCK_H], gl.float32, o_layout)  # O^T, rows as V_LOAD_LAYOUT maps them
+        s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
+        sr_zero = gl.zeros([BLOCK_H, HALF], gl.float32, sr_layout)
+        n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        for i in range(n_blocks):
+            slot = i % STAGES
+            k_slot = k8_ring.index(slot)
+            s8, sr = _issue_scores(q8_smem, qr_smem, k8_ring, r_ring, full, i, s_zero, sr_zero, WG, HALF, STAGES, 0)
+            v_mine = _v_operand(k_slot, WG, WG, HALF, a_layout, KEY_ORDER)  # read while the score products run
+            s8, sr = warpgroup_mma_wait(0, deps=[s8, sr])
+            sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
+            valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
+            s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
+            s = gl.where(valid[None, :], s, float("-inf"))
+            m_mine = gl.max(s, 1)
+            m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
+            w_mine = gl.max(s - m_safe[:, None] + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
+            xmax.index(WG).store(m_mine)
+            wmax.index(WG).store(w_mine)
+            partition_barrier()
+            mbarrier.arrive(bar_x.index(WG))
+            mbarrier.wait(bar_x.index(OTHER), i & 1)
+            m_other = xmax.index(OTHER).load(row_s)
+            m_blk = gl.maximum(m_mine, m_other)
+            m_new = gl.maximum(m_i, m_blk)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            p = gl.exp2(s - m_use[:, None])
+            # P' = P sigma 2^(8 - e) <= 256, e per row (p_exponent); acc carries 2^(e - 8).
+            w_row = gl.maximum(w_mine + (m_safe - m_use),
+                               wmax.index(OTHER).load(row_s) + (gl.where(m_other == float("-inf"), 0.0, m_other) - m_use))
+            e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
+            e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
+            p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            p8_half.index(WG).store(_key_ordered(p8, KEY_ORDER))
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(bar_p.index(WG))
+            acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), head_o)[None, :]
+            acc = warpgroup_mma(v_mine, p8_half.index(WG).permute((1, 0)), acc, is_async=True)
+            v_other = _v_operand(k_slot, WG, OTHER, HALF, a_layout, KEY_ORDER)
+            mbarrier.wait(bar_p.index(OTHER), i & 1)
+            acc = warpgroup_mma(v_other, p8_half.index(OTHER).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            m_i = m_new
+            e_prev = e
+            # The slot's rows (read into registers and by the score products), rope rows and
+            # scales are read; P V reads only P' (shared) and registers.
+            partition_barrier()
+            mbarrier.arrive(k_empty.index(slot))
+
+        l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
+        empty_row = l_i == 0.0
+        l_safe = gl.where(empty_row, 1.0, l_i)
+        factor = gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2) / l_safe, head_o)
+        _store_transposed(acc * factor[None, :], OUT, t, hb, stride_ot, stride_oh, H, WG, o_layout)
+        if WG == 0:
+            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
+            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+
+    @gluon.jit
+    def _store_transposed(acc, OUT, t, hb, stride_ot, stride_oh, H, WG: gl.constexpr, o_layout: gl.constexpr):
+        """O^T [256 rows, 64 heads] (row 64 q + r = value column 4 r + q) into out[t, heads, cols]."""
+        rows = gl.arange(0, V_HALF, layout=gl.SliceLayout(1, o_layout))
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, o_layout))
+        cols = WG * V_HALF + 4 * (rows % (V_HALF // 4)) + rows // (V_HALF // 4)
+        o_ptr = OUT + t * stride_ot + heads[None, :] * stride_oh + cols[:, None]
+        gl.store(o_ptr, acc.to(gl.bfloat16), mask=(heads < H)[None, :])
+
+    @gluon.jit(do_not_specialize=["TOPK"])
+    def _fp8_mma_vregs_kernel(
+        Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE,
+        stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
+        S_KV, TOPK, H, sm_scale_log2,
+        STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
+        KEY_ORDER: gl.constexpr,
+    ):
+        t, hb = _program_coords(H)
+        BLOCK_N: gl.constexpr = 64
+        HALF: gl.constexpr = BLOCK_N // 2
+        D_LAT: gl.constexpr = 512
+        D_ROPE: gl.constexpr = 64
+        vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float8e4nv)
+        qr_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
+        k8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.float8e4nv)
+        r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
+        p8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], gl.float8e4nv)
+        q8_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_H, D_LAT], q8_layout)
+        qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], qr_layout)
+        qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
+        k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
+        r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
+        ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec)
+        sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
+        lsig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
+        xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
+        wmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
+        lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
+        p8_half = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_H, HALF], p8_layout)
+        full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(full.index(s), count=1)
+            mbarrier.init(k_empty.index(s), count=2)
+        for w in gl.static_range(2):
+            mbarrier.init(bar_x.index(w), count=1)
+            mbarrier.init(bar_p.index(w), count=1)
+            mbarrier.init(bar_l.index(w), count=1)
+        _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H)
+        fence_async_shared()
+        partition_barrier()
+        gl.warp_specialize(
+            [
+                (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+                                   p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
+                                   sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER)),
+                (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+                                   p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
+                                   sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER)),
+                (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+                                   stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD)),
+            ],
+            [4, 4],
+            [CONSUMER_REGS, PRODUCER_REGS],
+        )
+
+
+def check_launch(cfg: dict) -> None:
+    """Raises ValueError naming the launch setting this kernel cannot run with."""
+    unknown = set(cfg) - set(LAUNCH)
+    if unknown:
+        raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {sorted(LAUNCH)}")
+    check_register_settings(cfg)
+    if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > REG_BUDGET:
+        raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
+                         f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
+    for flag in ("KEY_ORDER",):
+        if cfg[flag] not in (0, 1):
+            raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
+    if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
+        raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']}: keep 1 <= AHEAD < STAGES (the slot of block "
+                         "i + AHEAD frees once block i + AHEAD - STAGES is done)")
+
+
+def _too_much_shared(cfg: dict, needed) -> str:
+    return f"launch STAGES={cfg['STAGES']}: {needed} bytes of shared memory, over sm_90's {SHARED_LIMIT}; use fewer STAGES"
+
+
+def compile_for_hopper(launch: Optional[dict] = None):
+    """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
+    cfg = dict(LAUNCH, **(launch or {}))
+    check_launch(cfg)
+    compiled = compile_ws_arguments(_fp8_mma_vregs_kernel, True, cfg)
+    if compiled.metadata.shared > SHARED_LIMIT:
+        raise ValueError(_too_much_shared(cfg, compiled.metadata.shared))
+    return compiled
+
+
+def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
+    """out [T, H, 512] and lse [T, H], the arithmetic of ``gluon_fp8_mma.reference_fp8_mma``: q
+    [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope bf16 [S, 64],
+    indices [T, 1, topk] int32."""
+    problem = declines(q, kv_latent, kv_scale, kv_rope, _D_LAT)
+    if problem is not None:
+        raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
+    cfg = dict(LAUNCH, **(launch or {}))
+    check_launch(cfg)
+    t, heads, _ = q.shape
+    q, indices = q.contiguous(), indices.contiguous()
+    out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
+    lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    check_row_counts(kv_latent, kv_rope, kv_scale)
+    try:
+        _fp8_mma_vregs_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
+            q, kv_latent, kv_scale, kv_rope, indices, out, lse,
+            q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),
+            indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+            kv_latent.shape[0], indices.shape[-1], heads, float(sm_scale) * LOG2E,
+            num_warps=4, **cfg,
+        )
+    except OutOfResources as e:
+        raise ValueError(_too_much_shared(cfg, getattr(e, "required", "too many"))) from e
+    return out, lse

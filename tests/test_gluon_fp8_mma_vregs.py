@@ -1,0 +1,121 @@
+"""The FP8-MMA forward without transposed keys (O^T = V^T P'^T, gluon_fp8_mma_vregs.py): its
+value-operand layout is the A fragment it claims to be and reads shared memory without bank
+conflicts it could avoid (CPU); it compiles for Hopper with e4m3 products and no transposes (CPU);
+on a Hopper GPU it matches reference_fp8_mma on awkward inputs, as gluon_fp8_mma does."""
+
+import pytest
+from conftest import compiled_for_hopper, rel_err
+from test_gluon_fp8_mma import SCALE, _assert_matches_emulation, _row_keys, _shared_wavefronts, hopper
+
+from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import gluon_fp8_mma as fm
+from mla_compiler.kernels import gluon_fp8_mma_vregs as fv
+
+needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+needs_gluon = pytest.mark.skipif(not fv.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+
+
+def _fragment_owner(m: int, k: int) -> tuple[int, int, int]:
+    """(warp, lane, byte within the thread's fragment group) of element [m, k] of a [256, 32] e4m3
+    wgmma A operand in registers (PTX ISA, wgmma register fragments for .e4m3 A: a warp's 16 rows
+    per 64-row product, lanes 4 g + c holding rows g and g + 8, keys 4 c .. 4 c + 3 and + 16)."""
+    warp, row = (m % 64) // 16, m % 16
+    g, c = row % 8, (k % 16) // 4
+    return warp, 4 * g + c, (m // 64, row // 8, k // 16, k % 4)
+
+
+def _spread_key(k: int) -> int:
+    """The key of the products' key k under KEY_ORDER=1 (k's bits 1, 2, 4, 8, 16 -> 1, 8, 2, 4, 16)."""
+    return (k & 1) | (k >> 1 & 1) << 3 | (k >> 2 & 1) << 1 | (k >> 3 & 1) << 2 | (k & 16)
+
+
+@needs_gluon
+@pytest.mark.parametrize("spread", [False, True], ids=["slot-order", "spread"])
+def test_value_load_layout_is_the_a_fragment_with_rows_regrouped(spread):
+    # The load layout over [32 keys, 256 columns], with column 4 r + q taken as A row 64 q + r (and
+    # with KEY_ORDER=1 key _spread_key(k) as A column k), puts every element in the warp and lane
+    # that holds it in wgmma's A fragment: the regrouping in registers (_v_operand) moves no data
+    # between threads.
+    lay = (fv.V_LOAD_LAYOUT_SPREAD if spread else fv.V_LOAD_LAYOUT).value
+    to_k = {(_spread_key(k) if spread else k): k for k in range(32)}
+
+    def element(reg, lane, warp):
+        pos = [0, 0]
+        for bases, bits in ((lay.reg_bases, reg), (lay.lane_bases, lane), (lay.warp_bases, warp)):
+            for j, base in enumerate(bases):
+                if bits >> j & 1:
+                    pos = [pos[0] ^ base[0], pos[1] ^ base[1]]
+        return tuple(pos)
+
+    seen = set()
+    for warp in range(4):
+        for lane in range(32):
+            for reg in range(1 << len(lay.reg_bases)):
+                key, col = element(reg, lane, warp)
+                m = 64 * (col % 4) + col // 4
+                assert _fragment_owner(m, to_k[key])[:2] == (warp, lane), (reg, lane, warp)
+                seen.add((key, col))
+    assert len(seen) == 32 * 256
+
+
+@needs_gluon
+def test_value_loads_are_4_byte_runs_without_bank_conflicts_in_key_order_1():
+    from test_shared_bank_layouts import _offsets, _triton_linear
+    from triton.experimental.gluon import language as gl
+
+    rows = _offsets(_triton_linear(gl.NVMMASharedLayout.get_default_for([64, 512], gl.float8e4nv), [64, 512]))
+    found = []
+    for lay in (fv.V_LOAD_LAYOUT.value, fv.V_LOAD_LAYOUT_SPREAD.value):
+        found.append(_shared_wavefronts(lay.reg_bases, lay.lane_bases, lay.warp_bases, lambda kc: rows[kc], vector_dim=1))
+    # In slot order a load's four key rows are 4 apart, and rows 8 apart share the 128-byte
+    # swizzle's phase: twice the ideal. Spread, the rows are 2 apart: the ideal.
+    assert found == [(128, 64), (64, 64)], found
+
+
+@needs_gluon
+def test_compiles_for_hopper_without_transposes():
+    script = (
+        "import json; from mla_compiler.kernels import gluon_fp8_mma_vregs as fv\n"
+        "c = fv.compile_for_hopper()\n"
+        "ptx = c.asm['ptx']\n"
+        "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n64k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16')\n"
+        "print(json.dumps(dict(shared=c.metadata.shared, setmaxnreg='setmaxnreg' in ptx,\n"
+        "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds})))\n"
+    )
+    info = compiled_for_hopper(script)
+    assert info["shared"] <= fm.SHARED_LIMIT and info["setmaxnreg"], info
+    # Each consumer: Q K^T as 16 e4m3 steps, the rope as 4 bf16 steps, and V^T P'^T as four
+    # 64-row products (its 256 value columns) for each key half, 64 heads wide.
+    assert info["mma"] == {"m64n32k32.f32.e4m3.e4m3": 32, "m64n64k32.f32.e4m3.e4m3": 16, "m64n32k16.f32.bf16.bf16": 8}, info
+
+
+def test_launch_settings_are_checked():
+    fv.check_launch(dict(fv.LAUNCH))
+    for bad, words in ((dict(CONSUMER_REGS=236), "multiple of 8"), (dict(CONSUMER_REGS=240), "<= 504"),
+                       (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"), (dict(VT_STAGES=2), "unknown"),
+                       (dict(KEY_ORDER=2), "KEY_ORDER=2")):
+        with pytest.raises(ValueError, match=words):
+            fv.check_launch(dict(fv.LAUNCH, **bad))
+
+
+@needs_hopper
+@pytest.mark.parametrize("launch", [None, dict(KEY_ORDER=0), dict(STAGES=3, AHEAD=2), dict(STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72)],
+                         ids=["default", "slot-order", "s3-a2", "s2-a1"])
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
+def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
+    q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
+    out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
+    ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert rel_err(out, ref_out) < 0.05
+    # The transposing kernel: the same arithmetic, summed in another order.
+    twin, twin_lse = fm.forward(q, latent, scale, rope, idx, SCALE)
+    assert rel_err(out, twin) < 1e-2
+
+
+@needs_hopper
+def test_keeps_extreme_scales():
+    q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
+    out, lse = fv.forward(q, latent, scale, rope, idx, SCALE)
+    assert out.isfinite().all()
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE), lse_tol=0.5)
