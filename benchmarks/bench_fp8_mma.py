@@ -1,7 +1,9 @@
 """FP8 products against FP8 dequantized to bf16, at the DeepSeek-V3.2 decode shape (batch 64, s_q 2,
 128 heads, top-k 2048, s_kv 32768), side by side in one run: the warp-specialized kernel with bf16
 keys, with an e4m3 latent (FlashMLA's layout and one scale a row) dequantized into bf16 MMAs, and
-the FP8-MMA kernel (e4m3 products, one scale a row). Also the measured ceilings (bf16 and e4m3
+the two FP8-products kernels (e4m3 products, one scale a row): V^T from registers
+(gluon_fp8_mma_vregs, the one MLA_COMPILER_FP8_MMA=1 dispatches to) and V transposed in shared
+memory (gluon_fp8_mma). Also the measured ceilings (bf16 and e4m3
 matmul rate, device-to-device copy) and each kernel's error against the exact references.
 Timed from CUDA graphs in interleaved rounds (medians).
 
@@ -25,6 +27,7 @@ from bench_sparse_mla import bench, ceilings, decode_inputs, flops_fwd, fp8_key_
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
+from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 from mla_compiler.kernels import reference  # noqa: E402
 
@@ -56,7 +59,8 @@ def sample_errors(q, kv, idx, fp8) -> dict:
     out = {}
     for name, parts, fn in (
         ("ws FP8 row (dequantized)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE)),
-        ("FP8-MMA row", fp8["row"], lambda p: fm.forward(qs, *p, ids, SCALE)),
+        ("FP8 products row, V from registers", fp8["row"], lambda p: fv.forward(qs, *p, ids, SCALE)),
+        ("FP8 products row, V transposed", fp8["row"], lambda p: fm.forward(qs, *p, ids, SCALE)),
         ("ws FP8 FlashMLA (dequantized)", fp8["flashmla"], lambda p: ws.forward(qs, *p, ids, SCALE)),
     ):
         exact, _ = fr.sparse_attn_fp8kv_reference(qs, *parts, ids, SCALE, 512, exact_keys=True)
@@ -79,7 +83,8 @@ def main() -> int:
         ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2),
         ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656),
         ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
-        ("FP8-MMA row", lambda: fm.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+        ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+        ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
     ]
     times = graphed_rounds({name: fn for name, fn, _ in cands}, a.rounds)
     roof = all_ceilings()
@@ -95,9 +100,9 @@ def main() -> int:
     print(f"\nceilings: bf16 {roof['bf16_tflops']:.0f} TFLOPS, e4m3 {roof['e4m3_tflops']:.0f} TFLOPS, copy {roof['copy_tb_s']:.2f} TB/s")
     for name, e in errors.items():
         print(f"error {name}: vs exact FP8 {e['vs_exact_fp8']:.2e}, vs bf16 keys {e['vs_bf16_keys']:.2e} (layout alone {e['layout_vs_bf16_keys']:.2e})")
-    print(f"\n{'impl':32s} {'ms':>7s} {'TFLOPS':>7s} {'vs bf16':>8s} {'HBM %':>6s} {'spread':>6s}")
+    print(f"\n{'impl':36s} {'ms':>7s} {'TFLOPS':>7s} {'vs bf16':>8s} {'HBM %':>6s} {'spread':>6s}")
     for r in rows:
-        print(f"{r['impl']:32s} {r['ms']:7.4f} {r['tflops']:7.0f} {r['vs_bf16_keys']:7.2f}x {100 * r['hbm_fraction']:6.1f} {r['spread']:6.2f}")
+        print(f"{r['impl']:36s} {r['ms']:7.4f} {r['tflops']:7.0f} {r['vs_bf16_keys']:7.2f}x {100 * r['hbm_fraction']:6.1f} {r['spread']:6.2f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=roof, errors=errors, rows=rows), f, indent=1)

@@ -14,11 +14,12 @@ the rate. The price is two roundings the dequantizing kernels do not make:
 The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token scale into P the
 same way, without a per-row exponent.)
 
-Status: taken by the FP8 forward (triton_sparse_mla.forward_fp8, the sparse_attn_fp8kv op) only
-where MLA_COMPILER_FP8_MMA=1 asks for it; ``forward`` here calls it directly. On H200 at the V3.2
-decode shape it runs 0.184 ms against 0.221 for the dequantizing kernel (row scale) and 0.201 for
-bf16 keys; without the transposes it would run about 0.157 (benchmarks/probe_fp8_mma.py,
-RESULTS.md).
+Status: ``forward`` here calls it directly; the FP8 forward's opt-in (MLA_COMPILER_FP8_MMA=1)
+takes gluon_fp8_mma_vregs, the same arithmetic without the transposed copy (P V as V^T P'^T,
+V^T from registers), level to 1.5 % faster. This module keeps the arithmetic's reference and the
+checks both kernels share. On H200 at the V3.2 decode shape it runs 0.184 ms against 0.221 for the
+dequantizing kernel (row scale) and 0.201 for bf16 keys; without the transposes it would run
+about 0.157 (benchmarks/probe_fp8_mma.py, RESULTS.md).
 
 Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads), four
 warpgroups. A copier partition gathers each 64-key block into a ring slot as soon as the slot

@@ -13,6 +13,28 @@ the [heads, keys] tile the consumers already write for each other is K-major as 
 Which value column an accumulator row holds: a thread's A rows in the four 64-row products of
 a warpgroup are the same four rows r, so row r of product q holds value column 4 r + q, and the
 four are one 4-byte word of a key row. The output store undoes the mapping.
+
+Schedule: one program per (query token, 64 heads), three warpgroups. A producer copies each
+64-key block (raw e4m3 rows, rope rows, scales) into one of four ring slots and writes log2 sigma
+once it lands; two consumers each compute the scores of half the keys, exchange row maxima and
+their P' halves (as gluon_fp8_mma), read their 256 value columns of the block into registers and
+add V^T P'^T, their own half first. A slot is released after both consumers' P V.
+
+Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
+decode shape (128 heads, top-k 2048) it runs 0.181-0.182 ms against 0.184 for gluon_fp8_mma in
+the same calls (level to 1.5 % faster in five calls), 0.199 for bf16 keys (RESULTS.md). Reading V
+in the products' slot order (KEY_ORDER=0) meets two key rows in the same banks: 0.189-0.192.
+Measured slower and not kept (probe_fp8_mma.py --vregs, against 0.181-0.184 in the same calls):
+the next block's score products issued before this block's softmax (0.215; the consumers spill
+at 224 registers, and at 240 with a 24-register producer 0.329) or after its P' (0.213: then
+nothing overlaps); a lazy rescale (the running maximum kept while within 2^8, P's exponent while
+within three binades, the accumulator's rescale skipped where every factor is 1; 0.187); each
+warpgroup 32 heads over all keys and value columns, nothing exchanged (S^T = K Q^T, 0.248: every
+warpgroup regroups all of V and its P V products are 32 heads wide). P V left in flight behind
+the next block's score products made ptxas serialize the warpgroup MMAs (its C7513 warning: the
+zeroed score accumulator is written while P V runs). Both consumers' chains (score products,
+softmax, two exchanges, P V) stay serial per block; overlapping them needs registers the 128
+accumulator registers a thread leave no room for.
 """
 
 from __future__ import annotations
