@@ -2,7 +2,8 @@
 # Nsight Compute's counters per source line and per SASS instruction (its source page, as CSV) of
 # one FP8 forward launch (LAUNCH, a Python dict or None for the default; LAYOUT, flashmla or row)
 # at batch 64, s_q 2, top-k 2048 with HEADS heads (16, default: the few-head kernel; 128: the
-# warp-specialized one; KERNEL=fp8mma: the FP8-MMA kernel, row scales): which instructions make the shared-memory bank conflicts, the excessive
+# warp-specialized one; KERNEL=fp8mma / vregs: the FP8-products kernel with transposed keys / V^T
+# from registers, row scales): which instructions make the shared-memory bank conflicts, the excessive
 # global sectors and the stall samples. Writes $OUT/src_sass.csv (per SASS instruction) and
 # $OUT/src_cuda.csv, and prints the instructions with the most excessive shared wavefronts.
 OUT=$(realpath -m "${OUT:-.}")
@@ -12,11 +13,11 @@ cat > /tmp/source_lines_driver.py <<'PY'
 import os, sys
 sys.path.insert(0, "benchmarks")
 from bench_sparse_mla import decode_inputs, fp8_key_sets
-from mla_compiler.kernels import gluon_fewhead as fh, gluon_fp8_mma as fm, gluon_sparse_mla as gk
+from mla_compiler.kernels import gluon_fewhead as fh, gluon_fp8_mma as fm, gluon_fp8_mma_vregs as fv, gluon_sparse_mla as gk
 heads = int(os.environ.get("HEADS", "16"))
 q, kv, idx = decode_inputs(heads=heads)
 latent, scale, rope = fp8_key_sets(kv)[os.environ.get("LAYOUT", "flashmla")]
-kernel = fm if os.environ.get("KERNEL") == "fp8mma" else fh if heads <= fh.MAX_HEADS else gk
+kernel = dict(fp8mma=fm, vregs=fv).get(os.environ.get("KERNEL", "")) or (fh if heads <= fh.MAX_HEADS else gk)
 for _ in range(2):  # the first launch compiles and warms up; the second is profiled
     kernel.forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=eval(os.environ.get("LAUNCH") or "None"))
 PY

@@ -93,14 +93,16 @@ def test_launch_settings_are_checked():
     fv.check_launch(dict(fv.LAUNCH))
     for bad, words in ((dict(CONSUMER_REGS=236), "multiple of 8"), (dict(CONSUMER_REGS=240), "<= 504"),
                        (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"), (dict(VT_STAGES=2), "unknown"),
-                       (dict(KEY_ORDER=2), "KEY_ORDER=2")):
+                       (dict(KEY_ORDER=2), "KEY_ORDER=2"),
+                       (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2")):
         with pytest.raises(ValueError, match=words):
             fv.check_launch(dict(fv.LAUNCH, **bad))
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(KEY_ORDER=0), dict(STAGES=3, AHEAD=2), dict(STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72)],
-                         ids=["default", "slot-order", "s3-a2", "s2-a1"])
+@pytest.mark.parametrize("launch", [None, dict(KEY_ORDER=0), dict(STAGES=3, AHEAD=2), dict(STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72),
+                                    dict(V_AFTER_WAIT=0)],
+                         ids=["default", "slot-order", "s3-a2", "s2-a1", "v-during-scores"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")

@@ -21,20 +21,28 @@ their P' halves (as gluon_fp8_mma), read their 256 value columns of the block in
 add V^T P'^T, their own half first. A slot is released after both consumers' P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.181-0.182 ms against 0.184 for gluon_fp8_mma in
-the same calls (level to 1.5 % faster in five calls), 0.199 for bf16 keys (RESULTS.md). Reading V
-in the products' slot order (KEY_ORDER=0) meets two key rows in the same banks: 0.189-0.192.
-Measured slower and not kept (probe_fp8_mma.py --vregs, against 0.181-0.184 in the same calls):
-the next block's score products issued before this block's softmax (0.215; the consumers spill
-at 224 registers, and at 240 with a 24-register producer 0.329) or after its P' (0.213: then
-nothing overlaps); a lazy rescale (the running maximum kept while within 2^8, P's exponent while
-within three binades, the accumulator's rescale skipped where every factor is 1; 0.187); each
-warpgroup 32 heads over all keys and value columns, nothing exchanged (S^T = K Q^T, 0.248: every
-warpgroup regroups all of V and its P V products are 32 heads wide). P V left in flight behind
-the next block's score products made ptxas serialize the warpgroup MMAs (its C7513 warning: the
-zeroed score accumulator is written while P V runs). Both consumers' chains (score products,
-softmax, two exchanges, P V) stay serial per block; overlapping them needs registers the 128
-accumulator registers a thread leave no room for.
+decode shape (128 heads, top-k 2048) it runs 0.175 ms (416 TFLOPS) against 0.184 for
+gluon_fp8_mma and 0.200 for bf16 keys in the same call (RESULTS.md). Two choices carry it:
+- The products' key order (KEY_ORDER=1). Reading V in slot order meets two key rows in the same
+  banks: 0.189-0.192.
+- V read after the score products' wait (V_AFTER_WAIT=1). Read while they run, the loads queue
+  behind the products' own shared-memory reads of Q and the keys: 0.1815-0.1831.
+
+Measured slower and not kept (probe_fp8_mma.py --vregs, against 0.175-0.184 in the same calls):
+- the next block's score products issued before this block's softmax (0.215; the consumers spill
+  at 224 registers, and at 240 with a 24-register producer 0.329);
+- the same issued after this block's P' (0.213: then nothing overlaps);
+- a lazy rescale (0.187): the running maximum kept while within 2^8, P's exponent while within
+  three binades, the accumulator's rescale skipped where every factor is 1;
+- the slot released before P V, a barrier more (0.180 against 0.175);
+- each warpgroup 32 heads over all keys and value columns, nothing exchanged (S^T = K Q^T, 0.248):
+  every warpgroup regroups all of V, and its P V products are 32 heads wide.
+
+P V left in flight behind the next block's score products made ptxas serialize the warpgroup
+MMAs (its C7513 warning: the zeroed score accumulator is written while P V runs). Both
+consumers' chains (score products, softmax, two exchanges, P V) stay serial per block.
+Overlapping them needs registers, and the 128 accumulator registers a thread leave no room for
+them.
 """
 
 from __future__ import annotations
@@ -69,8 +77,9 @@ if HAVE_GLUON:
 
 # STAGES ring slots of BLOCK_N=64 keys (raw rows, rope rows, scales), held until both consumers'
 # P V is done; the producer copies AHEAD blocks ahead of the one it hands over.
-# KEY_ORDER=1 reads V without bank conflicts (V_LOAD_LAYOUT_SPREAD).
-LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1)
+# KEY_ORDER=1 reads V without bank conflicts (V_LOAD_LAYOUT_SPREAD). V_AFTER_WAIT=1: a consumer
+# reads its own half's V once its score products are done (0: while they run).
+LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1)
 
 if HAVE_GLUON:
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
@@ -150,7 +159,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _consumer_vregs(q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax, p8_half,
                         lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-                        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr):
+                        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr,
+                        V_AFTER_WAIT: gl.constexpr):
         """Scores of this warpgroup's half of each block's keys, the row maxima and P' halves
         exchanged with the other warpgroup (as gluon_fp8_mma), then O^T += V^T P'^T for this
         warpgroup's 256 value columns, V^T from registers."""
@@ -177,8 +187,13 @@ if HAVE_GLUON:
             slot = i % STAGES
             k_slot = k8_ring.index(slot)
             s8, sr = _issue_scores(q8_smem, qr_smem, k8_ring, r_ring, full, i, s_zero, sr_zero, WG, HALF, STAGES, 0)
-            v_mine = _v_operand(k_slot, WG, WG, HALF, a_layout, KEY_ORDER)  # read while the score products run
+            if not V_AFTER_WAIT:
+                v_mine = _v_operand(k_slot, WG, WG, HALF, a_layout, KEY_ORDER)  # read while the score products run
             s8, sr = warpgroup_mma_wait(0, deps=[s8, sr])
+            if V_AFTER_WAIT:
+                # Read once the score products, which read Q and the keys from shared memory, are
+                # done: beside them the loads wait in the shared-memory queue (0.1815 -> 0.1746 ms).
+                v_mine = _v_operand(k_slot, WG, WG, HALF, a_layout, KEY_ORDER)
             sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
             valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
             s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
@@ -246,7 +261,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
-        KEY_ORDER: gl.constexpr,
+        KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
@@ -290,10 +305,10 @@ if HAVE_GLUON:
             [
                 (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
                                    p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                                   sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER)),
+                                   sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
                 (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
                                    p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                                   sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER)),
+                                   sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
                 (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
                                    stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD)),
             ],
@@ -311,7 +326,7 @@ def check_launch(cfg: dict) -> None:
     if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > REG_BUDGET:
         raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
-    for flag in ("KEY_ORDER",):
+    for flag in ("KEY_ORDER", "V_AFTER_WAIT"):
         if cfg[flag] not in (0, 1):
             raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
