@@ -34,7 +34,9 @@ Measured slower and not kept (probe_fp8_mma.py --vregs, against 0.175-0.184 in t
 - the same issued after this block's P' (0.213: then nothing overlaps);
 - a lazy rescale (0.187): the running maximum kept while within 2^8, P's exponent while within
   three binades, the accumulator's rescale skipped where every factor is 1;
-- the slot released before P V, a barrier more (0.180 against 0.175);
+- the slot released before P V, a barrier more (0.180 against 0.175), or at the next block's
+  maxima exchange, a barrier fewer (0.179);
+- the other half's V read before this half's P V is issued (0.179);
 - each warpgroup 32 heads over all keys and value columns, nothing exchanged (S^T = K Q^T, 0.248):
   every warpgroup regroups all of V, and its P V products are 32 heads wide.
 
