@@ -37,9 +37,14 @@ if HAVE_GLUON:
         o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
         gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
         if WITH_LSE:
-            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
-            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+            _store_lse(m_i, l_safe, empty_row, LSE, t, hb, stride_lt, H, row_s)
+
+    @gluon.jit
+    def _store_lse(m_i, l_safe, empty_row, LSE, t, hb, stride_lt, H, row_s: gl.constexpr):
+        """The program's heads' lse (natural log; +inf where no key was valid, as the reference)."""
+        lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
+        gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
 
     @gluon.jit
     def _sum_halves(l_i, lsum, bar_l, WG: gl.constexpr, row_s: gl.constexpr):

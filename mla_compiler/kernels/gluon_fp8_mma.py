@@ -438,6 +438,46 @@ if HAVE_GLUON:
         return s8, sr
 
     @gluon.jit
+    def _half_scores(s8, sr, slot, sig_ring, ok_ring, lsig_ring, q_log2, sm_scale_log2, WG: gl.constexpr, HALF: gl.constexpr,
+                     s_layout: gl.constexpr):
+        """This warpgroup's half of a block's scores (base 2) from its latent and rope products,
+        -inf at invalid keys; the keys' scales sigma; the half's row maxima m, m_safe (0 for a row
+        with no valid key) and w = max_j (score_j - m_safe + log2 sigma_j)."""
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
+        valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
+        s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
+        s = gl.where(valid[None, :], s, float("-inf"))
+        m_mine = gl.max(s, 1)
+        # max_j (score_j + log2 sigma_j) relative to this half's maximum: scores of any size
+        # keep log2 sigma's bits (the absolute sum loses them past 2^23).
+        m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
+        w_mine = gl.max(s - m_safe[:, None] + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
+        return s, sig, m_mine, m_safe, w_mine
+
+    @gluon.jit
+    def _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG: gl.constexpr, row_s: gl.constexpr):
+        """The two warpgroups' half-block maxima exchanged (block i): this half's P under the new
+        running maxima, alpha (the rescale for them), the new maxima, and each row's exponent e for
+        P' = P sigma 2^(8 - e) (p_exponent, from both halves' w)."""
+        OTHER: gl.constexpr = 1 - WG
+        xmax.index(WG).store(m_mine)
+        wmax.index(WG).store(w_mine)
+        partition_barrier()
+        mbarrier.arrive(bar_x.index(WG))
+        mbarrier.wait(bar_x.index(OTHER), i & 1)
+        m_other = xmax.index(OTHER).load(row_s)
+        m_new = gl.maximum(m_i, gl.maximum(m_mine, m_other))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s - m_use[:, None])
+        w_row = gl.maximum(w_mine + (m_safe - m_use),
+                           wmax.index(OTHER).load(row_s) + (gl.where(m_other == float("-inf"), 0.0, m_other) - m_use))
+        e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
+        e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
+        return p, alpha, m_new, e
+
+    @gluon.jit
     def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_mine, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
                           xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
                           sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, VT_STAGES: gl.constexpr,
@@ -456,7 +496,6 @@ if HAVE_GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, ACC_N, 32])
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
 
         q_log2 = qs_smem.load(row_s) * sm_scale_log2  # the Q row's scale, with the softmax scale
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
@@ -472,33 +511,13 @@ if HAVE_GLUON:
             slot = i % STAGES
             s8, sr = _issue_scores(q8_smem, qr_smem, k8_ring, r_ring, full, i, s_zero, sr_zero, WG, HALF, STAGES, COPIER)
             s8, sr = warpgroup_mma_wait(0, deps=[s8, sr])
-            sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
-            valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
-            s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
-            s = gl.where(valid[None, :], s, float("-inf"))
-            m_mine = gl.max(s, 1)
-            # max_j (score_j + log2 sigma_j) relative to this half's maximum: scores of any size
-            # keep log2 sigma's bits (the absolute sum loses them past 2^23).
-            m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
-            w_mine = gl.max(s - m_safe[:, None] + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
+            s, sig, m_mine, m_safe, w_mine = _half_scores(s8, sr, slot, sig_ring, ok_ring, lsig_ring, q_log2, sm_scale_log2, WG, HALF,
+                                                          s_layout)
             # The slot's keys, rope rows and scales are read: the producer may refill them.
             partition_barrier()
             mbarrier.arrive(k_empty.index(slot))
-            xmax.index(WG).store(m_mine)
-            wmax.index(WG).store(w_mine)
-            partition_barrier()
-            mbarrier.arrive(bar_x.index(WG))
-            mbarrier.wait(bar_x.index(OTHER), i & 1)
-            m_other = xmax.index(OTHER).load(row_s)
-            m_new = gl.maximum(m_i, gl.maximum(m_mine, m_other))
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[:, None])
-            # P' = P sigma 2^(8 - e) <= 256, e per row (p_exponent); acc carries 2^(e - 8).
-            w_row = gl.maximum(w_mine + (m_safe - m_use),
-                               wmax.index(OTHER).load(row_s) + (gl.where(m_other == float("-inf"), 0.0, m_other) - m_use))
-            e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
-            e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
+            # P' = P sigma 2^(8 - e) <= 256; acc carries 2^(e - 8).
+            p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
             p8_half.index(WG).store((p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv))
             # Hand this half over first: the sum, the rescale and P' V over this half's keys then
             # run while the other warpgroup finishes its half (0.1868 -> 0.1836 ms on H200).

@@ -62,6 +62,8 @@ from .gluon_sparse_mla import REG_BUDGET, check_register_settings, check_row_cou
 if HAVE_GLUON:
     from .gluon_common import (
         BLOCK_H,
+        D_LAT,
+        D_ROPE,
         V_HALF,
         _program_coords,
         async_copy,
@@ -73,9 +75,19 @@ if HAVE_GLUON:
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from .gluon_consumers import _sum_halves
-    from .gluon_fp8_mma import E_MAX, HEADROOM_LOG2, RAW_COPY_LAYOUT, ROPE_COPY_LAYOUT, _exp2_int, _issue_block, _issue_scores, _quantize_q
-    from .gluon_producers import _block_indices, _valid_rows
+    from .gluon_consumers import _store_lse, _sum_halves
+    from .gluon_fp8_mma import (
+        HEADROOM_LOG2,
+        RAW_COPY_LAYOUT,
+        ROPE_COPY_LAYOUT,
+        _exchanged_softmax,
+        _exp2_int,
+        _half_scores,
+        _issue_next,
+        _issue_scores,
+        _quantize_q,
+    )
+    from .gluon_producers import _block_indices
 
 # STAGES ring slots of BLOCK_N=64 keys (raw rows, rope rows, scales), held until both consumers'
 # P V is done; the producer copies AHEAD blocks ahead of the one it hands over.
@@ -141,13 +153,8 @@ if HAVE_GLUON:
         idx = _block_indices(idx_row, 0, TOPK, BLOCK_N, row_layout)
         # One commit group a block, empty past the last one: wait_group(AHEAD) means block i landed.
         for j in range(n_blocks + AHEAD):
-            rows = _valid_rows(idx, S_KV)
-            idx = _block_indices(idx_row, j + 1, TOPK, BLOCK_N, row_layout)
-            if j < n_blocks:
-                _issue_block(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, rows, j, stride_kvs, stride_ss,
-                             stride_rs, cols, STAGES, ROPE_COPY_LAYOUT, sig_layout)
-            else:
-                async_copy.commit_group()
+            idx = _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs,
+                              stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, ROPE_COPY_LAYOUT, sig_layout)
             if j >= AHEAD:
                 i = j - AHEAD
                 async_copy.wait_group(AHEAD)
@@ -174,7 +181,6 @@ if HAVE_GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         head_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
         q_log2 = qs_smem.load(row_s) * sm_scale_log2
@@ -196,29 +202,10 @@ if HAVE_GLUON:
                 # Read once the score products, which read Q and the keys from shared memory, are
                 # done: beside them the loads wait in the shared-memory queue (0.1815 -> 0.1746 ms).
                 v_mine = _v_operand(k_slot, WG, WG, HALF, a_layout, KEY_ORDER)
-            sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
-            valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
-            s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
-            s = gl.where(valid[None, :], s, float("-inf"))
-            m_mine = gl.max(s, 1)
-            m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
-            w_mine = gl.max(s - m_safe[:, None] + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
-            xmax.index(WG).store(m_mine)
-            wmax.index(WG).store(w_mine)
-            partition_barrier()
-            mbarrier.arrive(bar_x.index(WG))
-            mbarrier.wait(bar_x.index(OTHER), i & 1)
-            m_other = xmax.index(OTHER).load(row_s)
-            m_blk = gl.maximum(m_mine, m_other)
-            m_new = gl.maximum(m_i, m_blk)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            p = gl.exp2(s - m_use[:, None])
-            # P' = P sigma 2^(8 - e) <= 256, e per row (p_exponent); acc carries 2^(e - 8).
-            w_row = gl.maximum(w_mine + (m_safe - m_use),
-                               wmax.index(OTHER).load(row_s) + (gl.where(m_other == float("-inf"), 0.0, m_other) - m_use))
-            e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
-            e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
+            s, sig, m_mine, m_safe, w_mine = _half_scores(s8, sr, slot, sig_ring, ok_ring, lsig_ring, q_log2, sm_scale_log2, WG, HALF,
+                                                          s_layout)
+            # P' = P sigma 2^(8 - e) <= 256; acc carries 2^(e - 8).
+            p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
             p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
             l_i = l_i * alpha + gl.sum(p, 1)
             p8_half.index(WG).store(_key_ordered(p8, KEY_ORDER))
@@ -244,9 +231,7 @@ if HAVE_GLUON:
         factor = gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2) / l_safe, head_o)
         _store_transposed(acc * factor[None, :], OUT, t, hb, stride_ot, stride_oh, H, WG, o_layout)
         if WG == 0:
-            lse = gl.where(empty_row, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-            heads_s = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_s)
-            gl.store(LSE + t * stride_lt + heads_s, lse, mask=heads_s < H)
+            _store_lse(m_i, l_safe, empty_row, LSE, t, hb, stride_lt, H, row_s)
 
     @gluon.jit
     def _store_transposed(acc, OUT, t, hb, stride_ot, stride_oh, H, WG: gl.constexpr, o_layout: gl.constexpr):
@@ -268,8 +253,6 @@ if HAVE_GLUON:
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
         HALF: gl.constexpr = BLOCK_N // 2
-        D_LAT: gl.constexpr = 512
-        D_ROPE: gl.constexpr = 64
         vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float8e4nv)
         qr_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
