@@ -13,6 +13,8 @@ from mla_compiler.kernels import gluon_fp8_mma_vregs as fv
 
 needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
 needs_gluon = pytest.mark.skipif(not fv.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+PAIRS = dict(STEP_KEYS=128)
+ONE_BLOCK = dict(STEP_KEYS=64)
 
 
 def _fragment_owner(m: int, k: int) -> tuple[int, int]:
@@ -73,51 +75,68 @@ def test_value_loads_are_4_byte_runs_without_bank_conflicts_in_key_order_1():
 
 
 @needs_gluon
-def test_compiles_for_hopper_without_transposes():
+@pytest.mark.parametrize("step_keys", [64, 128])
+def test_compiles_for_hopper_without_transposes(step_keys):
     script = (
         "import json; from mla_compiler.kernels import gluon_fp8_mma_vregs as fv\n"
-        "c = fv.compile_for_hopper()\n"
+        f"c = fv.compile_for_hopper(dict(STEP_KEYS={step_keys}))\n"
         "ptx = c.asm['ptx']\n"
-        "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n64k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16')\n"
+        "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n64k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16', 'm64n64k16.f32.bf16.bf16')\n"
         "print(json.dumps(dict(shared=c.metadata.shared, setmaxnreg='setmaxnreg' in ptx,\n"
         "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds})))\n"
     )
     info = compiled_for_hopper(script)
     assert info["shared"] <= fm.SHARED_LIMIT and info["setmaxnreg"], info
-    # Each consumer: Q K^T as 16 e4m3 steps, the rope as 4 bf16 steps, and V^T P'^T as four
-    # 64-row products (its 256 value columns) for each key half, 64 heads wide.
-    assert info["mma"] == {"m64n32k32.f32.e4m3.e4m3": 32, "m64n64k32.f32.e4m3.e4m3": 16, "m64n32k16.f32.bf16.bf16": 8}, info
+    # Each consumer: Q K^T as 16 e4m3 steps, the rope as 4 bf16 steps (over 32 keys a step of one
+    # block, over 64 with STEP_KEYS=128), and V^T P'^T as four 64-row products (its 256 value
+    # columns) for each 32 keys of the step, 64 heads wide.
+    scores = "m64n32k32.f32.e4m3.e4m3" if step_keys == 64 else "m64n64k32.f32.e4m3.e4m3"
+    rope = "m64n32k16.f32.bf16.bf16" if step_keys == 64 else "m64n64k16.f32.bf16.bf16"
+    expected = {k: 0 for k in info["mma"]}
+    expected[scores] += 32
+    expected["m64n64k32.f32.e4m3.e4m3"] += 16 * step_keys // 64
+    expected[rope] += 8
+    assert info["mma"] == expected, info
 
 
 def test_launch_settings_are_checked():
     fv.check_launch(dict(fv.LAUNCH))
     for bad, words in ((dict(CONSUMER_REGS=236), "multiple of 8"), (dict(CONSUMER_REGS=240), "<= 504"),
                        (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"), (dict(VT_STAGES=2), "unknown"),
-                       (dict(KEY_ORDER=2), "KEY_ORDER=2"),
+                       (dict(KEY_ORDER=2), "KEY_ORDER=2"), (dict(STEP_KEYS=96), "STEP_KEYS=96"),
+                       (dict(STEP_KEYS=128, STAGES=3), "even number"),
+                       (dict(STEP_KEYS=128, STAGES=4, AHEAD=2), "AHEAD=1"),
                        (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2")):
         with pytest.raises(ValueError, match=words):
             fv.check_launch(dict(fv.LAUNCH, **bad))
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(KEY_ORDER=0), dict(STAGES=3, AHEAD=2), dict(STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72),
-                                    dict(V_AFTER_WAIT=0)],
-                         ids=["default", "slot-order", "s3-a2", "s2-a1", "v-during-scores"])
+@pytest.mark.parametrize("launch", [ONE_BLOCK, dict(ONE_BLOCK, KEY_ORDER=0), dict(ONE_BLOCK, STAGES=3, AHEAD=2),
+                                    dict(ONE_BLOCK, STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72), dict(ONE_BLOCK, V_AFTER_WAIT=0),
+                                    None, dict(PAIRS, V_AFTER_WAIT=0), dict(PAIRS, KEY_ORDER=0),
+                                    dict(PAIRS, STAGES=2, CONSUMER_REGS=232, PRODUCER_REGS=40)],
+                         ids=["one-block", "one-block-slot-order", "one-block-s3-a2", "one-block-s2-a1", "one-block-v-during-scores",
+                              "pairs", "pairs-v-after-softmax", "pairs-slot-order", "pairs-s2-232"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
     out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
+    step_keys = fv.reference_block_n(launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=step_keys))
     ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     assert rel_err(out, ref_out) < 0.05
-    # The transposing kernel: the same arithmetic, summed in another order.
-    twin, twin_lse = fm.forward(q, latent, scale, rope, idx, SCALE)
-    assert rel_err(out, twin) < 1e-2
+    if step_keys == 64:
+        # The transposing kernel: the same arithmetic, summed in another order.
+        twin, twin_lse = fm.forward(q, latent, scale, rope, idx, SCALE)
+        assert rel_err(out, twin) < 1e-2
 
 
 @needs_hopper
-def test_keeps_extreme_scales():
+@pytest.mark.parametrize("launch", [ONE_BLOCK, PAIRS], ids=["one-block", "pairs"])
+def test_keeps_extreme_scales(launch):
     q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
-    out, lse = fv.forward(q, latent, scale, rope, idx, SCALE)
+    out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     assert out.isfinite().all()
-    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE), lse_tol=0.5)
+    block_n = fv.reference_block_n(launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=block_n), lse_tol=0.5)

@@ -14,21 +14,32 @@ Which value column an accumulator row holds: a thread's A rows in the four 64-ro
 a warpgroup are the same four rows r, so row r of product q holds value column 4 r + q, and the
 four are one 4-byte word of a key row. The output store undoes the mapping.
 
-Schedule: one program per (query token, 64 heads), three warpgroups. A producer copies each
-64-key block (raw e4m3 rows, rope rows, scales) into one of four ring slots and writes log2 sigma
-once it lands; two consumers each compute the scores of half the keys, exchange row maxima and
-their P' halves (as gluon_fp8_mma), read their 256 value columns of the block into registers and
-add V^T P'^T, their own half first. A slot is released after both consumers' P V.
+Schedule: one program per (query token, 64 heads), three warpgroups, steps of 128 keys
+(STEP_KEYS=128, ``_consumer_vregs_pairs``). A producer copies each 64-key block (raw e4m3 rows,
+rope rows, scales) into one of four ring slots, a step's two blocks together, and writes log2
+sigma once each lands; consumer WG computes the scores of all of the step's block WG (64-key
+products), the two exchange row maxima and their P' (as gluon_fp8_mma), read their 256 value
+columns of both blocks into registers, 32 keys at a time, and add V^T P'^T, their own block
+first. Both slots are released after both consumers' P V. With STEP_KEYS=64 (``_consumer_vregs``)
+a step is one block, each consumer scoring 32 of its keys.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.175 ms (416 TFLOPS) against 0.184 for
-gluon_fp8_mma and 0.200 for bf16 keys in the same call (RESULTS.md). Two choices carry it:
-- The products' key order (KEY_ORDER=1). Reading V in slot order meets two key rows in the same
-  banks: 0.189-0.192.
-- V read after the score products' wait (V_AFTER_WAIT=1). Read while they run, the loads queue
-  behind the products' own shared-memory reads of Q and the keys: 0.1815-0.1831.
+decode shape (128 heads, top-k 2048) it runs 0.165 ms (441 TFLOPS) against 0.175 with 64-key
+steps, 0.184 for gluon_fp8_mma and 0.201 for bf16 keys in the same call (RESULTS.md). What
+carries it:
+- 128-key steps: half the exchanges, barriers and accumulator rescales a key, and each score
+  product reads Q once for 64 keys instead of 32 (0.1748 -> 0.1749 with the producer handing a
+  block over only after copying the next, as for 64-key steps: a step's second block then waited
+  for the step before to release its slots; 0.165 with a step's blocks copied together).
+- The products' key order (KEY_ORDER=1), with 64-key steps. Reading V in slot order meets two key
+  rows in the same banks: 0.189-0.192 against 0.181-0.183. With 128-key steps both orders measure
+  the same (0.1654 / 0.1659).
+- V read after the score products' wait (V_AFTER_WAIT=1), with 64-key steps. Read while they
+  run, the loads queue behind the products' own shared-memory reads of Q and the keys:
+  0.1815-0.1831 against 0.1746.
 
-Measured slower and not kept (probe_fp8_mma.py --vregs, against 0.175-0.184 in the same calls):
+Measured slower and not kept (probe_fp8_mma.py --vregs, 64-key steps, against 0.175-0.184 in the
+same calls):
 - the next block's score products issued before this block's softmax (0.215; the consumers spill
   at 224 registers, and at 240 with a 24-register producer 0.329);
 - the same issued after this block's P' (0.213: then nothing overlaps);
@@ -90,10 +101,13 @@ if HAVE_GLUON:
     from .gluon_producers import _block_indices
 
 # STAGES ring slots of BLOCK_N=64 keys (raw rows, rope rows, scales), held until both consumers'
-# P V is done; the producer copies AHEAD blocks ahead of the one it hands over.
-# KEY_ORDER=1 reads V without bank conflicts (V_LOAD_LAYOUT_SPREAD). V_AFTER_WAIT=1: a consumer
-# reads its own half's V once its score products are done (0: while they run).
-LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1)
+# P V is done. STEP_KEYS=128: each consumer step takes two blocks, one a warpgroup's scores
+# (``_consumer_vregs_pairs``), and the producer copies a step's two blocks together; 64: a block a
+# step, its two halves' scores one a warpgroup (``_consumer_vregs``), the producer copying AHEAD
+# blocks ahead of the one it hands over. KEY_ORDER=1 reads V without bank conflicts
+# (V_LOAD_LAYOUT_SPREAD). V_AFTER_WAIT=1: a consumer reads its first V chunk once its score
+# products are done (0: while they run, or with STEP_KEYS=128 after the softmax).
+LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128)
 
 if HAVE_GLUON:
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
@@ -139,31 +153,43 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer_vregs(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
                         stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        AHEAD: gl.constexpr):
+                        AHEAD: gl.constexpr, PAIRS: gl.constexpr):
         """Each block's raw rows, rope rows and scales copied into a slot AHEAD blocks before it is
-        handed over; once landed, log2 sigma, then ``full``."""
+        handed over; once landed, log2 sigma, then ``full``. PAIRS (consumer steps of two blocks):
+        a step's two blocks are copied together, once both slots are free, and each handed over as
+        it lands; the blocks are padded to whole steps (a padding block's keys are all invalid).
+        Handing block j over only after copying block j + 1 would hold a step's second block until
+        the step before had released its slots."""
         row_layout: gl.constexpr = gl.SliceLayout(1, RAW_COPY_LAYOUT)
         sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        HANDS: gl.constexpr = 2 if PAIRS else 1  # blocks handed over at once
+        LAG: gl.constexpr = 0 if PAIRS else AHEAD
         t, _ = _program_coords(H)
         stride_rs = gl.multiple_of(stride_rs, 8)
         stride_kvs = gl.multiple_of(stride_kvs, 16)
         idx_row = IDX + t * stride_it
         cols = gl.arange(0, 256, layout=gl.SliceLayout(0, RAW_COPY_LAYOUT))
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
+        if PAIRS:
+            n_blocks = 2 * gl.cdiv(TOPK, 2 * BLOCK_N)
         idx = _block_indices(idx_row, 0, TOPK, BLOCK_N, row_layout)
         # One commit group a block, empty past the last one: wait_group(AHEAD) means block i landed.
-        for j in range(n_blocks + AHEAD):
+        for j in range(n_blocks + LAG):
             idx = _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs,
                               stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, ROPE_COPY_LAYOUT, sig_layout)
-            if j >= AHEAD:
-                i = j - AHEAD
-                async_copy.wait_group(AHEAD)
-                partition_barrier()  # every producer thread's rows of block i have landed
-                slot = i % STAGES
-                lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
-                fence_async_shared()
-                partition_barrier()
-                mbarrier.arrive(full.index(slot))
+            ready = j >= AHEAD
+            if PAIRS:
+                ready = j % 2 == 1
+            if ready:
+                for h in gl.static_range(HANDS):
+                    i = j - LAG - (HANDS - 1) + h
+                    async_copy.wait_group(HANDS - 1 - h if PAIRS else AHEAD)
+                    partition_barrier()  # every producer thread's rows of block i have landed
+                    slot = i % STAGES
+                    lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
+                    fence_async_shared()
+                    partition_barrier()
+                    mbarrier.arrive(full.index(slot))
 
     @gluon.jit
     def _consumer_vregs(q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax, p8_half,
@@ -225,10 +251,121 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(k_empty.index(slot))
 
+        _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
+
+    @gluon.jit
+    def _block_scores(q8_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr, sr_layout: gl.constexpr):
+        """A block's scores over all its keys (before sm_scale_log2) in one accumulator: the e4m3
+        latent product, scaled by Q's and the keys' scales, then the bf16 rope product added onto
+        it (two accumulators of 64 keys would hold 64 registers a thread beside the 128 of O)."""
+        s8 = warpgroup_mma(q8_smem, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        s8 = warpgroup_mma_wait(0, deps=[s8])
+        sig = sig_slot.load(gl.SliceLayout(0, s_layout))
+        s = gl.convert_layout(s8 * (q_scale[:, None] * sig[None, :]), sr_layout)
+        s = warpgroup_mma(qr_smem, r_slot.permute((1, 0)), s, is_async=True)
+        s = warpgroup_mma_wait(0, deps=[s])
+        return gl.convert_layout(s, s_layout)
+
+    @gluon.jit
+    def _masked_maxima(s, ok_slot, lsig_slot, s_layout: gl.constexpr):
+        """-inf at a block's invalid keys; the row maxima m, m_safe (0 for a row with no valid
+        key) and w = max_j (score_j - m_safe + log2 sigma_j), as _half_scores."""
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        s = gl.where((ok_slot.load(col_s) != 0)[None, :], s, float("-inf"))
+        m_mine = gl.max(s, 1)
+        m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
+        w_mine = gl.max(s - m_safe[:, None] + lsig_slot.load(col_s)[None, :], 1)
+        return s, m_mine, m_safe, w_mine
+
+    @gluon.jit
+    def _key_chunks(p8, KEY_ORDER: gl.constexpr):
+        """[64 heads, 64 keys] -> its two [64 heads, 32 keys] halves, each in the products' key order."""
+        rows: gl.constexpr = p8.shape[0]
+        lo, hi = gl.split(gl.permute(gl.reshape(p8, [rows, 2, p8.shape[1] // 2]), (0, 2, 1)))
+        return _key_ordered(lo, KEY_ORDER), _key_ordered(hi, KEY_ORDER)
+
+    @gluon.jit
+    def _consumer_vregs_pairs(q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+                              p8_tiles, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
+                              WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr,
+                              V_AFTER_WAIT: gl.constexpr):
+        """Steps of two blocks: warpgroup WG computes the scores of all of block 2 s + WG's keys
+        (64-key score products, half as many Q reads a key as 32), the row maxima and P' halves are
+        exchanged once a step, then O^T += V^T P'^T for this warpgroup's 256 value columns over
+        both blocks, 32 keys a product (P' in four [64 heads, 32 keys] tiles, 2 owner + chunk).
+        V_AFTER_WAIT=1 reads this warpgroup's first V chunk before the softmax, 0 after it."""
+        t, hb = _program_coords(H)
+        CHUNK: gl.constexpr = BLOCK_N // 2
+        OTHER: gl.constexpr = 1 - WG
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32])
+        sr_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        head_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+
+        q_scale = qs_smem.load(row_s)
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
+        e_prev = gl.zeros([BLOCK_H], gl.float32, row_s)  # acc holds the output / 2^(e_prev - 8)
+        acc = gl.zeros([V_HALF, BLOCK_H], gl.float32, o_layout)  # O^T, rows as V_LOAD_LAYOUT maps them
+        s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
+        n_steps = gl.cdiv(TOPK, 2 * BLOCK_N)
+        for i in range(n_steps):
+            mine = 2 * i + WG
+            theirs = 2 * i + OTHER
+            pair = 2 * (i % (STAGES // 2))  # the slot of block 2 i (STAGES is even)
+            k_mine = k8_ring.index(pair + WG)
+            k_theirs = k8_ring.index(pair + OTHER)
+            slot = pair + WG
+            mbarrier.wait(full.index(slot), (mine // STAGES) & 1)
+            s = _block_scores(q8_smem, qr_smem, k_mine, r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout)
+            if V_AFTER_WAIT:
+                v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
+            s = s * sm_scale_log2
+            s, m_mine, m_safe, w_mine = _masked_maxima(s, ok_ring.index(slot), lsig_ring.index(slot), s_layout)
+            p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
+            sig = sig_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+            p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            p8_lo, p8_hi = _key_chunks(p8, KEY_ORDER)
+            p8_tiles.index(2 * WG).store(p8_lo)
+            p8_tiles.index(2 * WG + 1).store(p8_hi)
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(bar_p.index(WG))
+            if not V_AFTER_WAIT:
+                v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
+            acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), head_o)[None, :]
+            acc = warpgroup_mma(v_first, p8_tiles.index(2 * WG).permute((1, 0)), acc, is_async=True)
+            v = _v_operand(k_mine, WG, 1, CHUNK, a_layout, KEY_ORDER)
+            acc = warpgroup_mma(v, p8_tiles.index(2 * WG + 1).permute((1, 0)), acc, is_async=True)
+            # The other block landed before the other warpgroup's scores (its P' says so); the
+            # wait on its own barrier makes that explicit for this thread's loads.
+            mbarrier.wait(full.index(pair + OTHER), (theirs // STAGES) & 1)
+            v = _v_operand(k_theirs, WG, 0, CHUNK, a_layout, KEY_ORDER)
+            mbarrier.wait(bar_p.index(OTHER), i & 1)
+            acc = warpgroup_mma(v, p8_tiles.index(2 * OTHER).permute((1, 0)), acc, is_async=True)
+            v = _v_operand(k_theirs, WG, 1, CHUNK, a_layout, KEY_ORDER)
+            acc = warpgroup_mma(v, p8_tiles.index(2 * OTHER + 1).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(0, deps=[acc])
+            m_i = m_new
+            e_prev = e
+            partition_barrier()
+            mbarrier.arrive(k_empty.index(pair))
+            mbarrier.arrive(k_empty.index(pair + 1))
+
+        _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
+
+    @gluon.jit
+    def _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG: gl.constexpr,
+                       row_s: gl.constexpr, o_layout: gl.constexpr):
+        """This warpgroup's output columns (acc over both warpgroups' softmax sums, times the 2^(e - 8)
+        it carries) and, from warpgroup 0, the LSE."""
         l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
-        factor = gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2) / l_safe, head_o)
+        factor = gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2) / l_safe, gl.SliceLayout(0, o_layout))
         _store_transposed(acc * factor[None, :], OUT, t, hb, stride_ot, stride_oh, H, WG, o_layout)
         if WG == 0:
             _store_lse(m_i, l_safe, empty_row, LSE, t, hb, stride_lt, H, row_s)
@@ -248,7 +385,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
-        KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr,
+        KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, STEP_KEYS: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
@@ -270,7 +407,8 @@ if HAVE_GLUON:
         xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
         wmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
         lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
-        p8_half = gl.allocate_shared_memory(gl.float8e4nv, [2, BLOCK_H, HALF], p8_layout)
+        BLOCKS_A_STEP: gl.constexpr = STEP_KEYS // BLOCK_N
+        p8_half = gl.allocate_shared_memory(gl.float8e4nv, [2 * BLOCKS_A_STEP, BLOCK_H, HALF], p8_layout)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -286,20 +424,36 @@ if HAVE_GLUON:
         _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H)
         fence_async_shared()
         partition_barrier()
-        gl.warp_specialize(
-            [
-                (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
-                                   p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                                   sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
-                (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
-                                   p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                                   sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
-                (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
-                                   stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD)),
-            ],
-            [4, 4],
-            [CONSUMER_REGS, PRODUCER_REGS],
-        )
+        if BLOCKS_A_STEP == 2:
+            gl.warp_specialize(
+                [
+                    (_consumer_vregs_pairs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                             xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                             TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
+                    (_consumer_vregs_pairs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                             xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
+                                             TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
+                    (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+                                       stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD, True)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+                                       p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
+                                       sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
+                    (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+                                       p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
+                                       sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
+                    (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+                                       stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD, False)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, PRODUCER_REGS],
+            )
 
 
 def check_launch(cfg: dict) -> None:
@@ -311,12 +465,25 @@ def check_launch(cfg: dict) -> None:
     if 2 * cfg["CONSUMER_REGS"] + cfg["PRODUCER_REGS"] > REG_BUDGET:
         raise ValueError(f"launch CONSUMER_REGS={cfg['CONSUMER_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: keep "
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
+    if cfg["STEP_KEYS"] not in (64, 128):
+        raise ValueError(f"launch STEP_KEYS={cfg['STEP_KEYS']}: 64 (a block a consumer step) or 128 (two)")
     for flag in ("KEY_ORDER", "V_AFTER_WAIT"):
         if cfg[flag] not in (0, 1):
             raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
         raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']}: keep 1 <= AHEAD < STAGES (the slot of block "
                          "i + AHEAD frees once block i + AHEAD - STAGES is done)")
+    if cfg["STEP_KEYS"] == 128 and cfg["STAGES"] % 2:
+        raise ValueError(f"launch STAGES={cfg['STAGES']} STEP_KEYS=128: an even number of slots (a step takes a pair)")
+    if cfg["STEP_KEYS"] == 128 and cfg["AHEAD"] != 1:
+        raise ValueError(f"launch AHEAD={cfg['AHEAD']} STEP_KEYS=128: AHEAD=1 (a step's two blocks are copied together, once the "
+                         "step STAGES / 2 before is done)")
+
+
+def reference_block_n(launch: Optional[dict] = None) -> int:
+    """The keys a step under ``launch``: the ``block_n`` of ``reference_fp8_mma`` that has this
+    kernel's roundings (P's exponent is per row and step)."""
+    return dict(LAUNCH, **(launch or {}))["STEP_KEYS"]
 
 
 def _too_much_shared(cfg: dict, needed) -> str:
