@@ -101,10 +101,12 @@ def test_compiles_for_hopper_without_transposes(step_keys):
 
 def test_launch_settings_are_checked():
     fv.check_launch(dict(fv.LAUNCH))
+    assert fv.launch_settings(ONE_BLOCK)["RELEASE_EARLY"] == 0  # a 128-key step setting
     for bad, words in ((dict(CONSUMER_REGS=236), "multiple of 8"), (dict(CONSUMER_REGS=240), "<= 504"),
                        (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"), (dict(VT_STAGES=2), "unknown"),
                        (dict(KEY_ORDER=2), "KEY_ORDER=2"), (dict(STEP_KEYS=96), "STEP_KEYS=96"),
-                       (dict(STEP_KEYS=128, STAGES=3), "even number"),
+                       (dict(STEP_KEYS=128, STAGES=3), "even number"), (dict(STEP_KEYS=64, RELEASE_EARLY=1), "RELEASE_EARLY"),
+                       (dict(RELEASE_EARLY=2), "RELEASE_EARLY=2"),
                        (dict(STEP_KEYS=128, STAGES=4, AHEAD=2), "AHEAD=1"),
                        (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2")):
         with pytest.raises(ValueError, match=words):
@@ -115,9 +117,11 @@ def test_launch_settings_are_checked():
 @pytest.mark.parametrize("launch", [ONE_BLOCK, dict(ONE_BLOCK, KEY_ORDER=0), dict(ONE_BLOCK, STAGES=3, AHEAD=2),
                                     dict(ONE_BLOCK, STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72), dict(ONE_BLOCK, V_AFTER_WAIT=0),
                                     None, dict(PAIRS, V_AFTER_WAIT=0), dict(PAIRS, KEY_ORDER=0),
-                                    dict(PAIRS, STAGES=2, CONSUMER_REGS=232, PRODUCER_REGS=40)],
+                                    dict(PAIRS, STAGES=2, CONSUMER_REGS=232, PRODUCER_REGS=40), dict(RELEASE_EARLY=0),
+                                    dict(RELEASE_EARLY=0, KEY_ORDER=0)],
                          ids=["one-block", "one-block-slot-order", "one-block-s3-a2", "one-block-s2-a1", "one-block-v-during-scores",
-                              "pairs", "pairs-v-after-softmax", "pairs-slot-order", "pairs-s2-232"])
+                              "pairs", "pairs-v-after-softmax", "pairs-slot-order", "pairs-s2-232", "pairs-release-at-end",
+                              "pairs-release-at-end-slot-order"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")

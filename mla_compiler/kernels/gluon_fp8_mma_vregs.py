@@ -17,26 +17,39 @@ four are one 4-byte word of a key row. The output store undoes the mapping.
 Schedule: one program per (query token, 64 heads), three warpgroups, steps of 128 keys
 (STEP_KEYS=128, ``_consumer_vregs_pairs``). A producer copies each 64-key block (raw e4m3 rows,
 rope rows, scales) into one of four ring slots, a step's two blocks together, and writes log2
-sigma once each lands; consumer WG computes the scores of all of the step's block WG (64-key
-products), the two exchange row maxima and their P' (as gluon_fp8_mma), read their 256 value
-columns of both blocks into registers, 32 keys at a time, and add V^T P'^T, their own block
-first. Both slots are released after both consumers' P V. With STEP_KEYS=64 (``_consumer_vregs``)
-a step is one block, each consumer scoring 32 of its keys.
+sigma once each lands. Consumer WG computes the scores of all of the step's block WG (64-key
+products; the rope product accumulates onto the scaled latent scores, one accumulator), the two
+exchange row maxima and their P' (as gluon_fp8_mma), read their 256 value columns of both blocks
+into registers, 32 keys at a time, release both slots once the last V is read, and add V^T P'^T,
+their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one block, each
+consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.165 ms (441 TFLOPS) against 0.175 with 64-key
-steps, 0.184 for gluon_fp8_mma and 0.201 for bf16 keys in the same call (RESULTS.md). What
-carries it:
+decode shape (128 heads, top-k 2048) it runs 0.153 ms (about 478 TFLOPS) against 0.175 with
+64-key steps, 0.184 for gluon_fp8_mma and 0.201 for bf16 keys in the same call (RESULTS.md).
+What carries it (probe_fp8_mma.py --vregs, H200):
 - 128-key steps: half the exchanges, barriers and accumulator rescales a key, and each score
-  product reads Q once for 64 keys instead of 32 (0.1748 -> 0.1749 with the producer handing a
-  block over only after copying the next, as for 64-key steps: a step's second block then waited
-  for the step before to release its slots; 0.165 with a step's blocks copied together).
-- The products' key order (KEY_ORDER=1), with 64-key steps. Reading V in slot order meets two key
-  rows in the same banks: 0.189-0.192 against 0.181-0.183. With 128-key steps both orders measure
-  the same (0.1654 / 0.1659).
-- V read after the score products' wait (V_AFTER_WAIT=1), with 64-key steps. Read while they
-  run, the loads queue behind the products' own shared-memory reads of Q and the keys:
-  0.1815-0.1831 against 0.1746.
+  product reads Q once for 64 keys instead of 32. With the producer handing a block over only
+  after copying the next, as for 64-key steps, a step's second block waited for the step before
+  to release its slots (0.1749 against 0.1748); with a step's blocks copied together 0.1652-0.1659.
+- Q's shared-memory descriptors computed in the loop (``_unhoisted``): hoisted out of it, the 16
+  Q descriptors of the score products held register pairs that the second consumer spilled and
+  reloaded every step (0.1653 -> 0.1565).
+- Both slots released once their V is in registers (RELEASE_EARLY=1), before the last P V:
+  0.1529-0.1531 against 0.1552-0.1565.
+- With 64-key steps: the products' key order (KEY_ORDER=1; in slot order two key rows of a V load
+  share banks: 0.189-0.192 against 0.181-0.183) and V read after the score products' wait
+  (V_AFTER_WAIT=1; read while they run, the loads queue behind the products' own shared-memory
+  reads: 0.1815-0.1831 against 0.1746). With 128-key steps either setting measures within 1 %
+  of the other (KEY_ORDER=0 0.1552, V_AFTER_WAIT=0 0.1537, against 0.1531).
+
+Measured slower with 128-key steps and not kept: the rope product in a second accumulator,
+issued with the latent one (0.1549 against 0.1531); the producer reading a block's indices two
+blocks ahead instead of one (0.1696 against 0.1565: it spills at 56 registers); consumers at 232
+registers and the producer at 40 (0.2108, before the Q descriptors were unhoisted). Not timed:
+the next step's latent product issued before this step's softmax, its accumulator carried over
+the loop's back edge; ptxas then serializes every warpgroup MMA (C7511, too few registers for
+the wgmma pipeline) and injects waits (C7517).
 
 Measured slower and not kept (probe_fp8_mma.py --vregs, 64-key steps, against 0.175-0.184 in the
 same calls):
@@ -107,7 +120,9 @@ if HAVE_GLUON:
 # blocks ahead of the one it hands over. KEY_ORDER=1 reads V without bank conflicts
 # (V_LOAD_LAYOUT_SPREAD). V_AFTER_WAIT=1: a consumer reads its first V chunk once its score
 # products are done (0: while they run, or with STEP_KEYS=128 after the softmax).
-LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128)
+# RELEASE_EARLY=1 (STEP_KEYS=128): a step's slots released once their V is in registers, before
+# the last P V product (0: after it).
+LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128, RELEASE_EARLY=1)
 
 if HAVE_GLUON:
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
@@ -254,10 +269,18 @@ if HAVE_GLUON:
         _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
+    def _unhoisted(i):
+        """0 for a step index i < 2^24 (a step is 128 keys of an int32 top-k), which the compiler
+        cannot prove: Q's shared-memory descriptors indexed by it are computed in the loop rather
+        than hoisted out of it into 16 register pairs, which the score products' uniform
+        registers then spill."""
+        return i >> 24
+
+    @gluon.jit
     def _block_scores(q8_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr, sr_layout: gl.constexpr):
         """A block's scores over all its keys (before sm_scale_log2) in one accumulator: the e4m3
         latent product, scaled by Q's and the keys' scales, then the bf16 rope product added onto
-        it (two accumulators of 64 keys would hold 64 registers a thread beside the 128 of O)."""
+        it. Two accumulators, both products at once, measured slower (0.1549 against 0.1531 ms)."""
         s8 = warpgroup_mma(q8_smem, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
         s8 = warpgroup_mma_wait(0, deps=[s8])
         sig = sig_slot.load(gl.SliceLayout(0, s_layout))
@@ -285,15 +308,16 @@ if HAVE_GLUON:
         return _key_ordered(lo, KEY_ORDER), _key_ordered(hi, KEY_ORDER)
 
     @gluon.jit
-    def _consumer_vregs_pairs(q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+    def _consumer_vregs_pairs(q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
                               p8_tiles, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
                               WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr,
-                              V_AFTER_WAIT: gl.constexpr):
+                              V_AFTER_WAIT: gl.constexpr, RELEASE_EARLY: gl.constexpr):
         """Steps of two blocks: warpgroup WG computes the scores of all of block 2 s + WG's keys
         (64-key score products, half as many Q reads a key as 32), the row maxima and P' halves are
         exchanged once a step, then O^T += V^T P'^T for this warpgroup's 256 value columns over
         both blocks, 32 keys a product (P' in four [64 heads, 32 keys] tiles, 2 owner + chunk).
-        V_AFTER_WAIT=1 reads this warpgroup's first V chunk before the softmax, 0 after it."""
+        V_AFTER_WAIT=1 reads this warpgroup's first V chunk before the softmax, 0 after it.
+        RELEASE_EARLY=1 releases both slots once their V is in registers, before the last P V."""
         t, hb = _program_coords(H)
         CHUNK: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
@@ -319,7 +343,9 @@ if HAVE_GLUON:
             k_theirs = k8_ring.index(pair + OTHER)
             slot = pair + WG
             mbarrier.wait(full.index(slot), (mine // STAGES) & 1)
-            s = _block_scores(q8_smem, qr_smem, k_mine, r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout)
+            q_at = _unhoisted(i)
+            s = _block_scores(q8_ring.index(q_at), qr_ring.index(q_at), k_mine, r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero,
+                              s_layout, sr_layout)
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
             s = s * sm_scale_log2
@@ -347,13 +373,19 @@ if HAVE_GLUON:
             mbarrier.wait(bar_p.index(OTHER), i & 1)
             acc = warpgroup_mma(v, p8_tiles.index(2 * OTHER).permute((1, 0)), acc, is_async=True)
             v = _v_operand(k_theirs, WG, 1, CHUNK, a_layout, KEY_ORDER)
+            if RELEASE_EARLY:
+                # Both slots' rows are in registers now (P V reads registers and P').
+                partition_barrier()
+                mbarrier.arrive(k_empty.index(pair))
+                mbarrier.arrive(k_empty.index(pair + 1))
             acc = warpgroup_mma(v, p8_tiles.index(2 * OTHER + 1).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=[acc])
             m_i = m_new
             e_prev = e
-            partition_barrier()
-            mbarrier.arrive(k_empty.index(pair))
-            mbarrier.arrive(k_empty.index(pair + 1))
+            if not RELEASE_EARLY:
+                partition_barrier()
+                mbarrier.arrive(k_empty.index(pair))
+                mbarrier.arrive(k_empty.index(pair + 1))
 
         _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
@@ -385,7 +417,7 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
-        KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, STEP_KEYS: gl.constexpr,
+        KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, STEP_KEYS: gl.constexpr, RELEASE_EARLY: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
@@ -396,8 +428,12 @@ if HAVE_GLUON:
         k8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_LAT], gl.float8e4nv)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
         p8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, HALF], gl.float8e4nv)
-        q8_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_H, D_LAT], q8_layout)
-        qr_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], qr_layout)
+        # Q as rings of one: the 128-key consumers index them with a value the compiler cannot
+        # prove constant (``_unhoisted``).
+        q8_ring = gl.allocate_shared_memory(gl.float8e4nv, [1, BLOCK_H, D_LAT], q8_layout)
+        qr_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_ROPE], qr_layout)
+        q8_smem = q8_ring.index(0)
+        qr_smem = qr_ring.index(0)
         qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
@@ -427,12 +463,12 @@ if HAVE_GLUON:
         if BLOCKS_A_STEP == 2:
             gl.warp_specialize(
                 [
-                    (_consumer_vregs_pairs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                    (_consumer_vregs_pairs, (q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
                                              xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                             TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
-                    (_consumer_vregs_pairs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                             TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT, RELEASE_EARLY)),
+                    (_consumer_vregs_pairs, (q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
                                              xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                             TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
+                                             TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT, RELEASE_EARLY)),
                     (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
                                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD, True)),
                 ],
@@ -467,12 +503,14 @@ def check_launch(cfg: dict) -> None:
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
     if cfg["STEP_KEYS"] not in (64, 128):
         raise ValueError(f"launch STEP_KEYS={cfg['STEP_KEYS']}: 64 (a block a consumer step) or 128 (two)")
-    for flag in ("KEY_ORDER", "V_AFTER_WAIT"):
+    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY"):
         if cfg[flag] not in (0, 1):
             raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
         raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']}: keep 1 <= AHEAD < STAGES (the slot of block "
                          "i + AHEAD frees once block i + AHEAD - STAGES is done)")
+    if cfg["RELEASE_EARLY"] and cfg["STEP_KEYS"] != 128:
+        raise ValueError("launch RELEASE_EARLY=1 takes STEP_KEYS=128")
     if cfg["STEP_KEYS"] == 128 and cfg["STAGES"] % 2:
         raise ValueError(f"launch STAGES={cfg['STAGES']} STEP_KEYS=128: an even number of slots (a step takes a pair)")
     if cfg["STEP_KEYS"] == 128 and cfg["AHEAD"] != 1:
@@ -480,10 +518,20 @@ def check_launch(cfg: dict) -> None:
                          "step STAGES / 2 before is done)")
 
 
+def launch_settings(launch: Optional[dict] = None) -> dict:
+    """LAUNCH with ``launch``'s settings; 64-key steps release their slot after P V unless told
+    otherwise (RELEASE_EARLY is a 128-key step setting)."""
+    launch = launch or {}
+    cfg = dict(LAUNCH, **launch)
+    if cfg["STEP_KEYS"] == 64 and "RELEASE_EARLY" not in launch:
+        cfg["RELEASE_EARLY"] = 0
+    return cfg
+
+
 def reference_block_n(launch: Optional[dict] = None) -> int:
     """The keys a step under ``launch``: the ``block_n`` of ``reference_fp8_mma`` that has this
     kernel's roundings (P's exponent is per row and step)."""
-    return dict(LAUNCH, **(launch or {}))["STEP_KEYS"]
+    return launch_settings(launch)["STEP_KEYS"]
 
 
 def _too_much_shared(cfg: dict, needed) -> str:
@@ -492,7 +540,7 @@ def _too_much_shared(cfg: dict, needed) -> str:
 
 def compile_for_hopper(launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
-    cfg = dict(LAUNCH, **(launch or {}))
+    cfg = launch_settings(launch)
     check_launch(cfg)
     compiled = compile_ws_arguments(_fp8_mma_vregs_kernel, True, cfg)
     if compiled.metadata.shared > SHARED_LIMIT:
@@ -507,7 +555,7 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     problem = declines(q, kv_latent, kv_scale, kv_rope, _D_LAT)
     if problem is not None:
         raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
-    cfg = dict(LAUNCH, **(launch or {}))
+    cfg = launch_settings(launch)
     check_launch(cfg)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
