@@ -5,9 +5,11 @@ time counts), beside the dequantizing kernel (row scale) and bf16 keys. Each set
 checked against reference_fp8_mma on 8 tokens. CUDA graphs, interleaved rounds, medians.
 
     python benchmarks/probe_fp8_mma.py [--rounds 3] [--launch '{"BLOCK_N": 32, ...}' ...] [--vregs '{"STAGES": 3}' ...]
-        [--out probe.json]
+        [--ws '{"Q_IN_LOOP": true}' ...] [--out probe.json]
 
-``--vregs`` adds the kernel without transposes (gluon_fp8_mma_vregs) under the launch given.
+``--vregs`` adds the kernel without transposes (gluon_fp8_mma_vregs) under the launch given;
+``--ws`` the warp-specialized kernel (bf16 keys and FP8 rows, dequantized) under the launch given,
+checked against its default launch.
 """
 
 import argparse
@@ -49,6 +51,9 @@ def main() -> int:
     p.add_argument("--launch", action="append", type=json.loads, help="a launch dict (JSON); repeat; default: SETTINGS")
     p.add_argument("--vregs", action="append", type=json.loads, default=[],
                    help="a launch dict (JSON) of the kernel without transposes (gluon_fp8_mma_vregs); repeat")
+    p.add_argument("--ws", action="append", type=json.loads, default=[],
+                   help="a launch dict (JSON) of the warp-specialized kernel (gluon_sparse_mla), timed with bf16 keys and FP8 rows; "
+                        "repeat")
     p.add_argument("--out")
     a = p.parse_args()
     settings = a.launch or SETTINGS
@@ -72,6 +77,14 @@ def main() -> int:
         cands[name] = lambda kernel=kernel, launch=launch: kernel.forward(q, *fp8["row"], idx, scale, launch=launch)
     cands["ws FP8 row (dequantized)"] = lambda: ws.forward(q, *fp8["row"], idx, scale)
     cands["ws bf16 keys"] = lambda: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale)
+    for launch in a.ws:
+        tag = " ".join(f"{k}={v}" for k, v in launch.items())
+        cands[f"ws FP8 row (dequantized) {tag}"] = lambda launch=launch: ws.forward(q, *fp8["row"], idx, scale, launch=launch)
+        cands[f"ws bf16 keys {tag}"] = lambda launch=launch: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale, launch=launch)
+        for name, fn, ref in ((f"ws FP8 row (dequantized) {tag}", cands[f"ws FP8 row (dequantized) {tag}"], cands["ws FP8 row (dequantized)"]),
+                              (f"ws bf16 keys {tag}", cands[f"ws bf16 keys {tag}"], cands["ws bf16 keys"])):
+            errors[name] = dict(out=rel(fn()[0], ref()[0]), against="the default launch")
+            print(name, errors[name], flush=True)
     times = graphed_rounds(cands, a.rounds)
     base = statistics.median(times["ws bf16 keys"])
     rows = []

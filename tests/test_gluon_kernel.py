@@ -74,8 +74,8 @@ def test_launch_settings_are_checked():
 
 @needs_hopper
 @pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56), dict(CHUNKED=True),
-                                    dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True)],
-                         ids=["default", "unsplit", "chunked", "chunk-buffers", "chunked-chunk-buffers"])
+                                    dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True), dict(Q_IN_LOOP=False)],
+                         ids=["default", "unsplit", "chunked", "chunk-buffers", "chunked-chunk-buffers", "q-hoisted"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward_inputs(heads=heads, topk=topk)
@@ -92,9 +92,10 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
                                     dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True,
                                          CHUNK_BUFFERS=False),
                                     dict(CHUNKED=True),
-                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True)],
+                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
+                                    dict(Q_IN_LOOP=True)],
                          ids=["default", "one-ring", "one-ring-in-registers", "unsplit", "one-ring-chunked", "one-ring-chunked-in-registers",
-                              "chunked", "in-registers"])
+                              "chunked", "in-registers", "q-in-loop"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):

@@ -40,6 +40,14 @@ if HAVE_GLUON:  # kernels read module globals only as constexpr
     D_LAT, D_ROPE, BLOCK_H, V_HALF = gl.constexpr(_D_LAT), gl.constexpr(_D_ROPE), gl.constexpr(_BLOCK_H), gl.constexpr(_D_LAT // 2)
 
     @gluon.jit
+    def _unhoisted(i):
+        """0 for the index i of a block of 64 or more keys of an int32 top-k (i < 2^25), which the
+        compiler cannot prove. Q's shared-memory descriptors indexed by it (Q allocated as a ring
+        of one) are computed in the loop instead of hoisted out of it into a register pair per K
+        step, which a consumer partition's uniform registers then spill and reload every block."""
+        return i >> 25
+
+    @gluon.jit
     def _program_coords(H):
         """(query token as int64, block of heads) of this program. Head blocks vary fastest: the
         programs that gather the same token's key rows run side by side, so one of them reads the

@@ -12,6 +12,7 @@ if HAVE_GLUON:
         V_HALF,
         _program_coords,
         _slot_chunk,
+        _unhoisted,
         fence_async_shared,
         gl,
         gluon,
@@ -115,9 +116,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer_split(
-        q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
+        q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
         WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
+        Q_IN_LOOP: gl.constexpr,
     ):
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
@@ -143,6 +145,12 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             slot = i % STAGES
+            # Q_IN_LOOP: Q's descriptors computed in the loop rather than hoisted into registers.
+            q_at = 0
+            if Q_IN_LOOP:
+                q_at = _unhoisted(i)
+            q_a_smem = q_a_ring.index(q_at)
+            q_b_smem = q_b_ring.index(q_at)
             if CHUNKED or CHUNK_BUFFERS:
                 # One product per 128-column chunk. CHUNKED: FlashMLA's fine-grained copy-GEMM
                 # pipelining, the scores over each chunk start as soon as it is in the slot.

@@ -90,6 +90,7 @@ if HAVE_GLUON:
         D_ROPE,
         V_HALF,
         _program_coords,
+        _unhoisted,
         async_copy,
         fence_async_shared,
         gl,
@@ -267,14 +268,6 @@ if HAVE_GLUON:
             mbarrier.arrive(k_empty.index(slot))
 
         _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
-
-    @gluon.jit
-    def _unhoisted(i):
-        """0 for a step index i < 2^24 (a step is 128 keys of an int32 top-k), which the compiler
-        cannot prove: Q's shared-memory descriptors indexed by it are computed in the loop rather
-        than hoisted out of it into 16 register pairs, which the score products' uniform
-        registers then spill."""
-        return i >> 24
 
     @gluon.jit
     def _block_scores(q8_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr, sr_layout: gl.constexpr):

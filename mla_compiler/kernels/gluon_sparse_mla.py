@@ -96,13 +96,18 @@ if HAVE_GLUON:
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, CHUNK_BUFFERS: gl.constexpr = False,
+        Q_IN_LOOP: gl.constexpr = False,
     ):
         t, hb = _program_coords(H)
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
         q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
-        q_a_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_LAT], q_a_layout)
-        q_b_smem = gl.allocate_shared_memory(gl.bfloat16, [BLOCK_H, D_ROPE], q_b_layout)
+        # Q as rings of one: Q_IN_LOOP consumers index them with a value the compiler cannot prove
+        # constant (gluon_common._unhoisted).
+        q_a_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_LAT], q_a_layout)
+        q_b_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_ROPE], q_b_layout)
+        q_a_smem = q_a_ring.index(0)
+        q_b_smem = q_b_ring.index(0)
         # The key ring: one [STAGES, BLOCK_N, 512] buffer (k0 four times), or with CHUNK_BUFFERS four
         # rings of 128 columns, the same bytes (a chunk's store then needs no barrier before the next's).
         K_COLS: gl.constexpr = 128 if CHUNK_BUFFERS else D_LAT
@@ -154,12 +159,12 @@ if HAVE_GLUON:
                     [
                         (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
-                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS)),
-                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           CHUNK_BUFFERS, Q_IN_LOOP)),
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS)),
+                                           CHUNK_BUFFERS, Q_IN_LOOP)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -167,12 +172,12 @@ if HAVE_GLUON:
             else:
                 gl.warp_specialize(
                     [
-                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS)),
-                        (_consumer_split, (q_a_smem, q_b_smem, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+                                           CHUNK_BUFFERS, Q_IN_LOOP)),
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
                                            bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS)),
+                                           CHUNK_BUFFERS, Q_IN_LOOP)),
                         (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
                                      stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
                     ],
@@ -223,10 +228,14 @@ if HAVE_GLUON:
 # (the consumers' two 128-column value products and four chunk score products): on for FP8 only.
 # With the producer's conflict-free dequantization layout (gluon_producers, eleventh call set):
 # FP8 FlashMLA 0.250 ms / row 0.221.
+# Q_IN_LOOP (split schedule; Q's shared-memory descriptors computed in the consumers' loop,
+# gluon_common._unhoisted): hoisted out of it, the second consumer spills and reloads them every block. bf16 keys 0.1931 ms
+# against 0.2005; FP8 rows (dequantized, CHUNK_BUFFERS) 0.2367 against 0.2204, so off for FP8 (H200,
+# probe_fp8_mma.py --ws, 2026-11-29).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, CHUNK_BUFFERS=False)
+                   CHUNKED=False, CHUNK_BUFFERS=False, Q_IN_LOOP=True)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False, CHUNK_BUFFERS=True)
+                  CHUNKED=False, CHUNK_BUFFERS=True, Q_IN_LOOP=False)
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
