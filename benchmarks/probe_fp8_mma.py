@@ -5,7 +5,7 @@ time counts), beside the dequantizing kernel (row scale) and bf16 keys. Each set
 checked against reference_fp8_mma on 8 tokens. CUDA graphs, interleaved rounds, medians.
 
     python benchmarks/probe_fp8_mma.py [--rounds 3] [--launch '{"BLOCK_N": 32, ...}' ...] [--vregs '{"STAGES": 3}' ...]
-        [--ws '{"Q_IN_LOOP": true}' ...] [--out probe.json]
+        [--ws '{"Q_IN_LOOP": true}' ...] [--shape prefill] [--out probe.json]
 
 ``--vregs`` adds the kernel without transposes (gluon_fp8_mma_vregs) under the launch given;
 ``--ws`` the warp-specialized kernel (bf16 keys and FP8 rows, dequantized) under the launch given,
@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, rel  # noqa: E402
+from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, prefill_inputs, rel  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
@@ -54,10 +54,12 @@ def main() -> int:
     p.add_argument("--ws", action="append", type=json.loads, default=[],
                    help="a launch dict (JSON) of the warp-specialized kernel (gluon_sparse_mla), timed with bf16 keys and FP8 rows; "
                         "repeat")
+    p.add_argument("--shape", choices=["decode", "prefill"], default="decode",
+                   help="decode: batch 64, s_q 2, top-k 2048 of 32768; prefill: 4096 queries, top-k 2048 of 8192")
     p.add_argument("--out")
     a = p.parse_args()
     settings = a.launch or SETTINGS
-    q, kv, idx = decode_inputs()
+    q, kv, idx = decode_inputs() if a.shape == "decode" else prefill_inputs()
     fp8 = fp8_key_sets(kv)
     scale = 576**-0.5
     errors, cands = {}, {}
