@@ -25,9 +25,9 @@ their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one blo
 consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.153 ms (about 478 TFLOPS) against 0.175 with
-64-key steps, 0.184 for gluon_fp8_mma and 0.201 for bf16 keys in the same call (RESULTS.md).
-What carries it (probe_fp8_mma.py --vregs, H200):
+decode shape (128 heads, top-k 2048) it runs 0.155 ms (472 TFLOPS) against 0.175 with 64-key
+steps, 0.184 for gluon_fp8_mma and 0.193 for bf16 keys in the same call (RESULTS.md; prefill,
+4096 queries: 4.22 ms against 5.67 for bf16 keys). What carries it (probe_fp8_mma.py --vregs, H200):
 - 128-key steps: half the exchanges, barriers and accumulator rescales a key, and each score
   product reads Q once for 64 keys instead of 32. With the producer handing a block over only
   after copying the next, as for 64-key steps, a step's second block waited for the step before
