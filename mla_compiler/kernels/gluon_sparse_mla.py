@@ -233,7 +233,7 @@ if HAVE_GLUON:
 # against 0.2005; FP8 rows (dequantized, CHUNK_BUFFERS) 0.2367 against 0.2204, so off for FP8 (H200,
 # probe_fp8_mma.py --ws, 2026-11-29). Nsight's stall samples with it on for FP8: the consumers wait
 # for the producer's blocks (4074 samples at their `full` waits against 1314), and the producer
-# waits on a global load at its valid-row compare (1837 samples, under 90 there with it off); the
+# waits on a global load at its valid-row compare (1837 samples, under 10 there with it off); the
 # producer's source is the same, its SASS is scheduled differently.
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
                    CHUNKED=False, CHUNK_BUFFERS=False, Q_IN_LOOP=True)
