@@ -81,11 +81,10 @@ def main() -> int:
     cands["ws bf16 keys"] = lambda: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale)
     for launch in a.ws:
         tag = " ".join(f"{k}={v}" for k, v in launch.items())
-        cands[f"ws FP8 row (dequantized) {tag}"] = lambda launch=launch: ws.forward(q, *fp8["row"], idx, scale, launch=launch)
-        cands[f"ws bf16 keys {tag}"] = lambda launch=launch: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale, launch=launch)
-        for name, fn, ref in ((f"ws FP8 row (dequantized) {tag}", cands[f"ws FP8 row (dequantized) {tag}"], cands["ws FP8 row (dequantized)"]),
-                              (f"ws bf16 keys {tag}", cands[f"ws bf16 keys {tag}"], cands["ws bf16 keys"])):
-            errors[name] = dict(out=rel(fn()[0], ref()[0]), against="the default launch")
+        for label, keys in (("ws FP8 row (dequantized)", fp8["row"]), ("ws bf16 keys", (kv[:, 0, :512], None, kv[:, 0, 512:]))):
+            name = f"{label} {tag}"
+            cands[name] = lambda launch=launch, keys=keys: ws.forward(q, *keys, idx, scale, launch=launch)
+            errors[name] = dict(out=rel(cands[name]()[0], cands[label]()[0]), against="the default launch")
             print(name, errors[name], flush=True)
     times = graphed_rounds(cands, a.rounds)
     base = statistics.median(times["ws bf16 keys"])

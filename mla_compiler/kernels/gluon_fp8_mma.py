@@ -447,13 +447,21 @@ if HAVE_GLUON:
         sig = sig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
         valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
         s = s8 * (q_log2[:, None] * sig[None, :]) + gl.convert_layout(sr, s_layout) * sm_scale_log2
+        s, m_mine, m_safe, w_mine = _masked_maxima(s, valid, lsig_ring.index(slot).slice(WG * HALF, HALF), s_layout)
+        return s, sig, m_mine, m_safe, w_mine
+
+    @gluon.jit
+    def _masked_maxima(s, valid, lsig_keys, s_layout: gl.constexpr):
+        """Scores ``s`` -inf where a key is not ``valid``; the row maxima m, m_safe (0 for a row
+        with no valid key) and w = max_j (score_j - m_safe + log2 sigma_j) (``lsig_keys``)."""
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         s = gl.where(valid[None, :], s, float("-inf"))
         m_mine = gl.max(s, 1)
-        # max_j (score_j + log2 sigma_j) relative to this half's maximum: scores of any size
-        # keep log2 sigma's bits (the absolute sum loses them past 2^23).
+        # max_j (score_j + log2 sigma_j) relative to this maximum: scores of any size keep log2
+        # sigma's bits (the absolute sum loses them past 2^23).
         m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
-        w_mine = gl.max(s - m_safe[:, None] + lsig_ring.index(slot).slice(WG * HALF, HALF).load(col_s)[None, :], 1)
-        return s, sig, m_mine, m_safe, w_mine
+        w_mine = gl.max(s - m_safe[:, None] + lsig_keys.load(col_s)[None, :], 1)
+        return s, m_mine, m_safe, w_mine
 
     @gluon.jit
     def _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG: gl.constexpr, row_s: gl.constexpr):

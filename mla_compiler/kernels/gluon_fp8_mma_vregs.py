@@ -110,6 +110,7 @@ if HAVE_GLUON:
         _half_scores,
         _issue_next,
         _issue_scores,
+        _masked_maxima,
         _quantize_q,
     )
     from .gluon_producers import _block_indices
@@ -283,17 +284,6 @@ if HAVE_GLUON:
         return gl.convert_layout(s, s_layout)
 
     @gluon.jit
-    def _masked_maxima(s, ok_slot, lsig_slot, s_layout: gl.constexpr):
-        """-inf at a block's invalid keys; the row maxima m, m_safe (0 for a row with no valid
-        key) and w = max_j (score_j - m_safe + log2 sigma_j), as _half_scores."""
-        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
-        s = gl.where((ok_slot.load(col_s) != 0)[None, :], s, float("-inf"))
-        m_mine = gl.max(s, 1)
-        m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
-        w_mine = gl.max(s - m_safe[:, None] + lsig_slot.load(col_s)[None, :], 1)
-        return s, m_mine, m_safe, w_mine
-
-    @gluon.jit
     def _key_chunks(p8, KEY_ORDER: gl.constexpr):
         """[64 heads, 64 keys] -> its two [64 heads, 32 keys] halves, each in the products' key order."""
         rows: gl.constexpr = p8.shape[0]
@@ -332,9 +322,9 @@ if HAVE_GLUON:
             mine = 2 * i + WG
             theirs = 2 * i + OTHER
             pair = 2 * (i % (STAGES // 2))  # the slot of block 2 i (STAGES is even)
-            k_mine = k8_ring.index(pair + WG)
-            k_theirs = k8_ring.index(pair + OTHER)
             slot = pair + WG
+            k_mine = k8_ring.index(slot)
+            k_theirs = k8_ring.index(pair + OTHER)
             mbarrier.wait(full.index(slot), (mine // STAGES) & 1)
             q_at = _unhoisted(i)
             s = _block_scores(q8_ring.index(q_at), qr_ring.index(q_at), k_mine, r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero,
@@ -342,7 +332,8 @@ if HAVE_GLUON:
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
             s = s * sm_scale_log2
-            s, m_mine, m_safe, w_mine = _masked_maxima(s, ok_ring.index(slot), lsig_ring.index(slot), s_layout)
+            valid = ok_ring.index(slot).load(gl.SliceLayout(0, s_layout)) != 0
+            s, m_mine, m_safe, w_mine = _masked_maxima(s, valid, lsig_ring.index(slot), s_layout)
             p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
             sig = sig_ring.index(slot).load(gl.SliceLayout(0, s_layout))
             p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
