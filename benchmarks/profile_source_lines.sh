@@ -1,29 +1,15 @@
 #!/usr/bin/env bash
 # Nsight Compute's counters per source line and per SASS instruction (its source page, as CSV) of
-# one FP8 forward launch (LAUNCH, a Python dict or None for the default; LAYOUT, flashmla or row)
-# at batch 64, s_q 2, top-k 2048 with HEADS heads (16, default: the few-head kernel; 128: the
-# warp-specialized one; KERNEL=fp8mma / vregs: the FP8-products kernel with transposed keys / V^T
-# from registers, row scales): which instructions make the shared-memory bank conflicts, the excessive
-# global sectors and the stall samples. Writes $OUT/src_sass.csv (per SASS instruction) and
+# one sparse MLA forward launch (benchmarks/profile_driver.py: HEADS, LAYOUT, KERNEL, LAUNCH):
+# which instructions make the shared-memory bank conflicts, the excessive global sectors and the
+# stall samples. Writes $OUT/src_sass.csv (per SASS instruction) and
 # $OUT/src_cuda.csv, and prints the instructions with the most excessive shared wavefronts.
 OUT=$(realpath -m "${OUT:-.}")
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-cat > /tmp/source_lines_driver.py <<'PY'
-import os, sys
-sys.path.insert(0, "benchmarks")
-from bench_sparse_mla import decode_inputs, fp8_key_sets
-from mla_compiler.kernels import gluon_fewhead as fh, gluon_fp8_mma as fm, gluon_fp8_mma_vregs as fv, gluon_sparse_mla as gk
-heads = int(os.environ.get("HEADS", "16"))
-q, kv, idx = decode_inputs(heads=heads)
-latent, scale, rope = fp8_key_sets(kv)[os.environ.get("LAYOUT", "flashmla")]
-kernel = dict(fp8mma=fm, vregs=fv).get(os.environ.get("KERNEL", "")) or (fh if heads <= fh.MAX_HEADS else gk)
-for _ in range(2):  # the first launch compiles and warms up; the second is profiled
-    kernel.forward(q, latent, scale, rope, idx, 576 ** -0.5, launch=eval(os.environ.get("LAUNCH") or "None"))
-PY
 rm -f /tmp/source_lines.ncu-rep
 timeout 150 ncu --clock-control none -k regex:"fewhead|_ws_fwd|fp8_mma" --launch-skip 1 -c 1 --section SourceCounters --import-source yes -f -o /tmp/source_lines \
-  python3 /tmp/source_lines_driver.py > "$OUT/ncu_source_lines_run.txt" 2>&1
+  python3 benchmarks/profile_driver.py > "$OUT/ncu_source_lines_run.txt" 2>&1
 status=$?
 echo "ncu exit $status"
 if [ "$status" -ne 0 ] || [ ! -s /tmp/source_lines.ncu-rep ]; then

@@ -83,10 +83,14 @@ def test_compiles_for_hopper_without_transposes(step_keys):
         "ptx = c.asm['ptx']\n"
         "kinds = ('m64n32k32.f32.e4m3.e4m3', 'm64n64k32.f32.e4m3.e4m3', 'm64n32k16.f32.bf16.bf16', 'm64n64k16.f32.bf16.bf16')\n"
         "print(json.dumps(dict(shared=c.metadata.shared, setmaxnreg='setmaxnreg' in ptx,\n"
-        "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds})))\n"
+        "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds},\n"
+        "                      stores=[ptx.count('st.global.' + w) for w in ('v4.b32', 'b32', 'b16')])))\n"
     )
     info = compiled_for_hopper(script)
     assert info["shared"] <= fm.SHARED_LIMIT and info["setmaxnreg"], info
+    # O^T regrouped to [heads, columns] before it is stored: 16-byte stores (64 x 512 x 2 bytes
+    # over 256 threads) besides the lse's two, none of 2 bytes.
+    assert info["stores"] == [32, 2, 0], info
     # Each consumer: Q K^T as 16 e4m3 steps, the rope as 4 bf16 steps (over 32 keys a step of one
     # block, over 64 with STEP_KEYS=128), and V^T P'^T as four 64-row products (its 256 value
     # columns) for each 32 keys of the step, 64 heads wide.
@@ -108,7 +112,7 @@ def test_launch_settings_are_checked():
                        (dict(STEP_KEYS=128, STAGES=3), "even number"), (dict(STEP_KEYS=64, RELEASE_EARLY=1), "RELEASE_EARLY"),
                        (dict(RELEASE_EARLY=2), "RELEASE_EARLY=2"),
                        (dict(STEP_KEYS=128, STAGES=4, AHEAD=2), "AHEAD=1"),
-                       (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2")):
+                       (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2"), (dict(Q_IN_CONSUMERS=2), "Q_IN_CONSUMERS=2")):
         with pytest.raises(ValueError, match=words):
             fv.check_launch(dict(fv.LAUNCH, **bad))
 
@@ -118,10 +122,10 @@ def test_launch_settings_are_checked():
                                     dict(ONE_BLOCK, STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72), dict(ONE_BLOCK, V_AFTER_WAIT=0),
                                     None, dict(PAIRS, V_AFTER_WAIT=0), dict(PAIRS, KEY_ORDER=0),
                                     dict(PAIRS, STAGES=2, CONSUMER_REGS=232, PRODUCER_REGS=40), dict(RELEASE_EARLY=0),
-                                    dict(RELEASE_EARLY=0, KEY_ORDER=0)],
+                                    dict(RELEASE_EARLY=0, KEY_ORDER=0), dict(Q_IN_CONSUMERS=0), dict(ONE_BLOCK, Q_IN_CONSUMERS=0)],
                          ids=["one-block", "one-block-slot-order", "one-block-s3-a2", "one-block-s2-a1", "one-block-v-during-scores",
                               "pairs", "pairs-v-after-softmax", "pairs-slot-order", "pairs-s2-232", "pairs-release-at-end",
-                              "pairs-release-at-end-slot-order"])
+                              "pairs-release-at-end-slot-order", "pairs-q-before-partitions", "one-block-q-before-partitions"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")

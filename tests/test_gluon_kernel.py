@@ -30,13 +30,18 @@ def test_compiles_for_hopper_within_shared_memory():
         "                                  ('fp8-one-ring', True, 4, dict(CHUNK_BUFFERS=False)),\n"
         "                                  ('bf16-chunk-buffers', False, 1, dict(CHUNK_BUFFERS=True))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
-        "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in c.asm['ptx'], setmaxnreg='setmaxnreg' in c.asm['ptx'])\n"
+        "    ptx = c.asm['ptx']\n"
+        "    out[name] = dict(shared=c.metadata.shared, wgmma='wgmma.mma_async' in ptx, setmaxnreg='setmaxnreg' in ptx,\n"
+        "                     stores=[ptx.count('st.global.' + w) for w in ('v4.b32', 'b32', 'b16')])\n"
         "print(json.dumps(out))\n"
     )
     for name, info in compiled_for_hopper(script).items():
         # The ring of two 64-key slots plus Q nearly fills Hopper's 227 KiB: it must still fit.
         assert 200 * 1024 < info["shared"] <= 227 * 1024, (name, info)
         assert info["wgmma"] and info["setmaxnreg"], (name, info)  # tensor-core MMAs, registers rebalanced
+        # The output staged in Q's shared memory once both consumers are done with it: 16-byte
+        # stores (64 heads x 512 columns x 2 bytes over 256 threads), besides the lse's two.
+        assert info["stores"] == [32, 2, 0], (name, info)
 
 
 def test_declines_with_reasons(monkeypatch):

@@ -25,18 +25,28 @@ if HAVE_GLUON:
     @gluon.jit
     def _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H,
                       COL0: gl.constexpr, N_COLS: gl.constexpr, WITH_LSE: gl.constexpr, row_s: gl.constexpr,
-                      o_layout: gl.constexpr):
+                      o_layout: gl.constexpr, stage, STAGED: gl.constexpr):
         """Normalize the output columns COL0 .. COL0 + N_COLS held in ``acc`` and store them; WITH_LSE
         (once a program) also the lse (natural log; +inf and a zero row where no key was valid, as
-        the reference)."""
+        the reference). STAGED: through ``stage``, a free [64, N_COLS] bf16 buffer of this
+        warpgroup's, so the global stores are 16 bytes a thread along a row (from the accumulator's
+        layout they are 4 bytes, a warp's 32 spread over 8 rows); else from the accumulator."""
         row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
-        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
-        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=row_o)
-        cols = COL0 + gl.arange(0, N_COLS, layout=gl.SliceLayout(0, o_layout))
+        out = (acc / gl.convert_layout(l_safe, row_o)[:, None]).to(gl.bfloat16)
+        if STAGED:
+            LANES_ALONG: gl.constexpr = N_COLS // 8
+            store_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // LANES_ALONG, LANES_ALONG], [4, 1], [1, 0])
+            stage.store(out)
+            partition_barrier()
+            out = stage.load(store_layout)
+        else:
+            store_layout: gl.constexpr = o_layout
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, store_layout))
+        cols = COL0 + gl.arange(0, N_COLS, layout=gl.SliceLayout(0, store_layout))
         o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
-        gl.store(o_ptr, out.to(gl.bfloat16), mask=(heads < H)[:, None])
+        gl.store(o_ptr, out, mask=(heads < H)[:, None])
         if WITH_LSE:
             _store_lse(m_i, l_safe, empty_row, LSE, t, hb, stride_lt, H, row_s)
 
@@ -112,7 +122,7 @@ if HAVE_GLUON:
             mbarrier.arrive(empty.index(slot))
 
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s,
-                      o_layout)
+                      o_layout, q_a_smem, False)
 
     @gluon.jit
     def _consumer_split(
@@ -204,9 +214,11 @@ if HAVE_GLUON:
             partition_barrier()
             mbarrier.arrive(empty.index(slot))
 
+        # Past here both warpgroups are done with Q: each stages its output columns in its half of it.
         l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
+        q_dead = q_a_ring.index(0)
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_COLS, WG == 0, row_s,
-                      o_layout)
+                      o_layout, q_dead.slice(WG * V_HALF, V_COLS, dim=1), True)
         if CHUNK_BUFFERS:
             _store_output(acc_hi, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF + V_COLS, V_COLS,
-                          False, row_s, o_layout)
+                          False, row_s, o_layout, q_dead.slice(WG * V_HALF + V_COLS, V_COLS, dim=1), True)

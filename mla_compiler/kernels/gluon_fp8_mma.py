@@ -16,7 +16,7 @@ same way, without a per-row exponent.)
 
 Status: ``forward`` here calls it directly; the FP8 forward's opt-in (MLA_COMPILER_FP8_MMA=1)
 takes gluon_fp8_mma_vregs, the same arithmetic without the transposed copy (P V as V^T P'^T,
-V^T from registers), 0.155 against 0.184 ms. This module keeps the arithmetic's reference and the
+V^T from registers), 0.135 against 0.184 ms. This module keeps the arithmetic's reference and the
 checks both kernels share. On H200 at the V3.2 decode shape it runs 0.184 ms against 0.221 for the
 dequantizing kernel (row scale) and 0.201 for bf16 keys; without the transposes it would run
 about 0.157 (benchmarks/probe_fp8_mma.py, RESULTS.md).
@@ -255,6 +255,13 @@ if HAVE_GLUON:
         return ((k.to(gl.int32) + 127) << 23).to(gl.float32, bitcast=True)
 
     @gluon.jit
+    def _q_scales(amax):
+        """Each Q row's power-of-two scale (amax / 448 rounded up; 1 for a zero row) and its inverse."""
+        qs = _pow2_ceil(amax * (1.0 / 448.0))
+        qs = gl.where(qs > 0.0, qs, 1.0)
+        return qs, _pow2_inv(qs)
+
+    @gluon.jit
     def _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H):
         """This program's 64 query rows into shared memory: the latent as e4m3 with one power-of-two
         scale a row (``qs_smem``), the rope as bf16 (padded heads are 0)."""
@@ -267,9 +274,7 @@ if HAVE_GLUON:
         for c in gl.static_range(D_LAT // 128):
             x = gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0).to(gl.float32)
             amax = gl.maximum(amax, gl.max(gl.abs(x), 1))
-        qs = _pow2_ceil(amax * (1.0 / 448.0))
-        qs = gl.where(qs > 0.0, qs, 1.0)
-        inv = _pow2_inv(qs)
+        qs, inv = _q_scales(amax)
         # Q is read again (from L2, once a program): holding a row's 512 values through the maxima
         # would take 256 registers a thread.
         for c in gl.static_range(D_LAT // 128):
@@ -278,6 +283,40 @@ if HAVE_GLUON:
         qs_smem.store(qs)
         rope_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
         qr_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
+
+    @gluon.jit
+    def _quantize_q_rows(Q, q8_smem, qs_smem, t, hb, stride_qt, stride_qh, H, ROW0: gl.constexpr):
+        """The latent of rows ROW0 .. ROW0 + 32 of the program's query rows into shared memory (as
+        ``_quantize_q``; the rope rows are copied by ``_copy_q_rope``), by the four warps that call
+        it. Every load is issued before any is used: one trip to memory, not one a 128-column chunk
+        and pass (64 registers a thread hold the rows)."""
+        ROWS: gl.constexpr = BLOCK_H // 2
+        q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
+        heads = hb * BLOCK_H + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, q_layout))
+        h_ok = (heads < H)[:, None]
+        q_row = Q + t * stride_qt + heads[:, None] * stride_qh
+        cols = gl.arange(0, 128, layout=gl.SliceLayout(0, q_layout))
+        x0 = gl.load(q_row + cols[None, :], mask=h_ok, other=0.0)
+        x1 = gl.load(q_row + 128 + cols[None, :], mask=h_ok, other=0.0)
+        x2 = gl.load(q_row + 256 + cols[None, :], mask=h_ok, other=0.0)
+        x3 = gl.load(q_row + 384 + cols[None, :], mask=h_ok, other=0.0)
+        amax = gl.maximum(gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1)),
+                          gl.maximum(gl.max(gl.abs(x2.to(gl.float32)), 1), gl.max(gl.abs(x3.to(gl.float32)), 1)))
+        qs, inv = _q_scales(amax)
+        q8_rows = q8_smem.slice(ROW0, ROWS, dim=0)
+        q8_rows.slice(0, 128, dim=1).store((x0.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
+        q8_rows.slice(128, 128, dim=1).store((x1.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
+        q8_rows.slice(256, 128, dim=1).store((x2.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
+        q8_rows.slice(384, 128, dim=1).store((x3.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
+        qs_smem.slice(ROW0, ROWS).store(qs)
+
+    @gluon.jit
+    def _copy_q_rope(Q, qr_smem, t, hb, stride_qt, stride_qh, H):
+        """The program's 64 query rows' rope part (bf16, as is) into ``qr_smem`` by asynchronous
+        copies, left uncommitted: they join the caller's next commit group. Padded heads are 0."""
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, ROPE_COPY_LAYOUT))
+        cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, ROPE_COPY_LAYOUT))
+        async_rows(qr_smem, Q + t * stride_qt + heads[:, None] * stride_qh + D_LAT + cols[None, :], mask=(heads < H)[:, None])
 
     @gluon.jit
     def _producer_fp8_mma(k8_ring, vt_lo, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,
@@ -562,10 +601,10 @@ if HAVE_GLUON:
         l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
         carry = gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None]
         _store_output(acc * carry, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, ACC_N, WG == 0, row_s,
-                      o_layout)
+                      o_layout, q8_smem, False)
         if COPIER:
             _store_output(acc2 * carry, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF + ACC_N, ACC_N,
-                          False, row_s, o_layout)
+                          False, row_s, o_layout, q8_smem, False)
 
     @gluon.jit
     def _consumer_fp8_mma_whole(q8_smem, qr_smem, qs_smem, k8_ring, vt_mine, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
@@ -621,7 +660,8 @@ if HAVE_GLUON:
             m_i = m_new
             e_prev = e
         out = acc * gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2), row_o)[:, None]
-        _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout)
+        _store_output(out, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_HALF, WG == 0, row_s, o_layout,
+                      q8_smem, False)
 
     # TOPK == 1 would become a constant, and Triton 3.6 fails to compile the one-block loop then.
     @gluon.jit(do_not_specialize=["TOPK"])

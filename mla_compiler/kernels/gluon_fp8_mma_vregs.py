@@ -12,12 +12,14 @@ the [heads, keys] tile the consumers already write for each other is K-major as 
 
 Which value column an accumulator row holds: a thread's A rows in the four 64-row products of
 a warpgroup are the same four rows r, so row r of product q holds value column 4 r + q, and the
-four are one 4-byte word of a key row. The output store undoes the mapping.
+four are one 4-byte word of a key row. The output store undoes the mapping (regrouped in
+registers, then stored 16 bytes a thread along each head's row).
 
 Schedule: one program per (query token, 64 heads), three warpgroups, steps of 128 keys
-(STEP_KEYS=128, ``_consumer_vregs_pairs``). A producer copies each 64-key block (raw e4m3 rows,
-rope rows, scales) into one of four ring slots, a step's two blocks together, and writes log2
-sigma once each lands. Consumer WG computes the scores of all of the step's block WG (64-key
+(STEP_KEYS=128, ``_consumer_vregs_pairs``). Each consumer first quantizes 32 of Q's rows. A
+producer copies Q's rope rows with the first block, then each 64-key block (raw e4m3 rows, rope
+rows, scales) into one of four ring slots, a step's two blocks together, and writes log2 sigma
+once each lands. Consumer WG computes the scores of all of the step's block WG (64-key
 products; the rope product accumulates onto the scaled latent scores, one accumulator), the two
 exchange row maxima and their P' (as gluon_fp8_mma), read their 256 value columns of both blocks
 into registers, 32 keys at a time, release both slots once the last V is read, and add V^T P'^T,
@@ -25,9 +27,15 @@ their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one blo
 consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.155 ms (472 TFLOPS) against 0.175 with 64-key
-steps, 0.184 for gluon_fp8_mma and 0.193 for bf16 keys in the same call (RESULTS.md; prefill,
-4096 queries: 4.22 ms against 5.67 for bf16 keys). What carries it (probe_fp8_mma.py --vregs, H200):
+decode shape (128 heads, top-k 2048) it runs 0.135 ms against 0.186 for bf16 keys in the same call
+(RESULTS.md). What carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
+- The output regrouped to [heads, columns] before it is stored (``_store_transposed``): from O^T's
+  accumulator layout every store was 2 bytes in its own 32-byte sector, 256 a thread; now 16 a
+  thread of 16 bytes, a warp a head's row (0.1531 -> 0.1384 ms).
+- Q quantized by the consumers, 32 rows each, every load issued before any is used
+  (``_quantize_q_rows``; before, the four default warps read Q in several dependent trips before the
+  partitions started), and its rope rows copied by the producer with the first block
+  (Q_IN_CONSUMERS=1): 0.1388 -> 0.1354 ms.
 - 128-key steps: half the exchanges, barriers and accumulator rescales a key, and each score
   product reads Q once for 64 keys instead of 32. With the producer handing a block over only
   after copying the next, as for 64-key steps, a step's second block waited for the step before
@@ -112,6 +120,8 @@ if HAVE_GLUON:
         _issue_scores,
         _masked_maxima,
         _quantize_q,
+        _quantize_q_rows,
+        _copy_q_rope,
     )
     from .gluon_producers import _block_indices
 
@@ -124,7 +134,10 @@ if HAVE_GLUON:
 # products are done (0: while they run, or with STEP_KEYS=128 after the softmax).
 # RELEASE_EARLY=1 (STEP_KEYS=128): a step's slots released once their V is in registers, before
 # the last P V product (0: after it).
-LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128, RELEASE_EARLY=1)
+# Q_IN_CONSUMERS=1: each consumer quantizes half of Q's rows in its partition, so the producer's
+# first copies overlap it (0: the four default warps quantize all of Q before the partitions start).
+LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128, RELEASE_EARLY=1,
+              Q_IN_CONSUMERS=1)
 
 if HAVE_GLUON:
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
@@ -142,6 +155,8 @@ if HAVE_GLUON:
         reg_bases=[[0, 1], [0, 2], [1, 0], [8, 0], [0, 32], [16, 0]],
         lane_bases=[[2, 0], [4, 0], [0, 4], [0, 8], [0, 16]],
         warp_bases=[[0, 64], [0, 128]], block_bases=[], shape=[32, 256]))
+    # The output's [64 heads, 256 value columns] half: 8 columns (16 bytes) a thread, a warp a row.
+    OUT_STORE_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [1, 32], [4, 1], [1, 0]))
 
     @gluon.jit
     def _key_ordered(x, KEY_ORDER: gl.constexpr):
@@ -168,20 +183,33 @@ if HAVE_GLUON:
         return gl.convert_layout(x, a_layout)
 
     @gluon.jit
+    def _consumer_q(Q, q8_smem, qs_smem, bar_q, t, hb, stride_qt, stride_qh, H, WG: gl.constexpr, Q_IN_CONSUMERS: gl.constexpr):
+        """With Q_IN_CONSUMERS, this warpgroup's half of Q's latent rows quantized into shared memory,
+        then both consumers' halves waited for (the producer copies the rope rows with the first
+        block); else nothing (Q is in place before the partitions start)."""
+        if Q_IN_CONSUMERS:
+            _quantize_q_rows(Q, q8_smem, qs_smem, t, hb, stride_qt, stride_qh, H, WG * (BLOCK_H // 2))
+            fence_async_shared()
+            partition_barrier()
+            mbarrier.arrive(bar_q.index(0))
+            mbarrier.wait(bar_q.index(0), 0)
+
+    @gluon.jit
     def _producer_vregs(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
-                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                        AHEAD: gl.constexpr, PAIRS: gl.constexpr):
+                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N: gl.constexpr,
+                        STAGES: gl.constexpr, AHEAD: gl.constexpr, PAIRS: gl.constexpr, Q_ROPE: gl.constexpr):
         """Each block's raw rows, rope rows and scales copied into a slot AHEAD blocks before it is
         handed over; once landed, log2 sigma, then ``full``. PAIRS (consumer steps of two blocks):
         a step's two blocks are copied together, once both slots are free, and each handed over as
         it lands; the blocks are padded to whole steps (a padding block's keys are all invalid).
         Handing block j over only after copying block j + 1 would hold a step's second block until
-        the step before had released its slots."""
+        the step before had released its slots. Q_ROPE: Q's rope rows are copied with the first
+        block (its ``full`` says they landed)."""
         row_layout: gl.constexpr = gl.SliceLayout(1, RAW_COPY_LAYOUT)
         sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
         HANDS: gl.constexpr = 2 if PAIRS else 1  # blocks handed over at once
         LAG: gl.constexpr = 0 if PAIRS else AHEAD
-        t, _ = _program_coords(H)
+        t, hb = _program_coords(H)
         stride_rs = gl.multiple_of(stride_rs, 8)
         stride_kvs = gl.multiple_of(stride_kvs, 16)
         idx_row = IDX + t * stride_it
@@ -189,6 +217,8 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         if PAIRS:
             n_blocks = 2 * gl.cdiv(TOPK, 2 * BLOCK_N)
+        if Q_ROPE:
+            _copy_q_rope(Q, qr_smem, t, hb, stride_qt, stride_qh, H)
         idx = _block_indices(idx_row, 0, TOPK, BLOCK_N, row_layout)
         # One commit group a block, empty past the last one: wait_group(AHEAD) means block i landed.
         for j in range(n_blocks + LAG):
@@ -207,12 +237,13 @@ if HAVE_GLUON:
                     fence_async_shared()
                     partition_barrier()
                     mbarrier.arrive(full.index(slot))
+        async_copy.wait_group(0)  # none left in flight at exit (Q's rope rows, where no block was copied)
 
     @gluon.jit
-    def _consumer_vregs(q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax, p8_half,
-                        lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-                        WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr,
-                        V_AFTER_WAIT: gl.constexpr):
+    def _consumer_vregs(Q, q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax, p8_half,
+                        lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, TOPK, H,
+                        sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr,
+                        V_AFTER_WAIT: gl.constexpr, Q_IN_CONSUMERS: gl.constexpr):
         """Scores of this warpgroup's half of each block's keys, the row maxima and P' halves
         exchanged with the other warpgroup (as gluon_fp8_mma), then O^T += V^T P'^T for this
         warpgroup's 256 value columns, V^T from registers."""
@@ -226,6 +257,7 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         head_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
+        _consumer_q(Q, q8_smem, qs_smem, bar_q, t, hb, stride_qt, stride_qh, H, WG, Q_IN_CONSUMERS)
         q_log2 = qs_smem.load(row_s) * sm_scale_log2
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
@@ -291,10 +323,11 @@ if HAVE_GLUON:
         return _key_ordered(lo, KEY_ORDER), _key_ordered(hi, KEY_ORDER)
 
     @gluon.jit
-    def _consumer_vregs_pairs(q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
-                              p8_tiles, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
-                              WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, KEY_ORDER: gl.constexpr,
-                              V_AFTER_WAIT: gl.constexpr, RELEASE_EARLY: gl.constexpr):
+    def _consumer_vregs_pairs(Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
+                              p8_tiles, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
+                              TOPK, H, sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                              KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, RELEASE_EARLY: gl.constexpr,
+                              Q_IN_CONSUMERS: gl.constexpr):
         """Steps of two blocks: warpgroup WG computes the scores of all of block 2 s + WG's keys
         (64-key score products, half as many Q reads a key as 32), the row maxima and P' halves are
         exchanged once a step, then O^T += V^T P'^T for this warpgroup's 256 value columns over
@@ -311,6 +344,7 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         head_o: gl.constexpr = gl.SliceLayout(0, o_layout)
 
+        _consumer_q(Q, q8_ring.index(0), qs_smem, bar_q, t, hb, stride_qt, stride_qh, H, WG, Q_IN_CONSUMERS)
         q_scale = qs_smem.load(row_s)
         m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
         l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
@@ -382,18 +416,22 @@ if HAVE_GLUON:
         empty_row = l_i == 0.0
         l_safe = gl.where(empty_row, 1.0, l_i)
         factor = gl.convert_layout(_exp2_int(e_prev - HEADROOM_LOG2) / l_safe, gl.SliceLayout(0, o_layout))
-        _store_transposed(acc * factor[None, :], OUT, t, hb, stride_ot, stride_oh, H, WG, o_layout)
+        _store_transposed(acc * factor[None, :], OUT, t, hb, stride_ot, stride_oh, H, WG)
         if WG == 0:
             _store_lse(m_i, l_safe, empty_row, LSE, t, hb, stride_lt, H, row_s)
 
     @gluon.jit
-    def _store_transposed(acc, OUT, t, hb, stride_ot, stride_oh, H, WG: gl.constexpr, o_layout: gl.constexpr):
-        """O^T [256 rows, 64 heads] (row 64 q + r = value column 4 r + q) into out[t, heads, cols]."""
-        rows = gl.arange(0, V_HALF, layout=gl.SliceLayout(1, o_layout))
-        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, o_layout))
-        cols = WG * V_HALF + 4 * (rows % (V_HALF // 4)) + rows // (V_HALF // 4)
-        o_ptr = OUT + t * stride_ot + heads[None, :] * stride_oh + cols[:, None]
-        gl.store(o_ptr, acc.to(gl.bfloat16), mask=(heads < H)[None, :])
+    def _store_transposed(acc, OUT, t, hb, stride_ot, stride_oh, H, WG: gl.constexpr):
+        """O^T [256 rows, 64 heads] (row 64 q + r = value column 4 r + q) into out[t, heads, cols]:
+        regrouped to [heads, columns] and stored 16 bytes a thread, a warp a head's 512-byte row
+        (from the accumulator's layout every store is 2 bytes, each in its own 32-byte sector)."""
+        x = gl.reshape(acc.to(gl.bfloat16), [4, V_HALF // 4, BLOCK_H])  # [q, r, head]
+        x = gl.reshape(gl.permute(x, (2, 1, 0)), [BLOCK_H, V_HALF])  # [head, 4 r + q]
+        x = gl.convert_layout(x, OUT_STORE_LAYOUT)
+        heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, OUT_STORE_LAYOUT))
+        cols = WG * V_HALF + gl.arange(0, V_HALF, layout=gl.SliceLayout(0, OUT_STORE_LAYOUT))
+        o_ptr = OUT + t * stride_ot + heads[:, None] * stride_oh + cols[None, :]
+        gl.store(o_ptr, x, mask=(heads < H)[:, None])
 
     @gluon.jit(do_not_specialize=["TOPK"])
     def _fp8_mma_vregs_kernel(
@@ -402,6 +440,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
         KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, STEP_KEYS: gl.constexpr, RELEASE_EARLY: gl.constexpr,
+        Q_IN_CONSUMERS: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
@@ -434,6 +473,8 @@ if HAVE_GLUON:
         bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        bar_q = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar_q.index(0), count=2)
         for s in gl.static_range(STAGES):
             mbarrier.init(full.index(s), count=1)
             mbarrier.init(k_empty.index(s), count=2)
@@ -441,20 +482,24 @@ if HAVE_GLUON:
             mbarrier.init(bar_x.index(w), count=1)
             mbarrier.init(bar_p.index(w), count=1)
             mbarrier.init(bar_l.index(w), count=1)
-        _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H)
+        if not Q_IN_CONSUMERS:
+            _quantize_q(Q, q8_smem, qr_smem, qs_smem, t, hb, stride_qt, stride_qh, H)
         fence_async_shared()
         partition_barrier()
         if BLOCKS_A_STEP == 2:
             gl.warp_specialize(
                 [
-                    (_consumer_vregs_pairs, (q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
-                                             xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                             TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT, RELEASE_EARLY)),
-                    (_consumer_vregs_pairs, (q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
-                                             xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt,
-                                             TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT, RELEASE_EARLY)),
+                    (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                             xmax, wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh,
+                                             stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER,
+                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS)),
+                    (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                             xmax, wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh,
+                                             stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER,
+                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS)),
                     (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
-                                       stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD, True)),
+                                       stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N, STAGES,
+                                       AHEAD, True, Q_IN_CONSUMERS)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -462,14 +507,17 @@ if HAVE_GLUON:
         else:
             gl.warp_specialize(
                 [
-                    (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
-                                       p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                                       sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
-                    (_consumer_vregs, (q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
-                                       p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H,
-                                       sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT)),
+                    (_consumer_vregs, (Q, q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax,
+                                       wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot,
+                                       stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT,
+                                       Q_IN_CONSUMERS)),
+                    (_consumer_vregs, (Q, q8_smem, qr_smem, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax,
+                                       wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot,
+                                       stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT,
+                                       Q_IN_CONSUMERS)),
                     (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
-                                       stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES, AHEAD, False)),
+                                       stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N, STAGES,
+                                       AHEAD, False, Q_IN_CONSUMERS)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -487,7 +535,7 @@ def check_launch(cfg: dict) -> None:
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
     if cfg["STEP_KEYS"] not in (64, 128):
         raise ValueError(f"launch STEP_KEYS={cfg['STEP_KEYS']}: 64 (a block a consumer step) or 128 (two)")
-    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY"):
+    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY", "Q_IN_CONSUMERS"):
         if cfg[flag] not in (0, 1):
             raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
