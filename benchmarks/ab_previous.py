@@ -6,7 +6,7 @@ keep the arithmetic must give the same bits), then all timed from CUDA graphs in
 (medians). Extra arguments are launch dicts (JSON) of the FP8-products kernel (gluon_fp8_mma_vregs,
 128 heads), timed too.
 
-    bash benchmarks/ab_prepare.sh REV && python benchmarks/ab_previous.py [--rounds 5] [--heads 16] ['{"STEP_KEYS": 64}' ...]
+    bash benchmarks/ab_prepare.sh REV && python benchmarks/ab_previous.py [--rounds 5] [--heads 16] [--only ws] ['{"STEP_KEYS": 64}' ...]
 """
 
 import argparse
@@ -32,6 +32,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--heads", type=int, default=128, choices=[16, 128])
+    p.add_argument("--only", default="", help="only the pairs whose name contains this")
     p.add_argument("--out")
     p.add_argument("launches", nargs="*", type=json.loads)
     a = p.parse_args()
@@ -50,6 +51,7 @@ def main() -> int:
             "ws FP8 row (dequantized)": (lambda: ws.forward(q, *rows, idx, scale), lambda: ws_old.forward(q, *rows, idx, scale)),
             "FP8 products (vregs)": (lambda: fv.forward(q, *rows, idx, scale), lambda: fv_old.forward(q, *rows, idx, scale)),
         }
+    pairs = {name: pair for name, pair in pairs.items() if a.only in name}
     cands, same = {}, {}
     for name, (now, then) in pairs.items():
         (o_now, l_now), (o_then, l_then) = now(), then()

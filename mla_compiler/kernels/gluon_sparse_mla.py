@@ -41,6 +41,8 @@ if HAVE_GLUON:
         D_ROPE,
         _four_buffers,
         _program_coords,
+        async_copy,
+        async_rows,
         fence_async_shared,
         gl,
         gluon,
@@ -124,16 +126,20 @@ if HAVE_GLUON:
         for s in gl.static_range(STAGES):
             mbarrier.init(empty.index(s), count=2)
 
-        # Q of this block of heads into shared memory, 128 columns at a time (padded heads are 0).
+        # Q of this block of heads into shared memory by asynchronous copies, all in flight at once
+        # (padded heads are 0). As loads and stores 128 columns at a time, each chunk's loads were
+        # issued after the previous chunk's stores: five trips to memory before the partitions start.
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         heads = hb * BLOCK_H + gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, q_layout))
         h_ok = (heads < H)[:, None]
         q_row = Q + t * stride_qt + heads[:, None] * stride_qh
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, q_layout))
         for c in gl.static_range(D_LAT // 128):
-            q_a_smem.slice(c * 128, 128, dim=1).store(gl.load(q_row + c * 128 + cols[None, :], mask=h_ok, other=0.0))
+            async_rows(q_a_smem.slice(c * 128, 128, dim=1), q_row + c * 128 + cols[None, :], mask=h_ok)
         rope_cols = gl.arange(0, D_ROPE, layout=gl.SliceLayout(0, q_layout))
-        q_b_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
+        async_rows(q_b_smem, q_row + D_LAT + rope_cols[None, :], mask=h_ok)
+        async_copy.commit_group()
+        async_copy.wait_group(0)
         fence_async_shared()
         partition_barrier()
 
