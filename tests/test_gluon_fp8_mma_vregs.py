@@ -105,14 +105,16 @@ def test_compiles_for_hopper_without_transposes(step_keys):
 
 def test_launch_settings_are_checked():
     fv.check_launch(dict(fv.LAUNCH))
-    assert fv.launch_settings(ONE_BLOCK)["RELEASE_EARLY"] == 0  # a 128-key step setting
+    assert fv.launch_settings(ONE_BLOCK)["RELEASE_EARLY"] == 0  # 128-key step settings
+    assert fv.launch_settings(ONE_BLOCK)["FUSED_SOFTMAX"] == 0
     for bad, words in ((dict(CONSUMER_REGS=236), "multiple of 8"), (dict(CONSUMER_REGS=240), "<= 504"),
                        (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"), (dict(VT_STAGES=2), "unknown"),
                        (dict(KEY_ORDER=2), "KEY_ORDER=2"), (dict(STEP_KEYS=96), "STEP_KEYS=96"),
                        (dict(STEP_KEYS=128, STAGES=3), "even number"), (dict(STEP_KEYS=64, RELEASE_EARLY=1), "RELEASE_EARLY"),
                        (dict(RELEASE_EARLY=2), "RELEASE_EARLY=2"),
                        (dict(STEP_KEYS=128, STAGES=4, AHEAD=2), "AHEAD=1"),
-                       (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2"), (dict(Q_IN_CONSUMERS=2), "Q_IN_CONSUMERS=2")):
+                       (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2"), (dict(Q_IN_CONSUMERS=2), "Q_IN_CONSUMERS=2"),
+                       (dict(FUSED_SOFTMAX=2), "FUSED_SOFTMAX=2"), (dict(ONE_BLOCK, RELEASE_EARLY=0, FUSED_SOFTMAX=1), "FUSED_SOFTMAX=1 takes STEP_KEYS=128")):
         with pytest.raises(ValueError, match=words):
             fv.check_launch(dict(fv.LAUNCH, **bad))
 
@@ -122,10 +124,12 @@ def test_launch_settings_are_checked():
                                     dict(ONE_BLOCK, STAGES=2, AHEAD=1, CONSUMER_REGS=216, PRODUCER_REGS=72), dict(ONE_BLOCK, V_AFTER_WAIT=0),
                                     None, dict(PAIRS, V_AFTER_WAIT=0), dict(PAIRS, KEY_ORDER=0),
                                     dict(PAIRS, STAGES=2, CONSUMER_REGS=232, PRODUCER_REGS=40), dict(RELEASE_EARLY=0),
-                                    dict(RELEASE_EARLY=0, KEY_ORDER=0), dict(Q_IN_CONSUMERS=0), dict(ONE_BLOCK, Q_IN_CONSUMERS=0)],
+                                    dict(RELEASE_EARLY=0, KEY_ORDER=0), dict(Q_IN_CONSUMERS=0), dict(ONE_BLOCK, Q_IN_CONSUMERS=0),
+                                    dict(FUSED_SOFTMAX=0)],
                          ids=["one-block", "one-block-slot-order", "one-block-s3-a2", "one-block-s2-a1", "one-block-v-during-scores",
                               "pairs", "pairs-v-after-softmax", "pairs-slot-order", "pairs-s2-232", "pairs-release-at-end",
-                              "pairs-release-at-end-slot-order", "pairs-q-before-partitions", "one-block-q-before-partitions"])
+                              "pairs-release-at-end-slot-order", "pairs-q-before-partitions", "one-block-q-before-partitions",
+                              "pairs-unfused-softmax"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
@@ -141,7 +145,7 @@ def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [ONE_BLOCK, PAIRS], ids=["one-block", "pairs"])
+@pytest.mark.parametrize("launch", [ONE_BLOCK, PAIRS, dict(PAIRS, FUSED_SOFTMAX=0)], ids=["one-block", "pairs", "pairs-unfused-softmax"])
 def test_keeps_extreme_scales(launch):
     q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
     out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)

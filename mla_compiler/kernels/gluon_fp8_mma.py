@@ -507,6 +507,14 @@ if HAVE_GLUON:
         """The two warpgroups' half-block maxima exchanged (block i): this half's P under the new
         running maxima, alpha (the rescale for them), the new maxima, and each row's exponent e for
         P' = P sigma 2^(8 - e) (p_exponent, from both halves' w)."""
+        alpha, m_new, m_use, e = _exchanged_maxima(m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
+        return gl.exp2(s - m_use[:, None]), alpha, m_new, e
+
+    @gluon.jit
+    def _exchanged_maxima(m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG: gl.constexpr, row_s: gl.constexpr):
+        """The two warpgroups' half-block maxima exchanged (block i): alpha (the rescale to the new
+        running maxima), the new maxima, the maxima P is taken under (0 for a row with no valid key
+        yet), and each row's exponent e for P' = P sigma 2^(8 - e) (p_exponent, from both halves' w)."""
         OTHER: gl.constexpr = 1 - WG
         xmax.index(WG).store(m_mine)
         wmax.index(WG).store(w_mine)
@@ -517,12 +525,11 @@ if HAVE_GLUON:
         m_new = gl.maximum(m_i, gl.maximum(m_mine, m_other))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(s - m_use[:, None])
         w_row = gl.maximum(w_mine + (m_safe - m_use),
                            wmax.index(OTHER).load(row_s) + (gl.where(m_other == float("-inf"), 0.0, m_other) - m_use))
         e = gl.where(w_row == float("-inf"), e_prev, gl.ceil(w_row))
         e = gl.minimum(gl.maximum(e, -E_MAX), E_MAX)
-        return p, alpha, m_new, e
+        return alpha, m_new, m_use, e
 
     @gluon.jit
     def _consumer_fp8_mma(q8_smem, qr_smem, qs_smem, k8_ring, vt_mine, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, v_empty,

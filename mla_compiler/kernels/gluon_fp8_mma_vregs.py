@@ -27,8 +27,11 @@ their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one blo
 consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.135 ms against 0.186 for bf16 keys in the same call
-(RESULTS.md). What carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
+decode shape (128 heads, top-k 2048) it runs 0.130 ms against 0.185 for bf16 keys (RESULTS.md). What
+carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
+- The softmax in fewer operations an element (FUSED_SOFTMAX=1, ``_fused_softmax``): the scores'
+  scale and log2 sigma in one fused multiply-add, P' in one exp2, the softmax sums from P' / sigma
+  (1 / sigma written by the producer beside log2 sigma): 0.1338 -> 0.1300 ms.
 - The output regrouped to [heads, columns] before it is stored (``_store_transposed``): from O^T's
   accumulator layout every store was 2 bytes in its own 32-byte sector, 256 a thread; now 16 a
   thread of 16 bytes, a warp a head's row (0.1531 -> 0.1384 ms).
@@ -58,6 +61,16 @@ registers and the producer at 40 (0.2108, before the Q descriptors were unhoiste
 the next step's latent product issued before this step's softmax, its accumulator carried over
 the loop's back edge; ptxas then serializes every warpgroup MMA (C7511, too few registers for
 the wgmma pipeline) and injects waits (C7517).
+
+Measured and not kept (ab_previous.py against the same kernel, H200, where it times 0.1347-0.1351):
+a persistent grid, one program an SM taking work items in turn, its ring and barrier phases
+running on across items so the producer copies an item's first blocks under the item before
+(0.1344; with the producer also asking L2 for the next item's Q rows, 0.1347): a program's fixed
+cost (0.021 ms of 0.135 by probe_fixed_cost.py's fit over top-k) is the consumers' own, waiting on
+Q's loads at the start; Q's rope rows loaded by the consumers with the latent rows instead of
+copied by the producer (0.1353); consumers at 216 registers and the producer at 72 (0.1429), or
+232 and 40 (0.1825: the producer spills). Carrying the next item's Q rows in registers from the
+item before spilled 1160 bytes (ptxas, sm_90; not timed).
 
 Measured slower and not kept (probe_fp8_mma.py --vregs, 64-key steps, against 0.175-0.184 in the
 same calls):
@@ -113,6 +126,7 @@ if HAVE_GLUON:
         HEADROOM_LOG2,
         RAW_COPY_LAYOUT,
         ROPE_COPY_LAYOUT,
+        _exchanged_maxima,
         _exchanged_softmax,
         _exp2_int,
         _half_scores,
@@ -136,8 +150,10 @@ if HAVE_GLUON:
 # the last P V product (0: after it).
 # Q_IN_CONSUMERS=1: each consumer quantizes half of Q's rows in its partition, so the producer's
 # first copies overlap it (0: the four default warps quantize all of Q before the partitions start).
+# FUSED_SOFTMAX=1 (STEP_KEYS=128): P' taken in one exp2 of score + log2 sigma, the softmax sums
+# from P' / sigma (``_fused_softmax``); 0: P, then P' = P sigma 2^(8 - e).
 LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128, RELEASE_EARLY=1,
-              Q_IN_CONSUMERS=1)
+              Q_IN_CONSUMERS=1, FUSED_SOFTMAX=1)
 
 if HAVE_GLUON:
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
@@ -195,7 +211,7 @@ if HAVE_GLUON:
             mbarrier.wait(bar_q.index(0), 0)
 
     @gluon.jit
-    def _producer_vregs(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+    def _producer_vregs(k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
                         stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N: gl.constexpr,
                         STAGES: gl.constexpr, AHEAD: gl.constexpr, PAIRS: gl.constexpr, Q_ROPE: gl.constexpr):
         """Each block's raw rows, rope rows and scales copied into a slot AHEAD blocks before it is
@@ -233,7 +249,9 @@ if HAVE_GLUON:
                     async_copy.wait_group(HANDS - 1 - h if PAIRS else AHEAD)
                     partition_barrier()  # every producer thread's rows of block i have landed
                     slot = i % STAGES
-                    lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
+                    sig = sig_ring.index(slot).load(sig_layout)
+                    lsig_ring.index(slot).store(gl.log2(sig))
+                    isig_ring.index(slot).store(gl.where(sig > 0.0, 1.0 / sig, 0.0))  # 0 at invalid keys (sigma 0)
                     fence_async_shared()
                     partition_barrier()
                     mbarrier.arrive(full.index(slot))
@@ -316,6 +334,27 @@ if HAVE_GLUON:
         return gl.convert_layout(s, s_layout)
 
     @gluon.jit
+    def _fused_softmax(s, valid, lsig_keys, isig_keys, sm_scale_log2, m_i, e_prev, xmax, wmax, bar_x, i, WG: gl.constexpr,
+                       s_layout: gl.constexpr):
+        """A block's P' (e4m3) and softmax sum from its scores ``s`` (before sm_scale_log2), the
+        arithmetic of ``_masked_maxima``, ``_exchanged_softmax`` and P' = P sigma 2^(8 - e) in fewer
+        operations an element: t = s c + log2 sigma in one fused multiply-add, the maxima of s
+        (times c: c > 0, so the same maxima) and of t, P' = 2^(t - (m + e - 8)) in one exp2, and
+        the sum of P from P' / sigma (``isig_keys``, 0 at invalid keys) times 2^(e - 8). Also
+        returns alpha, the new running maxima and e, as ``_exchanged_maxima``."""
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        s = gl.where(valid[None, :], s, float("-inf"))
+        m_mine = gl.max(s, 1) * sm_scale_log2
+        m_safe = gl.where(m_mine == float("-inf"), 0.0, m_mine)
+        t = s * sm_scale_log2 + lsig_keys.load(col_s)[None, :]
+        w_mine = gl.max(t, 1) - m_safe
+        alpha, m_new, m_use, e = _exchanged_maxima(m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
+        p8 = gl.exp2(t - (m_use + e - HEADROOM_LOG2)[:, None])
+        l_step = gl.sum(p8 * isig_keys.load(col_s)[None, :], 1) * _exp2_int(e - HEADROOM_LOG2)
+        return p8.to(gl.float8e4nv), l_step, alpha, m_new, e
+
+    @gluon.jit
     def _key_chunks(p8, KEY_ORDER: gl.constexpr):
         """[64 heads, 64 keys] -> its two [64 heads, 32 keys] halves, each in the products' key order."""
         rows: gl.constexpr = p8.shape[0]
@@ -323,17 +362,18 @@ if HAVE_GLUON:
         return _key_ordered(lo, KEY_ORDER), _key_ordered(hi, KEY_ORDER)
 
     @gluon.jit
-    def _consumer_vregs_pairs(Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, xmax, wmax,
-                              p8_tiles, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot, stride_oh, stride_lt,
-                              TOPK, H, sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    def _consumer_vregs_pairs(Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, xmax,
+                              wmax, p8_tiles, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot, stride_oh,
+                              stride_lt, TOPK, H, sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                               KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, RELEASE_EARLY: gl.constexpr,
-                              Q_IN_CONSUMERS: gl.constexpr):
+                              Q_IN_CONSUMERS: gl.constexpr, FUSED_SOFTMAX: gl.constexpr):
         """Steps of two blocks: warpgroup WG computes the scores of all of block 2 s + WG's keys
         (64-key score products, half as many Q reads a key as 32), the row maxima and P' halves are
         exchanged once a step, then O^T += V^T P'^T for this warpgroup's 256 value columns over
         both blocks, 32 keys a product (P' in four [64 heads, 32 keys] tiles, 2 owner + chunk).
         V_AFTER_WAIT=1 reads this warpgroup's first V chunk before the softmax, 0 after it.
-        RELEASE_EARLY=1 releases both slots once their V is in registers, before the last P V."""
+        RELEASE_EARLY=1 releases both slots once their V is in registers, before the last P V.
+        FUSED_SOFTMAX=1 takes P' and the softmax sums as ``_fused_softmax`` does."""
         t, hb = _program_coords(H)
         CHUNK: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
@@ -365,13 +405,18 @@ if HAVE_GLUON:
                               s_layout, sr_layout)
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
-            s = s * sm_scale_log2
             valid = ok_ring.index(slot).load(gl.SliceLayout(0, s_layout)) != 0
-            s, m_mine, m_safe, w_mine = _masked_maxima(s, valid, lsig_ring.index(slot), s_layout)
-            p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
-            sig = sig_ring.index(slot).load(gl.SliceLayout(0, s_layout))
-            p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
-            l_i = l_i * alpha + gl.sum(p, 1)
+            if FUSED_SOFTMAX:
+                p8, l_step, alpha, m_new, e = _fused_softmax(s, valid, lsig_ring.index(slot), isig_ring.index(slot), sm_scale_log2, m_i,
+                                                             e_prev, xmax, wmax, bar_x, i, WG, s_layout)
+            else:
+                s = s * sm_scale_log2
+                s, m_mine, m_safe, w_mine = _masked_maxima(s, valid, lsig_ring.index(slot), s_layout)
+                p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
+                sig = sig_ring.index(slot).load(gl.SliceLayout(0, s_layout))
+                p8 = (p * sig[None, :] * _exp2_int(HEADROOM_LOG2 - e)[:, None]).to(gl.float8e4nv)
+                l_step = gl.sum(p, 1)
+            l_i = l_i * alpha + l_step
             p8_lo, p8_hi = _key_chunks(p8, KEY_ORDER)
             p8_tiles.index(2 * WG).store(p8_lo)
             p8_tiles.index(2 * WG + 1).store(p8_hi)
@@ -440,7 +485,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
         KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, STEP_KEYS: gl.constexpr, RELEASE_EARLY: gl.constexpr,
-        Q_IN_CONSUMERS: gl.constexpr,
+        Q_IN_CONSUMERS: gl.constexpr, FUSED_SOFTMAX: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
@@ -463,6 +508,7 @@ if HAVE_GLUON:
         ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec)
         sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
         lsig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
+        isig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
         xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
         wmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
         lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec)
@@ -489,15 +535,18 @@ if HAVE_GLUON:
         if BLOCKS_A_STEP == 2:
             gl.warp_specialize(
                 [
-                    (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                    (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full,
+                                             k_empty,
                                              xmax, wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh,
                                              stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER,
-                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS)),
-                    (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty,
+                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS, FUSED_SOFTMAX)),
+                    (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full,
+                                             k_empty,
                                              xmax, wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh,
                                              stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER,
-                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS)),
-                    (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS, FUSED_SOFTMAX)),
+                    (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX,
+                                       stride_kvs,
                                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N, STAGES,
                                        AHEAD, True, Q_IN_CONSUMERS)),
                 ],
@@ -515,7 +564,8 @@ if HAVE_GLUON:
                                        wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot,
                                        stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER, V_AFTER_WAIT,
                                        Q_IN_CONSUMERS)),
-                    (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
+                    (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX,
+                                       stride_kvs,
                                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N, STAGES,
                                        AHEAD, False, Q_IN_CONSUMERS)),
                 ],
@@ -535,14 +585,15 @@ def check_launch(cfg: dict) -> None:
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
     if cfg["STEP_KEYS"] not in (64, 128):
         raise ValueError(f"launch STEP_KEYS={cfg['STEP_KEYS']}: 64 (a block a consumer step) or 128 (two)")
-    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY", "Q_IN_CONSUMERS"):
+    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY", "Q_IN_CONSUMERS", "FUSED_SOFTMAX"):
         if cfg[flag] not in (0, 1):
             raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
         raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']}: keep 1 <= AHEAD < STAGES (the slot of block "
                          "i + AHEAD frees once block i + AHEAD - STAGES is done)")
-    if cfg["RELEASE_EARLY"] and cfg["STEP_KEYS"] != 128:
-        raise ValueError("launch RELEASE_EARLY=1 takes STEP_KEYS=128")
+    for flag in ("RELEASE_EARLY", "FUSED_SOFTMAX"):
+        if cfg[flag] and cfg["STEP_KEYS"] != 128:
+            raise ValueError(f"launch {flag}=1 takes STEP_KEYS=128")
     if cfg["STEP_KEYS"] == 128 and cfg["STAGES"] % 2:
         raise ValueError(f"launch STAGES={cfg['STAGES']} STEP_KEYS=128: an even number of slots (a step takes a pair)")
     if cfg["STEP_KEYS"] == 128 and cfg["AHEAD"] != 1:
@@ -551,12 +602,14 @@ def check_launch(cfg: dict) -> None:
 
 
 def launch_settings(launch: Optional[dict] = None) -> dict:
-    """LAUNCH with ``launch``'s settings; 64-key steps release their slot after P V unless told
-    otherwise (RELEASE_EARLY is a 128-key step setting)."""
+    """LAUNCH with ``launch``'s settings; 64-key steps release their slot after P V and take P as
+    P' = P sigma 2^(8 - e) unless told otherwise (RELEASE_EARLY and FUSED_SOFTMAX are 128-key step
+    settings)."""
     launch = launch or {}
     cfg = dict(LAUNCH, **launch)
-    if cfg["STEP_KEYS"] == 64 and "RELEASE_EARLY" not in launch:
-        cfg["RELEASE_EARLY"] = 0
+    for flag in ("RELEASE_EARLY", "FUSED_SOFTMAX"):
+        if cfg["STEP_KEYS"] == 64 and flag not in launch:
+            cfg[flag] = 0
     return cfg
 
 
