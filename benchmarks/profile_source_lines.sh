@@ -35,4 +35,23 @@ for metric in ("L1 Wavefronts Shared Excessive", "Warp Stall Sampling (All Sampl
     print(f"{metric}: {sum(num(r[k]) for r in body):.0f} over {len(body)} instructions; the most:")
     for r in sorted(body, key=lambda r: -num(r[k]))[:12]:
         print(f"  {num(r[k]):>10.0f}  shared ideal {num(r[at['L1 Wavefronts Shared Ideal']]):>9.0f}  {r[1].strip()[:90]}")
+# Where the stall samples fall: runs of SASS instructions executed about once a program (a prologue
+# or an epilogue: the commonest count, a partition's warps times the programs) or 8 times that and
+# more (a loop), in address order. A warp-specialized kernel lays its partitions out one after
+# another, each a once-loop-once run.
+from collections import Counter
+k, e = at["Warp Stall Sampling (All Samples)"], at["Instructions Executed"]
+once = Counter(num(r[e]) for r in body if num(r[e]) > 0).most_common(1)[0][0]
+runs = []
+for i, r in enumerate(body):
+    kind = "zero" if num(r[e]) == 0 else ("once" if num(r[e]) < 8 * once else "loop")
+    if runs and runs[-1][0] == kind:
+        runs[-1][2], runs[-1][3] = i, runs[-1][3] + num(r[k])
+    else:
+        runs.append([kind, i, i, num(r[k])])
+total = sum(num(r[k]) for r in body)
+print(f"stall samples by run (once: executed < {8 * once:.0f} times; runs under 1 % left out):")
+for kind, a, b, samples in runs:
+    if samples >= 0.01 * total:
+        print(f"  {kind:5} instructions {a:5}-{b:5}  {samples:7.0f} samples  {100 * samples / total:5.1f} %")
 PY
