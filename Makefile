@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q numpy "triton>=3.6" "torchao==0.18.0" "pytest>=8" "hypothesis>=6"
+	$(PY) -m pip install -q numpy "triton>=3.6" "torchao==0.18.0" "pytest>=8" "pytest-xdist>=3" "hypothesis>=6"
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -30,8 +30,12 @@ browser:
 	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
 	  echo "make: chromium not installed; the page-rendering test will be skipped"
 
+# Two test processes: the suite is CPU-bound (Inductor's C++ builds, the Triton interpreter), and
+# CI's two cores then finish it in about two thirds of the time.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
