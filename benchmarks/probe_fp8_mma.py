@@ -72,8 +72,8 @@ def main() -> int:
             errors[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
             print(name, errors[name], flush=True)
             continue
-        block_n = fv.reference_block_n(launch) if kernel is fv else launch.get("BLOCK_N", 64)
-        ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, block_n=block_n)
+        ref = fv.reference_settings(launch) if kernel is fv else dict(block_n=launch.get("BLOCK_N", 64))
+        ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, **ref)
         errors[name] = dict(out=rel(out, ref_out), lse=(lse - ref_lse).abs().max().item())
         print(name, errors[name], flush=True)
         cands[name] = lambda kernel=kernel, launch=launch: kernel.forward(q, *fp8["row"], idx, scale, launch=launch)

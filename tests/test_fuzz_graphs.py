@@ -32,7 +32,7 @@ from mla_compiler import make_backend
 
 EXAMPLES = int(os.environ.get("MLA_FUZZ_EXAMPLES", "0"))
 FUZZ = settings(
-    max_examples=EXAMPLES or 250,
+    max_examples=EXAMPLES or 150,
     deadline=None,
     derandomize=not EXAMPLES,  # CI: the same examples every run; a longer search explores
     database=None,

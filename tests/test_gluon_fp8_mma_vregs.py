@@ -106,7 +106,8 @@ def test_compiles_for_hopper_without_transposes(step_keys):
 def test_launch_settings_are_checked():
     fv.check_launch(dict(fv.LAUNCH))
     assert fv.launch_settings(ONE_BLOCK)["RELEASE_EARLY"] == 0  # 128-key step settings
-    assert fv.launch_settings(ONE_BLOCK)["FUSED_SOFTMAX"] == 0
+    assert fv.launch_settings(ONE_BLOCK)["FUSED_SOFTMAX"] == fv.launch_settings(ONE_BLOCK)["LAZY_RESCALE"] == 0
+    assert fv.launch_settings(dict(FUSED_SOFTMAX=0))["LAZY_RESCALE"] == 0
     for bad, words in ((dict(CONSUMER_REGS=236), "multiple of 8"), (dict(CONSUMER_REGS=240), "<= 504"),
                        (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"), (dict(VT_STAGES=2), "unknown"),
                        (dict(KEY_ORDER=2), "KEY_ORDER=2"), (dict(STEP_KEYS=96), "STEP_KEYS=96"),
@@ -114,7 +115,8 @@ def test_launch_settings_are_checked():
                        (dict(RELEASE_EARLY=2), "RELEASE_EARLY=2"),
                        (dict(STEP_KEYS=128, STAGES=4, AHEAD=2), "AHEAD=1"),
                        (dict(V_AFTER_WAIT=2), "V_AFTER_WAIT=2"), (dict(Q_IN_CONSUMERS=2), "Q_IN_CONSUMERS=2"),
-                       (dict(FUSED_SOFTMAX=2), "FUSED_SOFTMAX=2"), (dict(ONE_BLOCK, RELEASE_EARLY=0, FUSED_SOFTMAX=1), "FUSED_SOFTMAX=1 takes STEP_KEYS=128")):
+                       (dict(FUSED_SOFTMAX=2), "FUSED_SOFTMAX=2"), (dict(ONE_BLOCK, RELEASE_EARLY=0, FUSED_SOFTMAX=1), "FUSED_SOFTMAX=1 takes STEP_KEYS=128"),
+                       (dict(LAZY_RESCALE=2), "LAZY_RESCALE=2"), (dict(FUSED_SOFTMAX=0, LAZY_RESCALE=1), "takes FUSED_SOFTMAX=1")):
         with pytest.raises(ValueError, match=words):
             fv.check_launch(dict(fv.LAUNCH, **bad))
 
@@ -125,30 +127,41 @@ def test_launch_settings_are_checked():
                                     None, dict(PAIRS, V_AFTER_WAIT=0), dict(PAIRS, KEY_ORDER=0),
                                     dict(PAIRS, STAGES=2, CONSUMER_REGS=232, PRODUCER_REGS=40), dict(RELEASE_EARLY=0),
                                     dict(RELEASE_EARLY=0, KEY_ORDER=0), dict(Q_IN_CONSUMERS=0), dict(ONE_BLOCK, Q_IN_CONSUMERS=0),
-                                    dict(FUSED_SOFTMAX=0)],
+                                    dict(FUSED_SOFTMAX=0), dict(LAZY_RESCALE=0)],
                          ids=["one-block", "one-block-slot-order", "one-block-s3-a2", "one-block-s2-a1", "one-block-v-during-scores",
                               "pairs", "pairs-v-after-softmax", "pairs-slot-order", "pairs-s2-232", "pairs-release-at-end",
                               "pairs-release-at-end-slot-order", "pairs-q-before-partitions", "one-block-q-before-partitions",
-                              "pairs-unfused-softmax"])
+                              "pairs-unfused-softmax", "pairs-rescale-every-step"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
 def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
     q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
     out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
-    step_keys = fv.reference_block_n(launch)
-    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=step_keys))
+    ref = fv.reference_settings(launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **ref))
     ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     assert rel_err(out, ref_out) < 0.05
-    if step_keys == 64:
+    if ref["block_n"] == 64:
         # The transposing kernel: the same arithmetic, summed in another order.
         twin, twin_lse = fm.forward(q, latent, scale, rope, idx, SCALE)
         assert rel_err(out, twin) < 1e-2
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [ONE_BLOCK, PAIRS, dict(PAIRS, FUSED_SOFTMAX=0)], ids=["one-block", "pairs", "pairs-unfused-softmax"])
+@pytest.mark.parametrize("launch", [ONE_BLOCK, PAIRS, dict(PAIRS, FUSED_SOFTMAX=0), dict(PAIRS, LAZY_RESCALE=0)],
+                         ids=["one-block", "pairs", "pairs-unfused-softmax", "pairs-rescale-every-step"])
 def test_keeps_extreme_scales(launch):
     q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
     out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     assert out.isfinite().all()
-    block_n = fv.reference_block_n(launch)
-    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=block_n), lse_tol=0.5)
+    ref = fv.reference_settings(launch)
+    emulated = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **ref)
+    if not ref["lazy"]:
+        _assert_matches_emulation(out, lse, *emulated, lse_tol=0.5)
+        return
+    # Under the lazy reference k (an integer, not the row's running maximum) the tensor cores'
+    # error on scores of hundreds shifts every P' of a row against the emulation's e4m3 grid, so
+    # the roundings differ entry by entry (2.8e-2 from the emulation, measured on H200). The
+    # kernel must still be as close to the exact FP8 arithmetic as the emulation is.
+    _assert_matches_emulation(out, lse, *emulated, lse_tol=0.5, out_tol=4e-2)
+    exact, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert rel_err(out, exact) < 1.2 * rel_err(emulated[0], exact), (rel_err(out, exact), rel_err(emulated[0], exact))

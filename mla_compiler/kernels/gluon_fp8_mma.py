@@ -16,7 +16,7 @@ same way, without a per-row exponent.)
 
 Status: ``forward`` here calls it directly; the FP8 forward's opt-in (MLA_COMPILER_FP8_MMA=1)
 takes gluon_fp8_mma_vregs, the same arithmetic without the transposed copy (P V as V^T P'^T,
-V^T from registers), 0.135 against 0.184 ms. This module keeps the arithmetic's reference and the
+V^T from registers), 0.127 against 0.184 ms. This module keeps the arithmetic's reference and the
 checks both kernels share. On H200 at the V3.2 decode shape it runs 0.184 ms against 0.221 for the
 dequantizing kernel (row scale) and 0.201 for bf16 keys; without the transposes it would run
 about 0.157 (benchmarks/probe_fp8_mma.py, RESULTS.md).
@@ -92,6 +92,11 @@ LOG2E = 1.4426950408889634
 ENV_OFF = "MLA_COMPILER_FP8_MMA"
 P_HEADROOM_LOG2 = 8  # P' = P * sigma * 2^(P_HEADROOM_LOG2 - e) <= 256 (see p_exponent)
 E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays a normal float
+# The lazy reference (``lazy_reference``): P' = 2^(score + log2 sigma - k) with k moved only where a
+# block's largest exponent w would take P' past 2^P_HEADROOM_LOG2, and then to ceil(w) - LAZY_LOW,
+# so P' <= 2^LAZY_LOW after the move and the running maximum may grow 8 - LAZY_LOW binades before
+# the next one.
+LAZY_LOW = 4
 # PROBE_SKIP=1 / 2 (timing probes only, the output is wrong): the producer skips the transposes /
 # the split consumers skip the value accumulator's rescale;
 # benchmarks/probe_fp8_mma.py times it (RESULTS.md).
@@ -173,32 +178,29 @@ def quantize_q_rows(q_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return (q_latent.float() / scale.unsqueeze(-1)).to(torch.float8_e4m3fn), scale
 
 
-def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int = 64):
+def lazy_reference(w_max: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k', f): a row's reference for P' = 2^(score + log2 sigma - k') after a block whose largest
+    score + log2 sigma is ``w_max``, and the factor 2^(k - k') that rescales the sums taken under
+    k (1 where there were none: k = -inf). k moves only where P' would pass 2^P_HEADROOM_LOG2."""
+    moved = torch.where(w_max > k + P_HEADROOM_LOG2, torch.ceil(w_max) - LAZY_LOW, k)
+    return moved, torch.where(k == float("-inf"), torch.ones_like(k), torch.exp2(k - moved))
+
+
+def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int = 64, lazy: bool = False):
     """out [T, H, 512] (float32) and lse [T, H] of the FP8-MMA kernel's arithmetic: Q's latent and
     P' rounded to e4m3 as the kernel does, blocks of ``block_n`` keys in top-k order, online
     softmax in fp32. q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale [S, 1], kv_rope bf16
-    [S, 64], indices [T, 1, topk]."""
+    [S, 64], indices [T, 1, topk]. ``lazy``: P' under ``lazy_reference``'s k (the vregs kernel's
+    LAZY_RESCALE=1), the sums kept in its units; else under the running maximum and a block's
+    exponent (``p_exponent``)."""
+    if lazy:
+        return _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n)
     t, h, _ = q.shape
-    s_kv = kv_latent.shape[0]
-    q8, qs = quantize_q_rows(q[..., :_D_LAT])
-    q8, q_rope = q8.float(), q[..., _D_LAT:].float()
-    scale_log2 = sm_scale * LOG2E
-    idx = indices[:, 0].long()
-    topk = idx.shape[-1]
     m = torch.full((t, h), float("-inf"), device=q.device)
     l_sum = torch.zeros((t, h), device=q.device)
     e = torch.zeros((t, h), device=q.device)
     acc = torch.zeros((t, h, _D_LAT), device=q.device)
-    for b0 in range(0, topk, block_n):
-        blk = idx[:, b0:b0 + block_n]
-        valid = (blk >= 0) & (blk < s_kv)
-        safe = torch.where(valid, blk, torch.zeros_like(blk))
-        k8 = torch.where(valid[..., None], kv_latent[safe].float(), 0.0)  # [T, n, 512]
-        sig = torch.where(valid, kv_scale[safe, 0].float(), 0.0)  # [T, n]
-        rope = torch.where(valid[..., None], kv_rope[safe].float(), 0.0)
-        s8 = torch.einsum("thd,tnd->thn", q8, k8)
-        s = s8 * (qs * scale_log2)[..., None] * sig[:, None, :] + torch.einsum("thd,tnd->thn", q_rope, rope) * scale_log2
-        s = s.masked_fill(~valid[:, None, :], float("-inf"))
+    for k8, sig, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
         m_new = torch.maximum(m, s.amax(-1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp2(s - m_use[..., None])
@@ -208,11 +210,50 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
         acc = acc * alpha[..., None] + torch.einsum("thn,tnd->thd", p8, k8) * torch.exp2(e - P_HEADROOM_LOG2)[..., None]
         l_sum = l_sum * alpha + p.sum(-1)
         m = m_new
+    return _reference_output(acc, l_sum, m)
+
+
+def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int):
+    """Each block of ``block_n`` keys in top-k order, as reference_fp8_mma reads it: the e4m3
+    latent rows as float [T, n, 512], sigma [T, n] and the base-2 scores [T, H, n] (Q's latent
+    rounded as the kernel does; 0, 0 and -inf at invalid keys)."""
+    s_kv = kv_latent.shape[0]
+    q8, qs = quantize_q_rows(q[..., :_D_LAT])
+    q8, q_rope = q8.float(), q[..., _D_LAT:].float()
+    scale_log2 = sm_scale * LOG2E
+    idx = indices[:, 0].long()
+    for b0 in range(0, idx.shape[-1], block_n):
+        blk = idx[:, b0:b0 + block_n]
+        valid = (blk >= 0) & (blk < s_kv)
+        safe = torch.where(valid, blk, torch.zeros_like(blk))
+        k8 = torch.where(valid[..., None], kv_latent[safe].float(), 0.0)  # [T, n, 512]
+        sig = torch.where(valid, kv_scale[safe, 0].float(), 0.0)  # [T, n]
+        rope = torch.where(valid[..., None], kv_rope[safe].float(), 0.0)
+        s8 = torch.einsum("thd,tnd->thn", q8, k8)
+        s = s8 * (qs * scale_log2)[..., None] * sig[:, None, :] + torch.einsum("thd,tnd->thn", q_rope, rope) * scale_log2
+        yield k8, sig, s.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def _reference_output(acc, l_sum, m):
+    """out and lse from the sums kept under the rows' reference m (0 and +inf where no key was valid)."""
     empty = l_sum == 0
     out = acc / torch.where(empty, 1.0, l_sum)[..., None]
     lse = torch.where(empty, float("inf"), (m + torch.log2(torch.where(empty, 1.0, l_sum))) / LOG2E)
     return out, lse
 
+
+def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int):
+    t, h, _ = q.shape
+    k_ref = torch.full((t, h), float("-inf"), device=q.device)
+    l_sum = torch.zeros((t, h), device=q.device)
+    acc = torch.zeros((t, h, _D_LAT), device=q.device)
+    for k8, sig, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
+        w = s + torch.log2(sig)[:, None, :]
+        k_ref, f = lazy_reference(w.amax(-1), k_ref)
+        p = torch.exp2(w - torch.where(k_ref == float("-inf"), 0.0, k_ref)[..., None])  # P' in fp32
+        acc = acc * f[..., None] + torch.einsum("thn,tnd->thd", p.to(torch.float8_e4m3fn).float(), k8)
+        l_sum = l_sum * f + (p * torch.where(sig > 0, 1.0 / sig, 0.0)[:, None, :]).sum(-1)
+    return _reference_output(acc, l_sum, k_ref)
 
 if HAVE_GLUON:
     HEADROOM_LOG2, E_MAX = gl.constexpr(P_HEADROOM_LOG2), gl.constexpr(E_LIMIT)

@@ -27,8 +27,15 @@ their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one blo
 consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.130 ms against 0.185 for bf16 keys (RESULTS.md). What
+decode shape (128 heads, top-k 2048) it runs 0.127 ms against 0.185 for bf16 keys (RESULTS.md). What
 carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
+- The accumulator rescaled only where a warp's P' reference moved (LAZY_RESCALE=1,
+  ``_lazy_softmax``): P' = 2^(score + log2 sigma - k), k moved only where P' would pass 2^8 and
+  then to 4 binades below the block's largest (gluon_fp8_mma.lazy_reference), so on most steps no
+  row's k moves and the 128 multiplies a thread are skipped: 0.1309 -> 0.1247 ms. Its error
+  against the exact FP8 arithmetic is the eager form's (5.9e-2 against 5.8e-2 at the decode
+  shape); against its own emulation, P' rounds at other places where the tensor cores' error on
+  large scores moves a whole row (2.8e-2 on extreme scales, 1.5e-2 or less otherwise).
 - The softmax in fewer operations an element (FUSED_SOFTMAX=1, ``_fused_softmax``): the scores'
   scale and log2 sigma in one fused multiply-add, P' in one exp2, the softmax sums from P' / sigma
   (1 / sigma written by the producer beside log2 sigma): 0.1338 -> 0.1300 ms.
@@ -101,7 +108,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from .gluon_common import _BLOCK_H, _D_LAT, HAVE_GLUON
-from .gluon_fp8_mma import LOG2E, SHARED_LIMIT, declines
+from .gluon_fp8_mma import LAZY_LOW, LOG2E, SHARED_LIMIT, declines
 from .gluon_sparse_mla import REG_BUDGET, check_register_settings, check_row_counts, compile_ws_arguments
 
 if HAVE_GLUON:
@@ -152,10 +159,16 @@ if HAVE_GLUON:
 # first copies overlap it (0: the four default warps quantize all of Q before the partitions start).
 # FUSED_SOFTMAX=1 (STEP_KEYS=128): P' taken in one exp2 of score + log2 sigma, the softmax sums
 # from P' / sigma (``_fused_softmax``); 0: P, then P' = P sigma 2^(8 - e).
+# LAZY_RESCALE=1 (FUSED_SOFTMAX=1): P' = 2^(score + log2 sigma - k), k moved only where P' would pass
+# 2^8 (gluon_fp8_mma.lazy_reference), and the accumulator rescaled only where a warp's k moved;
+# reference_fp8_mma(lazy=True) has its arithmetic (0: P' under the running maximum and the step's
+# exponent, the accumulator rescaled every step).
 LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128, RELEASE_EARLY=1,
-              Q_IN_CONSUMERS=1, FUSED_SOFTMAX=1)
+              Q_IN_CONSUMERS=1, FUSED_SOFTMAX=1, LAZY_RESCALE=1)
 
 if HAVE_GLUON:
+    LAZY_LOW_C = gl.constexpr(LAZY_LOW)
+
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
     # 4-byte word) x 4 keys a thread per load group. After regrouping (``_v_operand``) it is
     # exactly the A operand fragment of the [256, 32] product with row 64 q + r = column 4 r + q.
@@ -355,6 +368,27 @@ if HAVE_GLUON:
         return p8.to(gl.float8e4nv), l_step, alpha, m_new, e
 
     @gluon.jit
+    def _lazy_softmax(s, valid, lsig_keys, isig_keys, sm_scale_log2, k_ref, xmax, bar_x, i, WG: gl.constexpr, s_layout: gl.constexpr):
+        """A block's P' (e4m3) and softmax sum under the lazy reference k (``lazy_reference``): t =
+        s c + log2 sigma, the rows' largest t exchanged with the other warpgroup, k moved only
+        where P' = 2^(t - k) would pass 2^8, the sum of P from P' / sigma. Returns P', the sum,
+        the factor 2^(k - k') that rescales the sums before (1 where nothing moved), and k'."""
+        OTHER: gl.constexpr = 1 - WG
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        t = gl.where(valid[None, :], s, float("-inf")) * sm_scale_log2 + lsig_keys.load(col_s)[None, :]
+        xmax.index(WG).store(gl.max(t, 1))
+        partition_barrier()
+        mbarrier.arrive(bar_x.index(WG))
+        mbarrier.wait(bar_x.index(OTHER), i & 1)
+        w_row = gl.maximum(xmax.index(WG).load(row_s), xmax.index(OTHER).load(row_s))
+        k_new = gl.where(w_row > k_ref + HEADROOM_LOG2, gl.ceil(w_row) - LAZY_LOW_C, k_ref)
+        factor = gl.where(k_ref == float("-inf"), 1.0, gl.exp2(k_ref - k_new))
+        p8 = gl.exp2(t - gl.where(k_new == float("-inf"), 0.0, k_new)[:, None])
+        l_step = gl.sum(p8 * isig_keys.load(col_s)[None, :], 1)
+        return p8.to(gl.float8e4nv), l_step, factor, k_new
+
+    @gluon.jit
     def _key_chunks(p8, KEY_ORDER: gl.constexpr):
         """[64 heads, 64 keys] -> its two [64 heads, 32 keys] halves, each in the products' key order."""
         rows: gl.constexpr = p8.shape[0]
@@ -366,7 +400,7 @@ if HAVE_GLUON:
                               wmax, p8_tiles, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh, stride_ot, stride_oh,
                               stride_lt, TOPK, H, sm_scale_log2, WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                               KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, RELEASE_EARLY: gl.constexpr,
-                              Q_IN_CONSUMERS: gl.constexpr, FUSED_SOFTMAX: gl.constexpr):
+                              Q_IN_CONSUMERS: gl.constexpr, FUSED_SOFTMAX: gl.constexpr, LAZY_RESCALE: gl.constexpr):
         """Steps of two blocks: warpgroup WG computes the scores of all of block 2 s + WG's keys
         (64-key score products, half as many Q reads a key as 32), the row maxima and P' halves are
         exchanged once a step, then O^T += V^T P'^T for this warpgroup's 256 value columns over
@@ -386,9 +420,10 @@ if HAVE_GLUON:
 
         _consumer_q(Q, q8_ring.index(0), qs_smem, bar_q, t, hb, stride_qt, stride_qh, H, WG, Q_IN_CONSUMERS)
         q_scale = qs_smem.load(row_s)
-        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)
+        m_i = gl.full([BLOCK_H], float("-inf"), gl.float32, row_s)  # LAZY_RESCALE: the reference k
         l_i = gl.zeros([BLOCK_H], gl.float32, row_s)
-        e_prev = gl.zeros([BLOCK_H], gl.float32, row_s)  # acc holds the output / 2^(e_prev - 8)
+        # acc holds the output / 2^(e_prev - 8); with LAZY_RESCALE, P' carries no 2^(e - 8): e_prev stays 8.
+        e_prev = gl.full([BLOCK_H], HEADROOM_LOG2 * LAZY_RESCALE, gl.float32, row_s)
         acc = gl.zeros([V_HALF, BLOCK_H], gl.float32, o_layout)  # O^T, rows as V_LOAD_LAYOUT maps them
         s_zero = gl.zeros([BLOCK_H, BLOCK_N], gl.float32, s_layout)
         n_steps = gl.cdiv(TOPK, 2 * BLOCK_N)
@@ -406,7 +441,11 @@ if HAVE_GLUON:
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
             valid = ok_ring.index(slot).load(gl.SliceLayout(0, s_layout)) != 0
-            if FUSED_SOFTMAX:
+            if LAZY_RESCALE:
+                p8, l_step, alpha, m_new = _lazy_softmax(s, valid, lsig_ring.index(slot), isig_ring.index(slot), sm_scale_log2, m_i, xmax,
+                                                         bar_x, i, WG, s_layout)
+                e = e_prev
+            elif FUSED_SOFTMAX:
                 p8, l_step, alpha, m_new, e = _fused_softmax(s, valid, lsig_ring.index(slot), isig_ring.index(slot), sm_scale_log2, m_i,
                                                              e_prev, xmax, wmax, bar_x, i, WG, s_layout)
             else:
@@ -425,7 +464,12 @@ if HAVE_GLUON:
             mbarrier.arrive(bar_p.index(WG))
             if not V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
-            acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), head_o)[None, :]
+            if LAZY_RESCALE:
+                factor = gl.convert_layout(alpha, head_o)
+                if gl.min(factor, 0) < 1.0:  # the warp's heads (all 64 in each warp) where k moved
+                    acc = acc * factor[None, :]
+            else:
+                acc = acc * gl.convert_layout(alpha * _exp2_int(e_prev - e), head_o)[None, :]
             acc = warpgroup_mma(v_first, p8_tiles.index(2 * WG).permute((1, 0)), acc, is_async=True)
             v = _v_operand(k_mine, WG, 1, CHUNK, a_layout, KEY_ORDER)
             acc = warpgroup_mma(v, p8_tiles.index(2 * WG + 1).permute((1, 0)), acc, is_async=True)
@@ -485,7 +529,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, AHEAD: gl.constexpr,
         KEY_ORDER: gl.constexpr, V_AFTER_WAIT: gl.constexpr, STEP_KEYS: gl.constexpr, RELEASE_EARLY: gl.constexpr,
-        Q_IN_CONSUMERS: gl.constexpr, FUSED_SOFTMAX: gl.constexpr,
+        Q_IN_CONSUMERS: gl.constexpr, FUSED_SOFTMAX: gl.constexpr, LAZY_RESCALE: gl.constexpr,
     ):
         t, hb = _program_coords(H)
         BLOCK_N: gl.constexpr = 64
@@ -539,12 +583,12 @@ if HAVE_GLUON:
                                              k_empty,
                                              xmax, wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh,
                                              stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, KEY_ORDER,
-                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS, FUSED_SOFTMAX)),
+                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS, FUSED_SOFTMAX, LAZY_RESCALE)),
                     (_consumer_vregs_pairs, (Q, q8_ring, qr_ring, qs_smem, k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full,
                                              k_empty,
                                              xmax, wmax, p8_half, lsum, bar_q, bar_x, bar_p, bar_l, OUT, LSE, stride_qt, stride_qh,
                                              stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, KEY_ORDER,
-                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS, FUSED_SOFTMAX)),
+                                             V_AFTER_WAIT, RELEASE_EARLY, Q_IN_CONSUMERS, FUSED_SOFTMAX, LAZY_RESCALE)),
                     (_producer_vregs, (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX,
                                        stride_kvs,
                                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_smem, stride_qt, stride_qh, BLOCK_N, STAGES,
@@ -585,15 +629,17 @@ def check_launch(cfg: dict) -> None:
                          f"2 * CONSUMER_REGS + PRODUCER_REGS <= {REG_BUDGET} (168 registers a thread for 384 threads)")
     if cfg["STEP_KEYS"] not in (64, 128):
         raise ValueError(f"launch STEP_KEYS={cfg['STEP_KEYS']}: 64 (a block a consumer step) or 128 (two)")
-    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY", "Q_IN_CONSUMERS", "FUSED_SOFTMAX"):
+    for flag in ("KEY_ORDER", "V_AFTER_WAIT", "RELEASE_EARLY", "Q_IN_CONSUMERS", "FUSED_SOFTMAX", "LAZY_RESCALE"):
         if cfg[flag] not in (0, 1):
             raise ValueError(f"launch {flag}={cfg[flag]}: 0 or 1")
     if not 1 <= cfg["AHEAD"] < cfg["STAGES"]:
         raise ValueError(f"launch AHEAD={cfg['AHEAD']} STAGES={cfg['STAGES']}: keep 1 <= AHEAD < STAGES (the slot of block "
                          "i + AHEAD frees once block i + AHEAD - STAGES is done)")
-    for flag in ("RELEASE_EARLY", "FUSED_SOFTMAX"):
+    for flag in ("RELEASE_EARLY", "FUSED_SOFTMAX", "LAZY_RESCALE"):
         if cfg[flag] and cfg["STEP_KEYS"] != 128:
             raise ValueError(f"launch {flag}=1 takes STEP_KEYS=128")
+    if cfg["LAZY_RESCALE"] and not cfg["FUSED_SOFTMAX"]:
+        raise ValueError("launch LAZY_RESCALE=1 takes FUSED_SOFTMAX=1 (its P' is taken as the fused softmax takes it)")
     if cfg["STEP_KEYS"] == 128 and cfg["STAGES"] % 2:
         raise ValueError(f"launch STAGES={cfg['STAGES']} STEP_KEYS=128: an even number of slots (a step takes a pair)")
     if cfg["STEP_KEYS"] == 128 and cfg["AHEAD"] != 1:
@@ -603,20 +649,24 @@ def check_launch(cfg: dict) -> None:
 
 def launch_settings(launch: Optional[dict] = None) -> dict:
     """LAUNCH with ``launch``'s settings; 64-key steps release their slot after P V and take P as
-    P' = P sigma 2^(8 - e) unless told otherwise (RELEASE_EARLY and FUSED_SOFTMAX are 128-key step
-    settings)."""
+    P' = P sigma 2^(8 - e) unless told otherwise (RELEASE_EARLY, FUSED_SOFTMAX and LAZY_RESCALE are
+    128-key step settings), and FUSED_SOFTMAX=0 rescales every step."""
     launch = launch or {}
     cfg = dict(LAUNCH, **launch)
-    for flag in ("RELEASE_EARLY", "FUSED_SOFTMAX"):
+    for flag in ("RELEASE_EARLY", "FUSED_SOFTMAX", "LAZY_RESCALE"):
         if cfg["STEP_KEYS"] == 64 and flag not in launch:
             cfg[flag] = 0
+    if not cfg["FUSED_SOFTMAX"] and "LAZY_RESCALE" not in launch:
+        cfg["LAZY_RESCALE"] = 0
     return cfg
 
 
-def reference_block_n(launch: Optional[dict] = None) -> int:
-    """The keys a step under ``launch``: the ``block_n`` of ``reference_fp8_mma`` that has this
-    kernel's roundings (P's exponent is per row and step)."""
-    return launch_settings(launch)["STEP_KEYS"]
+def reference_settings(launch: Optional[dict] = None) -> dict:
+    """The arguments of ``reference_fp8_mma`` that give this kernel's roundings under ``launch``:
+    its keys a step (``block_n``: P's exponent or reference moves at most once a step) and
+    whether P' is taken under the lazy reference (``lazy``)."""
+    cfg = launch_settings(launch)
+    return dict(block_n=cfg["STEP_KEYS"], lazy=bool(cfg["LAZY_RESCALE"]))
 
 
 def _too_much_shared(cfg: dict, needed) -> str:
