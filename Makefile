@@ -35,7 +35,7 @@ browser:
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed browser
-	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
