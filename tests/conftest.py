@@ -13,11 +13,16 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(__
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test compiles from scratch and reads its own counters."""
+    """Each test compiles from scratch, reads its own counters and sees the backend's once-a-site
+    FP8 warnings afresh (they are remembered for the process, and a test process runs tests in an
+    order that depends on how the suite is split between processes)."""
     from torch._dynamo.utils import counters
+
+    from mla_compiler import backend
 
     torch._dynamo.reset()
     counters.clear()
+    backend._fp8_warned.clear()
     yield
     torch._dynamo.reset()
 
