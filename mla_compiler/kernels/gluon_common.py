@@ -48,6 +48,15 @@ if HAVE_GLUON:  # kernels read module globals only as constexpr
         return i >> 25
 
     @gluon.jit
+    def _swap_with_other(bars, phase, WG: gl.constexpr):
+        """Two consumer warpgroups' hand-off: once this warpgroup's threads have written what the
+        other reads, tells it (``bars[WG]``) and waits for the other's (``bars[1 - WG]`` at
+        ``phase``)."""
+        partition_barrier()
+        mbarrier.arrive(bars.index(WG))
+        mbarrier.wait(bars.index(1 - WG), phase)
+
+    @gluon.jit
     def _program_coords(H):
         """(query token as int64, block of heads) of this program. Head blocks vary fastest: the
         programs that gather the same token's key rows run side by side, so one of them reads the

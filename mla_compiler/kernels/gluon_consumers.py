@@ -12,6 +12,7 @@ if HAVE_GLUON:
         V_HALF,
         _program_coords,
         _slot_chunk,
+        _swap_with_other,
         _unhoisted,
         fence_async_shared,
         gl,
@@ -62,9 +63,7 @@ if HAVE_GLUON:
         """The softmax sums over both warpgroups' keys: this warpgroup's ``l_i`` plus the other's,
         exchanged through ``lsum`` once both are past their last block."""
         lsum.index(WG).store(l_i)
-        partition_barrier()
-        mbarrier.arrive(bar_l.index(WG))
-        mbarrier.wait(bar_l.index(1 - WG), 0)
+        _swap_with_other(bar_l, 0, WG)
         return l_i + lsum.index(1 - WG).load(row_s)
 
     @gluon.jit
@@ -184,9 +183,7 @@ if HAVE_GLUON:
             # the other's P hand-off of block i, which the other makes after reading block i's
             # maximum (keep that read before the bar_p arrive); P halves likewise after bar_x.
             xmax.index(WG).store(m_mine)
-            partition_barrier()
-            mbarrier.arrive(bar_x.index(WG))
-            mbarrier.wait(bar_x.index(OTHER), i & 1)
+            _swap_with_other(bar_x, i & 1, WG)
             m_new = gl.maximum(m_i, gl.maximum(m_mine, xmax.index(OTHER).load(row_s)))
             p, l_i, alpha = _softmax_p_alpha(s, m_i, m_new, l_i)
             alpha_o = gl.convert_layout(alpha, row_o)[:, None]
@@ -195,9 +192,7 @@ if HAVE_GLUON:
                 acc_hi = acc_hi * alpha_o
             p_half.index(WG).store(p.to(gl.bfloat16))
             fence_async_shared()
-            partition_barrier()
-            mbarrier.arrive(bar_p.index(WG))
-            mbarrier.wait(bar_p.index(OTHER), i & 1)
+            _swap_with_other(bar_p, i & 1, WG)
             if CHUNK_BUFFERS:
                 v_lo = _slot_chunk(k0, k1, k2, k3, slot, 2 * WG, CHUNK_BUFFERS)
                 v_hi = _slot_chunk(k0, k1, k2, k3, slot, 2 * WG + 1, CHUNK_BUFFERS)

@@ -73,6 +73,7 @@ if HAVE_GLUON:
         D_ROPE,
         V_HALF,
         _program_coords,
+        _swap_with_other,
         async_copy,
         async_rows,
         fence_async_shared,
@@ -559,9 +560,7 @@ if HAVE_GLUON:
         OTHER: gl.constexpr = 1 - WG
         xmax.index(WG).store(m_mine)
         wmax.index(WG).store(w_mine)
-        partition_barrier()
-        mbarrier.arrive(bar_x.index(WG))
-        mbarrier.wait(bar_x.index(OTHER), i & 1)
+        _swap_with_other(bar_x, i & 1, WG)
         m_other = xmax.index(OTHER).load(row_s)
         m_new = gl.maximum(m_i, gl.maximum(m_mine, m_other))
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)

@@ -118,6 +118,7 @@ if HAVE_GLUON:
         D_ROPE,
         V_HALF,
         _program_coords,
+        _swap_with_other,
         _unhoisted,
         async_copy,
         fence_async_shared,
@@ -378,9 +379,7 @@ if HAVE_GLUON:
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
         t = gl.where(valid[None, :], s, float("-inf")) * sm_scale_log2 + lsig_keys.load(col_s)[None, :]
         xmax.index(WG).store(gl.max(t, 1))
-        partition_barrier()
-        mbarrier.arrive(bar_x.index(WG))
-        mbarrier.wait(bar_x.index(OTHER), i & 1)
+        _swap_with_other(bar_x, i & 1, WG)
         w_row = gl.maximum(xmax.index(WG).load(row_s), xmax.index(OTHER).load(row_s))
         k_new = gl.where(w_row > k_ref + HEADROOM_LOG2, gl.ceil(w_row) - LAZY_LOW_C, k_ref)
         factor = gl.where(k_ref == float("-inf"), 1.0, gl.exp2(k_ref - k_new))
