@@ -205,12 +205,50 @@ if HAVE_GLUON:
         the slot: [256 rows (64 q + r = column 4 r + q), HALF keys in the products' key order]."""
         keys = k_slot.slice(KEYS * HALF, HALF, dim=0).slice(WG * V_HALF, V_HALF, dim=1)
         if KEY_ORDER:
-            x = keys.load(V_LOAD_LAYOUT_SPREAD)
-        else:
-            x = keys.load(V_LOAD_LAYOUT)
+            return _spread_v_operand(keys.load(V_LOAD_LAYOUT_SPREAD), a_layout)
+        x = keys.load(V_LOAD_LAYOUT)
         x = gl.permute(gl.reshape(x, [HALF, V_HALF // 4, 4]), (2, 1, 0))
-        x = _key_ordered(gl.reshape(x, [V_HALF, HALF]), KEY_ORDER)
+        x = gl.reshape(x, [V_HALF, HALF])
         return gl.convert_layout(x, a_layout)
+
+    @gluon.jit
+    def _transposed_words(a, b, c, d):
+        """Word q of the result holds byte q of a, b, c and d (in that byte order): a 4 x 4 byte
+        transpose in 8 byte permutes, pairs first. Left to the compiler, each result word is
+        gathered from its four sources in 3 permutes (192 a step instead of 128)."""
+        return gl.inline_asm_elementwise(
+            """{
+            .reg .b32 ab_lo, ab_hi, cd_lo, cd_hi;
+            prmt.b32 ab_lo, $4, $5, 0x5140;
+            prmt.b32 ab_hi, $4, $5, 0x7362;
+            prmt.b32 cd_lo, $6, $7, 0x5140;
+            prmt.b32 cd_hi, $6, $7, 0x7362;
+            prmt.b32 $0, ab_lo, cd_lo, 0x5410;
+            prmt.b32 $1, ab_lo, cd_lo, 0x7632;
+            prmt.b32 $2, ab_hi, cd_hi, 0x5410;
+            prmt.b32 $3, ab_hi, cd_hi, 0x7632;
+            }""",
+            "=r,=r,=r,=r,r,r,r,r", [a, b, c, d], dtype=(gl.int8, gl.int8, gl.int8, gl.int8), is_pure=True, pack=4)
+
+    @gluon.jit
+    def _spread_v_operand(x, a_layout: gl.constexpr):
+        """V^T's A operand from a [32 keys, 256 columns] half block read in V_LOAD_LAYOUT_SPREAD, in
+        the products' key order (``_key_ordered``). A thread holds words of keys +0, +1, +8, +9
+        (4 columns each) and each A register takes one column's bytes of those four keys, the
+        products' keys 4 k .. 4 k + 3: the four words are transposed as bytes (``_transposed_words``)."""
+        keys: gl.constexpr = x.shape[0]
+        cols: gl.constexpr = x.shape[1]
+        x = gl.reshape(x.to(gl.int8, bitcast=True), [keys // 16, 2, 2, 2, 2, cols])  # [k16, k8, k4, k2, k1, column]
+        x = gl.permute(x, (0, 2, 3, 5, 1, 4))  # [k16, k4, k2, column, k8, k1]
+        lo, hi = gl.split(x)  # k1
+        a, c = gl.split(lo)  # k8
+        b, d = gl.split(hi)
+        o0, o1, o2, o3 = _transposed_words(a, b, c, d)
+        # [k16, k4, k2, r, j1, j0, q0, q1]: word q of column group r holds key (j0 + 8 j1)'s column 4 r + q.
+        z = gl.reshape(gl.join(gl.join(o0, o1), gl.join(o2, o3)), [keys // 16, 2, 2, cols // 4, 2, 2, 2, 2])
+        z = gl.permute(z, (7, 6, 3, 0, 1, 2, 4, 5))  # [q1, q0, r, k16, k4, k2, j1, j0]
+        z = gl.reshape(z, [cols, keys]).to(gl.float8e4nv, bitcast=True)
+        return gl.convert_layout(z, a_layout)
 
     @gluon.jit
     def _consumer_q(Q, q8_smem, qs_smem, bar_q, t, hb, stride_qt, stride_qh, H, WG: gl.constexpr, Q_IN_CONSUMERS: gl.constexpr):
@@ -369,18 +407,21 @@ if HAVE_GLUON:
         return p8.to(gl.float8e4nv), l_step, alpha, m_new, e
 
     @gluon.jit
-    def _lazy_softmax(s, valid, lsig_keys, isig_keys, sm_scale_log2, k_ref, xmax, bar_x, i, WG: gl.constexpr, s_layout: gl.constexpr):
+    def _lazy_softmax(s, lsig_keys, isig_keys, sm_scale_log2, k_ref, xmax, bar_x, i, WG: gl.constexpr, s_layout: gl.constexpr):
         """A block's P' (e4m3) and softmax sum under the lazy reference k (``lazy_reference``): t =
         s c + log2 sigma, the rows' largest t exchanged with the other warpgroup, k moved only
         where P' = 2^(t - k) would pass 2^8, the sum of P from P' / sigma. Returns P', the sum,
-        the factor 2^(k - k') that rescales the sums before (1 where nothing moved), and k'."""
+        the factor 2^(k - k') that rescales the sums before (1 where nothing moved), and k'.
+        Invalid keys need no mask: their rows are zero-filled and their sigma is 0, so s is finite
+        and log2 sigma makes t -inf."""
         OTHER: gl.constexpr = 1 - WG
         col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
         row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-        t = gl.where(valid[None, :], s, float("-inf")) * sm_scale_log2 + lsig_keys.load(col_s)[None, :]
-        xmax.index(WG).store(gl.max(t, 1))
+        t = s * sm_scale_log2 + lsig_keys.load(col_s)[None, :]
+        w_mine = gl.max(t, 1)
+        xmax.index(WG).store(w_mine)
         _swap_with_other(bar_x, i & 1, WG)
-        w_row = gl.maximum(xmax.index(WG).load(row_s), xmax.index(OTHER).load(row_s))
+        w_row = gl.maximum(w_mine, xmax.index(OTHER).load(row_s))
         k_new = gl.where(w_row > k_ref + HEADROOM_LOG2, gl.ceil(w_row) - LAZY_LOW_C, k_ref)
         factor = gl.where(k_ref == float("-inf"), 1.0, gl.exp2(k_ref - k_new))
         p8 = gl.exp2(t - gl.where(k_new == float("-inf"), 0.0, k_new)[:, None])
@@ -439,15 +480,16 @@ if HAVE_GLUON:
                               s_layout, sr_layout)
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
-            valid = ok_ring.index(slot).load(gl.SliceLayout(0, s_layout)) != 0
             if LAZY_RESCALE:
-                p8, l_step, alpha, m_new = _lazy_softmax(s, valid, lsig_ring.index(slot), isig_ring.index(slot), sm_scale_log2, m_i, xmax,
+                p8, l_step, alpha, m_new = _lazy_softmax(s, lsig_ring.index(slot), isig_ring.index(slot), sm_scale_log2, m_i, xmax,
                                                          bar_x, i, WG, s_layout)
                 e = e_prev
             elif FUSED_SOFTMAX:
+                valid = ok_ring.index(slot).load(gl.SliceLayout(0, s_layout)) != 0
                 p8, l_step, alpha, m_new, e = _fused_softmax(s, valid, lsig_ring.index(slot), isig_ring.index(slot), sm_scale_log2, m_i,
                                                              e_prev, xmax, wmax, bar_x, i, WG, s_layout)
             else:
+                valid = ok_ring.index(slot).load(gl.SliceLayout(0, s_layout)) != 0
                 s = s * sm_scale_log2
                 s, m_mine, m_safe, w_mine = _masked_maxima(s, valid, lsig_ring.index(slot), s_layout)
                 p, alpha, m_new, e = _exchanged_softmax(s, m_mine, m_safe, w_mine, m_i, e_prev, xmax, wmax, bar_x, i, WG, row_s)
