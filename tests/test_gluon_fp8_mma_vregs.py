@@ -3,6 +3,9 @@ value-operand layout is the A fragment it claims to be and reads shared memory w
 conflicts it could avoid (CPU); it compiles for Hopper with e4m3 products and no transposes (CPU);
 on a Hopper GPU it matches reference_fp8_mma on awkward inputs, as gluon_fp8_mma does."""
 
+import random
+import re
+
 import pytest
 from conftest import compiled_for_hopper, rel_err
 from test_gluon_fp8_mma import SCALE, _assert_matches_emulation, _row_keys, _shared_wavefronts, hopper
@@ -58,6 +61,31 @@ def test_value_load_layout_is_the_a_fragment_with_rows_regrouped(spread):
                 assert _fragment_owner(m, to_k[key]) == (warp, lane), (reg, lane, warp)
                 seen.add((key, col))
     assert len(seen) == 32 * 256
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): result byte i is byte (selector's nibble i) & 7 of {b, a}."""
+    pool = (b << 32 | a).to_bytes(8, "little")
+    return int.from_bytes(bytes(pool[selector >> 4 * i & 7] for i in range(4)), "little")
+
+
+def _run_prmt_block(ptx: str, inputs: list[int]) -> list[int]:
+    """The words a block of prmt.b32 instructions leaves in $0 .. $3, from $4 .. $7 = inputs."""
+    regs = {f"${4 + i}": w for i, w in enumerate(inputs)}
+    for dst, a, b, sel in re.findall(r"prmt\.b32\s+(\S+),\s*(\S+),\s*(\S+),\s*(0x[0-9a-fA-F]+);", ptx):
+        regs[dst] = _prmt(regs[a], regs[b], int(sel, 16))
+    return [regs[f"${i}"] for i in range(4)]
+
+
+def test_byte_transpose_ptx_transposes_four_words():
+    # V's A fragments take byte q of four key rows' words as word q (``_transposed_words``).
+    assert fv.BYTE_TRANSPOSE_PTX.count("prmt.b32") == 8
+    gen = random.Random(0)
+    for _ in range(200):
+        words = [gen.getrandbits(32) for _ in range(4)]
+        out = _run_prmt_block(fv.BYTE_TRANSPOSE_PTX, words)
+        expected = [int.from_bytes(bytes(w.to_bytes(4, "little")[q] for w in words), "little") for q in range(4)]
+        assert out == expected, (words, out, expected)
 
 
 @needs_gluon

@@ -27,8 +27,13 @@ their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one blo
 consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel MLA_COMPILER_FP8_MMA=1 dispatches to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.127 ms against 0.185 for bf16 keys (RESULTS.md). What
+decode shape (128 heads, top-k 2048) it runs 0.122 ms against 0.185 for bf16 keys (RESULTS.md). What
 carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
+- V's bytes regrouped into A fragments by a 4 x 4 byte transpose in 8 permutes, pairs first
+  (``_transposed_words``, inline PTX; the compiler gathered each word from its four sources in 3,
+  192 permutes a step instead of 128), and the lazy softmax without a validity mask (invalid keys'
+  rows are zero-filled and their sigma is 0, so log2 sigma alone makes their t -inf): 950 -> 831
+  SASS instructions a consumer step, 0.1236 -> 0.1186 ms, the same output bits.
 - The accumulator rescaled only where a warp's P' reference moved (LAZY_RESCALE=1,
   ``_lazy_softmax``): P' = 2^(score + log2 sigma - k), k moved only where P' would pass 2^8 and
   then to 4 binades below the block's largest (gluon_fp8_mma.lazy_reference), so on most steps no
@@ -69,7 +74,11 @@ the next step's latent product issued before this step's softmax, its accumulato
 the loop's back edge; ptxas then serializes every warpgroup MMA (C7511, too few registers for
 the wgmma pipeline) and injects waits (C7517).
 
-Measured and not kept (ab_previous.py against the same kernel, H200, where it times 0.1347-0.1351):
+Measured and not kept (ab_previous.py, H200): Q's row scale folded into the softmax's multiply-add
+(the consumers writing Q's rope rows divided by the power-of-two scale, so the latent scores need
+the keys' scales alone: 32 multiplies a step fewer, 831 -> 799 SASS instructions, the same bits):
+0.1189 against 0.1189 without, at the cost of a least Q scale (2^-64) to keep rope / qs finite.
+Against the same kernel before the lazy softmax, where it times 0.1347-0.1351:
 a persistent grid, one program an SM taking work items in turn, its ring and barrier phases
 running on across items so the producer copies an item's first blocks under the item before
 (0.1344; with the producer also asking L2 for the next item's Q rows, 0.1347): a program's fixed
@@ -167,8 +176,23 @@ if HAVE_GLUON:
 LAUNCH = dict(CONSUMER_REGS=224, PRODUCER_REGS=56, STAGES=4, AHEAD=1, KEY_ORDER=1, V_AFTER_WAIT=1, STEP_KEYS=128, RELEASE_EARLY=1,
               Q_IN_CONSUMERS=1, FUSED_SOFTMAX=1, LAZY_RESCALE=1)
 
+# Four words in ($4 .. $7) -> four words out ($0 .. $3), out q = byte q of each input, in input
+# order: the pairs (a, b) and (c, d) interleaved by bytes, then the interleaved halves joined.
+BYTE_TRANSPOSE_PTX = """{
+            .reg .b32 ab_lo, ab_hi, cd_lo, cd_hi;
+            prmt.b32 ab_lo, $4, $5, 0x5140;
+            prmt.b32 ab_hi, $4, $5, 0x7362;
+            prmt.b32 cd_lo, $6, $7, 0x5140;
+            prmt.b32 cd_hi, $6, $7, 0x7362;
+            prmt.b32 $0, ab_lo, cd_lo, 0x5410;
+            prmt.b32 $1, ab_lo, cd_lo, 0x7632;
+            prmt.b32 $2, ab_hi, cd_hi, 0x5410;
+            prmt.b32 $3, ab_hi, cd_hi, 0x7632;
+            }"""
+
 if HAVE_GLUON:
     LAZY_LOW_C = gl.constexpr(LAZY_LOW)
+    BYTE_TRANSPOSE_PTX_C = gl.constexpr(BYTE_TRANSPOSE_PTX)
 
     # A [32 keys, 256 value columns] half block as the consumer reads it: 4 value columns (one
     # 4-byte word) x 4 keys a thread per load group. After regrouping (``_v_operand``) it is
@@ -216,19 +240,8 @@ if HAVE_GLUON:
         """Word q of the result holds byte q of a, b, c and d (in that byte order): a 4 x 4 byte
         transpose in 8 byte permutes, pairs first. Left to the compiler, each result word is
         gathered from its four sources in 3 permutes (192 a step instead of 128)."""
-        return gl.inline_asm_elementwise(
-            """{
-            .reg .b32 ab_lo, ab_hi, cd_lo, cd_hi;
-            prmt.b32 ab_lo, $4, $5, 0x5140;
-            prmt.b32 ab_hi, $4, $5, 0x7362;
-            prmt.b32 cd_lo, $6, $7, 0x5140;
-            prmt.b32 cd_hi, $6, $7, 0x7362;
-            prmt.b32 $0, ab_lo, cd_lo, 0x5410;
-            prmt.b32 $1, ab_lo, cd_lo, 0x7632;
-            prmt.b32 $2, ab_hi, cd_hi, 0x5410;
-            prmt.b32 $3, ab_hi, cd_hi, 0x7632;
-            }""",
-            "=r,=r,=r,=r,r,r,r,r", [a, b, c, d], dtype=(gl.int8, gl.int8, gl.int8, gl.int8), is_pure=True, pack=4)
+        return gl.inline_asm_elementwise(BYTE_TRANSPOSE_PTX_C, "=r,=r,=r,=r,r,r,r,r", [a, b, c, d], dtype=(gl.int8, gl.int8, gl.int8, gl.int8),
+                                         is_pure=True, pack=4)
 
     @gluon.jit
     def _spread_v_operand(x, a_layout: gl.constexpr):
