@@ -62,6 +62,12 @@ class BackendOptions:
                "dequantize": such a site (only) may run the bf16 kernels on the dequantized copy
                instead (warned once per site, counted as ``fp8_dequantized``); the others still
                run the FP8 kernel.
+    fp8_products: the sites that stay FP8 ask for the FP8-products kernel (Hopper, DeepSeek
+               widths, one scale a key row, 64 heads or more): Q K^T and P V as e4m3 tensor-core
+               products, Q and P rounded to e4m3. About 1.7x the dequantizing kernel's speed at
+               the V3.2 decode shape, with about 1.4x its error against bf16 keys
+               (benchmarks/RESULTS.md); where it does not apply the dequantizing kernel runs and
+               ``triton_sparse_mla.FP8_MMA_DECLINED`` says why. Default False.
     mode:      Inductor's mode, as ``torch.compile(mode=...)`` takes it for the inductor backend:
                "reduce-overhead" captures the compiled graphs in CUDA graphs, "max-autotune" ...
     dump_dir:  write what each compile saw, matched, rejected and ran under this folder (see
@@ -74,6 +80,7 @@ class BackendOptions:
     on_report: Optional[Callable[[CompileReport], None]] = None
     dump_dir: Optional[str] = None
     fp8: str = "preserve"
+    fp8_products: bool = False
     mode: Optional[str] = None
 
 
@@ -89,8 +96,9 @@ def _validate(options: dict) -> BackendOptions:
         raise BackendOptionError(f"make_backend: mode={opts.mode!r}; use one of {', '.join(MODES)}")
     if opts.fp8 not in FP8_POLICIES:
         raise BackendOptionError(f"make_backend: fp8={opts.fp8!r}; use one of {', '.join(FP8_POLICIES)}")
-    if not isinstance(opts.strict, bool):
-        raise BackendOptionError(f"make_backend: strict={opts.strict!r}; use True or False")
+    for flag in ("strict", "fp8_products"):
+        if not isinstance(getattr(opts, flag), bool):
+            raise BackendOptionError(f"make_backend: {flag}={getattr(opts, flag)!r}; use True or False")
     return opts
 
 
@@ -108,14 +116,15 @@ def _compile_id() -> tuple[str, int]:
         return "?", 0
 
 
-def _problem(site: MatchedSite, fp8_mode: str = "none") -> Problem:
+def _problem(site: MatchedSite, fp8_mode: str = "none", fp8_products: bool = False) -> Problem:
     device = site.q_parts[0].node.meta["example_value"].device
     topk = static_int(site.sizes["K"].static) if site.sizes["K"].static is not None else -1
     layout = None
     if fp8_mode == "preserve":
         d = site.dims.d_parts
         layout = (d[0], d[1] if len(d) > 1 else 0, site.fp8.n_tiles)
-    return Problem(device.type, site.compute_dtype, site.dims.d_qk, site.dims.d_v, site.dims.heads, site.dims.h_kv, topk, layout)
+    return Problem(device.type, site.compute_dtype, site.dims.d_qk, site.dims.d_v, site.dims.heads, site.dims.h_kv, topk, layout,
+                   fp8_products and layout is not None)
 
 
 def _requires_grad(node: torch.fx.Node) -> bool:
@@ -237,13 +246,13 @@ class SparseMLABackend:
             site: MatchedSite = result
             owner = gm.get_submodule(site.graph_name) if site.graph_name else gm
             fp8_mode, fp8_text = self._fp8_policy(site)
-            choice = choose_kernel(_problem(site, fp8_mode))
+            choice = choose_kernel(_problem(site, fp8_mode, self.options.fp8_products))
             drawing = site_drawing(site) if drawings is not None else None
             storage = {f"{role}{i}": storage_facts(p.node.meta.get("example_value")) for role, parts in (("q", site.q_parts), ("kv", site.kv_parts)) for i, p in enumerate(parts)}
             if site.fp8 is not None:
                 storage["kv0"] = site.fp8.facts
             try:
-                lower_site(owner, site, replaced, fp8_mode)
+                lower_site(owner, site, replaced, fp8_mode, self.options.fp8_products)
             except Exception as exc:  # noqa: BLE001 - one site failing leaves the others lowered
                 if self.options.strict:
                     raise SiteLoweringError(f"lowering the site at {site.source} failed: {exc}") from exc

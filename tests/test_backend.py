@@ -73,7 +73,7 @@ def test_a_failing_pass_compiles_the_graph_unchanged(monkeypatch):
 def test_a_failing_lowering_keeps_the_site_as_written(monkeypatch):
     import mla_compiler.backend as backend
 
-    def broken(gm, site, replaced=None, fp8_mode="none"):
+    def broken(gm, site, replaced=None, fp8_mode="none", fp8_products=False):
         raise ValueError("lowering bug")
 
     monkeypatch.setattr(backend, "lower_site", broken)

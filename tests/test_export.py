@@ -87,6 +87,10 @@ def test_rewrite_keeps_an_fp8_cache_fp8_through_export():
         ep = torch.export.export(gm, (prompt,))
         assert len(_op_nodes(ep.graph, ops.sparse_attn_fp8kv)) == 1 and not _op_nodes(ep.graph, ops.sparse_attn)
         assert rel_err(ep.module()(prompt), twin(prompt)) < TOL
+        # The FP8-products choice is an argument of the op, so it survives export.
+        asked = torch.export.export(mla_compiler.rewrite(model, prompt, fp8_products=True), (prompt,))
+        (node,) = _op_nodes(asked.graph, ops.sparse_attn_fp8kv)
+        assert node.args[6:] == (512, None, None, True)  # d_v, attn_sink, topk_length, fp8_products
 
 
 def test_a_graph_break_is_an_error_not_a_split():

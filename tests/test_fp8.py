@@ -448,6 +448,40 @@ def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes()
     assert not [t for t in ops if "flashmla_kv_dequant" in str(t)]
 
 
+def _lowered_fp8_ops(**options):
+    """The FP8 op nodes of the graphs a one-layer model with a one-scale-a-row FP8 cache lowers to
+    under ``make_backend(**options)``, and the first output."""
+    captured = []
+
+    def inner(gm, example_inputs):
+        captured.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    model = TinyMLAModel(cfg).eval()
+    model.allocate_cache(2, 48, kv_format="float8")
+    tok = torch.randint(0, cfg.vocab_size, (2, 8))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend=make_backend(inner=inner, **options))(tok)
+    nodes = [n for gm in captured for n in gm.graph.nodes if n.target is torch.ops.sparse_mla.sparse_attn_fp8kv.default]
+    return nodes, out
+
+
+def test_fp8_products_option_asks_the_op_for_the_products_kernel():
+    # A kernel choice made at compile time and carried by the op (no environment variable): the
+    # default graph keeps the op's default, fp8_products=True marks every FP8 site. On CPU the
+    # reference runs either way, so the outputs agree.
+    default, out = _lowered_fp8_ops()
+    asked, out_asked = _lowered_fp8_ops(fp8_products=True)
+    assert default and all("fp8_products" not in n.kwargs for n in default)
+    assert asked and all(n.kwargs.get("fp8_products") is True for n in asked)
+    assert torch.equal(out, out_asked)
+    with pytest.raises(mla_compiler.BackendOptionError, match="fp8_products='yes'; use True or False"):
+        make_backend(fp8_products="yes")
+
+
 @pytest.mark.parametrize("kv_format", ["flashmla", "float8"])
 def test_rewrite_drops_the_dequantized_copy_whose_length_the_model_reads(kv_format):
     # The model reads the dequantized cache's length for its mask (kv.size(1)); in rewrite()'s

@@ -297,6 +297,10 @@ def test_dispatch_names_it_only_when_asked_for(monkeypatch):
     assert "warp-specialized" in member((512, 64, 4))
     monkeypatch.setenv(fm.ENV_OFF, "0")
     assert not fm.asked_for()
+    # Asked for by the call (make_backend(fp8_products=True)), without the environment variable.
+    monkeypatch.delenv(fm.ENV_OFF)
+    asked = tk.forward_member(Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048, fp8_layout=(512, 64, 1), fp8_products=True))
+    assert fm.asked_for(True) and "FP8-products" in asked and "fp8_products" in asked
 
 
 @needs_hopper
@@ -321,3 +325,7 @@ def test_fp8_op_takes_it_when_asked_for(monkeypatch):
     torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512)
     assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon warp-specialized"
     assert "forward_fp8" not in tk.FP8_MMA_DECLINED  # not consulted: the old reason is gone
+    # Asked for by the call (make_backend(fp8_products=True) lowers to this), no environment variable.
+    out_asked, _ = torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512, fp8_products=True)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon FP8 products"
+    assert out_asked.equal(out)

@@ -107,13 +107,16 @@ def sparse_attn_fp8kv_reference(
     attn_sink: Optional[torch.Tensor] = None,
     topk_length: Optional[torch.Tensor] = None,
     exact_keys: bool = False,
+    products: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA with keys/values dequantized from FP8 (the bf16 contract of
     ``sparse_attn_reference`` applied to ``[dequant(latent), rope]``). Dequantizes only the rows
     the indices select, in chunks, so a large cache is never expanded whole. The dequantized keys
     are rounded to q's dtype, as a kernel that dequantizes into a bf16 tile does; with
     ``exact_keys`` they stay float32 (e4m3 x scale exactly) and q is upcast, as a kernel that
-    applies the scales to the scores and P computes (out float32)."""
+    applies the scales to the scores and P computes (out float32). ``products`` (the FP8-products
+    kernel asked for, a GPU kernel choice) changes nothing here: this is the dequantized arithmetic
+    (gluon_fp8_mma.reference_fp8_mma has the products kernel's)."""
     s_kv = kv_latent.shape[0]
     idx = indices.long()
     valid = (idx >= 0) & (idx < s_kv)

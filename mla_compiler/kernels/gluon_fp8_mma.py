@@ -114,10 +114,13 @@ COPIER_REG_BUDGET = 512  # the four 128-thread partitions of COPIER=1 (128 x 512
 SHARED_LIMIT = 232448  # bytes a program may allocate on sm_90 (227 KB)
 
 
-def asked_for() -> bool:
-    """Whether FP8 calls should try this kernel first (MLA_COMPILER_FP8_MMA=1): an explicit choice,
-    since its e4m3 Q and P roughly add the key layout's own error again (RESULTS.md)."""
-    return os.environ.get(ENV_OFF) == "1"
+def asked_for(products: bool = False) -> bool:
+    """Whether FP8 calls should try this kernel first: asked for by the call (``products``, from
+    ``make_backend(fp8_products=True)`` or the op's ``fp8_products``) or for every call
+    (MLA_COMPILER_FP8_MMA=1). An explicit choice, since its e4m3 Q and P roughly add the key
+    layout's own error again (RESULTS.md); MLA_COMPILER_FP8_MMA=0 still switches it off
+    (``declines`` says so)."""
+    return products or os.environ.get(ENV_OFF) == "1"
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],

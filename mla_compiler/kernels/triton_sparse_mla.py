@@ -74,8 +74,8 @@ def forward_member(problem) -> str:
     """Which forward of this family runs ``problem`` on a GPU, as far as its shapes tell: the Gluon
     kernels also check the GPU, row alignment, sink and ``topk_length`` when called, and fall back
     to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran).
-    With ``MLA_COMPILER_FP8_MMA=1`` an FP8 call tries the FP8-products kernel first
-    (gluon_fp8_mma_vregs; ``FP8_MMA_DECLINED``)."""
+    With ``fp8_products`` (``make_backend(fp8_products=True)``) or ``MLA_COMPILER_FP8_MMA=1`` an FP8
+    call tries the FP8-products kernel first (gluon_fp8_mma_vregs; ``FP8_MMA_DECLINED``)."""
     from mla_compiler.kernels import gluon_fewhead as fh
     from mla_compiler.kernels import gluon_fp8_mma as fm
     from mla_compiler.kernels import gluon_sparse_mla as ws
@@ -84,8 +84,9 @@ def forward_member(problem) -> str:
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
         deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
-    if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and fm.asked_for():
-        return ("forward: the FP8-products Gluon kernel on Hopper (MLA_COMPILER_FP8_MMA=1: e4m3 Q and P) when the "
+    if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and fm.asked_for(problem.fp8_products):
+        why = "fp8_products" if problem.fp8_products else "MLA_COMPILER_FP8_MMA=1"
+        return (f"forward: the FP8-products Gluon kernel on Hopper ({why}: e4m3 Q and P) when the "
                 "(token, 64-head) programs fill the SMs, else Triton")
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
@@ -711,10 +712,11 @@ DEQUANT_FP32, DEQUANT_COMPUTE, DEQUANT_FOLD = 0, 1, 2
 MMA_FP8_QK, MMA_FP8_QK_PV = 3, 4
 
 
-def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv):
+def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv, products: bool = False):
     """(out, lse) from a Gluon forward where one takes the call: the warp-specialized kernel (64
-    heads a key group or more) or the few-head kernel (32 or fewer); None where both decline (their
-    reasons recorded)."""
+    heads a key group or more) or the few-head kernel (32 or fewer), after the FP8-products kernel
+    where ``products`` or MLA_COMPILER_FP8_MMA=1 asks for it; None where all decline (their reasons
+    recorded)."""
     if interpreted() or q.device.type != "cuda":
         return None
     from mla_compiler.kernels import gluon_fewhead as fh
@@ -729,7 +731,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
         (fh, fh.declines, "gluon few-head", FEWHEAD_DECLINED,
          fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
-    if kv_scale is not None and fm.asked_for():  # tried first, only when asked for
+    if kv_scale is not None and fm.asked_for(products):  # tried first, only when asked for
         # The form without transposed keys (V^T from registers): 0.127 against 0.184 ms for
         # gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md), one partition fewer.
         kernels.insert(0, (fv, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fv.LAUNCH))
@@ -754,7 +756,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
 # point (for reports).
 WS_DECLINED: dict = {}
 FEWHEAD_DECLINED: dict = {}
-FP8_MMA_DECLINED: dict = {}  # only where MLA_COMPILER_FP8_MMA=1 asked for that kernel
+FP8_MMA_DECLINED: dict = {}  # only where fp8_products or MLA_COMPILER_FP8_MMA=1 asked for that kernel
 
 
 def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -763,16 +765,18 @@ def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.shape[-1] == 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None):
+def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None,
+                products: bool = False):
     """Sparse MLA over an FP8 latent (see fp8_reference.py for the operands): the latent rows are
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
     ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths a
-    Gluon kernel (gluon_sparse_mla.py, gluon_fewhead.py) takes the call where one applies."""
+    Gluon kernel (gluon_sparse_mla.py, gluon_fewhead.py) takes the call where one applies; with
+    ``products`` the FP8-products kernel first (gluon_fp8_mma_vregs: e4m3 Q and P)."""
     q, indices = q.contiguous(), indices.contiguous()
     # The kernels read a row's columns (latent, scales, rope) at unit stride; any row stride works.
     kv_latent, kv_scale, kv_rope = (_unit_columns(t) for t in (kv_latent, kv_scale, kv_rope))
     if launch is None:
-        out = _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, 1)
+        out = _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, 1, products)
         if out is not None:
             return out
     d_qk = q.shape[2]

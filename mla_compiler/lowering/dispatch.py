@@ -38,6 +38,7 @@ class Problem:
     h_kv: int
     topk: int
     fp8_layout: Optional[tuple] = None  # (d_latent, d_rope, n_scale_tiles) when the latent is FP8
+    fp8_products: bool = False  # FP8 latent: the FP8-products kernel asked for (e4m3 Q and P)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,8 @@ def _count_fallback(problem: Problem, reason: str) -> None:
         log.warning("sparse_mla: %s for %s", reason, problem)
 
 
-def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int, fp8_layout: Optional[tuple] = None) -> Problem:
+def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int, fp8_layout: Optional[tuple] = None,
+               fp8_products: bool = False) -> Problem:
     return Problem(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -140,4 +142,5 @@ def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: in
         h_kv=int(kv.shape[1]) if kv.dim() == 3 else 1,
         topk=int(indices.shape[-1]),
         fp8_layout=fp8_layout,
+        fp8_products=fp8_products,
     )

@@ -96,9 +96,10 @@ def checked_mask_message(mask_name: str, source: str) -> str:
 
 
 class _SiteLowering:
-    def __init__(self, site: MatchedSite, graph: torch.fx.Graph, fp8_mode: str = "none") -> None:
+    def __init__(self, site: MatchedSite, graph: torch.fx.Graph, fp8_mode: str = "none", fp8_products: bool = False) -> None:
         self.site = site
         self.fp8_mode = fp8_mode
+        self.fp8_products = fp8_products
         self.b = _Builder(graph, site.output.node, site.anchor)
         self._size_nodes: dict[str, Any] = {}
         self.device = fx_ops.meta_value(site.q_parts[0].node).device
@@ -242,7 +243,9 @@ class _SiteLowering:
             rope2d = b.method("to", rope2d, fx_ops.meta_value(q).dtype)
         idx = self.indices(kv_batched, pitch)
         scale_arg = self.scale_value()
-        result = b.call(SPARSE_ATTN_FP8, q, lat, scl, rope2d, idx, scale_arg, s.dims.d_v)
+        # The products kernel only where asked for: the default graph keeps the op's default.
+        extra = {"fp8_products": True} if self.fp8_products else {}
+        result = b.call(SPARSE_ATTN_FP8, q, lat, scl, rope2d, idx, scale_arg, s.dims.d_v, **extra)
         return self.to_user_layout(b.call(operator.getitem, result, 0), rows)
 
     def scale_value(self) -> Any:
@@ -372,17 +375,19 @@ def _rows_view(b: "_Builder", x: torch.fx.Node, n_rows: Any) -> torch.fx.Node:
     return b.call(torch.as_strided, x, (n_rows, t.shape[2]), (t.stride(1), t.stride(2)))
 
 
-def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None, fp8_mode: str = "none") -> torch.fx.Node:
+def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None, fp8_mode: str = "none",
+               fp8_products: bool = False) -> torch.fx.Node:
     """Rewrite one site in ``gm`` (the graph module that owns the site's nodes). All or nothing.
 
     ``replaced`` maps the outputs of sites lowered earlier to their replacements: a site matched
     before an earlier one was lowered may read that earlier output (stacked layers do). It is
     updated with this site's output. ``fp8_mode`` "preserve" sends an FP8 latent (``site.fp8``) to
-    the FP8 op as payload and scale; otherwise the site reads the user's dequantized tensors."""
+    the FP8 op as payload and scale (with ``fp8_products``, asking it for the FP8-products kernel);
+    otherwise the site reads the user's dequantized tensors."""
     replaced = {} if replaced is None else replaced
     site = _renamed(site, replaced)
     graph = site.output.node.graph
-    lowering = _SiteLowering(site, graph, fp8_mode)
+    lowering = _SiteLowering(site, graph, fp8_mode, fp8_products)
     try:
         replacement = lowering.run()
     except Exception:
