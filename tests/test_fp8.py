@@ -422,15 +422,16 @@ def test_counters_survive_a_dynamo_reset_with_the_same_backend():
     assert counters["sparse_mla"]["matched"] == 1 and counters["sparse_mla"]["fp8_preserved"] == 1
 
 
-def _capturing_backend():
-    """A sparse_mla backend whose inner compiler runs the rewritten graphs as they are, and the list it keeps them in."""
+def _capturing_backend(**options):
+    """A sparse_mla backend (with ``options``) whose inner compiler runs the rewritten graphs as
+    they are, and the list it keeps them in."""
     captured = []
 
     def inner(gm, example_inputs):
         captured.append(gm)
         return gm.forward
 
-    return make_backend(inner=inner), captured
+    return make_backend(inner=inner, **options), captured
 
 
 def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes():
@@ -451,12 +452,7 @@ def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes()
 def _lowered_fp8_ops(**options):
     """The FP8 op nodes of the graphs a one-layer model with a one-scale-a-row FP8 cache lowers to
     under ``make_backend(**options)``, and the first output."""
-    captured = []
-
-    def inner(gm, example_inputs):
-        captured.append(gm)
-        return gm.forward
-
+    backend, captured = _capturing_backend(**options)
     torch.manual_seed(0)
     cfg = deepseek_v32_small(n_layers=1)
     model = TinyMLAModel(cfg).eval()
@@ -464,7 +460,7 @@ def _lowered_fp8_ops(**options):
     tok = torch.randint(0, cfg.vocab_size, (2, 8))
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(model, backend=make_backend(inner=inner, **options))(tok)
+        out = torch.compile(model, backend=backend)(tok)
     nodes = [n for gm in captured for n in gm.graph.nodes if n.target is torch.ops.sparse_mla.sparse_attn_fp8kv.default]
     return nodes, out
 
