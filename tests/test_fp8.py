@@ -434,35 +434,33 @@ def _capturing_backend(**options):
     return make_backend(inner=inner, **options), captured
 
 
-def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes():
-    backend, captured = _capturing_backend()
+def _one_layer_compiled(kv_format: str, **options):
+    """The graphs a one-layer model with an FP8 cache of ``kv_format`` lowers to under
+    ``make_backend(**options)`` (run as they are), and the model's output on a prompt."""
+    backend, captured = _capturing_backend(**options)
     torch.manual_seed(0)
     cfg = deepseek_v32_small(n_layers=1)
     model = TinyMLAModel(cfg).eval()
-    model.allocate_cache(2, 48, kv_format="flashmla")
+    model.allocate_cache(2, 48, kv_format=kv_format)
     tok = torch.randint(0, cfg.vocab_size, (2, 8))
     torch._dynamo.reset()
     with torch.no_grad():
-        torch.compile(model, backend=backend)(tok)
+        out = torch.compile(model, backend=backend)(tok)
+    return captured, out
+
+
+def test_the_users_dequantized_copy_is_dropped_once_the_fp8_op_reads_the_bytes():
+    captured, _ = _one_layer_compiled("flashmla")
     ops = [n.target for gm in captured for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.sparse_mla.sparse_attn_fp8kv.default in ops
     assert not [t for t in ops if "flashmla_kv_dequant" in str(t)]
 
 
 def _lowered_fp8_ops(**options):
-    """The FP8 op nodes of the graphs a one-layer model with a one-scale-a-row FP8 cache lowers to
-    under ``make_backend(**options)``, and the first output."""
-    backend, captured = _capturing_backend(**options)
-    torch.manual_seed(0)
-    cfg = deepseek_v32_small(n_layers=1)
-    model = TinyMLAModel(cfg).eval()
-    model.allocate_cache(2, 48, kv_format="float8")
-    tok = torch.randint(0, cfg.vocab_size, (2, 8))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(model, backend=backend)(tok)
-    nodes = [n for gm in captured for n in gm.graph.nodes if n.target is torch.ops.sparse_mla.sparse_attn_fp8kv.default]
-    return nodes, out
+    """The FP8 op nodes a one-layer model with a one-scale-a-row FP8 cache lowers to under
+    ``make_backend(**options)``, and the output."""
+    captured, out = _one_layer_compiled("float8", **options)
+    return [n for gm in captured for n in gm.graph.nodes if n.target is torch.ops.sparse_mla.sparse_attn_fp8kv.default], out
 
 
 def test_fp8_products_option_asks_the_op_for_the_products_kernel():
