@@ -14,9 +14,9 @@ the rate. The price is two roundings the dequantizing kernels do not make:
 The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token scale into P the
 same way, without a per-row exponent.)
 
-Status: ``forward`` here calls it directly; the FP8 forward's opt-in (MLA_COMPILER_FP8_MMA=1)
-takes gluon_fp8_mma_vregs, the same arithmetic without the transposed copy (P V as V^T P'^T,
-V^T from registers), 0.127 against 0.184 ms. This module keeps the arithmetic's reference and the
+Status: ``forward`` here calls it directly; the FP8 forward's opt-in (``make_backend(fp8_products=True)``
+or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_vregs, the same arithmetic without the transposed
+copy (P V as V^T P'^T, V^T from registers), 0.122 against 0.184 ms. This module keeps the arithmetic's reference and the
 checks both kernels share. On H200 at the V3.2 decode shape it runs 0.184 ms against 0.221 for the
 dequantizing kernel (row scale) and 0.201 for bf16 keys; without the transposes it would run
 about 0.157 (benchmarks/probe_fp8_mma.py, RESULTS.md).
