@@ -299,8 +299,10 @@ def test_dispatch_names_it_only_when_asked_for(monkeypatch):
     assert not fm.asked_for()
     # Asked for by the call (make_backend(fp8_products=True)), without the environment variable.
     monkeypatch.delenv(fm.ENV_OFF)
-    asked = tk.forward_member(Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048, fp8_layout=(512, 64, 1), fp8_products=True))
-    assert fm.asked_for(True) and "FP8-products" in asked and "fp8_products" in asked
+    asked = Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048, fp8_layout=(512, 64, 1), fp8_products=True)
+    assert fm.asked_for(True) and "FP8-products" in tk.forward_member(asked) and "fp8_products" in tk.forward_member(asked)
+    monkeypatch.setenv(fm.ENV_OFF, "0")  # switched off: the report names the kernel that runs instead
+    assert "warp-specialized" in tk.forward_member(asked)
 
 
 @needs_hopper

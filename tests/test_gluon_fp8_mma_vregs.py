@@ -89,6 +89,15 @@ def test_byte_transpose_ptx_transposes_four_words():
 
 
 @needs_gluon
+def test_packed_transpose_takes_four_columns_of_a_key():
+    # pack=4 hands the PTX four elements in a thread's register order; the transpose means "columns
+    # 4 r .. 4 r + 3 of one key" only while the load layout's first two register bases are the
+    # columns' two lowest bits. Keys +1 and +8 (one A register's keys) are split off in registers.
+    bases = fv.V_LOAD_LAYOUT_SPREAD.value.reg_bases
+    assert bases[:2] == [[0, 1], [0, 2]] and [1, 0] in bases and [8, 0] in bases
+
+
+@needs_gluon
 def test_value_loads_are_4_byte_runs_without_bank_conflicts_in_key_order_1():
     from test_shared_bank_layouts import _offsets, _triton_linear
     from triton.experimental.gluon import language as gl

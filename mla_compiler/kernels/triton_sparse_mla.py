@@ -84,7 +84,8 @@ def forward_member(problem) -> str:
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
         deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
-    if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and fm.asked_for(problem.fp8_products):
+    products = fm.asked_for(problem.fp8_products) and not switched_off(fm.ENV_OFF)  # =0 switches it off even when asked for
+    if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and products:
         why = "fp8_products" if problem.fp8_products else "MLA_COMPILER_FP8_MMA=1"
         return (f"forward: the FP8-products Gluon kernel on Hopper ({why}: e4m3 Q and P) when the "
                 "(token, 64-head) programs fill the SMs, else Triton")
@@ -732,7 +733,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
          fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
     if kv_scale is not None and fm.asked_for(products):  # tried first, only when asked for
-        # The form without transposed keys (V^T from registers): 0.127 against 0.184 ms for
+        # The form without transposed keys (V^T from registers): 0.122 against 0.184 ms for
         # gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md), one partition fewer.
         kernels.insert(0, (fv, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fv.LAUNCH))
     else:
@@ -771,7 +772,8 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
     ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths a
     Gluon kernel (gluon_sparse_mla.py, gluon_fewhead.py) takes the call where one applies; with
-    ``products`` the FP8-products kernel first (gluon_fp8_mma_vregs: e4m3 Q and P)."""
+    ``products`` the FP8-products kernel first (gluon_fp8_mma_vregs: e4m3 Q and P). A ``launch``
+    (the Triton kernel's settings) runs the Triton kernel, whatever ``products`` asks."""
     q, indices = q.contiguous(), indices.contiguous()
     # The kernels read a row's columns (latent, scales, rope) at unit stride; any row stride works.
     kv_latent, kv_scale, kv_rope = (_unit_columns(t) for t in (kv_latent, kv_scale, kv_rope))
