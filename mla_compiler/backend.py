@@ -293,7 +293,8 @@ class SparseMLABackend:
         if why is None and any(_requires_grad(p.node) for p in site.q_parts + site.kv_parts):
             why = "the site needs gradients and there is no FP8 backward kernel"
         if why is None:  # under either policy: "dequantize" only allows the fallback where it is needed
-            return "preserve", f"preserved: {f.describe()} -> payload + scale to the FP8 kernel"
+            kernel = "the FP8-products kernel (asked for; e4m3 Q and P)" if self.options.fp8_products else "the FP8 kernel"
+            return "preserve", f"preserved: {f.describe()} -> payload + scale to {kernel}"
         if self.options.fp8 == "dequantize":
             key = (site.source, f.kind)
             if key not in _fp8_warned:

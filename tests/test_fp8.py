@@ -623,6 +623,13 @@ def test_explain_shows_fp8_status_and_storage():
     assert "FP8: preserved: FlashMLA FP8 KV cache (656 B/token)" in text
     assert "kernel reference" in text
     assert "storage kv0: FlashMLA FP8 KV cache" in text  # per site and operand
+    assert "to the FP8 kernel" in text
+    torch._dynamo.reset()
+    with torch.no_grad():
+        asked = str(explain(model, torch.randint(0, cfg.vocab_size, (1, 8)), backend_options=dict(fp8_products=True)))
+    assert "to the FP8-products kernel (asked for" in asked
+    with pytest.raises(mla_compiler.BackendOptionError, match="explain's own"):
+        explain(model, torch.randint(0, cfg.vocab_size, (1, 8)), backend_options=dict(inner="eager"))
 
 
 def test_explain_lists_fp8_values_the_graph_computes():

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from mla_compiler.backend import make_backend
+from mla_compiler.errors import BackendOptionError
 from mla_compiler.artifacts.text import format_report
 from mla_compiler.sites import CompileReport, RejectionReport, SiteReport
 
@@ -65,20 +66,26 @@ def explain(
     inner: Union[str, Callable] = "eager",
     dynamic: Any = None,
     calls: Optional[Sequence[tuple]] = None,
+    backend_options: Optional[dict] = None,
     **kwargs: Any,
 ) -> ExplainReport:
     """Compile ``model`` with the sparse_mla backend, call it on ``args``/``kwargs``, and report.
 
     ``inner`` is the compiler behind the rewrite ("eager" by default; "inductor" to see the real
     compile). ``calls`` adds more calls (each a tuple of positional arguments, after the first
-    call) so recompiles between them are reported. The model runs for real, so pass inputs it
-    accepts.
+    call) so recompiles between them are reported. ``backend_options`` are further
+    ``make_backend`` options (``fp8``, ``fp8_products``, ...; not ``inner`` or ``on_report``). The
+    model runs for real, so pass inputs it accepts.
     """
     from torch._dynamo.utils import guard_failures
 
     graphs: list[CompileReport] = []
     seen = {code: len(reasons) for code, reasons in guard_failures.items()}
-    compiled = torch.compile(model, backend=make_backend(inner=inner, on_report=graphs.append), dynamic=dynamic)
+    options = dict(backend_options or {})
+    taken = sorted({"inner", "on_report"} & set(options))
+    if taken:
+        raise BackendOptionError(f"explain: backend_options {taken} are explain's own; pass inner= directly (on_report is how explain reads the reports)")
+    compiled = torch.compile(model, backend=make_backend(inner=inner, on_report=graphs.append, **options), dynamic=dynamic)
     compiled(*args, **kwargs)
     for more in calls or ():
         compiled(*more)
