@@ -48,7 +48,7 @@ def main() -> int:
     else:
         pairs = {
             "ws bf16 keys": (lambda: ws.forward(q, *bf16, idx, scale), lambda: ws_old.forward(q, *bf16, idx, scale)),
-            "ws FP8 row (dequantized)": (lambda: ws.forward(q, *rows, idx, scale), lambda: ws_old.forward(q, *rows, idx, scale)),
+            "ws FP8 row (default launch)": (lambda: ws.forward(q, *rows, idx, scale), lambda: ws_old.forward(q, *rows, idx, scale)),
             "FP8 products (vregs)": (lambda: fv.forward(q, *rows, idx, scale), lambda: fv_old.forward(q, *rows, idx, scale)),
         }
     pairs = {name: pair for name, pair in pairs.items() if a.only in name}

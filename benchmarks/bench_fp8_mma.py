@@ -1,6 +1,7 @@
 """FP8 products against FP8 dequantized to bf16, at the DeepSeek-V3.2 decode shape (batch 64, s_q 2,
 128 heads, top-k 2048, s_kv 32768), side by side in one run: the warp-specialized kernel with bf16
-keys, with an e4m3 latent (FlashMLA's layout and one scale a row) dequantized into bf16 MMAs, and
+keys, with an e4m3 latent (FlashMLA's layout and one scale a row) dequantized into bf16 MMAs (one
+scale a row also folded into the scores and P, over f16 MMAs: the default), and
 the two FP8-products kernels (e4m3 products, one scale a row): V^T from registers
 (gluon_fp8_mma_vregs, the one MLA_COMPILER_FP8_MMA=1 dispatches to) and V transposed in shared
 memory (gluon_fp8_mma). Also the measured ceilings (bf16 and e4m3
@@ -32,6 +33,7 @@ from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 from mla_compiler.kernels import reference  # noqa: E402
 
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
+DEQUANTIZED = dict(FOLD_SCALE=False)  # the row scale applied to the keys (bf16 MMAs), as before FOLD_SCALE
 
 
 def all_ceilings() -> dict:
@@ -58,7 +60,8 @@ def sample_errors(q, kv, idx, fp8) -> dict:
     bf16_out, _ = reference.sparse_attn_reference(qs, kv, ids, SCALE, 512)
     out = {}
     for name, parts, fn in (
-        ("ws FP8 row (dequantized)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE)),
+        ("ws FP8 row (scale folded, f16)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE)),
+        ("ws FP8 row (dequantized)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE, launch=DEQUANTIZED)),
         ("FP8 products row, V from registers", fp8["row"], lambda p: fv.forward(qs, *p, ids, SCALE)),
         ("FP8 products row, V transposed", fp8["row"], lambda p: fm.forward(qs, *p, ids, SCALE)),
         ("ws FP8 FlashMLA (dequantized)", fp8["flashmla"], lambda p: ws.forward(qs, *p, ids, SCALE)),
@@ -82,7 +85,8 @@ def main() -> int:
     cands = [
         ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2),
         ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656),
-        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+        ("ws FP8 row (scale folded, f16)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE, launch=DEQUANTIZED), 512 + 4 + 128),
         ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
         ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
     ]

@@ -61,7 +61,8 @@ def check() -> int:
             latent, scale, rope = parts
             poison_unselected(latent, scale, rope)
             r_out, r_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, 512)
-            for label, launch in (("", None), (" one-ring", dict(CHUNK_BUFFERS=False)), (" unsplit", dict(SPLIT_S=False, CHUNK_BUFFERS=False)), (" producer-default", dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=120)),
+            for label, launch in (("", None), (" one-ring", dict(CHUNK_BUFFERS=False, FOLD_SCALE=False)),
+                                  (" unsplit", dict(SPLIT_S=False, CHUNK_BUFFERS=False, FOLD_SCALE=False)), (" dequantized", dict(FOLD_SCALE=False)), (" producer-default", dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=120)),
                                   (" in-registers", dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True))):
                 out, lse = gk.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
                 err, dl = rel(out, r_out), (lse[fin] - r_lse[fin]).abs().max().item()

@@ -8,7 +8,7 @@ checked against reference_fp8_mma on 8 tokens. CUDA graphs, interleaved rounds, 
         [--ws '{"Q_IN_LOOP": true}' ...] [--shape prefill] [--out probe.json]
 
 ``--vregs`` adds the kernel without transposes (gluon_fp8_mma_vregs) under the launch given;
-``--ws`` the warp-specialized kernel (bf16 keys and FP8 rows, dequantized) under the launch given,
+``--ws`` the warp-specialized kernel (bf16 keys and FP8 rows, its default launch: the row scale folded) under the launch given,
 checked against its default launch.
 """
 
@@ -77,11 +77,11 @@ def main() -> int:
         errors[name] = dict(out=rel(out, ref_out), lse=(lse - ref_lse).abs().max().item())
         print(name, errors[name], flush=True)
         cands[name] = lambda kernel=kernel, launch=launch: kernel.forward(q, *fp8["row"], idx, scale, launch=launch)
-    cands["ws FP8 row (dequantized)"] = lambda: ws.forward(q, *fp8["row"], idx, scale)
+    cands["ws FP8 row (default launch)"] = lambda: ws.forward(q, *fp8["row"], idx, scale)
     cands["ws bf16 keys"] = lambda: ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, scale)
     for launch in a.ws:
         tag = " ".join(f"{k}={v}" for k, v in launch.items())
-        for label, keys in (("ws FP8 row (dequantized)", fp8["row"]), ("ws bf16 keys", (kv[:, 0, :512], None, kv[:, 0, 512:]))):
+        for label, keys in (("ws FP8 row (default launch)", fp8["row"]), ("ws bf16 keys", (kv[:, 0, :512], None, kv[:, 0, 512:]))):
             name = f"{label} {tag}"
             cands[name] = lambda launch=launch, keys=keys: ws.forward(q, *keys, idx, scale, launch=launch)
             errors[name] = dict(out=rel(cands[name]()[0], cands[label]()[0]), against="the default launch")

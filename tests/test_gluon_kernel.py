@@ -27,7 +27,8 @@ def test_compiles_for_hopper_within_shared_memory():
         "out = {}\n"
         "for name, fp8, tiles, launch in (('bf16', False, 1, None), ('fp8-tiles', True, 4, None), ('fp8-rows', True, 1, None),\n"
         "                                  ('fp8-other-producer', True, 4, dict(ws.LAUNCH_FP8, IN_SLOT=not ws.LAUNCH_FP8['IN_SLOT'])),\n"
-        "                                  ('fp8-one-ring', True, 4, dict(CHUNK_BUFFERS=False)),\n"
+        "                                  ('fp8-one-ring', True, 4, dict(CHUNK_BUFFERS=False, FOLD_SCALE=False)),\n"
+        "                                  ('fp8-rows-dequantized', True, 1, dict(FOLD_SCALE=False)),\n"
         "                                  ('bf16-chunk-buffers', False, 1, dict(CHUNK_BUFFERS=True))):\n"
         "    c = ws.compile_for_hopper(fp8, tiles, launch)\n"
         "    ptx = c.asm['ptx']\n"
@@ -78,6 +79,21 @@ def test_launch_settings_are_checked():
                       (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
+    for bad in (dict(CHUNK_BUFFERS=False), dict(SPLIT_S=False, CHUNK_BUFFERS=False)):
+        with pytest.raises(ValueError, match="pass FOLD_SCALE=False"):
+            ws.check_launch(dict(ws.LAUNCH_FP8_ROWS, **bad))
+        ws.check_launch(dict(ws.LAUNCH_FP8_ROWS, FOLD_SCALE=False, **bad))
+
+
+def test_scale_folding_only_where_one_scale_a_row():
+    # One scale a row is folded into the scores and P by default; tile scales and bf16 keys have
+    # nothing to fold, and asking for it there is an error naming the fix.
+    assert ws.default_launch(True, 1)["FOLD_SCALE"] and ws.default_launch(True, 1)["Q_IN_LOOP"]
+    assert not ws.default_launch(True, 4)["FOLD_SCALE"] and not ws.default_launch(False)["FOLD_SCALE"]
+    ws.check_fold(ws.default_launch(True, 1), True, 1)
+    for fp8, tiles, word in ((True, 4, "4 scales a row"), (False, 1, "bf16 keys")):
+        with pytest.raises(ValueError, match=f"{word}.*pass FOLD_SCALE=False"):
+            ws.check_fold(dict(ws.default_launch(fp8, tiles), FOLD_SCALE=True), fp8, tiles)
 
 
 @needs_hopper
@@ -92,31 +108,56 @@ def test_bf16_keys_match_the_reference(heads, topk, launch):
     assert_matches(out, lse, *reference.sparse_attn_reference(q, kv, idx, SCALE, 512))
 
 
-@needs_hopper
 # LAUNCH_FP8 has CHUNK_BUFFERS=True (the key ring as four buffers); CHUNK_BUFFERS=False is one ring.
-@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=False),
-                                    dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True, CHUNK_BUFFERS=False),
-                                    dict(SPLIT_S=False, CHUNK_BUFFERS=False), dict(CHUNKED=True, CHUNK_BUFFERS=False),
-                                    dict(CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True,
-                                         CHUNK_BUFFERS=False),
+# FOLD_SCALE (one scale a row folded into the scores and P) needs CHUNK_BUFFERS and SPLIT_S.
+ONE_RING = dict(CHUNK_BUFFERS=False, FOLD_SCALE=False)
+
+
+@needs_hopper
+@pytest.mark.parametrize("launch", [None, ONE_RING,
+                                    dict(ONE_RING, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
+                                    dict(ONE_RING, SPLIT_S=False), dict(ONE_RING, CHUNKED=True),
+                                    dict(ONE_RING, CHUNKED=True, IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
                                     dict(CHUNKED=True),
                                     dict(IN_SLOT=False, CONSUMER_REGS=192, PRODUCER_REGS=120, PRODUCER_DEFAULT=True),
-                                    dict(Q_IN_LOOP=True)],
+                                    dict(Q_IN_LOOP=True), dict(Q_IN_LOOP=False), dict(FOLD_SCALE=False)],
                          ids=["default", "one-ring", "one-ring-in-registers", "unsplit", "one-ring-chunked", "one-ring-chunked-in-registers",
-                              "chunked", "in-registers", "q-in-loop"])
+                              "chunked", "in-registers", "q-in-loop", "q-hoisted", "dequantized"])
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (192, 63)])
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
-    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk)
+    if layout == "flashmla" and (launch or {}).get("FOLD_SCALE") is False:
+        pytest.skip("tile scales are always dequantized")
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk, exact_keys=folds(layout, launch))
+
+
+def folds(layout: str, launch) -> bool:
+    """Whether the call folds the row scale into the scores and P: its keys are then e4m3 x scale
+    exactly (the reference with exact keys), not rounded to bf16 as a dequantized tile is."""
+    return dict(ws.default_launch(True, 1 if layout == "row" else 4), **(launch or {}))["FOLD_SCALE"]
 
 
 @needs_hopper
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
-@pytest.mark.parametrize("launch", [None, dict(CHUNK_BUFFERS=False)], ids=["default", "one-ring"])
+@pytest.mark.parametrize("launch", [None, ONE_RING, dict(FOLD_SCALE=False)], ids=["default", "one-ring", "dequantized"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.
-    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True)
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True,
+                               exact_keys=folds(layout, launch))
+
+
+@needs_hopper
+@pytest.mark.parametrize("launch", [None, dict(FOLD_SCALE=False)], ids=["default", "dequantized"])
+def test_fp8_rows_with_scale_zero_still_count(launch):
+    # A selected key whose row scale is 0 has a zero latent but its rope score still counts in
+    # the softmax, as in the reference (the folded form must not drop it from the sums).
+    q, kv, idx = awkward_inputs(heads=128, topk=200)
+    latent, scale, rope = fr.quantize_keys(kv, "row")
+    scale[idx[3, 0, ::3].long()] = 0.0
+    rope[idx[3, 0, ::3].long()] *= 4  # those keys' rope scores then matter
+    out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True))
 
 
 @needs_hopper

@@ -19,6 +19,7 @@ if HAVE_GLUON:
         gluon,
         mbarrier,
         partition_barrier,
+        smem_view,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
@@ -83,6 +84,20 @@ if HAVE_GLUON:
         return p, l_i, acc * gl.convert_layout(alpha, row_o)[:, None]
 
     @gluon.jit
+    def _fold_scales(s_lat, s_rope, sig, row_scale, sm_scale_log2, valid):
+        """FOLD_SCALE: the scores (base 2, -inf for invalid keys) of f16 products Q' K'^T of Q's
+        scaled latent and the keys' unscaled e4m3 values (``row_scale``: 1 / Q's scale times
+        sm_scale_log2; ``sig``: the keys' scales) and of the bf16 rope products, and ``t`` = the
+        scores plus floor(log2 sig), whose row maxima m keep P' = exp2(s - m) * sig < 2 within f16
+        and the row's largest P' at 1/2 or more. floor(log2 sig) is sig's exponent field (a few
+        integer operations; log2 itself is a 25-instruction polynomial); scales below 2^-64 count
+        as 2^-64 there, so exp2(s - m) <= 2^64 stays finite in the sums."""
+        s = (s_lat * sig[None, :]) * row_scale[:, None] + s_rope * sm_scale_log2
+        s = gl.where(valid[None, :], s, float("-inf"))
+        floor_log2 = gl.maximum(((sig.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127, -64)
+        return s, s + floor_log2.to(gl.float32)[None, :]
+
+    @gluon.jit
     def _consumer(
         q_a_smem, q_b_smem, k_ring, r_ring, ok_ring, full, empty,
         OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
@@ -125,16 +140,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer_split(
-        q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p, bar_l,
-        OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
+        q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, sc_ring, q_unscale, full, empty, xmax, p_half, lsum, bar_x, bar_p,
+        bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2,
         WG: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr,
-        Q_IN_LOOP: gl.constexpr,
+        Q_IN_LOOP: gl.constexpr, FOLD_SCALE: gl.constexpr,
     ):
         """Scores split by keys: this warpgroup computes Q K^T for its half of the block's keys only,
         the two exchange their row maxima and their P halves through shared memory, then each adds
         P V (all keys) for its 256 value columns. No product is computed twice. With CHUNK_BUFFERS
         (each 128-column chunk of a slot its own buffer) the scores take one product per chunk and
-        the values two accumulators of 128 columns, one per chunk."""
+        the values two accumulators of 128 columns, one per chunk. FOLD_SCALE (CHUNK_BUFFERS only):
+        f16 latent products with the keys' row scales applied to the scores and to P (_fold_scales);
+        the accumulators and the sums then carry a common factor 2^-m, which the output's division
+        cancels."""
         t, hb = _program_coords(H)
         HALF: gl.constexpr = BLOCK_N // 2
         OTHER: gl.constexpr = 1 - WG
@@ -151,6 +169,8 @@ if HAVE_GLUON:
         acc = gl.zeros([BLOCK_H, V_COLS], gl.float32, o_layout)
         acc_hi = gl.zeros([BLOCK_H, V_COLS], gl.float32, o_layout)  # CHUNK_BUFFERS: the second chunk's columns
         s_zero = gl.zeros([BLOCK_H, HALF], gl.float32, s_layout)
+        if FOLD_SCALE:
+            row_scale = q_unscale.load(row_s) * sm_scale_log2
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             slot = i % STAGES
@@ -164,21 +184,32 @@ if HAVE_GLUON:
                 # One product per 128-column chunk. CHUNKED: FlashMLA's fine-grained copy-GEMM
                 # pipelining, the scores over each chunk start as soon as it is in the slot.
                 mbarrier.wait(full.index(slot * 4 if CHUNKED else slot), (i // STAGES) & 1)
-                s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero,
-                                  use_acc=False, is_async=True)
+                s_rope = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero,
+                                       use_acc=False, is_async=True)
+                # FOLD_SCALE: the latent's f16 products apart from the rope's bf16 ones (scaled first).
+                s = s_zero if FOLD_SCALE else s_rope
                 for c in gl.static_range(4):
                     if CHUNKED and c > 0:
                         mbarrier.wait(full.index(slot * 4 + c), (i // STAGES) & 1)
                     k_c = _slot_chunk(k0, k1, k2, k3, slot, c, CHUNK_BUFFERS).slice(WG * HALF, HALF, dim=0)
-                    s = warpgroup_mma(q_a_smem.slice(c * 128, 128, dim=1), k_c.permute((1, 0)), s, is_async=True)
-                s = warpgroup_mma_wait(0, deps=[s])
+                    s = warpgroup_mma(q_a_smem.slice(c * 128, 128, dim=1), k_c.permute((1, 0)), s,
+                                      use_acc=not (FOLD_SCALE and c == 0), is_async=True)
+                if FOLD_SCALE:
+                    s_rope, s = warpgroup_mma_wait(0, deps=[s_rope, s])
+                else:
+                    s = warpgroup_mma_wait(0, deps=[s])
             else:
                 mbarrier.wait(full.index(slot), (i // STAGES) & 1)
                 s = warpgroup_mma(q_a_smem, k0.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s_zero, use_acc=False)
                 s = warpgroup_mma(q_b_smem, r_ring.index(slot).slice(WG * HALF, HALF, dim=0).permute((1, 0)), s)
             valid = ok_ring.index(slot).slice(WG * HALF, HALF).load(col_s) != 0
-            s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
-            m_mine = gl.max(s, 1)
+            if FOLD_SCALE:
+                sig = sc_ring.index(slot).slice(WG * HALF, HALF).load(col_s)
+                s, t_fold = _fold_scales(s, s_rope, sig, row_scale, sm_scale_log2, valid)
+                m_mine = gl.max(t_fold, 1)
+            else:
+                s = gl.where(valid[None, :], s * sm_scale_log2, float("-inf"))
+                m_mine = gl.max(s, 1)
             # Single buffers suffice: a warpgroup writes block i+1's maximum only after waiting for
             # the other's P hand-off of block i, which the other makes after reading block i's
             # maximum (keep that read before the bar_p arrive); P halves likewise after bar_x.
@@ -190,7 +221,10 @@ if HAVE_GLUON:
             acc = acc * alpha_o
             if CHUNK_BUFFERS:
                 acc_hi = acc_hi * alpha_o
-            p_half.index(WG).store(p.to(gl.bfloat16))
+            if FOLD_SCALE:
+                p_half.index(WG).store((p * sig[None, :]).to(gl.float16))
+            else:
+                p_half.index(WG).store(p.to(gl.bfloat16))
             fence_async_shared()
             _swap_with_other(bar_p, i & 1, WG)
             if CHUNK_BUFFERS:
@@ -212,6 +246,8 @@ if HAVE_GLUON:
         # Past here both warpgroups are done with Q: each stages its output columns in its half of it.
         l_i = _sum_halves(l_i, lsum, bar_l, WG, row_s)
         q_dead = q_a_ring.index(0)
+        if FOLD_SCALE:  # Q's latent is f16 there: the bf16 output staged in the same bytes
+            q_dead = smem_view(q_dead, gl.bfloat16, [BLOCK_H, 2 * V_HALF], gl.NVMMASharedLayout.get_default_for([BLOCK_H, 2 * V_HALF], gl.bfloat16))
         _store_output(acc, m_i, l_i, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG * V_HALF, V_COLS, WG == 0, row_s,
                       o_layout, q_dead.slice(WG * V_HALF, V_COLS, dim=1), True)
         if CHUNK_BUFFERS:

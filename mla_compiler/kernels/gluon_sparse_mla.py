@@ -8,7 +8,8 @@ producer partition (4 warps) gathers the key rows of a block into a ring of two 
 while two consumer warpgroups run the MMAs on the other slot. bf16 keys arrive by asynchronous
 copies; an FP8 latent is copied the same way into the upper half of its slot and dequantized there,
 in place, into the bf16 tile (``IN_SLOT``; through registers instead, the payload in flight takes
-registers the consumers need).
+registers the consumers need). With one scale a row (``FOLD_SCALE``, the default there) the tile
+holds the e4m3 values as f16, unscaled, and the consumers apply the scales to the scores and P.
 
 One program per (query token, block of 64 heads). Each consumer warpgroup owns 256 of the 512
 value columns and computes the scores of half of each key block (Q K^T over 576 columns, Q read
@@ -48,6 +49,7 @@ if HAVE_GLUON:
         gluon,
         mbarrier,
         partition_barrier,
+        smem_view,
     )
     from .gluon_consumers import _consumer, _consumer_split
     from .gluon_producers import _producer
@@ -91,6 +93,26 @@ def _misaligned(kv_latent: torch.Tensor, kv_rope: torch.Tensor) -> Optional[str]
 if HAVE_GLUON:
 
     @gluon.jit
+    def _q_latent_to_f16(q_a_smem, q_unscale, layout: gl.constexpr):
+        """Q's latent (bf16 in ``q_a_smem``) rewritten in place as f16 times 2^(14 - e) per head,
+        where 2^e <= the head's largest |q| < 2^(e+1): the largest lands in [2^14, 2^15), below
+        f16's 65504, and every bf16 value within 2^-28 of it keeps all its bits. ``q_unscale``
+        gets 2^(e - 14), which the consumers apply to the scores. A head of zeros (a padded one)
+        gets e = -112; a non-finite one stays non-finite, as in the reference."""
+        amax = gl.zeros([BLOCK_H], gl.float32, gl.SliceLayout(1, layout))
+        for c in gl.static_range(D_LAT // 128):
+            x = q_a_smem.slice(c * 128, 128, dim=1).load(layout).to(gl.float32)
+            amax = gl.maximum(amax, gl.max(gl.abs(x), 1))
+        e = gl.maximum(((amax.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127, -112)
+        scale = ((141 - e) << 23).to(gl.float32, bitcast=True)  # 2^(14 - e), e <= 128
+        q_unscale.store(((113 + e) << 23).to(gl.float32, bitcast=True))  # 2^(e - 14)
+        f16_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float16)
+        q_f16 = smem_view(q_a_smem, gl.float16, [BLOCK_H, D_LAT], f16_layout)
+        for c in gl.static_range(D_LAT // 128):
+            x = q_a_smem.slice(c * 128, 128, dim=1).load(layout).to(gl.float32)
+            q_f16.slice(c * 128, 128, dim=1).store((x * scale[:, None]).to(gl.float16))
+
+    @gluon.jit
     def _ws_fwd_kernel(
         Q, KV, KV_SCALE, KV_ROPE, IDX, OUT, LSE,
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
@@ -98,9 +120,13 @@ if HAVE_GLUON:
         FP8: gl.constexpr, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, IN_SLOT: gl.constexpr, SPLIT_S: gl.constexpr = True,
         PRODUCER_DEFAULT: gl.constexpr = False, CHUNKED: gl.constexpr = False, CHUNK_BUFFERS: gl.constexpr = False,
-        Q_IN_LOOP: gl.constexpr = False,
+        Q_IN_LOOP: gl.constexpr = False, FOLD_SCALE: gl.constexpr = False,
     ):
         t, hb = _program_coords(H)
+        # FOLD_SCALE (an FP8 latent with one scale a row): the slots hold the e4m3 latent widened to
+        # f16 (exact), Q's latent is f16 under a power-of-two scale per head, and the keys' scales
+        # are applied to the scores and to P (gluon_consumers._fold_scales).
+        KEY_DTYPE: gl.constexpr = gl.float16 if FOLD_SCALE else gl.bfloat16
         q_a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.bfloat16)
         q_b_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
         r_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D_ROPE], gl.bfloat16)
@@ -113,10 +139,18 @@ if HAVE_GLUON:
         # The key ring: one [STAGES, BLOCK_N, 512] buffer (k0 four times), or with CHUNK_BUFFERS four
         # rings of 128 columns, the same bytes (a chunk's store then needs no barrier before the next's).
         K_COLS: gl.constexpr = 128 if CHUNK_BUFFERS else D_LAT
-        k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, K_COLS], gl.bfloat16)
-        k0, k1, k2, k3 = _four_buffers(CHUNK_BUFFERS, gl.bfloat16, [STAGES, BLOCK_N, K_COLS], k_layout)
+        k_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, K_COLS], KEY_DTYPE)
+        k0, k1, k2, k3 = _four_buffers(CHUNK_BUFFERS, KEY_DTYPE, [STAGES, BLOCK_N, K_COLS], k_layout)
         r_ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D_ROPE], r_layout)
-        ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        ok_ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N], vec_layout)
+        if FOLD_SCALE:
+            # Each slot's row scales (0 for invalid rows), and 1 / (Q's scale) of each head.
+            sc_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec_layout)
+            q_unscale = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec_layout)
+        else:
+            sc_ring = ok_ring
+            q_unscale = ok_ring
         # full: one barrier a slot, or one a 128-column chunk of a slot (CHUNKED).
         N_FULL: gl.constexpr = STAGES * 4 if CHUNKED else STAGES
         full = gl.allocate_shared_memory(gl.int64, [N_FULL, 1], mbarrier.MBarrierLayout())
@@ -140,15 +174,19 @@ if HAVE_GLUON:
         async_rows(q_b_smem, q_row + D_LAT + rope_cols[None, :], mask=h_ok)
         async_copy.commit_group()
         async_copy.wait_group(0)
+        if FOLD_SCALE:
+            partition_barrier()  # every thread's copies have landed
+            _q_latent_to_f16(q_a_smem, q_unscale, q_layout)
+            q_a_ring = smem_view(q_a_ring, gl.float16, [1, BLOCK_H, D_LAT],
+                                 gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float16))
         fence_async_shared()
         partition_barrier()
 
         if SPLIT_S:
-            vec_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-            p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], gl.bfloat16)
+            p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], KEY_DTYPE)
             xmax = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
             lsum = gl.allocate_shared_memory(gl.float32, [2, BLOCK_H], vec_layout)
-            p_half = gl.allocate_shared_memory(gl.bfloat16, [2, BLOCK_H, BLOCK_N // 2], p_layout)
+            p_half = gl.allocate_shared_memory(KEY_DTYPE, [2, BLOCK_H, BLOCK_N // 2], p_layout)
             bar_x = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             bar_p = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             bar_l = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -161,16 +199,19 @@ if HAVE_GLUON:
             if PRODUCER_DEFAULT:
                 # The producer runs in the kernel's own warps (the default partition): it gets what
                 # two CONSUMER_REGS workers leave, 504 - 2 * CONSUMER_REGS (check_launch).
+                # (The argument lists are spelled out twice: packed into tuples, constexprs lose
+                # their constness.)
                 gl.warp_specialize(
                     [
-                        (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
-                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, Q_IN_LOOP)),
-                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, Q_IN_LOOP)),
+                        (_producer, (k0, k1, k2, k3, r_ring, ok_ring, sc_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss,
+                                     stride_rs, stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS,
+                                     FOLD_SCALE)),
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, sc_ring, q_unscale, full, empty, xmax, p_half,
+                                           lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0,
+                                           BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS, Q_IN_LOOP, FOLD_SCALE)),
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, sc_ring, q_unscale, full, empty, xmax, p_half,
+                                           lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1,
+                                           BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS, Q_IN_LOOP, FOLD_SCALE)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, CONSUMER_REGS],
@@ -178,14 +219,15 @@ if HAVE_GLUON:
             else:
                 gl.warp_specialize(
                     [
-                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, Q_IN_LOOP)),
-                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, full, empty, xmax, p_half, lsum, bar_x, bar_p,
-                                           bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, CHUNKED,
-                                           CHUNK_BUFFERS, Q_IN_LOOP)),
-                        (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                     stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, sc_ring, q_unscale, full, empty, xmax, p_half,
+                                           lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 0,
+                                           BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS, Q_IN_LOOP, FOLD_SCALE)),
+                        (_consumer_split, (q_a_ring, q_b_ring, k0, k1, k2, k3, r_ring, ok_ring, sc_ring, q_unscale, full, empty, xmax, p_half,
+                                           lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh, stride_lt, TOPK, H, sm_scale_log2, 1,
+                                           BLOCK_N, STAGES, CHUNKED, CHUNK_BUFFERS, Q_IN_LOOP, FOLD_SCALE)),
+                        (_producer, (k0, k1, k2, k3, r_ring, ok_ring, sc_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss,
+                                     stride_rs, stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS,
+                                     FOLD_SCALE)),
                     ],
                     [4, 4],
                     [CONSUMER_REGS, PRODUCER_REGS],
@@ -197,8 +239,9 @@ if HAVE_GLUON:
                                  TOPK, H, sm_scale_log2, 0, BLOCK_N, STAGES)),
                     (_consumer, (q_a_smem, q_b_smem, k0, r_ring, ok_ring, full, empty, OUT, LSE, stride_ot, stride_oh, stride_lt,
                                  TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES)),
-                    (_producer, (k0, k1, k2, k3, r_ring, ok_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss, stride_rs,
-                                 stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS)),
+                    (_producer, (k0, k1, k2, k3, r_ring, ok_ring, sc_ring, full, empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs, stride_ss,
+                                 stride_rs, stride_it, S_KV, TOPK, H, FP8, N_TILES, BLOCK_N, STAGES, IN_SLOT, CHUNKED, CHUNK_BUFFERS,
+                                 FOLD_SCALE)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, PRODUCER_REGS],
@@ -241,17 +284,42 @@ if HAVE_GLUON:
 # for the producer's blocks (4074 samples at their `full` waits against 1314), and the producer
 # waits on a global load at its valid-row compare (1837 samples, under 10 there with it off); the
 # producer's source is the same, its SASS is scheduled differently.
+# FOLD_SCALE (an FP8 latent with one scale a row): the slots hold the e4m3 values widened to f16,
+# one conversion per two values, in place of e4m3 x scale in fp32 rounded to bf16 (three an
+# element); Q's latent goes f16 under a power-of-two scale per head, and the row scales multiply
+# the scores and P. It rounds less than the dequantized form: e4m3 values are exact in f16, the
+# scale multiplies fp32 scores, and Q and P keep 11 significant bits against bf16's 8 (1.7e-3 from
+# the exact FP8 reference against 5.2e-3 dequantized, bench_fp8_mma.py). H200, V3.2 decode (probe_fp8_mma.py, 2026-11-29):
+# 0.196 ms against 0.214 dequantized in the same run (bf16 keys 0.183). It needs Q_IN_LOOP: with
+# Q's descriptors hoisted the second consumer spills in its loop (0.250 ms).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, CHUNK_BUFFERS=False, Q_IN_LOOP=True)
+                   CHUNKED=False, CHUNK_BUFFERS=False, Q_IN_LOOP=True, FOLD_SCALE=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                  CHUNKED=False, CHUNK_BUFFERS=True, Q_IN_LOOP=False)
+                  CHUNKED=False, CHUNK_BUFFERS=True, Q_IN_LOOP=False, FOLD_SCALE=False)  # tile scales (FlashMLA's layout)
+LAUNCH_FP8_ROWS = dict(LAUNCH_FP8, Q_IN_LOOP=True, FOLD_SCALE=True)  # one scale a row
+
+
+def default_launch(fp8: bool, n_tiles: int = 1) -> dict:
+    """The launch settings a call takes by default: bf16 keys, an FP8 latent with one scale a row
+    (``n_tiles`` 1, the scale folded into the scores and P) or one per 128 columns (dequantized)."""
+    if not fp8:
+        return dict(LAUNCH_BF16)
+    return dict(LAUNCH_FP8_ROWS if n_tiles == 1 else LAUNCH_FP8)
+
+
+def check_fold(cfg: dict, fp8: bool, n_tiles: int) -> None:
+    """Raises ValueError where FOLD_SCALE is asked of keys without one scale a row."""
+    if cfg["FOLD_SCALE"] and not (fp8 and n_tiles == 1):
+        keys = "bf16 keys (no scale)" if not fp8 else f"an FP8 latent with {n_tiles} scales a row"
+        raise ValueError(f"launch FOLD_SCALE=True with {keys}: only one scale a row folds into the scores; pass FOLD_SCALE=False")
 
 
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed), with the alignment facts a
     launch would give: for checking shared memory, registers and the PTX (``.asm``) off the GPU."""
-    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    cfg = dict(default_launch(fp8, n_tiles), **(launch or {}))
     check_launch(cfg)
+    check_fold(cfg, fp8, n_tiles)
     return compile_ws_arguments(_ws_fwd_kernel, fp8, dict(FP8=fp8, N_TILES=n_tiles, **cfg))
 
 
@@ -301,6 +369,9 @@ def check_launch(cfg: dict) -> None:
         raise ValueError(f"launch BLOCK_N={cfg['BLOCK_N']} STAGES={cfg['STAGES']}: only 64 and 2 (Q and two 64-key slots fill "
                          "shared memory; the FP8 staging and the pair schedule assume them)")
     check_register_settings(cfg)
+    if cfg["FOLD_SCALE"] and not (cfg["CHUNK_BUFFERS"] and cfg["SPLIT_S"]):
+        raise ValueError("launch FOLD_SCALE=True needs CHUNK_BUFFERS=True and SPLIT_S=True (the scores' latent and rope products "
+                         "kept apart); pass FOLD_SCALE=False with CHUNK_BUFFERS=False or SPLIT_S=False (LAUNCH_FP8_ROWS has FOLD_SCALE=True)")
     needs_split = [key for key in ("CHUNKED", "PRODUCER_DEFAULT", "CHUNK_BUFFERS") if cfg[key]]
     if not cfg["SPLIT_S"] and needs_split:
         raise ValueError(f"launch SPLIT_S=False with {', '.join(f'{key}=True' for key in needs_split)}: those need SPLIT_S=True "
@@ -322,8 +393,10 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     """out [T, H, 512] and lse [T, H] of sparse MLA over a latent in FP8 (``kv_scale`` one scale
     per row or per 128-column tile) or bf16 (``kv_scale`` None), rope bf16; indices [T, 1, topk]."""
     fp8 = kv_scale is not None
-    cfg = dict(LAUNCH_FP8 if fp8 else LAUNCH_BF16, **(launch or {}))
+    n_tiles = kv_scale.shape[1] if fp8 else 1
+    cfg = dict(default_launch(fp8, n_tiles), **(launch or {}))
     check_launch(cfg)
+    check_fold(cfg, fp8, n_tiles)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     topk = indices.shape[-1]
@@ -331,7 +404,6 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
     if t == 0:
         return out, lse
-    n_tiles = kv_scale.shape[1] if fp8 else 1
     if n_tiles not in (1, 4):
         raise ValueError(f"kv_scale has {n_tiles} scales a row; the warp-specialized kernel takes 1 or 4")
     bad = _misaligned(kv_latent, kv_rope)

@@ -728,7 +728,8 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
     name = "forward_fp8" if kv_scale is not None else "forward"
     index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
     kernels = [
-        (ws, ws.declines, "gluon warp-specialized", WS_DECLINED, ws.LAUNCH_FP8 if kv_scale is not None else ws.LAUNCH_BF16),
+        (ws, ws.declines, "gluon warp-specialized", WS_DECLINED,
+         ws.default_launch(kv_scale is not None, 1 if kv_scale is None else kv_scale.shape[1])),
         (fh, fh.declines, "gluon few-head", FEWHEAD_DECLINED,
          fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
