@@ -28,6 +28,9 @@ from old_mla_compiler.kernels import gluon_fp8_mma_vregs as fv_old  # noqa: E402
 from old_mla_compiler.kernels import gluon_sparse_mla as ws_old  # noqa: E402
 
 
+DEQUANTIZED_HOISTED = {"FOLD_SCALE": False, "Q_IN_LOOP": False}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
@@ -49,6 +52,11 @@ def main() -> int:
         pairs = {
             "ws bf16 keys": (lambda: ws.forward(q, *bf16, idx, scale), lambda: ws_old.forward(q, *bf16, idx, scale)),
             "ws FP8 row (default launch)": (lambda: ws.forward(q, *rows, idx, scale), lambda: ws_old.forward(q, *rows, idx, scale)),
+            "ws FP8 FlashMLA (default launch)": (lambda: ws.forward(q, *keys["flashmla"], idx, scale),
+                                                 lambda: ws_old.forward(q, *keys["flashmla"], idx, scale)),
+            # Before FOLD_SCALE this was the FP8 rows' default launch.
+            "ws FP8 row (dequantized, Q hoisted)": (lambda: ws.forward(q, *rows, idx, scale, launch=DEQUANTIZED_HOISTED),
+                                                    lambda: ws_old.forward(q, *rows, idx, scale)),
             "FP8 products (vregs)": (lambda: fv.forward(q, *rows, idx, scale), lambda: fv_old.forward(q, *rows, idx, scale)),
         }
     pairs = {name: pair for name, pair in pairs.items() if a.only in name}
