@@ -109,7 +109,7 @@ def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) 
         ("dispatch FP8 row (policy)", lambda: tk.forward_fp8(q, *fp8["row"], idx, SCALE, 512)),
     ]
     for cfg in launches:
-        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']}{' in-slot' if cfg['IN_SLOT'] else ''}{' split' if cfg['SPLIT_S'] else ''}{' pd' if cfg['PRODUCER_DEFAULT'] else ''}{' chunked' if cfg['CHUNKED'] else ''}{' chunk-buffers' if cfg['CHUNK_BUFFERS'] else ''}"
+        tag = f"{cfg['CONSUMER_REGS']}/{cfg['PRODUCER_REGS']} n{cfg['BLOCK_N']} s{cfg['STAGES']}{' in-slot' if cfg['IN_SLOT'] else ''}{' split' if cfg['SPLIT_S'] else ''}{' pd' if cfg['PRODUCER_DEFAULT'] else ''}{' chunked' if cfg['CHUNKED'] else ''}{' chunk-buffers' if cfg['CHUNK_BUFFERS'] else ''}{' fold' if cfg['FOLD_SCALE'] else ''}"
         cands += [
             (f"ws bf16 {tag}", lambda c=cfg: gk.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, SCALE, launch=c)),
             (f"ws FP8 FlashMLA {tag}", lambda c=cfg: gk.forward(q, *fp8["flashmla"], idx, SCALE, launch=c)),
@@ -159,8 +159,10 @@ def main() -> int:
     for spec in a.launches.split(","):
         c, pr, n, s, f, *opt = (int(x) for x in spec.split("/"))
         opt = opt + [1, 0, 0, 0][len(opt):]
+        # FOLD_SCALE (the default for FP8 rows) where the launch can take it (CHUNK_BUFFERS, SPLIT_S).
         launches.append(dict(CONSUMER_REGS=c, PRODUCER_REGS=pr, BLOCK_N=n, STAGES=s, IN_SLOT=bool(f), SPLIT_S=bool(opt[0]),
-                             PRODUCER_DEFAULT=bool(opt[1]), CHUNKED=bool(opt[2]), CHUNK_BUFFERS=bool(opt[3])))
+                             PRODUCER_DEFAULT=bool(opt[1]), CHUNKED=bool(opt[2]), CHUNK_BUFFERS=bool(opt[3]),
+                             FOLD_SCALE=bool(opt[0] and opt[3])))
     timing(a.rounds, launches, a.out, a.shape)
     return 0
 

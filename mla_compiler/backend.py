@@ -64,9 +64,9 @@ class BackendOptions:
                run the FP8 kernel.
     fp8_products: the sites that stay FP8 ask for the FP8-products kernel (Hopper, DeepSeek
                widths, one scale a key row, 64 heads or more): Q K^T and P V as e4m3 tensor-core
-               products, Q and P rounded to e4m3. About 1.7x the dequantizing kernel's speed at
+               products, Q and P rounded to e4m3. About 1.6x the default FP8 kernel's speed at
                the V3.2 decode shape, with about 1.4x its error against bf16 keys
-               (benchmarks/RESULTS.md); where it does not apply the dequantizing kernel runs (on
+               (benchmarks/RESULTS.md); where it does not apply the default FP8 kernel runs (on
                a CUDA device ``triton_sparse_mla.FP8_MMA_DECLINED`` says why; CPU tensors take the
                reference). MLA_COMPILER_FP8_MMA=0 switches it off. Default False.
     mode:      Inductor's mode, as ``torch.compile(mode=...)`` takes it for the inductor backend:

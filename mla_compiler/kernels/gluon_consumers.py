@@ -91,7 +91,9 @@ if HAVE_GLUON:
         scores plus floor(log2 sig), whose row maxima m keep P' = exp2(s - m) * sig < 2 within f16
         and the row's largest P' at 1/2 or more. floor(log2 sig) is sig's exponent field (a few
         integer operations; log2 itself is a 25-instruction polynomial); scales below 2^-64 count
-        as 2^-64 there, so exp2(s - m) <= 2^64 stays finite in the sums."""
+        as 2^-64 there, so exp2(s - m) <= 2^64 stays finite in the sums. Limits: where every key
+        of a row has a scale below about 2^-88, P' underflows f16 and the output is 0; scales
+        above about 2^95 overflow s_lat * sig (quantizers give amax / 448)."""
         s = (s_lat * sig[None, :]) * row_scale[:, None] + s_rope * sm_scale_log2
         s = gl.where(valid[None, :], s, float("-inf"))
         floor_log2 = gl.maximum(((sig.to(gl.int32, bitcast=True) >> 23) & 0xFF) - 127, -64)

@@ -50,7 +50,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _row_scales_store(sc_ring, slot, sc, FOLD_SCALE: gl.constexpr):
         """FOLD_SCALE: the block's row scales (0 for invalid rows) beside its rows, for the consumers.
-        Stored once the rows' copies are in flight, so the scales' loads have the copies' time."""
+        Stored after the rows' copies are issued (staged in the slot: after they land), so the
+        scales' loads have the copies' time."""
         if FOLD_SCALE:
             sc_ring.index(slot).store(sc)
 
@@ -64,8 +65,8 @@ if HAVE_GLUON:
         CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, FOLD_SCALE: gl.constexpr,
     ):
         """Gathers each key block's rows into a ring slot as bf16 (bf16 keys by asynchronous copies;
-        an FP8 latent staged in the slot or through registers, then dequantized). The slot's four
-        128-column chunks: see _slot_chunk."""
+        an FP8 latent staged in the slot or through registers, then dequantized, or with FOLD_SCALE
+        widened to f16 unscaled). The slot's four 128-column chunks: see _slot_chunk."""
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         t, _ = _program_coords(H)
         # The host checks these (FlashMLA's 656-byte rows put the rope at stride 328 elements).
@@ -198,8 +199,8 @@ if HAVE_GLUON:
                       stride_rs, S_KV, TOPK, n_blocks, N_TILES: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                       CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, FOLD_SCALE: gl.constexpr):
         """FP8 latent, one block at a time: its four 128-column chunks are loaded into registers
-        (issued before the slot is free), then dequantized into the slot as bf16. The next block's
-        loads start only after this block is stored."""
+        (issued before the slot is free), then dequantized into the slot as bf16 (FOLD_SCALE: f16,
+        unscaled). The next block's loads start only after this block is stored."""
         CHUNK: gl.constexpr = 128
         fp8_layout: gl.constexpr = COPY_LAYOUT
         rope_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -270,7 +271,7 @@ if HAVE_GLUON:
                               STAGES: gl.constexpr, CHUNKED: gl.constexpr, CHUNK_BUFFERS: gl.constexpr, FOLD_SCALE: gl.constexpr):
         """FP8 latent staged in the slot itself: the raw bytes are copied asynchronously (no
         registers held while in flight) into the upper half of the slot's latent bytes, then
-        dequantized in place, chunk by chunk, into the bf16 tile. A 128-column chunk g of bf16 is
+        dequantized in place, chunk by chunk, into the bf16 tile (FOLD_SCALE: an f16 tile, unscaled). A 128-column chunk g of bf16 is
         bytes [16K g, 16K (g+1)) of the slot (128-byte swizzle slabs, 64 rows each); raw chunk g
         is bytes [32K + 8K g, 32K + 8K (g+1)). Chunks 0 and 1 write below the raw bytes; chunk 2
         overwrites raw chunks 0 and 1 (read by then: a barrier); chunk 3 overwrites raw chunks 2 and

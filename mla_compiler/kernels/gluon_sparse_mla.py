@@ -288,8 +288,9 @@ if HAVE_GLUON:
 # one conversion per two values, in place of e4m3 x scale in fp32 rounded to bf16 (three an
 # element); Q's latent goes f16 under a power-of-two scale per head, and the row scales multiply
 # the scores and P. It rounds less than the dequantized form: e4m3 values are exact in f16, the
-# scale multiplies fp32 scores, and Q and P keep 11 significant bits against bf16's 8 (1.7e-3 from
-# the exact FP8 reference against 5.2e-3 dequantized, bench_fp8_mma.py). H200, V3.2 decode (probe_fp8_mma.py, 2026-11-29):
+# scale multiplies fp32 scores, Q's bf16 values are kept exactly, and P' has 11 significant bits
+# against bf16's 8 down to 2^-14 of its row's largest (1.7e-3 from the exact FP8 reference against
+# 5.2e-3 dequantized, bench_fp8_mma.py). H200, V3.2 decode (probe_fp8_mma.py, 2026-11-29):
 # 0.196 ms against 0.214 dequantized in the same run (bf16 keys 0.183). It needs Q_IN_LOOP: with
 # Q's descriptors hoisted the second consumer spills in its loop (0.250 ms).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
