@@ -308,6 +308,15 @@ def default_launch(fp8: bool, n_tiles: int = 1) -> dict:
     return dict(LAUNCH_FP8_ROWS if n_tiles == 1 else LAUNCH_FP8)
 
 
+def launch_settings(fp8: bool, n_tiles: int, launch: Optional[dict] = None) -> dict:
+    """``launch`` over the call's default (``default_launch``), checked (``check_launch``,
+    ``check_fold``): what a launch and a compile for these keys run with."""
+    cfg = dict(default_launch(fp8, n_tiles), **(launch or {}))
+    check_launch(cfg)
+    check_fold(cfg, fp8, n_tiles)
+    return cfg
+
+
 def check_fold(cfg: dict, fp8: bool, n_tiles: int) -> None:
     """Raises ValueError where FOLD_SCALE is asked of keys without one scale a row."""
     if cfg["FOLD_SCALE"] and not (fp8 and n_tiles == 1):
@@ -318,9 +327,7 @@ def check_fold(cfg: dict, fp8: bool, n_tiles: int) -> None:
 def compile_for_hopper(fp8: bool, n_tiles: int = 1, launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed), with the alignment facts a
     launch would give: for checking shared memory, registers and the PTX (``.asm``) off the GPU."""
-    cfg = dict(default_launch(fp8, n_tiles), **(launch or {}))
-    check_launch(cfg)
-    check_fold(cfg, fp8, n_tiles)
+    cfg = launch_settings(fp8, n_tiles, launch)
     return compile_ws_arguments(_ws_fwd_kernel, fp8, dict(FP8=fp8, N_TILES=n_tiles, **cfg))
 
 
@@ -395,9 +402,7 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     per row or per 128-column tile) or bf16 (``kv_scale`` None), rope bf16; indices [T, 1, topk]."""
     fp8 = kv_scale is not None
     n_tiles = kv_scale.shape[1] if fp8 else 1
-    cfg = dict(default_launch(fp8, n_tiles), **(launch or {}))
-    check_launch(cfg)
-    check_fold(cfg, fp8, n_tiles)
+    cfg = launch_settings(fp8, n_tiles, launch)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     topk = indices.shape[-1]
