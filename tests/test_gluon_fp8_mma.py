@@ -27,6 +27,17 @@ def _row_keys(heads: int, topk: int, device: str, extreme: bool = False, t: int 
     return q, latent, scale, rope, idx
 
 
+def _zero_scale_keys(device: str, heads: int = 64, topk: int = 200):
+    """Row keys where a third of token 3's selected keys have scale 0 (their rope rows times 4, so
+    their rope scores carry real softmax mass) and every one of token 4's does: a selected key
+    with scale 0 has a zero latent, but its rope score still counts in the softmax."""
+    q, latent, scale, rope, idx = _row_keys(heads, topk, device)
+    scale[idx[4, 0].long()] = 0.0
+    scale[idx[3, 0, ::3].long()] = 0.0
+    rope[idx[3, 0, ::3].long()] *= 4
+    return q, latent, scale, rope, idx
+
+
 def test_lazy_reference_moves_only_past_the_headroom():
     inf = float("inf")
     k = torch.tensor([-inf, 0.0, 0.0, 3.0, -inf])
@@ -81,6 +92,23 @@ def test_reference_error_against_the_exact_fp8_reference(extreme):
     assert rel_err(out, ref_out) < (0.25 if extreme else 0.05)
     fin = torch.isfinite(ref_lse)
     assert (lse[fin] - ref_lse[fin]).abs().max() < (8.0 if extreme else 0.05)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_reference_keeps_keys_whose_scale_is_zero(lazy):
+    # P' = P sigma, and the lazy form recovers P from P' / sigma: a selected key with scale 0 must
+    # still count in the sums (its scale is floored at 2^-64 there), as in the exact reference.
+    q, latent, scale, rope, idx = _zero_scale_keys("cpu")
+    out, lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=128, lazy=lazy)
+    ref_out, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max() < 0.05
+    assert rel_err(out, ref_out) < 0.05 and out[4].abs().max() < 1e-12
+    # The inputs can tell: with those keys dropped, token 3's and 4's lse move by far more.
+    dropped = idx.clone()
+    dropped[3, 0, ::3] = -1
+    _, lse_dropped = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, dropped, SCALE, fr.LATENT, exact_keys=True)
+    assert (lse_dropped[3] - ref_lse[3]).abs().max() > 0.5
 
 
 def test_reference_keeps_small_scaled_keys_that_dominate():
@@ -183,6 +211,15 @@ def test_keeps_extreme_scales(launch):
     # Scores here reach hundreds (base 2): the products' reduced-precision accumulation moves the
     # lse by up to ~0.2 (0.155 measured on H200), the output stays within 1e-2.
     _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=block_n), lse_tol=0.5)
+
+
+@needs_hopper
+@pytest.mark.parametrize("launch", [None, dict(fm.ONE_PRODUCER)], ids=["default", "one-producer"])
+def test_keeps_keys_whose_scale_is_zero(launch):
+    q, latent, scale, rope, idx = _zero_scale_keys("cuda")
+    out, lse = fm.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE))
+    assert out[4].abs().max() < 1e-12
 
 
 def _shared_wavefronts(reg_bases, lane_bases, warp_bases, offset_of, vector_dim: int) -> tuple[int, int]:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 from conftest import compiled_for_hopper, rel_err
-from test_gluon_fp8_mma import SCALE, _assert_matches_emulation, _row_keys, _shared_wavefronts, hopper
+from test_gluon_fp8_mma import SCALE, _assert_matches_emulation, _row_keys, _shared_wavefronts, _zero_scale_keys, hopper
 
 from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels import gluon_fp8_mma as fm
@@ -202,3 +202,15 @@ def test_keeps_extreme_scales(launch):
     _assert_matches_emulation(out, lse, *emulated, lse_tol=0.5, out_tol=4e-2)
     exact, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     assert rel_err(out, exact) < 1.2 * rel_err(emulated[0], exact), (rel_err(out, exact), rel_err(emulated[0], exact))
+
+
+@needs_hopper
+@pytest.mark.parametrize("launch", [None, ONE_BLOCK, dict(LAZY_RESCALE=0), dict(FUSED_SOFTMAX=0)],
+                         ids=["pairs", "one-block", "pairs-rescale-every-step", "pairs-unfused-softmax"])
+def test_keeps_keys_whose_scale_is_zero(launch):
+    # The fused and lazy softmax take the sums from P' / sigma: a selected key with scale 0 must
+    # not drop out of them (the producer floors its scale at 2^-64 there).
+    q, latent, scale, rope, idx = _zero_scale_keys("cuda")
+    out, lse = fv.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **fv.reference_settings(launch)))
+    assert out[4].abs().max() < 1e-12

@@ -98,6 +98,12 @@ E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays
 # so P' <= 2^LAZY_LOW after the move and the running maximum may grow 8 - LAZY_LOW binades before
 # the next one.
 LAZY_LOW = 4
+# A selected key's scale counts as at least 2^SIGMA_FLOOR_LOG2 where P' and the sums are taken
+# (its scores keep the true scale). P' = P sigma, and the sums recover P as P' / sigma, so a key
+# whose scale is 0 would drop out of the softmax's denominator although its rope score counts
+# (FlashMLA's and the exact reference's arithmetic keep it). Its latent part then enters the
+# output at 2^-64 of its payload instead of 0.
+SIGMA_FLOOR_LOG2 = -64
 # PROBE_SKIP=1 / 2 (timing probes only, the output is wrong): the producer skips the transposes /
 # the split consumers skip the value accumulator's rescale;
 # benchmarks/probe_fp8_mma.py times it (RESULTS.md).
@@ -219,8 +225,9 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
 
 def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int):
     """Each block of ``block_n`` keys in top-k order, as reference_fp8_mma reads it: the e4m3
-    latent rows as float [T, n, 512], sigma [T, n] and the base-2 scores [T, H, n] (Q's latent
-    rounded as the kernel does; 0, 0 and -inf at invalid keys)."""
+    latent rows as float [T, n, 512], sigma [T, n] (at least 2^SIGMA_FLOOR_LOG2 at a selected key)
+    and the base-2 scores [T, H, n] (Q's latent rounded as the kernel does; 0, 0 and -inf at
+    invalid keys)."""
     s_kv = kv_latent.shape[0]
     q8, qs = quantize_q_rows(q[..., :_D_LAT])
     q8, q_rope = q8.float(), q[..., _D_LAT:].float()
@@ -235,7 +242,8 @@ def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: 
         rope = torch.where(valid[..., None], kv_rope[safe].float(), 0.0)
         s8 = torch.einsum("thd,tnd->thn", q8, k8)
         s = s8 * (qs * scale_log2)[..., None] * sig[:, None, :] + torch.einsum("thd,tnd->thn", q_rope, rope) * scale_log2
-        yield k8, sig, s.masked_fill(~valid[:, None, :], float("-inf"))
+        sig_floored = torch.where(valid, sig.clamp_min(2.0**SIGMA_FLOOR_LOG2), 0.0)
+        yield k8, sig_floored, s.masked_fill(~valid[:, None, :], float("-inf"))
 
 
 def _reference_output(acc, l_sum, m):
@@ -261,6 +269,7 @@ def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: 
 
 if HAVE_GLUON:
     HEADROOM_LOG2, E_MAX = gl.constexpr(P_HEADROOM_LOG2), gl.constexpr(E_LIMIT)
+    SIGMA_FLOOR = gl.constexpr(2.0**SIGMA_FLOOR_LOG2)
 
     # How the copying partition spreads a block's copies: 64 rows x 256 latent bytes (16 a thread),
     # and 64 rows x 64 rope values.
@@ -395,10 +404,10 @@ if HAVE_GLUON:
                               stride_kvs, stride_ss, stride_rs, cols, S_KV, TOPK, BLOCK_N, STAGES, row_layout, rope_layout, sig_layout)
             async_copy.wait_group(AHEAD)
             partition_barrier()  # every producer thread's rows of block i have landed
-            _hand_over_block(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)
+            _hand_over_block(k8_ring, vt_lo, vt_hi, ok_ring, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)
 
     @gluon.jit
-    def _hand_over_block(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    def _hand_over_block(k8_ring, vt_lo, vt_hi, ok_ring, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                          VT_STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
         """Block i, landed in its slot: log2 sigma once a key (the consumers would take log2's long
         form per element), the transposes once its transposed tiles are free, then the block handed
@@ -406,12 +415,19 @@ if HAVE_GLUON:
         slot = i % STAGES
         vslot = i % VT_STAGES
         sig_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        lsig_ring.index(slot).store(gl.log2(sig_ring.index(slot).load(sig_layout)))
+        lsig_ring.index(slot).store(gl.log2(_floored_sigma(sig_ring.index(slot), ok_ring.index(slot), sig_layout)))
         mbarrier.wait(v_empty.index(vslot), ((i // VT_STAGES) & 1) ^ 1)
         _transpose_block(k8_ring.index(slot), vt_lo.index(vslot), vt_hi.index(vslot), BLOCK_N, PROBE_SKIP)
         fence_async_shared()
         partition_barrier()
         mbarrier.arrive(full.index(slot))
+
+    @gluon.jit
+    def _floored_sigma(sig_slot, ok_slot, sig_layout: gl.constexpr):
+        """A block's key scales where P' and the sums are taken: at least 2^SIGMA_FLOOR_LOG2 at a
+        selected key (a scale of 0 would drop its P from the sums), 0 at an invalid one."""
+        sig = sig_slot.load(sig_layout)
+        return gl.where(ok_slot.load(sig_layout) != 0, gl.maximum(sig, SIGMA_FLOOR), 0.0)
 
     @gluon.jit
     def _transpose_block(k_slot, vt_lo_slot, vt_hi_slot, BLOCK_N: gl.constexpr, PROBE_SKIP: gl.constexpr):
@@ -458,7 +474,7 @@ if HAVE_GLUON:
             mbarrier.arrive(landed.index(i % STAGES))
 
     @gluon.jit
-    def _transposer_fp8_mma(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, landed, full, v_empty, TOPK, BLOCK_N: gl.constexpr,
+    def _transposer_fp8_mma(k8_ring, vt_lo, vt_hi, ok_ring, sig_ring, lsig_ring, landed, full, v_empty, TOPK, BLOCK_N: gl.constexpr,
                             STAGES: gl.constexpr, VT_STAGES: gl.constexpr, PROBE_SKIP: gl.constexpr):
         """COPIER=1: each block once its copies land and its transposed tiles are free: log2 sigma,
         the transposes, then the block handed to the consumers. Off the copies' path, so a block's
@@ -466,7 +482,7 @@ if HAVE_GLUON:
         n_blocks = gl.cdiv(TOPK, BLOCK_N)
         for i in range(n_blocks):
             mbarrier.wait(landed.index(i % STAGES), (i // STAGES) & 1)
-            _hand_over_block(k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)
+            _hand_over_block(k8_ring, vt_lo, vt_hi, ok_ring, sig_ring, lsig_ring, full, v_empty, i, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP)
 
     @gluon.jit
     def _issue_next(k8_ring, r_ring, ok_ring, sig_ring, k_empty, KV, KV_SCALE, KV_ROPE, idx, idx_row, j, n_blocks, stride_kvs, stride_ss,
@@ -775,7 +791,7 @@ if HAVE_GLUON:
                     (_consumer_fp8_mma, (q8_smem, qr_smem, qs_smem, k8_ring, vt_hi, r_ring, ok_ring, sig_ring, lsig_ring, full,
                                          k_empty, v_empty, xmax, wmax, p8_half, lsum, bar_x, bar_p, bar_l, OUT, LSE, stride_ot, stride_oh,
                                          stride_lt, TOPK, H, sm_scale_log2, 1, BLOCK_N, STAGES, VT_STAGES, PROBE_SKIP, 1)),
-                    (_transposer_fp8_mma, (k8_ring, vt_lo, vt_hi, sig_ring, lsig_ring, landed, full, v_empty, TOPK, BLOCK_N, STAGES,
+                    (_transposer_fp8_mma, (k8_ring, vt_lo, vt_hi, ok_ring, sig_ring, lsig_ring, landed, full, v_empty, TOPK, BLOCK_N, STAGES,
                                            VT_STAGES, PROBE_SKIP)),
                     (_copier_fp8_mma, (k8_ring, r_ring, ok_ring, sig_ring, landed, k_empty, KV, KV_SCALE, KV_ROPE, IDX, stride_kvs,
                                        stride_ss, stride_rs, stride_it, S_KV, TOPK, H, BLOCK_N, STAGES)),

@@ -147,6 +147,7 @@ if HAVE_GLUON:
         _exchanged_maxima,
         _exchanged_softmax,
         _exp2_int,
+        _floored_sigma,
         _half_scores,
         _issue_next,
         _issue_scores,
@@ -315,7 +316,7 @@ if HAVE_GLUON:
                     async_copy.wait_group(HANDS - 1 - h if PAIRS else AHEAD)
                     partition_barrier()  # every producer thread's rows of block i have landed
                     slot = i % STAGES
-                    sig = sig_ring.index(slot).load(sig_layout)
+                    sig = _floored_sigma(sig_ring.index(slot), ok_ring.index(slot), sig_layout)
                     lsig_ring.index(slot).store(gl.log2(sig))
                     isig_ring.index(slot).store(gl.where(sig > 0.0, 1.0 / sig, 0.0))  # 0 at invalid keys (sigma 0)
                     fence_async_shared()
