@@ -185,6 +185,23 @@ def test_fp8_latents_keep_extreme_scales(layout, launch):
 
 
 @needs_gpu
+@pytest.mark.parametrize("layout", ["flashmla", "row"])
+@pytest.mark.parametrize("launch", [None, dict(WGMMA=True), dict(WGMMA=True, F16=False), dict(REG_A=True), dict(WS=False)],
+                         ids=["default", "wgmma", "wgmma-bf16-tiles", "rega", "plain"])
+def test_fp8_keys_with_scale_zero_still_count(layout, launch):
+    # A selected key whose scales are all 0 has a zero latent, but its rope score still counts in
+    # the softmax (the f16 forms divide P by a block's largest scale: a block of zero scales must
+    # not give 0 / 0). Token 4: every key's scales 0; token 3: a third of them, rope rows times 4.
+    q, kv, idx = awkward_inputs(heads=16, topk=200)
+    latent, scale, rope = fr.quantize_keys(kv, layout)
+    scale[idx[4, 0].long()] = 0.0
+    scale[idx[3, 0, ::3].long()] = 0.0
+    rope[idx[3, 0, ::3].long()] *= 4
+    out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=_exact_keys(launch)))
+
+
+@needs_gpu
 def test_empty_top_k_gives_empty_rows():
     q, kv, idx = awkward_inputs(heads=16, topk=8)
     out, lse = fh.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx[:, :, :0], SCALE)

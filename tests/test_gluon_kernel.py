@@ -128,7 +128,9 @@ ONE_RING = dict(CHUNK_BUFFERS=False, FOLD_SCALE=False)
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
     if layout == "flashmla" and launch == dict(FOLD_SCALE=False):
         pytest.skip("the same launch as the default: tile scales are always dequantized")
-    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk, exact_keys=folds(layout, launch))
+    exact = folds(layout, launch)
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk, exact_keys=exact,
+                               out_tol=FOLDED_OUT_TOL if exact else 1e-2)
 
 
 def folds(layout: str, launch) -> bool:
@@ -137,14 +139,21 @@ def folds(layout: str, launch) -> bool:
     return dict(ws.default_launch(True, 1 if layout == "row" else 4), **(launch or {}))["FOLD_SCALE"]
 
 
+# The folded form against the exact-keys reference: the bf16 output's own rounding is 1.66e-3 on
+# these inputs (CPU emulation) and 1.59e-3 to 1.67e-3 was measured (H200); P' rounded to bf16
+# instead of f16 would give 2.3e-3, so the bound catches that.
+FOLDED_OUT_TOL = 2e-3
+
+
 @needs_hopper
 @pytest.mark.parametrize("layout", ["flashmla", "row"])
 @pytest.mark.parametrize("launch", [None, ONE_RING, dict(FOLD_SCALE=False)], ids=["default", "one-ring", "dequantized"])
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.
-    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True,
-                               exact_keys=folds(layout, launch))
+    exact = folds(layout, launch)
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True, exact_keys=exact,
+                               out_tol=FOLDED_OUT_TOL if exact else 1e-2)
 
 
 @needs_hopper
