@@ -60,7 +60,7 @@ def main(argv: list[str]) -> int:
     idx[1] = -1
     latent, scale = fr.quantize_rowwise(kv[:, 0, :512])
     for launch in (dict(SPLIT_S=True), dict(FOLD_SCALE=False), dict(CHUNK_BUFFERS=False, FOLD_SCALE=False),
-                   dict(SPLIT_S=False, CHUNK_BUFFERS=False, FOLD_SCALE=False)) if "ws" in groups else ():
+                   dict(SPLIT_S=False, CHUNKED=False, CHUNK_BUFFERS=False, FOLD_SCALE=False)) if "ws" in groups else ():
         ws.forward(q, kv[:, 0, :512], None, kv[:, 0, 512:], idx, 0.1, launch=launch)
         ws.forward(q, *fr.flashmla_views(fr.quantize_flashmla(kv[:, 0, :512].float(), kv[:, 0, 512:])), idx, 0.1, launch=launch)
         ws.forward(q, latent, scale, kv[:, 0, 512:].contiguous(), idx, 0.1, launch=launch)

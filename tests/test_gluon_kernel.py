@@ -72,10 +72,12 @@ def test_awkward_inputs_never_select_poisoned_rows():
 
 def test_launch_settings_are_checked():
     ws.check_launch(dict(ws.LAUNCH_BF16))
+    assert ws.default_launch(False)["CHUNKED"]  # bf16 keys: a slot handed over 128 columns at a time
     for bad, word in ((dict(BLOCK_N=32), "BLOCK_N=32"), (dict(STAGES=3), "STAGES=3"), (dict(CONSUMER_REGS=220), "CONSUMER_REGS=220"),
                       (dict(CONSUMER_REGS=200, PRODUCER_REGS=112), "would get 192"), (dict(STAGE=2), "unknown"),
                       (dict(CHUNKED=True, SPLIT_S=False), "pass CHUNKED=False"),
-                      (dict(CHUNK_BUFFERS=True, SPLIT_S=False), "pass CHUNK_BUFFERS=False"),
+                      (dict(CHUNK_BUFFERS=True, SPLIT_S=False), "pass CHUNKED=False, CHUNK_BUFFERS=False"),
+                      (dict(CHUNK_BUFFERS=True, CHUNKED=False, SPLIT_S=False), "pass CHUNK_BUFFERS=False with"),
                       (dict(PRODUCER_DEFAULT=True, CONSUMER_REGS=192, PRODUCER_REGS=112), "pass PRODUCER_REGS=120")):
         with pytest.raises(ValueError, match=re.escape(word)):
             ws.check_launch(dict(ws.LAUNCH_BF16, **bad))
@@ -97,9 +99,9 @@ def test_scale_folding_only_where_one_scale_a_row():
 
 
 @needs_hopper
-@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CONSUMER_REGS=224, PRODUCER_REGS=56), dict(CHUNKED=True),
-                                    dict(CHUNK_BUFFERS=True), dict(CHUNK_BUFFERS=True, CHUNKED=True), dict(Q_IN_LOOP=False)],
-                         ids=["default", "unsplit", "chunked", "chunk-buffers", "chunked-chunk-buffers", "q-hoisted"])
+@pytest.mark.parametrize("launch", [None, dict(SPLIT_S=False, CHUNKED=False, CONSUMER_REGS=224, PRODUCER_REGS=56), dict(CHUNKED=False),
+                                    dict(CHUNK_BUFFERS=True, CHUNKED=False), dict(CHUNK_BUFFERS=True), dict(Q_IN_LOOP=False)],
+                         ids=["default", "unsplit", "whole-blocks", "chunk-buffers", "chunked-chunk-buffers", "q-hoisted"])
 @pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63)])
 def test_bf16_keys_match_the_reference(heads, topk, launch):
     q, kv, idx = awkward_inputs(heads=heads, topk=topk)

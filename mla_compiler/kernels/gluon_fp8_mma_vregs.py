@@ -28,7 +28,7 @@ consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel ``make_backend(fp8_products=True)`` (the op's ``fp8_products``) and
 MLA_COMPILER_FP8_MMA=1 dispatch to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.122 ms against 0.185 for bf16 keys (RESULTS.md). What
+decode shape (128 heads, top-k 2048) it runs 0.122 ms against 0.180 for bf16 keys (RESULTS.md). What
 carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
 - V's bytes regrouped into A fragments by a 4 x 4 byte transpose in 8 permutes, pairs first
   (``_transposed_words``, inline PTX; the compiler gathered each word from its four sources in 3,

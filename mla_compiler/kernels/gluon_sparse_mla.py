@@ -264,7 +264,10 @@ if HAVE_GLUON:
 # bf16 5.92-6.07 ms: with two slots a pair holds both, so no gather overlaps the MMAs.
 # CHUNKED (a barrier per 128-column chunk, the scores over a chunk start as it lands; FlashMLA's
 # fine-grained copy-GEMM pipelining), 216/72, 2026-11-28: bf16 0.217 ms (0.221 without, within the
-# spread), FP8 FlashMLA 0.295 / row 0.266 (0.273 / 0.242 without): off by default.
+# spread), FP8 FlashMLA 0.295 / row 0.266 (0.273 / 0.242 without): off by default then. With
+# Q_IN_LOOP and the later producers (probe_fp8_mma.py --ws, H200, 2026-11-29, 9 rounds, spreads
+# under 1 %): bf16 keys 0.1798 ms against 0.1846, prefill 5.370 against 5.565 ms, so on for bf16
+# keys; the folded FP8 rows 0.2206 against 0.1971 (same bits), so off there.
 # Head blocks fastest in the grid (2026-11-28, later), 216/72: bf16 0.199-0.200 ms, FP8 FlashMLA
 # 0.265-0.266 / row 0.236-0.237. f16 staging of the FP8 latent (commit f2b4ce2): 0.355 / 0.273.
 # Two producer warpgroups (512 threads) do not compile: ptxas then caps every thread at 128
@@ -294,7 +297,7 @@ if HAVE_GLUON:
 # 0.196 ms against 0.214 dequantized in the same run (bf16 keys 0.183). It needs Q_IN_LOOP: with
 # Q's descriptors hoisted the second consumer spills in its loop (0.250 ms).
 LAUNCH_BF16 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=False, SPLIT_S=True, PRODUCER_DEFAULT=False,
-                   CHUNKED=False, CHUNK_BUFFERS=False, Q_IN_LOOP=True, FOLD_SCALE=False)
+                   CHUNKED=True, CHUNK_BUFFERS=False, Q_IN_LOOP=True, FOLD_SCALE=False)
 LAUNCH_FP8 = dict(BLOCK_N=64, STAGES=2, CONSUMER_REGS=216, PRODUCER_REGS=72, IN_SLOT=True, SPLIT_S=True, PRODUCER_DEFAULT=False,
                   CHUNKED=False, CHUNK_BUFFERS=True, Q_IN_LOOP=False, FOLD_SCALE=False)  # tile scales (FlashMLA's layout)
 LAUNCH_FP8_ROWS = dict(LAUNCH_FP8, Q_IN_LOOP=True, FOLD_SCALE=True)  # one scale a row
@@ -385,7 +388,7 @@ def check_launch(cfg: dict) -> None:
         raise ValueError(f"launch SPLIT_S=False with {', '.join(f'{key}=True' for key in needs_split)}: those need SPLIT_S=True "
                          "(the unsplit schedule waits for whole slots, reads the ring as one buffer and always runs the producer "
                          f"as a worker); pass {', '.join(f'{key}=False' for key in needs_split)} with SPLIT_S=False "
-                         "(LAUNCH_FP8 has CHUNK_BUFFERS=True)")
+                         "(LAUNCH_BF16 has CHUNKED=True, LAUNCH_FP8 CHUNK_BUFFERS=True)")
     # The launch gets 168 registers a thread for 384 threads: 504 per 128-thread partition, of
     # which the default partition keeps what the two workers do not take.
     c, p = cfg["CONSUMER_REGS"], cfg["PRODUCER_REGS"]
