@@ -6,7 +6,11 @@ keep the arithmetic must give the same bits), then all timed from CUDA graphs in
 (medians). Extra arguments are launch dicts (JSON) of the FP8-products kernel (gluon_fp8_mma_vregs,
 128 heads), timed too.
 
-    bash benchmarks/ab_prepare.sh REV && python benchmarks/ab_previous.py [--rounds 5] [--heads 16] [--only ws] ['{"STEP_KEYS": 64}' ...]
+    bash benchmarks/ab_prepare.sh REV && python benchmarks/ab_previous.py [--rounds 5] [--heads 16] [--only ws] [--scale v3.2]
+        ['{"STEP_KEYS": 64}' ...]
+
+``--scale``: the softmax scale, 576^-0.5 (default) or V3.2's (bench_fp8_mma.SCALE, YaRN's mscale
+folded in: larger scores, so the FP8-products kernel's lazy reference moves more often).
 """
 
 import argparse
@@ -18,6 +22,7 @@ import sys
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [here, os.path.join(here, "_ab"), os.path.dirname(here)]
 
+from bench_fp8_mma import SCALE as V32_SCALE  # noqa: E402
 from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds  # noqa: E402
 
 from mla_compiler.kernels import gluon_fewhead as fh  # noqa: E402
@@ -36,6 +41,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--heads", type=int, default=128, choices=[16, 128])
     p.add_argument("--only", default="", help="only the pairs whose name contains this")
+    p.add_argument("--scale", choices=["576", "v3.2"], default="576", help="softmax scale: 576^-0.5, or V3.2's (bench_fp8_mma.SCALE)")
     p.add_argument("--out")
     p.add_argument("launches", nargs="*", type=json.loads)
     a = p.parse_args()
@@ -44,7 +50,7 @@ def main() -> int:
     keys = fp8_key_sets(kv)
     rows = keys["row"]
     bf16 = (kv[:, 0, :512], None, kv[:, 0, 512:])
-    scale = 576**-0.5
+    scale = 576**-0.5 if a.scale == "576" else V32_SCALE
     if a.heads == 16:
         pairs = {f"few-head {name}": (lambda k=k: fh.forward(q, *k, idx, scale), lambda k=k: fh_old.forward(q, *k, idx, scale))
                  for name, k in (("FP8 row", rows), ("FP8 FlashMLA", keys["flashmla"]))}

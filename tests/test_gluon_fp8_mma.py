@@ -43,10 +43,12 @@ def test_lazy_reference_moves_only_past_the_headroom():
     k = torch.tensor([-inf, 0.0, 0.0, 3.0, -inf])
     w = torch.tensor([5.3, 7.9, 8.5, -100.0, -inf])
     moved, factor = fm.lazy_reference(w, k)
-    # From nothing to ceil(w) - 4 (P' <= 2^4); kept while P' <= 2^8; moved again past it; kept where
-    # the block is smaller; still nothing where no key was valid.
-    assert moved.tolist() == [2.0, 0.0, 5.0, 3.0, -inf]
-    assert factor.tolist() == [1.0, 1.0, 2.0**-5, 1.0, 1.0]
+    # From nothing to ceil(w) - LAZY_LOW (P' <= 2^LAZY_LOW); kept while P' <= 2^8; moved again past
+    # it; kept where the block is smaller; still nothing where no key was valid.
+    low = fm.LAZY_LOW
+    assert 0 <= low < fm.P_HEADROOM_LOG2
+    assert moved.tolist() == [6.0 - low, 0.0, 9.0 - low, 3.0, -inf]
+    assert factor.tolist() == [1.0, 1.0, 2.0 ** (low - 9), 1.0, 1.0]
 
 
 def test_lazy_reference_is_as_accurate_as_the_eager_one():

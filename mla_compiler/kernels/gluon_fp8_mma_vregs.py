@@ -28,7 +28,7 @@ consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel ``make_backend(fp8_products=True)`` (the op's ``fp8_products``) and
 MLA_COMPILER_FP8_MMA=1 dispatch to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.122 ms against 0.180 for bf16 keys (RESULTS.md). What
+decode shape (128 heads, top-k 2048) it runs 0.120 ms against 0.181 for bf16 keys (RESULTS.md). What
 carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
 - V's bytes regrouped into A fragments by a 4 x 4 byte transpose in 8 permutes, pairs first
   (``_transposed_words``, inline PTX; the compiler gathered each word from its four sources in 3,
@@ -37,7 +37,7 @@ carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H
   SASS instructions a consumer step, 0.1236 -> 0.1186 ms, the same output bits.
 - The accumulator rescaled only where a warp's P' reference moved (LAZY_RESCALE=1,
   ``_lazy_softmax``): P' = 2^(score + log2 sigma - k), k moved only where P' would pass 2^8 and
-  then to 4 binades below the block's largest (gluon_fp8_mma.lazy_reference), so on most steps no
+  then to LAZY_LOW (1) binades below the block's largest (gluon_fp8_mma.lazy_reference), so on most steps no
   row's k moves and the 128 multiplies a thread are skipped: 0.1309 -> 0.1247 ms. Its error
   against the exact FP8 arithmetic is the eager form's (5.9e-2 against 5.8e-2 at the decode
   shape); against its own emulation, P' rounds at other places where the tensor cores' error on

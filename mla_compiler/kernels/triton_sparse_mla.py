@@ -734,7 +734,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
          fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
     if kv_scale is not None and fm.asked_for(products):  # tried first, only when asked for
-        # The form without transposed keys (V^T from registers): 0.122 against 0.184 ms for
+        # The form without transposed keys (V^T from registers): 0.120 against 0.182 ms for
         # gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md), one partition fewer.
         kernels.insert(0, (fv, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fv.LAUNCH))
     else:
