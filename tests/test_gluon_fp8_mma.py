@@ -98,15 +98,15 @@ def test_reference_error_against_the_exact_fp8_reference(extreme):
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 def test_reference_keeps_keys_whose_scale_is_zero(lazy):
-    # P' = P sigma, and the lazy form recovers P from P' / sigma: a selected key with scale 0 must
-    # still count in the sums (its scale is floored at 2^-64 there), as in the exact reference.
+    # The lazy form takes P' = P sigma and recovers P from P' / sigma: a selected key with scale 0
+    # must still count in the sums (its scale is floored at 2^-64 there), as in the exact reference.
     q, latent, scale, rope, idx = _zero_scale_keys("cpu")
     out, lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=128, lazy=lazy)
     ref_out, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     fin = torch.isfinite(ref_lse)
     assert (lse[fin] - ref_lse[fin]).abs().max() < 0.05
     assert rel_err(out, ref_out) < 0.05 and out[4].abs().max() < 1e-12
-    # The inputs can tell: with those keys dropped, token 3's and 4's lse move by far more.
+    # The inputs can tell: with token 3's zero-scale keys dropped, its lse moves by far more.
     dropped = idx.clone()
     dropped[3, 0, ::3] = -1
     _, lse_dropped = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, dropped, SCALE, fr.LATENT, exact_keys=True)

@@ -16,10 +16,11 @@ same way, without a per-row exponent.)
 
 Status: ``forward`` here calls it directly; the FP8 forward's opt-in (``make_backend(fp8_products=True)``
 or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_vregs, the same arithmetic without the transposed
-copy (P V as V^T P'^T, V^T from registers), 0.120 against 0.182 ms. This module keeps the arithmetic's reference and the
-checks both kernels share. On H200 at the V3.2 decode shape it runs 0.184 ms against 0.221 for the
-dequantizing kernel (row scale) and 0.201 for bf16 keys; without the transposes it would run
-about 0.157 (benchmarks/probe_fp8_mma.py, RESULTS.md).
+copy (P V as V^T P'^T, V^T from registers), 0.120 against 0.182 ms (H200, V3.2 decode,
+2026-11-29). This module keeps the arithmetic's reference and the checks both kernels share. On
+H200 at the V3.2 decode shape it first ran 0.184 ms against 0.221 for the dequantizing kernel (row
+scale) and 0.201 for bf16 keys (2026-11-28); without the transposes it would have run about 0.157
+(benchmarks/probe_fp8_mma.py, RESULTS.md).
 
 Schedule (as gluon_sparse_mla's split scores): one program per (query token, 64 heads), four
 warpgroups. A copier partition gathers each 64-key block into a ring slot as soon as the slot
@@ -102,11 +103,13 @@ E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays
 # subnormals or 0 either way). H200, vregs kernel, A/B in one process: 0.1214 -> 0.1194 ms with 1,
 # 0.1212 -> 0.1194 with 0 (error 5.89e-2), so 1.
 LAZY_LOW = 1
-# A selected key's scale counts as at least 2^SIGMA_FLOOR_LOG2 where P' and the sums are taken
-# (its scores keep the true scale). P' = P sigma, and the sums recover P as P' / sigma, so a key
-# whose scale is 0 would drop out of the softmax's denominator although its rope score counts
-# (FlashMLA's and the exact reference's arithmetic keep it). Its latent part then enters the
-# output at 2^-64 of its payload instead of 0.
+# A selected key's scale counts as at least 2^SIGMA_FLOOR_LOG2 in log2 sigma and 1 / sigma (its
+# scores keep the true scale). The fused and lazy softmax take P' = 2^(score + log2 sigma - k) and
+# recover P as P' / sigma for the sums, so a key whose scale is 0 would drop out of the softmax's
+# denominator although its rope score counts (FlashMLA's and the exact reference's arithmetic keep
+# it); there its latent part enters the output at 2^-64 of its payload instead of 0. The unfused
+# forms take P' = P sigma from the true scale and the sums from P; for them the floor only moves
+# the exponent e of a row whose scales are all 0 (its P' are 0 either way).
 SIGMA_FLOOR_LOG2 = -64
 # PROBE_SKIP=1 / 2 (timing probes only, the output is wrong): the producer skips the transposes /
 # the split consumers skip the value accumulator's rescale;
@@ -178,8 +181,7 @@ def pow2_ceil(x: torch.Tensor) -> torch.Tensor:
 def p_exponent(w_max: torch.Tensor, e_prev: torch.Tensor) -> torch.Tensor:
     """A row's exponent e for a block: the least integer with P_j sigma_j <= 2^e over the block's
     keys, from w_max = max_j (score_j - m + log2 sigma_j) (base 2, m the row's running maximum),
-    clamped to +-E_LIMIT; the previous block's e where the row has no valid key with a nonzero
-    scale in this one."""
+    clamped to +-E_LIMIT; the previous block's e where the row has no valid key in this one."""
     return torch.where(w_max == float("-inf"), e_prev, torch.ceil(w_max)).clamp(-E_LIMIT, E_LIMIT)
 
 
@@ -214,12 +216,12 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
     l_sum = torch.zeros((t, h), device=q.device)
     e = torch.zeros((t, h), device=q.device)
     acc = torch.zeros((t, h, _D_LAT), device=q.device)
-    for k8, sig, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
+    for k8, sig, valid, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
         m_new = torch.maximum(m, s.amax(-1))
         m_use = torch.where(m_new == float("-inf"), 0.0, m_new)
         p = torch.exp2(s - m_use[..., None])
         alpha = torch.exp2(m - m_use)
-        e = p_exponent((s - m_use[..., None] + torch.log2(sig)[:, None, :]).amax(-1), e)
+        e = p_exponent((s - m_use[..., None] + torch.log2(floored_sigma(sig, valid))[:, None, :]).amax(-1), e)
         p8 = (p * sig[:, None, :] * torch.exp2(P_HEADROOM_LOG2 - e)[..., None]).to(torch.float8_e4m3fn).float()
         acc = acc * alpha[..., None] + torch.einsum("thn,tnd->thd", p8, k8) * torch.exp2(e - P_HEADROOM_LOG2)[..., None]
         l_sum = l_sum * alpha + p.sum(-1)
@@ -229,9 +231,8 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
 
 def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int):
     """Each block of ``block_n`` keys in top-k order, as reference_fp8_mma reads it: the e4m3
-    latent rows as float [T, n, 512], sigma [T, n] (at least 2^SIGMA_FLOOR_LOG2 at a selected key)
-    and the base-2 scores [T, H, n] (Q's latent rounded as the kernel does; 0, 0 and -inf at
-    invalid keys)."""
+    latent rows as float [T, n, 512], sigma [T, n], which keys are valid [T, n] and the base-2
+    scores [T, H, n] (Q's latent rounded as the kernel does; 0, 0 and -inf at invalid keys)."""
     s_kv = kv_latent.shape[0]
     q8, qs = quantize_q_rows(q[..., :_D_LAT])
     q8, q_rope = q8.float(), q[..., _D_LAT:].float()
@@ -246,8 +247,13 @@ def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: 
         rope = torch.where(valid[..., None], kv_rope[safe].float(), 0.0)
         s8 = torch.einsum("thd,tnd->thn", q8, k8)
         s = s8 * (qs * scale_log2)[..., None] * sig[:, None, :] + torch.einsum("thd,tnd->thn", q_rope, rope) * scale_log2
-        sig_floored = torch.where(valid, sig.clamp_min(2.0**SIGMA_FLOOR_LOG2), 0.0)
-        yield k8, sig_floored, s.masked_fill(~valid[:, None, :], float("-inf"))
+        yield k8, sig, valid, s.masked_fill(~valid[:, None, :], float("-inf"))
+
+
+def floored_sigma(sig: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The keys' scales as log2 sigma and 1 / sigma take them (SIGMA_FLOOR_LOG2): at least
+    2^SIGMA_FLOOR_LOG2 at a selected key, 0 at an invalid one."""
+    return torch.where(valid, sig.clamp_min(2.0**SIGMA_FLOOR_LOG2), 0.0)
 
 
 def _reference_output(acc, l_sum, m):
@@ -263,7 +269,8 @@ def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: 
     k_ref = torch.full((t, h), float("-inf"), device=q.device)
     l_sum = torch.zeros((t, h), device=q.device)
     acc = torch.zeros((t, h, _D_LAT), device=q.device)
-    for k8, sig, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
+    for k8, sig, valid, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
+        sig = floored_sigma(sig, valid)  # P' and the sums both take it (P' / sigma is P)
         w = s + torch.log2(sig)[:, None, :]
         k_ref, f = lazy_reference(w.amax(-1), k_ref)
         p = torch.exp2(w - torch.where(k_ref == float("-inf"), 0.0, k_ref)[..., None])  # P' in fp32
@@ -428,8 +435,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _floored_sigma(sig_slot, ok_slot, sig_layout: gl.constexpr):
-        """A block's key scales where P' and the sums are taken: at least 2^SIGMA_FLOOR_LOG2 at a
-        selected key (a scale of 0 would drop its P from the sums), 0 at an invalid one."""
+        """A block's key scales as log2 sigma and 1 / sigma take them (SIGMA_FLOOR_LOG2): at least
+        2^SIGMA_FLOOR_LOG2 at a selected key (in the fused and lazy softmax a scale of 0 would
+        drop its P from the sums), 0 at an invalid one."""
         sig = sig_slot.load(sig_layout)
         return gl.where(ok_slot.load(sig_layout) != 0, gl.maximum(sig, SIGMA_FLOOR), 0.0)
 

@@ -265,8 +265,8 @@ if HAVE_GLUON:
 # CHUNKED (a barrier per 128-column chunk, the scores over a chunk start as it lands; FlashMLA's
 # fine-grained copy-GEMM pipelining), 216/72, 2026-11-28: bf16 0.217 ms (0.221 without, within the
 # spread), FP8 FlashMLA 0.295 / row 0.266 (0.273 / 0.242 without): off by default then. With
-# Q_IN_LOOP and the later producers (probe_fp8_mma.py --ws, H200, 2026-11-29, 9 rounds, spreads
-# under 1 %): bf16 keys 0.1798 ms against 0.1846, prefill 5.370 against 5.565 ms, so on for bf16
+# Q_IN_LOOP and the later producers (probe_fp8_mma.py --ws, H200, 2026-11-29, decode 9 rounds,
+# prefill 3, spreads under 1 %): bf16 keys 0.1798 ms against 0.1846, prefill 5.370 against 5.565 ms, so on for bf16
 # keys; the folded FP8 rows 0.2206 against 0.1971 (same bits), so off there.
 # Head blocks fastest in the grid (2026-11-28, later), 216/72: bf16 0.199-0.200 ms, FP8 FlashMLA
 # 0.265-0.266 / row 0.236-0.237. f16 staging of the FP8 latent (commit f2b4ce2): 0.355 / 0.273.
