@@ -45,6 +45,17 @@ def name_of(launch: dict) -> str:
     return "fp8-mma " + (" ".join(f"{k}={v}" for k, v in launch.items()) or "default")
 
 
+def first_call(name: str, fn, errors: dict):
+    """``fn()``'s result, or None where it raises (a launch that does not compile, launch or pass
+    its checks): then reported in ``errors[name]`` and printed, not fatal."""
+    try:
+        return fn()
+    except Exception as e:
+        errors[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        print(name, errors[name], flush=True)
+        return None
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
@@ -66,12 +77,11 @@ def main() -> int:
     runs = [(fm, launch, name_of(launch)) for launch in settings]
     runs += [(fv, launch, "vregs " + (" ".join(f"{k}={v}" for k, v in launch.items()) or "default")) for launch in a.vregs]
     for kernel, launch, name in runs:
-        try:
-            out, lse = kernel.forward(q[:8], *fp8["row"], idx[:8], scale, launch=launch)
-        except Exception as e:  # a setting that does not compile or launch is reported, not fatal
-            errors[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-            print(name, errors[name], flush=True)
+        first = first_call(name, lambda kernel=kernel, launch=launch: kernel.forward(q[:8], *fp8["row"], idx[:8], scale, launch=launch),
+                           errors)
+        if first is None:
             continue
+        out, lse = first
         ref = fv.reference_settings(launch) if kernel is fv else dict(block_n=launch.get("BLOCK_N", 64))
         ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, **ref)
         errors[name] = dict(out=rel(out, ref_out), lse=(lse - ref_lse).abs().max().item())
@@ -84,14 +94,11 @@ def main() -> int:
         for label, keys in (("ws FP8 row (default launch)", fp8["row"]), ("ws bf16 keys", (kv[:, 0, :512], None, kv[:, 0, 512:]))):
             name = f"{label} {tag}"
             run = lambda launch=launch, keys=keys: ws.forward(q, *keys, idx, scale, launch=launch)  # noqa: E731
-            try:
-                out = run()[0]
-            except Exception as e:  # e.g. FOLD_SCALE with bf16 keys: reported, that launch not timed
-                errors[name] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-                print(name, errors[name], flush=True)
+            first = first_call(name, run, errors)  # e.g. FOLD_SCALE with bf16 keys fails: not timed
+            if first is None:
                 continue
             cands[name] = run
-            errors[name] = dict(out=rel(out, cands[label]()[0]), against="the default launch")
+            errors[name] = dict(out=rel(first[0], cands[label]()[0]), against="the default launch")
             print(name, errors[name], flush=True)
     times = graphed_rounds(cands, a.rounds)
     base = statistics.median(times["ws bf16 keys"])

@@ -14,7 +14,8 @@ from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels import gluon_fewhead as fh
 from mla_compiler.kernels import reference
 from mla_compiler.kernels import triton_sparse_mla as tk
-from mla_compiler.kernels.awkward_inputs import assert_fp8_forward_matches, assert_matches, awkward_inputs, poison_unselected
+from mla_compiler.kernels.awkward_inputs import (assert_fp8_forward_matches, assert_matches, awkward_inputs, poison_unselected,
+                                                 zero_some_scales)
 
 needs_gluon = pytest.mark.skipif(not fh.HAVE_GLUON, reason="this Triton has no Gluon dialect")
 hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -191,12 +192,10 @@ def test_fp8_latents_keep_extreme_scales(layout, launch):
 def test_fp8_keys_with_scale_zero_still_count(layout, launch):
     # A selected key whose scales are all 0 has a zero latent, but its rope score still counts in
     # the softmax (the f16 forms divide P by a block's largest scale: a block of zero scales must
-    # not give 0 / 0). Token 4: every key's scales 0; token 3: a third of them, rope rows times 4.
+    # not give 0 / 0). Token 4: every key's scales 0; token 3: a third of them (zero_some_scales).
     q, kv, idx = awkward_inputs(heads=16, topk=200)
     latent, scale, rope = fr.quantize_keys(kv, layout)
-    scale[idx[4, 0].long()] = 0.0
-    scale[idx[3, 0, ::3].long()] = 0.0
-    rope[idx[3, 0, ::3].long()] *= 4
+    zero_some_scales(scale, rope, idx)
     out, lse = fh.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=_exact_keys(launch)))
 

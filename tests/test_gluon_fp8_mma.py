@@ -10,7 +10,7 @@ from conftest import compiled_for_hopper, rel_err
 from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels import gluon_common
 from mla_compiler.kernels import gluon_fp8_mma as fm
-from mla_compiler.kernels.awkward_inputs import awkward_inputs, extreme_scales, poison_unselected
+from mla_compiler.kernels.awkward_inputs import awkward_inputs, extreme_scales, poison_unselected, zero_some_scales
 
 hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
@@ -28,13 +28,9 @@ def _row_keys(heads: int, topk: int, device: str, extreme: bool = False, t: int 
 
 
 def _zero_scale_keys(device: str, heads: int = 64, topk: int = 200):
-    """Row keys where a third of token 3's selected keys have scale 0 (their rope rows times 4, so
-    their rope scores carry real softmax mass) and every one of token 4's does: a selected key
-    with scale 0 has a zero latent, but its rope score still counts in the softmax."""
+    """Row keys with some selected keys' scales 0 (``zero_some_scales``)."""
     q, latent, scale, rope, idx = _row_keys(heads, topk, device)
-    scale[idx[4, 0].long()] = 0.0
-    scale[idx[3, 0, ::3].long()] = 0.0
-    rope[idx[3, 0, ::3].long()] *= 4
+    zero_some_scales(scale, rope, idx)
     return q, latent, scale, rope, idx
 
 

@@ -9,7 +9,8 @@ import torch
 from conftest import compiled_for_hopper
 
 from mla_compiler.kernels import fp8_reference as fr
-from mla_compiler.kernels.awkward_inputs import assert_fp8_forward_matches, assert_matches, awkward_inputs, poison_unselected
+from mla_compiler.kernels.awkward_inputs import (assert_fp8_forward_matches, assert_matches, awkward_inputs, poison_unselected,
+                                                 zero_some_scales)
 from mla_compiler.kernels import gluon_sparse_mla as ws
 from mla_compiler.kernels import reference
 from mla_compiler.kernels import triton_sparse_mla as tk
@@ -130,15 +131,15 @@ ONE_RING = dict(CHUNK_BUFFERS=False, FOLD_SCALE=False)
 def test_fp8_latents_match_the_reference(layout, heads, topk, launch):
     if layout == "flashmla" and launch == dict(FOLD_SCALE=False):
         pytest.skip("the same launch as the default: tile scales are always dequantized")
-    exact = folds(layout, launch)
-    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk, exact_keys=exact,
-                               out_tol=FOLDED_OUT_TOL if exact else 1e-2)
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, heads, topk, **fp8_checks(layout, launch))
 
 
-def folds(layout: str, launch) -> bool:
-    """Whether the call folds the row scale into the scores and P: its keys are then e4m3 x scale
-    exactly (the reference with exact keys), not rounded to bf16 as a dequantized tile is."""
-    return dict(ws.default_launch(True, 1 if layout == "row" else 4), **(launch or {}))["FOLD_SCALE"]
+def fp8_checks(layout: str, launch) -> dict:
+    """``assert_fp8_forward_matches``' reference and bound for the call: where it folds the row
+    scale into the scores and P, its keys are e4m3 x scale exactly (the reference with exact keys,
+    not the one rounded to bf16 as a dequantized tile is) and its bound is FOLDED_OUT_TOL."""
+    folds = dict(ws.default_launch(True, 1 if layout == "row" else 4), **(launch or {}))["FOLD_SCALE"]
+    return dict(exact_keys=folds, out_tol=FOLDED_OUT_TOL if folds else 1e-2)
 
 
 # The folded form against the exact-keys reference: on H200, 1.59e-3 to 1.67e-3 at 80 / 128 / 192
@@ -154,9 +155,8 @@ FOLDED_OUT_TOL = 2e-3
 def test_fp8_latents_keep_extreme_scales(layout, launch):
     # Key rows scaled from 2^-20 to 2^4 and heads from 1e-2 to 10 (one all zero): nothing
     # overflows or flushes that the fp32 reference keeps.
-    exact = folds(layout, launch)
-    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True, exact_keys=exact,
-                               out_tol=FOLDED_OUT_TOL if exact else 1e-2)
+    assert_fp8_forward_matches(lambda *args: ws.forward(*args, launch=launch), layout, 80, 200, extreme=True,
+                               **fp8_checks(layout, launch))
 
 
 @needs_hopper
@@ -167,9 +167,7 @@ def test_fp8_rows_with_scale_zero_still_count(launch):
     # every key's scale 0 (the folded sums then reach 2^64 times the usual; the output is 0).
     q, kv, idx = awkward_inputs(heads=128, topk=200)
     latent, scale, rope = fr.quantize_keys(kv, "row")
-    scale[idx[4, 0].long()] = 0.0
-    scale[idx[3, 0, ::3].long()] = 0.0
-    rope[idx[3, 0, ::3].long()] *= 4  # those keys' rope scores then matter
+    zero_some_scales(scale, rope, idx)
     out, lse = ws.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
     assert_matches(out, lse, *fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True))
 

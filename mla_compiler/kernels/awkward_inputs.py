@@ -50,6 +50,18 @@ def extreme_scales(q: torch.Tensor, kv: torch.Tensor, seed: int = 7) -> tuple[to
     return q, kv
 
 
+def zero_some_scales(scale: torch.Tensor, rope: torch.Tensor, idx: torch.Tensor) -> None:
+    """In place, for ``awkward_inputs``' indices: the scales of every key token 4 selects set to 0,
+    and of a third of token 3's, whose rope rows are also scaled by 4 so that their rope scores carry
+    real softmax mass. A selected key whose scales are 0 has a zero latent, but its rope score
+    still counts in the softmax."""
+    if idx.shape[0] < 5:
+        raise ValueError(f"zero_some_scales: {idx.shape[0]} tokens; needs 5 or more (tokens 3 and 4 are changed)")
+    scale[idx[4, 0].long()] = 0.0
+    scale[idx[3, 0, ::3].long()] = 0.0
+    rope[idx[3, 0, ::3].long()] *= 4
+
+
 def assert_matches(out: torch.Tensor, lse: torch.Tensor, ref_out: torch.Tensor, ref_lse: torch.Tensor, out_tol: float = 1e-2) -> None:
     """A kernel's (out, lse) against a reference's on ``awkward_inputs``: relative L2 error of out
     below ``out_tol``, lse within 1e-3 where finite, and token 2 (no valid index) lse +inf and out 0."""
