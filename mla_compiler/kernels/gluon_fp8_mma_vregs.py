@@ -89,6 +89,16 @@ copied by the producer (0.1353); consumers at 216 registers and the producer at 
 232 and 40 (0.1825: the producer spills). Carrying the next item's Q rows in registers from the
 item before spilled 1160 bytes (ptxas, sm_90; not timed).
 
+A "seesaw" schedule, after FlashMLA's dense decode, measured slower and not kept (ab_previous.py
+--scale v3.2 against 15c909e; 0.1273 against 0.1200 ms, raw
+benchmarks/results_ab_seesaw_h200_2026-11-29.json). In it no maxima are exchanged. Each warpgroup
+takes its own block's softmax under a reference that moves a block at a time and is handed over
+with that block's P' (reference_fp8_mma(block_n=64, lazy=True); it matched on the awkward, extreme
+and zero-scale inputs). Warpgroup 1 then takes its softmax while warpgroup 0 runs its first block's
+P V. But block A's reference feeds B's, so the two softmaxes of a step run one after the other:
+warpgroup 0 waits for B's P' before its last products. The next step's scores depend on that wait.
+In the exchanged schedule the two softmaxes run at once.
+
 Measured slower and not kept (probe_fp8_mma.py --vregs, 64-key steps, against 0.175-0.184 in the
 same calls):
 - the next block's score products issued before this block's softmax (0.215; the consumers spill
