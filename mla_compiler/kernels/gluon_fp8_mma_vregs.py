@@ -99,6 +99,17 @@ P V. But block A's reference feeds B's, so the two softmaxes of a step run one a
 warpgroup 0 waits for B's P' before its last products. The next step's scores depend on that wait.
 In the exchanged schedule the two softmaxes run at once.
 
+One hand-over a step instead of two, measured slower and not kept (same A/B; 0.1349 against
+0.1198 ms, and 0.1313 with V read after the softmax; the same output bits; raw
+benchmarks/results_ab_one_exchange_h200_2026-11-29.json). Each warpgroup took P' under the
+current reference before any exchange, wrote it with its rows' largest t, and handed both over
+at once. Only where the exchanged maxima moved the reference (any row of the tile) did it take P'
+again and hand it over a second time. Writing P' before the exchange needed a third barrier: the
+other warpgroup's products of the step before read the same tiles, and there is no room for a
+second set (5.5 KB of shared memory free, 8 KB needed). The warpgroup-wide test for a move is a
+reduction across warps. Keeping t live across the hand-over for the retake made ptxas spill
+(36 bytes; 224 with P' live as well).
+
 Measured slower and not kept (probe_fp8_mma.py --vregs, 64-key steps, against 0.175-0.184 in the
 same calls):
 - the next block's score products issued before this block's softmax (0.215; the consumers spill
