@@ -8,6 +8,13 @@ memory (gluon_fp8_mma). Also the measured ceilings (bf16 and e4m3
 matmul rate, device-to-device copy) and each kernel's error against the exact references.
 Timed from CUDA graphs in interleaved rounds (medians).
 
+Against the roofline: each kernel's floor is the larger of its bytes over the copy bandwidth and
+its products over the matmul rates of their operand types (e4m3 for the FP8-products kernels'
+latent products, bf16 for the rest and for every rope product), and "of floor" is that floor
+over its time. The targets' lines say how far below the floor each target's time is, for 16-bit
+products (what the layout's own error needs: any e4m3 product adds error of its own) and for
+e4m3 ones.
+
     python benchmarks/bench_fp8_mma.py --rounds 5 --out fp8_mma.json
 """
 
@@ -34,6 +41,7 @@ from mla_compiler.kernels import reference  # noqa: E402
 
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
 DEQUANTIZED = dict(FOLD_SCALE=False)  # the row scale applied to the keys (bf16 MMAs), as before FOLD_SCALE
+FP8_ROW_BYTES = 512 + 4 + 128  # e4m3 latent, fp32 scale, bf16 rope
 
 
 def all_ceilings() -> dict:
@@ -51,6 +59,27 @@ def needed_bytes(q, idx, s_kv, key_row_bytes: int) -> int:
     """What the step must move at least: each selected key row once, Q, the output, the indices."""
     valid = ((idx >= 0) & (idx < s_kv)).sum().item()
     return valid * key_row_bytes + q.numel() * 2 + q.shape[0] * q.shape[1] * 512 * 2 + idx.numel() * 4
+
+
+def mma_floor_ms(flops: float, e4m3_products: bool, roof: dict) -> float:
+    """The time the products alone take at the measured matmul rates: all at bf16's, or the
+    latent products (1024 of the 1088 products an element: Q K^T over 512 and P V over 512) at
+    e4m3's and the rope's at bf16's."""
+    if not e4m3_products:
+        return flops / roof["bf16_tflops"] / 1e9
+    latent = flops * 1024 / 1088
+    return latent / roof["e4m3_tflops"] / 1e9 + (flops - latent) / roof["bf16_tflops"] / 1e9
+
+
+def target_lines(flops: float, base_ms: float, fp8_row_gb: float, roof: dict) -> list[str]:
+    """What each speed target asks of the products: its time, and that time's MMA floor as a
+    fraction of it (over 100 % cannot be met) for 16-bit and for e4m3 products."""
+    lines = []
+    for name, ms in (("1.5x bf16 keys", base_ms / 1.5), ("60% HBM (FP8 rows)", fp8_row_gb / (0.6 * roof["copy_tb_s"]))):
+        need = {kind: 100 * mma_floor_ms(flops, kind == "e4m3", roof) / ms for kind in ("16-bit", "e4m3")}
+        lines.append(f"target {name}: <= {ms:.4f} ms, the products at {need['16-bit']:.0f} % of the bf16 matmul rate "
+                     f"(16-bit products) or {need['e4m3']:.0f} % of the e4m3 and bf16 rates (e4m3 products)")
+    return lines
 
 
 def sample_errors(q, kv, idx, fp8) -> dict:
@@ -82,34 +111,42 @@ def main() -> int:
     fl = flops_fwd(idx, q.shape[1], 576, 512, s_kv)
     fp8 = fp8_key_sets(kv)
     lat, rope = kv[:, 0, :512], kv[:, 0, 512:]
+    # (name, call, bytes a key row, e4m3 products)
     cands = [
-        ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2),
-        ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656),
-        ("ws FP8 row (scale folded, f16)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
-        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE, launch=DEQUANTIZED), 512 + 4 + 128),
-        ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
-        ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), 512 + 4 + 128),
+        ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2, False),
+        ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656, False),
+        ("ws FP8 row (scale folded, f16)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, False),
+        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE, launch=DEQUANTIZED), FP8_ROW_BYTES, False),
+        ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
+        ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
     ]
-    times = graphed_rounds({name: fn for name, fn, _ in cands}, a.rounds)
+    times = graphed_rounds({name: fn for name, fn, _, _ in cands}, a.rounds)
     roof = all_ceilings()
     errors = sample_errors(q, kv, idx, fp8)
     base = statistics.median(times["ws bf16 keys"])
     rows = []
-    for name, _, row_bytes in cands:
+    for name, _, row_bytes, e4m3_products in cands:
         ms = statistics.median(times[name])
         gb = needed_bytes(q, idx, s_kv, row_bytes) / 1e9
+        floor = max(gb / roof["copy_tb_s"], mma_floor_ms(fl, e4m3_products, roof))
         # HBM fraction: the bytes needed over the time, against the measured copy bandwidth.
         rows.append(dict(impl=name, ms=ms, tflops=fl / ms / 1e9, vs_bf16_keys=base / ms, needed_gb=gb,
-                         hbm_fraction=gb / ms / roof["copy_tb_s"], spread=max(times[name]) / min(times[name])))
+                         hbm_fraction=gb / ms / roof["copy_tb_s"], floor_ms=floor, of_floor=floor / ms,
+                         spread=max(times[name]) / min(times[name])))
+    targets = target_lines(fl, base, needed_bytes(q, idx, s_kv, FP8_ROW_BYTES) / 1e9, roof)
     print(f"\nceilings: bf16 {roof['bf16_tflops']:.0f} TFLOPS, e4m3 {roof['e4m3_tflops']:.0f} TFLOPS, copy {roof['copy_tb_s']:.2f} TB/s")
     for name, e in errors.items():
         print(f"error {name}: vs exact FP8 {e['vs_exact_fp8']:.2e}, vs bf16 keys {e['vs_bf16_keys']:.2e} (layout alone {e['layout_vs_bf16_keys']:.2e})")
-    print(f"\n{'impl':36s} {'ms':>7s} {'TFLOPS':>7s} {'vs bf16':>8s} {'HBM %':>6s} {'spread':>6s}")
+    for line in targets:
+        print(line)
+    print(f"\n{'impl':36s} {'ms':>7s} {'TFLOPS':>7s} {'vs bf16':>8s} {'HBM %':>6s} {'floor':>7s} {'of floor':>8s} {'spread':>6s}")
     for r in rows:
-        print(f"{r['impl']:36s} {r['ms']:7.4f} {r['tflops']:7.0f} {r['vs_bf16_keys']:7.2f}x {100 * r['hbm_fraction']:6.1f} {r['spread']:6.2f}")
+        print(f"{r['impl']:36s} {r['ms']:7.4f} {r['tflops']:7.0f} {r['vs_bf16_keys']:7.2f}x {100 * r['hbm_fraction']:6.1f} "
+              f"{r['floor_ms']:7.4f} {100 * r['of_floor']:7.1f}% {r['spread']:6.2f}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=roof, errors=errors, rows=rows), f, indent=1)
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=roof, errors=errors, rows=rows,
+                           targets=targets), f, indent=1)
     return 0
 
 
