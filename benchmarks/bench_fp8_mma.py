@@ -11,9 +11,9 @@ Timed from CUDA graphs in interleaved rounds (medians).
 Against the roofline: each kernel's floor is the larger of its bytes over the copy bandwidth and
 its products over the matmul rates of their operand types (e4m3 for the FP8-products kernels'
 latent products, bf16 for the rest and for every rope product), and "of floor" is that floor
-over its time. The targets' lines say how far below the floor each target's time is, for 16-bit
-products (what the layout's own error needs: any e4m3 product adds error of its own) and for
-e4m3 ones.
+over its time. The targets' lines give the products' floor as a percentage of each target's
+time (over 100 % cannot be met at the measured rates), for 16-bit products (what the layout's
+own error needs: any e4m3 product adds error of its own) and for e4m3 ones.
 
     python benchmarks/bench_fp8_mma.py --rounds 5 --out fp8_mma.json
 """

@@ -166,8 +166,9 @@ def test_fp8_rows_with_scale_zero_still_count(launch):
     # the softmax, as in the reference (the folded form must not drop it from the sums). Token 4:
     # every key's scale 0 (the folded sums then reach 2^64 times the usual; the output is 0).
     # Held to fp8_checks' bounds: on H200 the folded form is 1.67e-3 from the exact-keys reference
-    # and the dequantized one 2.25e-3 from the bf16-rounded one (three seeds: 1.67e-3 at most and
-    # 2.25e-3; benchmarks/results_ws_zero_scale_error_h200_2026-11-29.log).
+    # and the dequantized one 2.25e-3 from the bf16-rounded one (awkward_inputs' seeds 1 to 3, the
+    # log's "call N" being seed N: 1.67e-3 and 2.25e-3 at most;
+    # benchmarks/results_ws_zero_scale_error_h200_2026-11-29.log).
     q, kv, idx = awkward_inputs(heads=128, topk=200)
     latent, scale, rope = fr.quantize_keys(kv, "row")
     zero_some_scales(scale, rope, idx)

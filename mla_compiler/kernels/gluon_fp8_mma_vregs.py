@@ -28,7 +28,7 @@ consumer scoring 32 of its keys, and a slot is released after P V.
 
 Status: the kernel ``make_backend(fp8_products=True)`` (the op's ``fp8_products``) and
 MLA_COMPILER_FP8_MMA=1 dispatch to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.120 ms against 0.181 for bf16 keys (RESULTS.md). What
+decode shape (128 heads, top-k 2048) it runs 0.119 ms against 0.179 for bf16 keys (RESULTS.md). What
 carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
 - V's bytes regrouped into A fragments by a 4 x 4 byte transpose in 8 permutes, pairs first
   (``_transposed_words``, inline PTX; the compiler gathered each word from its four sources in 3,
@@ -99,9 +99,10 @@ P V. But block A's reference feeds B's, so the two softmaxes of a step run one a
 warpgroup 0 waits for B's P' before its last products. The next step's scores depend on that wait.
 In the exchanged schedule the two softmaxes run at once.
 
-One hand-over a step instead of two, measured slower and not kept (same A/B; 0.1349 against
-0.1198 ms, and 0.1313 with V read after the softmax; the same output bits; raw
-benchmarks/results_ab_one_exchange_h200_2026-11-29.json). Each warpgroup took P' under the
+One hand-over a step instead of two, measured slower and not kept (ab_previous.py --scale v3.2
+against the same kernel, a separate call; 0.1349 against 0.1198 ms, and 0.1313 with V read after
+the softmax; raw benchmarks/results_ab_one_exchange_h200_2026-11-29.json; the same output bits
+as the default launch on the decode inputs, results_one_exchange_same_bits_h200_2026-11-29.log). Each warpgroup took P' under the
 current reference before any exchange, wrote it with its rows' largest t, and handed both over
 at once. Only where the exchanged maxima moved the reference (any row of the tile) did it take P'
 again and hand it over a second time. Writing P' before the exchange needed a third barrier: the
