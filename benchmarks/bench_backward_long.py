@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, prefill_inputs  # noqa: E402
+from bench_sparse_mla import bench, prefill_inputs, write_results  # noqa: E402
 
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 
@@ -88,8 +87,7 @@ def main() -> int:
         rows += case(s_kv, impls, a.rounds)
         torch.cuda.empty_cache()
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        write_results(a.out, rows=rows)
     return 0
 
 

@@ -11,7 +11,6 @@ few-head decode kernel's 0.08 ms on a busy host, is not counted.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, decode_inputs, fp8_key_sets, graphed  # noqa: E402
+from bench_sparse_mla import bench, decode_inputs, fp8_key_sets, graphed, write_results  # noqa: E402
 
 from mla_compiler.kernels import triton_sparse_mla as tk  # noqa: E402
 
@@ -143,9 +142,7 @@ def main() -> int:
             continue
         rows += shape_rows(name, batch, heads, args.rounds, args.quick, not args.eager)
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, timing="eager" if args.eager else "cuda graph replay",
-                       rows=rows), f, indent=1)
+    write_results(args.out, timing="eager" if args.eager else "cuda graph replay", rows=rows)
     print("\nfastest per shape and keys (median of rounds):")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for keys in dict.fromkeys(r["keys"] for r in rows):

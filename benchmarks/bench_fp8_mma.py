@@ -21,7 +21,6 @@ own error needs: any e4m3 product adds error of its own) and for e4m3 ones.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, ceilings, decode_inputs, flops_fwd, fp8_key_sets, graphed_rounds, rel  # noqa: E402
+from bench_sparse_mla import bench, ceilings, decode_inputs, flops_fwd, fp8_key_sets, graphed_rounds, rel, write_results  # noqa: E402
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
@@ -144,9 +143,7 @@ def main() -> int:
         print(f"{r['impl']:36s} {r['ms']:7.4f} {r['tflops']:7.0f} {r['vs_bf16_keys']:7.2f}x {100 * r['hbm_fraction']:6.1f} "
               f"{r['floor_ms']:7.4f} {100 * r['of_floor']:7.1f}% {r['spread']:6.2f}")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, ceilings=roof, errors=errors, rows=rows,
-                           targets=targets), f, indent=1)
+        write_results(a.out, ceilings=roof, errors=errors, rows=rows, targets=targets)
     return 0
 
 

@@ -76,6 +76,12 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def write_results(path: str, **fields) -> None:
+    """A benchmark's raw results as JSON at ``path``: the device and torch version, then ``fields``."""
+    with open(path, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, **fields), f, indent=1)
+
+
 def row(**kw):
     ROWS.append(kw)
     print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in kw.items()), flush=True)

@@ -11,7 +11,6 @@ the check part compares against the pure-torch references on awkward inputs firs
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, prefill_inputs, rel  # noqa: E402
+from bench_sparse_mla import bench, decode_inputs, flops_fwd, fp8_key_sets, prefill_inputs, rel, write_results  # noqa: E402
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels.awkward_inputs import awkward_inputs, poison_unselected  # noqa: E402
@@ -138,8 +137,7 @@ def timing(rounds: int, launches: list[dict], out_path: str | None, shape: str) 
     for r in rows:
         print(f"{r['impl']:44s} {r['ms']:7.3f} {r['tflops']:7.0f} {r['vs_triton_bf16']:7.2f}x {r['err_vs_bf16_keys']:9.2e} {r['spread']:6.2f}")
     if out_path:
-        with open(out_path, "w") as f:
-            json.dump(dict(shape=shape, device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, errors={k: v for k, v in errs.items() if isinstance(v, str)}), f, indent=1)
+        write_results(out_path, shape=shape, rows=rows, errors={k: v for k, v in errs.items() if isinstance(v, str)})
 
 
 def main() -> int:

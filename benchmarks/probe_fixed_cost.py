@@ -8,7 +8,6 @@ at most. CUDA graphs, interleaved rounds, medians.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -16,9 +15,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import torch  # noqa: E402
 from bench_fp8_mma import SCALE  # noqa: E402
-from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds  # noqa: E402
+from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, write_results  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
@@ -58,8 +56,7 @@ def main() -> int:
         print(f"{r['impl']:28} " + " ".join(f"{m:9.4f}" for m in r["ms"])
               + f" {r['fixed_ms']:9.4f} {r['per_1k_keys_ms']:10.4f} {100 * r['fixed_share_at_2048']:10.1f}%")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+        write_results(a.out, rows=rows)
     return 0
 
 

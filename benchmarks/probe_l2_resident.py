@@ -9,7 +9,6 @@ that does not is bound by its own schedule. CUDA graphs, interleaved rounds, med
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_fp8_mma import SCALE  # noqa: E402
-from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds  # noqa: E402
+from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, write_results  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
@@ -62,8 +61,7 @@ def main() -> int:
         hbm, l2 = result[f"{name}, HBM gathers"]["ms"], result[f"{name}, L2-resident rows"]["ms"]
         print(f"{name:48s} {hbm:8.4f} {l2:8.4f} {l2 / hbm:9.3f}")
     if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, times=result), f, indent=1)
+        write_results(a.out, times=result)
     return 0
 
 
