@@ -102,9 +102,9 @@ In the exchanged schedule the two softmaxes run at once.
 One hand-over a step instead of two, measured slower and not kept (ab_previous.py --scale v3.2
 against the same kernel, a separate call; 0.1349 against 0.1198 ms, and 0.1313 with V read after
 the softmax; raw benchmarks/results_ab_one_exchange_h200_2026-11-29.json; the same output bits
-as the default launch on the decode inputs, results_one_exchange_same_bits_h200_2026-11-29.log). Each warpgroup took P' under the
-current reference before any exchange, wrote it with its rows' largest t, and handed both over
-at once. Only where the exchanged maxima moved the reference (any row of the tile) did it take P'
+as the default launch on the decode inputs, results_one_exchange_same_bits_h200_2026-11-29.log).
+Each warpgroup took P' under the current reference before any exchange, wrote it with its rows'
+largest t, and handed both over at once. Only where the exchanged maxima moved the reference (any row of the tile) did it take P'
 again and hand it over a second time. Writing P' before the exchange needed a third barrier: the
 other warpgroup's products of the step before read the same tiles, and there is no room for a
 second set (5.5 KB of shared memory free, 8 KB needed). The warpgroup-wide test for a move is a
