@@ -349,10 +349,10 @@ def test_fp8_op_takes_it_when_asked_for(monkeypatch):
     monkeypatch.setenv(fm.ENV_OFF, "1")
     out, lse = torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512)
     assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon FP8 products"
-    assert "KEY_ORDER" in tk.LAST_LAUNCH["forward_fp8"]  # the form without transposed keys (gluon_fp8_mma_vregs)
-    from mla_compiler.kernels import gluon_fp8_mma_vregs as fv
+    assert "P_STAGES" in tk.LAST_LAUNCH["forward_fp8"]  # scores and values apart (gluon_fp8_mma_split)
+    from mla_compiler.kernels import gluon_fp8_mma_split as fs
 
-    _assert_matches_emulation(out.float(), lse, *fm.reference_fp8_mma(q, *rows, idx, SCALE, **fv.reference_settings()))
+    _assert_matches_emulation(out.float(), lse, *fm.reference_fp8_mma(q, *rows, idx, SCALE, **fs.reference_settings()))
     # A layout it declines goes to the dequantizing kernel, the reason kept.
     torch.ops.sparse_mla.sparse_attn_fp8kv(q, *tiles, idx, SCALE, 512)
     assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon warp-specialized"

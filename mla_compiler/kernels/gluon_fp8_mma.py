@@ -15,9 +15,9 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: ``forward`` here calls it directly; the FP8 forward's opt-in (``make_backend(fp8_products=True)``
-or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_vregs, the same arithmetic without the transposed
-copy (P V as V^T P'^T, V^T from registers), 0.120 against 0.182 ms (H200, V3.2 decode,
-2026-11-29). This module keeps the arithmetic's reference and the checks both kernels share. On
+or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_split, the same arithmetic without the transposed
+copy (P V as V^T P'^T, V^T from registers; gluon_fp8_mma_vregs is the form before it), 0.116
+against 0.184 ms (H200, V3.2 decode, 2026-11-29). This module keeps the arithmetic's reference and the checks both kernels share. On
 H200 at the V3.2 decode shape it first ran 0.184 ms against 0.221 for the dequantizing kernel (row
 scale) and 0.201 for bf16 keys (2026-11-28); without the transposes it would have run about 0.157
 (benchmarks/probe_fp8_mma.py, RESULTS.md).
@@ -849,9 +849,15 @@ def compile_for_hopper(launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
     cfg = dict(LAUNCH, **(launch or {}))
     check_launch(cfg)
-    compiled = compile_ws_arguments(_fp8_mma_fwd_kernel, True, cfg)
+    return compile_products_kernel(_fp8_mma_fwd_kernel, cfg, _too_much_shared)
+
+
+def compile_products_kernel(kernel, cfg: dict, too_much_shared):
+    """One of the FP8-products kernels compiled for sm_90 under the checked launch ``cfg``; a
+    ValueError (``too_much_shared(cfg, bytes)``) where it needs more shared memory than sm_90 has."""
+    compiled = compile_ws_arguments(kernel, True, cfg)
     if compiled.metadata.shared > SHARED_LIMIT:
-        raise ValueError(_too_much_shared(cfg, compiled.metadata.shared))
+        raise ValueError(too_much_shared(cfg, compiled.metadata.shared))
     return compiled
 
 
@@ -894,11 +900,19 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     """out [T, H, 512] and lse [T, H] with e4m3 products (see the module docstring for the two
     extra roundings): q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope
     bf16 [S, 64], indices [T, 1, topk] int32."""
+    cfg = dict(LAUNCH, **(launch or {}))
+    check_launch(cfg)
+    return run_products_kernel(_fp8_mma_fwd_kernel, q, kv_latent, kv_scale, kv_rope, indices, sm_scale, cfg, _too_much_shared)
+
+
+def run_products_kernel(kernel, q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, cfg: dict, too_much_shared) -> tuple:
+    """(out [T, H, 512], lse [T, H]) from one of the FP8-products kernels, a program a query token
+    and 64 heads, under the checked launch ``cfg``: the call checked (``declines``), the outputs
+    allocated, the launch (``too_much_shared(cfg, bytes)`` words the error where the compiler finds
+    too little shared memory)."""
     problem = declines(q, kv_latent, kv_scale, kv_rope, _D_LAT)
     if problem is not None:
         raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
-    cfg = dict(LAUNCH, **(launch or {}))
-    check_launch(cfg)
     t, heads, _ = q.shape
     q, indices = q.contiguous(), indices.contiguous()
     out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
@@ -907,19 +921,13 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
         return out, lse
     check_row_counts(kv_latent, kv_rope, kv_scale)
     try:
-        _launch(q, kv_latent, kv_scale, kv_rope, indices, out, lse, sm_scale, cfg)
+        kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
+            q, kv_latent, kv_scale, kv_rope, indices, out, lse,
+            q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),
+            indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
+            kv_latent.shape[0], indices.shape[-1], heads, float(sm_scale) * LOG2E,
+            num_warps=4, **cfg,
+        )
     except OutOfResources as e:  # the compiler's count of the shared memory, not an estimate
-        raise ValueError(_too_much_shared(cfg, getattr(e, "required", "too many"))) from e
+        raise ValueError(too_much_shared(cfg, getattr(e, "required", "too many"))) from e
     return out, lse
-
-
-def _launch(q, kv_latent, kv_scale, kv_rope, indices, out, lse, sm_scale: float, cfg: dict) -> None:
-    t, heads, _ = q.shape
-    rows = kv_latent.shape[0]
-    _fp8_mma_fwd_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
-        q, kv_latent, kv_scale, kv_rope, indices, out, lse,
-        q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),
-        indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-        rows, indices.shape[-1], heads, float(sm_scale) * LOG2E,
-        num_warps=4, **cfg,
-    )

@@ -135,13 +135,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import triton
-from triton.runtime.errors import OutOfResources
 
-from .gluon_common import _BLOCK_H, _D_LAT, HAVE_GLUON
-from .gluon_fp8_mma import LAZY_LOW, LOG2E, SHARED_LIMIT, declines
-from .gluon_sparse_mla import REG_BUDGET, check_register_settings, check_row_counts, compile_ws_arguments
+from .gluon_common import HAVE_GLUON
+from .gluon_fp8_mma import LAZY_LOW, SHARED_LIMIT, compile_products_kernel, run_products_kernel
+from .gluon_sparse_mla import REG_BUDGET, check_register_settings
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -755,36 +752,14 @@ def compile_for_hopper(launch: Optional[dict] = None):
     """The kernel compiled for sm_90 on any machine (no GPU needed): shared memory, registers, PTX."""
     cfg = launch_settings(launch)
     check_launch(cfg)
-    compiled = compile_ws_arguments(_fp8_mma_vregs_kernel, True, cfg)
-    if compiled.metadata.shared > SHARED_LIMIT:
-        raise ValueError(_too_much_shared(cfg, compiled.metadata.shared))
-    return compiled
+    return compile_products_kernel(_fp8_mma_vregs_kernel, cfg, _too_much_shared)
 
 
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
     """out [T, H, 512] and lse [T, H], the arithmetic of ``gluon_fp8_mma.reference_fp8_mma``: q
     [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope bf16 [S, 64],
     indices [T, 1, topk] int32."""
-    problem = declines(q, kv_latent, kv_scale, kv_rope, _D_LAT)
-    if problem is not None:
-        raise ValueError(f"the FP8-MMA kernel does not take this call: {problem}")
     cfg = launch_settings(launch)
     check_launch(cfg)
-    t, heads, _ = q.shape
-    q, indices = q.contiguous(), indices.contiguous()
-    out = torch.empty((t, heads, _D_LAT), dtype=q.dtype, device=q.device)
-    lse = torch.empty((t, heads), dtype=torch.float32, device=q.device)
-    if t == 0:
-        return out, lse
-    check_row_counts(kv_latent, kv_rope, kv_scale)
-    try:
-        _fp8_mma_vregs_kernel[(t * triton.cdiv(heads, _BLOCK_H),)](
-            q, kv_latent, kv_scale, kv_rope, indices, out, lse,
-            q.stride(0), q.stride(1), kv_latent.stride(0), kv_scale.stride(0), kv_rope.stride(0),
-            indices.stride(0), out.stride(0), out.stride(1), lse.stride(0),
-            kv_latent.shape[0], indices.shape[-1], heads, float(sm_scale) * LOG2E,
-            num_warps=4, **cfg,
-        )
-    except OutOfResources as e:
-        raise ValueError(_too_much_shared(cfg, getattr(e, "required", "too many"))) from e
-    return out, lse
+    kernel = _fp8_mma_vregs_kernel if HAVE_GLUON else None  # declined before it is needed without Gluon
+    return run_products_kernel(kernel, q, kv_latent, kv_scale, kv_rope, indices, sm_scale, cfg, _too_much_shared)

@@ -75,7 +75,7 @@ def forward_member(problem) -> str:
     kernels also check the GPU, row alignment, sink and ``topk_length`` when called, and fall back
     to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran).
     With ``fp8_products`` (``make_backend(fp8_products=True)``) or ``MLA_COMPILER_FP8_MMA=1`` an FP8
-    call tries the FP8-products kernel first (gluon_fp8_mma_vregs; ``FP8_MMA_DECLINED``)."""
+    call tries the FP8-products kernel first (gluon_fp8_mma_split; ``FP8_MMA_DECLINED``)."""
     from mla_compiler.kernels import gluon_fewhead as fh
     from mla_compiler.kernels import gluon_fp8_mma as fm
     from mla_compiler.kernels import gluon_sparse_mla as ws
@@ -722,7 +722,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
         return None
     from mla_compiler.kernels import gluon_fewhead as fh
     from mla_compiler.kernels import gluon_fp8_mma as fm
-    from mla_compiler.kernels import gluon_fp8_mma_vregs as fv
+    from mla_compiler.kernels import gluon_fp8_mma_split as fs
     from mla_compiler.kernels import gluon_sparse_mla as ws
 
     name = "forward_fp8" if kv_scale is not None else "forward"
@@ -734,9 +734,9 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
          fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
     if kv_scale is not None and fm.asked_for(products):  # tried first, only when asked for
-        # The form without transposed keys (V^T from registers): 0.120 against 0.182 ms for
-        # gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md), one partition fewer.
-        kernels.insert(0, (fv, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fv.LAUNCH))
+        # Scores and values in separate warpgroups, V^T from registers: 0.116 against 0.119 ms for
+        # gluon_fp8_mma_vregs and 0.184 for gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md).
+        kernels.insert(0, (fs, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fs.LAUNCH))
     else:
         FP8_MMA_DECLINED.pop(name, None)  # not consulted: an earlier call's reason no longer applies
     for k, (module, module_declines, label, declined, launch) in enumerate(kernels):
@@ -773,7 +773,7 @@ def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_si
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
     ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths a
     Gluon kernel (gluon_sparse_mla.py, gluon_fewhead.py) takes the call where one applies; with
-    ``products`` the FP8-products kernel first (gluon_fp8_mma_vregs: e4m3 Q and P). A ``launch``
+    ``products`` the FP8-products kernel first (gluon_fp8_mma_split: e4m3 Q and P). A ``launch``
     (the Triton kernel's settings) runs the Triton kernel, whatever ``products`` asks."""
     q, indices = q.contiguous(), indices.contiguous()
     # The kernels read a row's columns (latent, scales, rope) at unit stride; any row stride works.

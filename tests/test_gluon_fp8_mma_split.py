@@ -1,0 +1,85 @@
+"""The FP8-MMA forward with scores and values in separate warpgroups (gluon_fp8_mma_split.py):
+it compiles for Hopper to the products it claims, without spills (CPU); its launch settings are
+checked; on a Hopper GPU it matches reference_fp8_mma(block_n=64, lazy=True) on awkward inputs,
+extreme scales and keys whose scale is zero."""
+
+import pytest
+from conftest import compiled_for_hopper, rel_err
+from test_gluon_fp8_mma import SCALE, _assert_matches_emulation, _row_keys, _zero_scale_keys, hopper
+
+from mla_compiler.kernels import fp8_reference as fr
+from mla_compiler.kernels import gluon_fp8_mma as fm
+from mla_compiler.kernels import gluon_fp8_mma_split as fs
+
+needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
+needs_gluon = pytest.mark.skipif(not fs.HAVE_GLUON, reason="this Triton has no Gluon dialect")
+
+
+@needs_gluon
+def test_compiles_for_hopper_with_e4m3_products_and_four_warpgroups():
+    script = (
+        "import json; from mla_compiler.kernels import gluon_fp8_mma_split as fs\n"
+        "c = fs.compile_for_hopper()\n"
+        "ptx = c.asm['ptx']\n"
+        "kinds = ('m64n64k32.f32.e4m3.e4m3', 'm64n64k16.f32.bf16.bf16')\n"
+        "print(json.dumps(dict(shared=c.metadata.shared, regs=sorted({int(l.split()[-1].rstrip(';')) for l in ptx.splitlines()\n"
+        "                                                             if 'setmaxnreg' in l}),\n"
+        "                      mma={k: ptx.count('wgmma.mma_async.sync.aligned.' + k) for k in kinds},\n"
+        "                      stores=[ptx.count('st.global.' + w) for w in ('v4.b32', 'b32', 'b16')])))\n"
+    )
+    info = compiled_for_hopper(script)
+    assert info["shared"] <= fm.SHARED_LIMIT, info
+    # Each partition's registers set by setmaxnreg: the value warpgroups', the scores
+    # warpgroup's and the producer's.
+    for key in ("VALUE_REGS", "SCORE_REGS", "PRODUCER_REGS"):
+        assert fs.LAUNCH[key] in info["regs"], (key, info)
+    # Scores: 16 e4m3 steps over the latent and 4 bf16 steps over the rope, 64 keys wide; each
+    # value warpgroup: V^T P'^T as four 64-row products for each 32 keys, 64 heads wide.
+    assert info["mma"] == {"m64n64k32.f32.e4m3.e4m3": 16 + 2 * 2 * 4, "m64n64k16.f32.bf16.bf16": 4}, info
+    # O regrouped to [heads, columns] (16-byte stores) and the lse's two, as gluon_fp8_mma_vregs.
+    assert info["stores"] == [32, 2, 0], info
+
+
+def test_launch_settings_are_checked():
+    fs.check_launch(dict(fs.LAUNCH))
+    for bad, words in ((dict(VALUE_REGS=196), "multiple of 8"), (dict(VALUE_REGS=200), "<= 512"),
+                       (dict(PROBE=3), "PROBE=3"),
+                       (dict(SCORE_REGS=16), "multiple of 8 in 24..256"), (dict(AHEAD=4), "AHEAD=4"), (dict(AHEAD=0), "AHEAD=0"),
+                       (dict(P_STAGES=0), "P_STAGES=0"), (dict(KEY_ORDER=2), "KEY_ORDER=2"), (dict(STEP_KEYS=128), "unknown")):
+        with pytest.raises(ValueError, match=words):
+            fs.check_launch(dict(fs.LAUNCH, **bad))
+
+
+@needs_hopper
+@pytest.mark.parametrize("launch", [None, dict(P_STAGES=3), dict(P_STAGES=1), dict(KEY_ORDER=0), dict(STAGES=3, AHEAD=1, P_STAGES=4),
+                                    dict(AHEAD=1)],
+                         ids=["default", "p3", "p1", "slot-order", "s3-p4", "ahead-1"])
+@pytest.mark.parametrize("heads, topk", [(80, 200), (128, 2048), (64, 64), (192, 63), (64, 1)])
+def test_matches_its_reference_on_awkward_inputs(heads, topk, launch):
+    q, latent, scale, rope, idx = _row_keys(heads, topk, "cuda")
+    out, lse = fs.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **fs.reference_settings(launch)))
+    ref_out, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert rel_err(out, ref_out) < 0.05
+
+
+@needs_hopper
+def test_keeps_extreme_scales():
+    q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
+    out, lse = fs.forward(q, latent, scale, rope, idx, SCALE)
+    assert out.isfinite().all()
+    emulated = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **fs.reference_settings())
+    # As gluon_fp8_mma_vregs under the lazy reference: P' rounds at other places than the
+    # emulation's where the tensor cores' error on large scores moves a row; the kernel must be
+    # as close to the exact FP8 arithmetic as the emulation is.
+    _assert_matches_emulation(out, lse, *emulated, lse_tol=0.5, out_tol=4e-2)
+    exact, _ = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    assert rel_err(out, exact) < 1.2 * rel_err(emulated[0], exact), (rel_err(out, exact), rel_err(emulated[0], exact))
+
+
+@needs_hopper
+def test_keeps_keys_whose_scale_is_zero():
+    q, latent, scale, rope, idx = _zero_scale_keys("cuda")
+    out, lse = fs.forward(q, latent, scale, rope, idx, SCALE)
+    _assert_matches_emulation(out, lse, *fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **fs.reference_settings()))
+    assert out[4].abs().max() < 1e-12
