@@ -2,9 +2,10 @@
 128 heads, top-k 2048, s_kv 32768), side by side in one run: the warp-specialized kernel with bf16
 keys, with an e4m3 latent (FlashMLA's layout and one scale a row) dequantized into bf16 MMAs (one
 scale a row also folded into the scores and P, over f16 MMAs: the default), and
-the two FP8-products kernels (e4m3 products, one scale a row): V^T from registers
-(gluon_fp8_mma_vregs, the one MLA_COMPILER_FP8_MMA=1 dispatches to) and V transposed in shared
-memory (gluon_fp8_mma). Also the measured ceilings (bf16 and e4m3
+the three FP8-products kernels (e4m3 products, one scale a row): scores and values in separate
+warpgroups (gluon_fp8_mma_split, the one MLA_COMPILER_FP8_MMA=1 dispatches to), V^T from
+registers with both consumers taking scores and values (gluon_fp8_mma_vregs) and V transposed in
+shared memory (gluon_fp8_mma). Also the measured ceilings (bf16 and e4m3
 matmul rate, device-to-device copy) and each kernel's error against the exact references.
 Timed from CUDA graphs in interleaved rounds (medians).
 
@@ -34,6 +35,7 @@ from bench_sparse_mla import bench, ceilings, decode_inputs, flops_fwd, fp8_key_
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
+from mla_compiler.kernels import gluon_fp8_mma_split as fs  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 from mla_compiler.kernels import reference  # noqa: E402
@@ -90,6 +92,7 @@ def sample_errors(q, kv, idx, fp8) -> dict:
     for name, parts, fn in (
         ("ws FP8 row (scale folded, f16)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE)),
         ("ws FP8 row (dequantized)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE, launch=DEQUANTIZED)),
+        ("FP8 products row, split warpgroups", fp8["row"], lambda p: fs.forward(qs, *p, ids, SCALE)),
         ("FP8 products row, V from registers", fp8["row"], lambda p: fv.forward(qs, *p, ids, SCALE)),
         ("FP8 products row, V transposed", fp8["row"], lambda p: fm.forward(qs, *p, ids, SCALE)),
         ("ws FP8 FlashMLA (dequantized)", fp8["flashmla"], lambda p: ws.forward(qs, *p, ids, SCALE)),
@@ -116,6 +119,7 @@ def main() -> int:
         ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656, False),
         ("ws FP8 row (scale folded, f16)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, False),
         ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE, launch=DEQUANTIZED), FP8_ROW_BYTES, False),
+        ("FP8 products row, split warpgroups", lambda: fs.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
         ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
         ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
     ]

@@ -5,7 +5,7 @@
 set -u
 source benchmarks/gpu_env.sh >/dev/null 2>&1
 export PYTHONPATH=.:${PYTHONPATH:-}
-timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gluon_fp8_mma.py tests/test_gluon_fp8_mma_vregs.py} ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -6
+timeout ${TEST_LIMIT:-240} python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_gluon_fp8_mma.py tests/test_gluon_fp8_mma_split.py tests/test_gluon_fp8_mma_vregs.py} ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/tests.log" | tail -6
 if [ "${BENCH:-0}" = 1 ]; then
   timeout ${BENCH_LIMIT:-200} python3 benchmarks/bench_fp8_mma.py --rounds 5 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -12
 fi

@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_fp8_mma import SCALE  # noqa: E402
 from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, write_results  # noqa: E402
 
+from mla_compiler.kernels import gluon_fp8_mma_split as fs  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 
@@ -42,6 +43,9 @@ def main() -> int:
         row = fp8_key_sets(kv)["row"]
         lat, rope = kv[:, 0, :512], kv[:, 0, 512:]
         fns[("FP8 products (vregs)", topk)] = lambda q=q, row=row, idx=idx: fv.forward(q, *row, idx, SCALE)
+        fns[("FP8 products (split)", topk)] = lambda q=q, row=row, idx=idx: fs.forward(q, *row, idx, SCALE)
+        # Nothing copied (PROBE=2, the output is wrong): the consumers' pace alone.
+        fns[("split, consumers alone", topk)] = lambda q=q, row=row, idx=idx: fs.forward(q, *row, idx, SCALE, launch=dict(PROBE=2))
         fns[("ws bf16 keys", topk)] = lambda q=q, lat=lat, rope=rope, idx=idx: ws.forward(q, lat, None, rope, idx, SCALE)
         fns[("ws FP8 row (default launch)", topk)] = lambda q=q, row=row, idx=idx: ws.forward(q, *row, idx, SCALE)
     times = graphed_rounds(fns, a.rounds)

@@ -5,9 +5,10 @@ time counts), beside the dequantizing kernel (row scale) and bf16 keys. Each set
 checked against reference_fp8_mma on 8 tokens. CUDA graphs, interleaved rounds, medians.
 
     python benchmarks/probe_fp8_mma.py [--rounds 3] [--launch '{"BLOCK_N": 32, ...}' ...] [--vregs '{"STAGES": 3}' ...]
-        [--ws '{"Q_IN_LOOP": true}' ...] [--shape prefill] [--out probe.json]
+        [--split '{"P_STAGES": 2}' ...] [--ws '{"Q_IN_LOOP": true}' ...] [--shape prefill] [--out probe.json]
 
 ``--vregs`` adds the kernel without transposes (gluon_fp8_mma_vregs) under the launch given;
+``--split`` the kernel with scores and values in separate warpgroups (gluon_fp8_mma_split);
 ``--ws`` the warp-specialized kernel (bf16 keys and FP8 rows, its default launch: the row scale folded) under the launch given,
 checked against its default launch.
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench_sparse_mla import decode_inputs, fp8_key_sets, graphed_rounds, prefill_inputs, rel  # noqa: E402
 
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
+from mla_compiler.kernels import gluon_fp8_mma_split as fs  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as ws  # noqa: E402
 
@@ -62,6 +64,8 @@ def main() -> int:
     p.add_argument("--launch", action="append", type=json.loads, help="a launch dict (JSON); repeat; default: SETTINGS")
     p.add_argument("--vregs", action="append", type=json.loads, default=[],
                    help="a launch dict (JSON) of the kernel without transposes (gluon_fp8_mma_vregs); repeat")
+    p.add_argument("--split", action="append", type=json.loads, default=[],
+                   help="a launch dict (JSON) of the kernel with scores and values in separate warpgroups (gluon_fp8_mma_split); repeat")
     p.add_argument("--ws", action="append", type=json.loads, default=[],
                    help="a launch dict (JSON) of the warp-specialized kernel (gluon_sparse_mla), timed with bf16 keys and FP8 rows; "
                         "repeat")
@@ -76,13 +80,14 @@ def main() -> int:
     errors, cands = {}, {}
     runs = [(fm, launch, name_of(launch)) for launch in settings]
     runs += [(fv, launch, "vregs " + (" ".join(f"{k}={v}" for k, v in launch.items()) or "default")) for launch in a.vregs]
+    runs += [(fs, launch, "split " + (" ".join(f"{k}={v}" for k, v in launch.items()) or "default")) for launch in a.split]
     for kernel, launch, name in runs:
         first = first_call(name, lambda kernel=kernel, launch=launch: kernel.forward(q[:8], *fp8["row"], idx[:8], scale, launch=launch),
                            errors)
         if first is None:
             continue
         out, lse = first
-        ref = fv.reference_settings(launch) if kernel is fv else dict(block_n=launch.get("BLOCK_N", 64))
+        ref = dict(block_n=launch.get("BLOCK_N", 64)) if kernel is fm else kernel.reference_settings(launch)
         ref_out, ref_lse = fm.reference_fp8_mma(q[:8], *fp8["row"], idx[:8], scale, **ref)
         errors[name] = dict(out=rel(out, ref_out), lse=(lse - ref_lse).abs().max().item())
         print(name, errors[name], flush=True)

@@ -3,7 +3,8 @@ warms up; Nsight Compute profiles the second), for the profile_*.sh scripts.
 
 Environment: HEADS (16 default: the few-head kernel; 128: the warp-specialized one), LAYOUT
 (flashmla or row, FP8 keys; bf16: bf16 keys, warp-specialized or few-head kernel), KERNEL (fp8mma
-/ vregs: the FP8-products kernel with transposed keys / V^T from registers, row scales), LAUNCH (a
+/ vregs / split: the FP8-products kernel with transposed keys / V^T from registers / scores and
+values in separate warpgroups, row scales), LAUNCH (a
 Python dict of launch settings, or None for the kernel's default)."""
 
 import os
@@ -16,6 +17,7 @@ from bench_sparse_mla import decode_inputs, fp8_key_sets  # noqa: E402
 
 from mla_compiler.kernels import gluon_fewhead as fh  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma as fm  # noqa: E402
+from mla_compiler.kernels import gluon_fp8_mma_split as fs  # noqa: E402
 from mla_compiler.kernels import gluon_fp8_mma_vregs as fv  # noqa: E402
 from mla_compiler.kernels import gluon_sparse_mla as gk  # noqa: E402
 
@@ -26,7 +28,7 @@ if layout == "bf16":
     keys = (kv[:, 0, :512], None, kv[:, 0, 512:])
 else:
     keys = fp8_key_sets(kv)[layout]
-kernel = dict(fp8mma=fm, vregs=fv).get(os.environ.get("KERNEL", "")) or (fh if heads <= fh.MAX_HEADS else gk)
+kernel = dict(fp8mma=fm, vregs=fv, split=fs).get(os.environ.get("KERNEL", "")) or (fh if heads <= fh.MAX_HEADS else gk)
 launch = eval(os.environ.get("LAUNCH") or "None")
 for _ in range(2):
     kernel.forward(q, *keys, idx, 576**-0.5, launch=launch)
