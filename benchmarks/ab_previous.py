@@ -1,6 +1,6 @@
 """The sparse MLA forwards as they are against the same forwards at an earlier commit (prepared by
 ab_prepare.sh under benchmarks/_ab/), in one process at the V3.2 decode shape (batch 64, s_q 2,
-top-k 2048; 128 heads: the warp-specialized kernel and the FP8-products one; --heads 16: the
+top-k 2048; 128 heads: the warp-specialized kernel and the vregs FP8-products one; --heads 16: the
 few-head kernel, bf16 keys and both FP8 layouts): each pair's outputs compared (a change meant to
 keep the arithmetic must give the same bits), then all timed from CUDA graphs in interleaved rounds
 (medians). Extra arguments are launch dicts (JSON) of the FP8-products kernel (gluon_fp8_mma_vregs,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute's summary of one sparse MLA forward launch per configuration (benchmarks/
-# profile_driver.py; each configuration "KERNEL:LAYOUT:HEADS[:LAUNCH]", default: the FP8-products
-# kernel and bf16 keys at 128 heads): duration, DRAM bytes, L2 hit rate, pipe utilizations (the
+# profile_driver.py; each configuration "KERNEL:LAYOUT:HEADS[:LAUNCH]", default: the vregs
+# FP8-products kernel and bf16 keys at 128 heads): duration, DRAM bytes, L2 hit rate, pipe utilizations (the
 # tensor pipe's among them), issue activity and warp stall reasons. Writes, per configuration,
 # $OUT/summary_<n>_details.txt (ncu's details page) and $OUT/summary_<n>_raw.csv, and prints the
 # metrics that say which unit bounds the kernel.

@@ -1,7 +1,8 @@
 """The FP8-MMA forward with scores and values in separate warpgroups (gluon_fp8_mma_split.py):
-it compiles for Hopper to the products it claims, without spills (CPU); its launch settings are
-checked; on a Hopper GPU it matches reference_fp8_mma(block_n=64, lazy=True) on awkward inputs,
-extreme scales and keys whose scale is zero."""
+it compiles for Hopper to the products it claims, and so do its timing probes (CPU); its launch
+settings are checked, and a call no products kernel takes is refused by name (CPU); on a Hopper
+GPU it matches reference_fp8_mma(block_n=64, lazy=True) on awkward inputs, extreme scales and
+keys whose scale is zero."""
 
 import pytest
 from conftest import compiled_for_hopper, rel_err
@@ -10,6 +11,7 @@ from test_gluon_fp8_mma import SCALE, _assert_matches_emulation, _row_keys, _zer
 from mla_compiler.kernels import fp8_reference as fr
 from mla_compiler.kernels import gluon_fp8_mma as fm
 from mla_compiler.kernels import gluon_fp8_mma_split as fs
+from mla_compiler.kernels import gluon_fp8_mma_vregs as fv
 
 needs_hopper = pytest.mark.skipif(not hopper, reason="needs a Hopper GPU")
 needs_gluon = pytest.mark.skipif(not fs.HAVE_GLUON, reason="this Triton has no Gluon dialect")
@@ -38,6 +40,25 @@ def test_compiles_for_hopper_with_e4m3_products_and_four_warpgroups():
     assert info["mma"] == {"m64n64k32.f32.e4m3.e4m3": 16 + 2 * 2 * 4, "m64n64k16.f32.bf16.bf16": 4}, info
     # O regrouped to [heads, columns] (16-byte stores) and the lse's two, as gluon_fp8_mma_vregs.
     assert info["stores"] == [32, 2, 0], info
+
+
+@needs_gluon
+def test_timing_probes_compile_for_hopper():
+    # PROBE=1 (consumers only wait and release) and PROBE=2 (nothing copied) time one side alone.
+    info = compiled_for_hopper(
+        "import json; from mla_compiler.kernels import gluon_fp8_mma_split as fs\n"
+        "print(json.dumps([fs.compile_for_hopper(dict(PROBE=p)).metadata.shared for p in (1, 2)]))\n"
+    )
+    assert all(0 < shared <= fm.SHARED_LIMIT for shared in info), info
+
+
+@pytest.mark.parametrize("module", [fm, fv, fs], ids=["transposed", "vregs", "split"])
+def test_products_kernels_refuse_a_call_they_do_not_take(module):
+    # The three share their host code (gluon_fp8_mma.run_products_kernel): CPU tensors are
+    # declined with the reason, before anything is allocated or launched.
+    q, latent, scale, rope, idx = _row_keys(64, 64, "cpu")
+    with pytest.raises(ValueError, match="the FP8-MMA kernel does not take this call"):
+        module.forward(q, latent, scale, rope, idx, SCALE)
 
 
 def test_launch_settings_are_checked():

@@ -15,9 +15,11 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: ``forward`` here calls it directly; the FP8 forward's opt-in (``make_backend(fp8_products=True)``
-or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_split, the same arithmetic without the transposed
-copy (P V as V^T P'^T, V^T from registers; gluon_fp8_mma_vregs is the form before it), 0.116
-against 0.184 ms (H200, V3.2 decode, 2026-11-29). This module keeps the arithmetic's reference and the checks both kernels share. On
+or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_split: the same products without the transposed
+copy (P V as V^T P'^T, V^T from registers), P' under the lazy reference
+(``reference_fp8_mma(block_n=64, lazy=True)``); gluon_fp8_mma_vregs is the form before it. 0.1177
+against 0.1833 ms for this kernel (H200, V3.2 decode, bench_fp8_mma.py, 2026-11-29). This module
+keeps the arithmetic's reference and the checks and host code the three kernels share. On
 H200 at the V3.2 decode shape it first ran 0.184 ms against 0.221 for the dequantizing kernel (row
 scale) and 0.201 for bf16 keys (2026-11-28); without the transposes it would have run about 0.157
 (benchmarks/probe_fp8_mma.py, RESULTS.md).
@@ -902,7 +904,8 @@ def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: O
     bf16 [S, 64], indices [T, 1, topk] int32."""
     cfg = dict(LAUNCH, **(launch or {}))
     check_launch(cfg)
-    return run_products_kernel(_fp8_mma_fwd_kernel, q, kv_latent, kv_scale, kv_rope, indices, sm_scale, cfg, _too_much_shared)
+    kernel = _fp8_mma_fwd_kernel if HAVE_GLUON else None  # declined before it is needed without Gluon
+    return run_products_kernel(kernel, q, kv_latent, kv_scale, kv_rope, indices, sm_scale, cfg, _too_much_shared)
 
 
 def run_products_kernel(kernel, q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, cfg: dict, too_much_shared) -> tuple:

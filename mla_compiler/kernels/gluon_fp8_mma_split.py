@@ -20,29 +20,33 @@ slot. The producer is gluon_fp8_mma_vregs's, a block at a time.
 Status: the kernel ``make_backend(fp8_products=True)`` and MLA_COMPILER_FP8_MMA=1 dispatch to
 (triton_sparse_mla). H200, V3.2 decode shape (128 heads, top-k 2048), CUDA graphs: 0.1177 ms
 against 0.1193 for gluon_fp8_mma_vregs and 0.1792 for bf16 keys in bench_fp8_mma.py's call
-(1.52x); 0.1152-0.1159 against 0.1192-0.1195 in probe_fp8_mma.py's calls
+(1.52x); 0.1152-0.1159 against 0.1192-0.1194 in probe_fp8_mma.py's calls
 (benchmarks/results_probe_split_h200_2026-11-29.json). Its error against the emulation on 8
-tokens is the vregs kernel's (4.4e-3 for both).
+tokens is the vregs kernel's (4.43e-3 for both; the same file's "errors").
 
 Where its time goes (same files): timed alone, the producer's pace (PROBE=1) is 0.0751 ms and
-the consumers' (PROBE=2) 0.0977; together 0.1159. A fit over top-k puts the difference in the
-cost a key (0.0472 against 0.0378 ms per 1024 keys), not in the fixed cost (0.0229 against
-0.0219). In Nsight Compute's profile the producer never waits for a free slot, the scores
-warpgroup never for a free P' slot, and all three consumers wait for blocks to land
-(results_profile_split_stalls_h200_2026-11-29.json): copies and products slow each other down
-(both go through shared memory) more than either waits for the other.
+the consumers' (PROBE=2, about: they then compute on stale slots, so the rescale branch and
+the producer's log2 sigma work differ) 0.0977; together 0.1159. A fit over top-k puts the
+difference in the cost a key (0.0472 against 0.0378 ms per 1024 keys), not in the fixed cost
+(0.0229 against 0.0219). In Nsight Compute's profile the producer never waits for a free slot,
+the scores warpgroup never for a free P' slot, all three consumers wait for blocks to land, and
+the value warpgroups also wait for P' (results_profile_split_stalls_h200_2026-11-29.json). So
+copies and products slow each other more than either waits for the other; through shared memory,
+which both use, is the likely path (not measured: no shared-memory counters were taken).
 
 Measured and not kept (probe_fp8_mma.py, H200, against the default in the same call):
-- P_STAGES=3 (0.1197-0.1200 against 0.1152-0.1159 for 2; 1: 0.1158): the scores warpgroup
-  running further ahead gains nothing;
+- P_STAGES=3 (0.1197-0.1200 against 0.1153-0.1156 for 2 in the same calls; 1: 0.1158): the
+  scores warpgroup running further ahead gains nothing;
 - AHEAD=3 (0.1342) and STAGES=3 (0.1196 with AHEAD=1, 0.1358 with 2); AHEAD=1 0.1166;
-- KEY_ORDER=0 (0.1336: V's loads meet bank conflicts);
+- KEY_ORDER=0 (0.1336; in slot order V's loads meet twice the ideal shared wavefronts,
+  test_gluon_fp8_mma_vregs's count);
 - the value warpgroups holding one 32-key chunk of V at a time, the second read once the first
   product is done (VALUE_REGS=176, SCORE_REGS=104: 0.1205 against 0.1152), with the rope
   product in its own accumulator issued with the latent one (0.1199); at SCORE_REGS=72 the
   second accumulator serializes the products (ptxas C7512);
 - reading the next block's V while this block's products run: 4 KB of spills at VALUE_REGS=192
-  (ptxas, sm_90; not timed); at 184 ptxas serializes the products (C7512);
+  (ptxas -v on the sm_90 compile, triton 3.6; not timed); at 184 ptxas serializes the products
+  (its C7512 note, same compile);
 - a persistent grid (one program an SM taking items in turn, rings and phases running on
   across items, the producer copying an item's first blocks under the item before) with the
   scores warpgroup preparing each item's Q eight rows at a time (its registers hold two such

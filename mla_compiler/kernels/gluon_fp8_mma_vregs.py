@@ -26,9 +26,10 @@ into registers, 32 keys at a time, release both slots once the last V is read, a
 their own block first. With STEP_KEYS=64 (``_consumer_vregs``) a step is one block, each
 consumer scoring 32 of its keys, and a slot is released after P V.
 
-Status: the kernel ``make_backend(fp8_products=True)`` (the op's ``fp8_products``) and
-MLA_COMPILER_FP8_MMA=1 dispatch to (triton_sparse_mla). On H200 at the V3.2
-decode shape (128 heads, top-k 2048) it runs 0.119 ms against 0.179 for bf16 keys (RESULTS.md). What
+Status: ``make_backend(fp8_products=True)`` and MLA_COMPILER_FP8_MMA=1 dispatched to it until
+gluon_fp8_mma_split (scores and values in separate warpgroups, 0.1177 against this kernel's 0.1193
+ms in one call); ``forward`` here calls it directly. On H200 at the V3.2 decode shape (128 heads,
+top-k 2048) it runs 0.119 ms against 0.179 for bf16 keys (RESULTS.md). What
 carries it (probe_fp8_mma.py --vregs and A/B runs against the previous commit, H200):
 - V's bytes regrouped into A fragments by a 4 x 4 byte transpose in 8 permutes, pairs first
   (``_transposed_words``, inline PTX; the compiler gathered each word from its four sources in 3,

@@ -734,8 +734,8 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
          fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
     ]
     if kv_scale is not None and fm.asked_for(products):  # tried first, only when asked for
-        # Scores and values in separate warpgroups, V^T from registers: 0.116 against 0.119 ms for
-        # gluon_fp8_mma_vregs and 0.184 for gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md).
+        # Scores and values in separate warpgroups, V^T from registers: 0.1177 against 0.1193 ms for
+        # gluon_fp8_mma_vregs and 0.1833 for gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md).
         kernels.insert(0, (fs, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fs.LAUNCH))
     else:
         FP8_MMA_DECLINED.pop(name, None)  # not consulted: an earlier call's reason no longer applies
