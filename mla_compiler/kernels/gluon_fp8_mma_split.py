@@ -62,7 +62,8 @@ from typing import Optional
 
 
 from .gluon_common import HAVE_GLUON
-from .gluon_fp8_mma import LAZY_LOW, SHARED_LIMIT, compile_products_kernel, run_products_kernel
+from .gluon_fp8_mma import SHARED_LIMIT, compile_products_kernel, run_products_kernel
+from .gluon_sparse_mla import check_register_settings
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -81,8 +82,8 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
     from .gluon_consumers import _store_lse
-    from .gluon_fp8_mma import HEADROOM_LOG2, _quantize_q_rows
-    from .gluon_fp8_mma_vregs import _block_scores, _key_chunks, _producer_vregs, _store_transposed, _v_operand
+    from .gluon_fp8_mma import _quantize_q_rows
+    from .gluon_fp8_mma_vregs import _block_scores, _key_chunks, _lazy_p, _producer_vregs, _store_transposed, _v_operand
 
 # Registers a thread: the value warpgroups hold O^T's 128 accumulator registers and two 32-key
 # chunks of V^T (at 184, ptxas serializes the products: C7512); the scores warpgroup fits in 72
@@ -95,8 +96,6 @@ LAUNCH = dict(VALUE_REGS=192, SCORE_REGS=72, PRODUCER_REGS=56, STAGES=4, AHEAD=2
 REG_BUDGET = 512  # 128 x 512 threads / 128: a thread-slot for each of the four partitions
 
 if HAVE_GLUON:
-    LAZY_LOW_C = gl.constexpr(LAZY_LOW)
-
     @gluon.jit
     def _scores_warpgroup(q8_ring, qr_ring, qs_smem, k8_ring, r_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, p8_ring, fac_ring,
                           p_ready, p_free, bar_q, bar_fin, lfin, LSE, stride_lt, TOPK, H, sm_scale_log2, BLOCK_N: gl.constexpr,
@@ -130,12 +129,8 @@ if HAVE_GLUON:
                 isig = isig_ring.index(slot).load(col_s)
                 partition_barrier()
                 mbarrier.arrive(k_empty.index(slot))  # this warpgroup's reads of the slot are done
-                w_row = gl.max(t_b, 1)
-                k_new = gl.where(w_row > k_ref + HEADROOM_LOG2, gl.ceil(w_row) - LAZY_LOW_C, k_ref)
-                factor = gl.where(k_ref == float("-inf"), 1.0, gl.exp2(k_ref - k_new))
-                p8 = gl.exp2(t_b - gl.where(k_new == float("-inf"), 0.0, k_new)[:, None])
+                p8, factor, k_ref = _lazy_p(t_b, gl.max(t_b, 1), k_ref)
                 l_i = l_i * factor + gl.sum(p8 * isig[None, :], 1)
-                k_ref = k_new
                 e = b % P_STAGES
                 p8_lo, p8_hi = _key_chunks(p8.to(gl.float8e4nv), KEY_ORDER)
                 mbarrier.wait(p_free.index(e), ((b // P_STAGES) & 1) ^ 1)
@@ -276,9 +271,7 @@ def check_launch(cfg: dict) -> None:
     unknown = set(cfg) - set(LAUNCH)
     if unknown:
         raise ValueError(f"launch: unknown setting(s) {sorted(unknown)}; the settings are {sorted(LAUNCH)}")
-    for key in ("VALUE_REGS", "SCORE_REGS", "PRODUCER_REGS"):
-        if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
-            raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
+    check_register_settings(cfg, ("VALUE_REGS", "SCORE_REGS", "PRODUCER_REGS"))
     regs = 2 * cfg["VALUE_REGS"] + cfg["SCORE_REGS"] + cfg["PRODUCER_REGS"]
     if regs > REG_BUDGET:
         raise ValueError(f"launch VALUE_REGS={cfg['VALUE_REGS']} SCORE_REGS={cfg['SCORE_REGS']} PRODUCER_REGS={cfg['PRODUCER_REGS']}: "

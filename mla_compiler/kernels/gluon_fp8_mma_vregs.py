@@ -457,11 +457,20 @@ if HAVE_GLUON:
         xmax.index(WG).store(w_mine)
         _swap_with_other(bar_x, i & 1, WG)
         w_row = gl.maximum(w_mine, xmax.index(OTHER).load(row_s))
+        p8, factor, k_new = _lazy_p(t, w_row, k_ref)
+        l_step = gl.sum(p8 * isig_keys.load(col_s)[None, :], 1)
+        return p8.to(gl.float8e4nv), l_step, factor, k_new
+
+    @gluon.jit
+    def _lazy_p(t, w_row, k_ref):
+        """P' = 2^(t - k') (fp32) of a block's t = s c + log2 sigma under the lazy reference
+        (``lazy_reference``: k' = k unless P' would pass 2^8 at the rows' largest t ``w_row``),
+        the factor 2^(k - k') that rescales the sums before (1 where there were none), and k'.
+        The caller takes the softmax sum of P as that of P' / sigma."""
         k_new = gl.where(w_row > k_ref + HEADROOM_LOG2, gl.ceil(w_row) - LAZY_LOW_C, k_ref)
         factor = gl.where(k_ref == float("-inf"), 1.0, gl.exp2(k_ref - k_new))
         p8 = gl.exp2(t - gl.where(k_new == float("-inf"), 0.0, k_new)[:, None])
-        l_step = gl.sum(p8 * isig_keys.load(col_s)[None, :], 1)
-        return p8.to(gl.float8e4nv), l_step, factor, k_new
+        return p8, factor, k_new
 
     @gluon.jit
     def _key_chunks(p8, KEY_ORDER: gl.constexpr):

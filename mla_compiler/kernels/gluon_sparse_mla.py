@@ -353,9 +353,10 @@ def compile_ws_arguments(kernel, fp8: bool, constexprs: dict):
     return triton.compile(GluonASTSource(kernel, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def check_register_settings(cfg: dict) -> None:
-    """Raises ValueError where CONSUMER_REGS or PRODUCER_REGS is not a setmaxnreg value."""
-    for key in ("CONSUMER_REGS", "PRODUCER_REGS"):
+def check_register_settings(cfg: dict, keys: tuple = ("CONSUMER_REGS", "PRODUCER_REGS")) -> None:
+    """Raises ValueError where a partition's registers (``cfg[key]`` for each of ``keys``) are not a
+    setmaxnreg value."""
+    for key in keys:
         if cfg[key] % 8 or not 24 <= cfg[key] <= 256:
             raise ValueError(f"launch {key}={cfg[key]}: setmaxnreg takes a multiple of 8 in 24..256")
 
