@@ -5,7 +5,9 @@ scale a row also folded into the scores and P, over f16 MMAs: the default), and
 the three FP8-products kernels (e4m3 products, one scale a row): scores and values in separate
 warpgroups (gluon_fp8_mma_split, the one MLA_COMPILER_FP8_MMA=1 dispatches to), V^T from
 registers with both consumers taking scores and values (gluon_fp8_mma_vregs) and V transposed in
-shared memory (gluon_fp8_mma). Also the measured ceilings (bf16 and e4m3
+shared memory (gluon_fp8_mma), and the split kernel with two-term operands (RESIDUAL_LAUNCH: Q's
+latent and P' each as e4m3 plus its e4m3 residual, the exact FP8 arithmetic at twice the e4m3
+products). Also the measured ceilings (bf16 and e4m3
 matmul rate, device-to-device copy) and each kernel's error against the exact references.
 Timed from CUDA graphs in interleaved rounds (medians).
 
@@ -62,14 +64,14 @@ def needed_bytes(q, idx, s_kv, key_row_bytes: int) -> int:
     return valid * key_row_bytes + q.numel() * 2 + q.shape[0] * q.shape[1] * 512 * 2 + idx.numel() * 4
 
 
-def mma_floor_ms(flops: float, e4m3_products: bool, roof: dict) -> float:
-    """The time the products alone take at the measured matmul rates: all at bf16's, or the
+def mma_floor_ms(flops: float, e4m3_terms: int, roof: dict) -> float:
+    """The time the products alone take at the measured matmul rates: all at bf16's (0), or the
     latent products (1024 of the 1088 products an element: Q K^T over 512 and P V over 512) at
-    e4m3's and the rope's at bf16's."""
-    if not e4m3_products:
+    e4m3's, ``e4m3_terms`` times (2: each operand with its residual), and the rope's at bf16's."""
+    if not e4m3_terms:
         return flops / roof["bf16_tflops"] / 1e9
     latent = flops * 1024 / 1088
-    return latent / roof["e4m3_tflops"] / 1e9 + (flops - latent) / roof["bf16_tflops"] / 1e9
+    return e4m3_terms * latent / roof["e4m3_tflops"] / 1e9 + (flops - latent) / roof["bf16_tflops"] / 1e9
 
 
 def target_lines(flops: float, base_ms: float, fp8_row_gb: float, roof: dict) -> list[str]:
@@ -77,7 +79,7 @@ def target_lines(flops: float, base_ms: float, fp8_row_gb: float, roof: dict) ->
     fraction of it (over 100 % cannot be met) for 16-bit and for e4m3 products."""
     lines = []
     for name, ms in (("1.5x bf16 keys", base_ms / 1.5), ("60% HBM (FP8 rows)", fp8_row_gb / (0.6 * roof["copy_tb_s"]))):
-        need = {kind: 100 * mma_floor_ms(flops, kind == "e4m3", roof) / ms for kind in ("16-bit", "e4m3")}
+        need = {kind: 100 * mma_floor_ms(flops, int(kind == "e4m3"), roof) / ms for kind in ("16-bit", "e4m3")}
         lines.append(f"target {name}: <= {ms:.4f} ms, the products at {need['16-bit']:.0f} % of the bf16 matmul rate "
                      f"(16-bit products) or {need['e4m3']:.0f} % of the e4m3 and bf16 rates (e4m3 products)")
     return lines
@@ -93,6 +95,7 @@ def sample_errors(q, kv, idx, fp8) -> dict:
         ("ws FP8 row (scale folded, f16)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE)),
         ("ws FP8 row (dequantized)", fp8["row"], lambda p: ws.forward(qs, *p, ids, SCALE, launch=DEQUANTIZED)),
         ("FP8 products row, split warpgroups", fp8["row"], lambda p: fs.forward(qs, *p, ids, SCALE)),
+        ("FP8 products row, two-term operands", fp8["row"], lambda p: fs.forward(qs, *p, ids, SCALE, launch=fs.RESIDUAL_LAUNCH)),
         ("FP8 products row, V from registers", fp8["row"], lambda p: fv.forward(qs, *p, ids, SCALE)),
         ("FP8 products row, V transposed", fp8["row"], lambda p: fm.forward(qs, *p, ids, SCALE)),
         ("ws FP8 FlashMLA (dequantized)", fp8["flashmla"], lambda p: ws.forward(qs, *p, ids, SCALE)),
@@ -113,25 +116,26 @@ def main() -> int:
     fl = flops_fwd(idx, q.shape[1], 576, 512, s_kv)
     fp8 = fp8_key_sets(kv)
     lat, rope = kv[:, 0, :512], kv[:, 0, 512:]
-    # (name, call, bytes a key row, e4m3 products)
+    # (name, call, bytes a key row, e4m3 terms of the latent products: 0 for 16-bit products)
     cands = [
-        ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2, False),
-        ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656, False),
-        ("ws FP8 row (scale folded, f16)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, False),
-        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE, launch=DEQUANTIZED), FP8_ROW_BYTES, False),
-        ("FP8 products row, split warpgroups", lambda: fs.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
-        ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
-        ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, True),
+        ("ws bf16 keys", lambda: ws.forward(q, lat, None, rope, idx, SCALE), 576 * 2, 0),
+        ("ws FP8 FlashMLA (dequantized)", lambda: ws.forward(q, *fp8["flashmla"], idx, SCALE), 656, 0),
+        ("ws FP8 row (scale folded, f16)", lambda: ws.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, 0),
+        ("ws FP8 row (dequantized)", lambda: ws.forward(q, *fp8["row"], idx, SCALE, launch=DEQUANTIZED), FP8_ROW_BYTES, 0),
+        ("FP8 products row, split warpgroups", lambda: fs.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, 1),
+        ("FP8 products row, two-term operands", lambda: fs.forward(q, *fp8["row"], idx, SCALE, launch=fs.RESIDUAL_LAUNCH), FP8_ROW_BYTES, 2),
+        ("FP8 products row, V from registers", lambda: fv.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, 1),
+        ("FP8 products row, V transposed", lambda: fm.forward(q, *fp8["row"], idx, SCALE), FP8_ROW_BYTES, 1),
     ]
     times = graphed_rounds({name: fn for name, fn, _, _ in cands}, a.rounds)
     roof = all_ceilings()
     errors = sample_errors(q, kv, idx, fp8)
     base = statistics.median(times["ws bf16 keys"])
     rows = []
-    for name, _, row_bytes, e4m3_products in cands:
+    for name, _, row_bytes, e4m3_terms in cands:
         ms = statistics.median(times[name])
         gb = needed_bytes(q, idx, s_kv, row_bytes) / 1e9
-        floor = max(gb / roof["copy_tb_s"], mma_floor_ms(fl, e4m3_products, roof))
+        floor = max(gb / roof["copy_tb_s"], mma_floor_ms(fl, e4m3_terms, roof))
         # HBM fraction: the bytes needed over the time, against the measured copy bandwidth.
         rows.append(dict(impl=name, ms=ms, tflops=fl / ms / 1e9, vs_bf16_keys=base / ms, needed_gb=gb,
                          hbm_fraction=gb / ms / roof["copy_tb_s"], floor_ms=floor, of_floor=floor / ms,

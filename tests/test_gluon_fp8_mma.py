@@ -92,6 +92,37 @@ def test_reference_error_against_the_exact_fp8_reference(extreme):
     assert (lse[fin] - ref_lse[fin]).abs().max() < (8.0 if extreme else 0.05)
 
 
+def test_two_e4m3_terms_keep_bf16_values_exactly():
+    # A bf16 value (8 significant bits) under its row's power-of-two scale is the rounded value
+    # (4 bits) plus its residual (at most the other 4), both e4m3, while the residual is no finer
+    # than e4m3's subnormal step 2^-9: everywhere from 2^-2 of e4m3's range up.
+    q = (torch.randn(20, 512) * torch.logspace(-2, 2, 20)[:, None]).to(torch.bfloat16)
+    _, qs = fm.quantize_q_rows(q)
+    y = q.float() / qs[:, None]
+    two = fm.e4m3_terms(y, terms=2)
+    assert torch.equal(two[y.abs() >= 0.25], y[y.abs() >= 0.25])
+    assert ((two - y).abs() <= 2.0**-10).all()
+    one = fm.e4m3_terms(y)
+    assert torch.equal(one, y.to(torch.float8_e4m3fn).float()) and not torch.equal(one, y)
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["random", "extreme-scales"])
+def test_two_term_reference_is_the_exact_fp8_arithmetic(extreme):
+    # Q and P' as two e4m3 terms: the e4m3 roundings' error is gone, what is left is P' below
+    # e4m3's subnormal step and the order of the sums (measured 1.8e-3 random, 7.9e-4 extreme,
+    # against 3.6e-2 and 0.18 with one term).
+    q, latent, scale, rope, idx = _row_keys(64, 200, "cpu", extreme, t=4, s_kv=1000)
+    ref_out, ref_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
+    one, _ = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=64, lazy=True)
+    out, lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, block_n=64, lazy=True, terms=2)
+    assert out.isfinite().all() and (lse[2] == float("inf")).all() and (out[2] == 0).all()
+    assert rel_err(out, ref_out) < 5e-3 and rel_err(out, ref_out) < rel_err(one, ref_out) / 10
+    fin = torch.isfinite(ref_lse)
+    assert (lse[fin] - ref_lse[fin]).abs().max() < 1e-3
+    with pytest.raises(ValueError, match="terms=2: 1, or 2 with lazy=True"):
+        fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, terms=2)
+
+
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
 def test_reference_keeps_keys_whose_scale_is_zero(lazy):
     # The lazy form takes P' = P sigma and recovers P from P' / sigma: a selected key with scale 0
@@ -330,12 +361,17 @@ def test_dispatch_names_it_only_when_asked_for(monkeypatch):
     assert fm.asked_for() and "FP8-products" in member((512, 64, 1))
     # FlashMLA's four tile scales: this kernel declines them, so the report does not name it.
     assert "warp-specialized" in member((512, 64, 4))
+    assert fm.product_terms() == 1 and "e4m3 Q and P" in member((512, 64, 1))
+    monkeypatch.setenv(fm.ENV_OFF, "2")  # Q and P as two e4m3 terms each
+    assert fm.product_terms() == 2 and "two e4m3 terms" in member((512, 64, 1))
     monkeypatch.setenv(fm.ENV_OFF, "0")
-    assert not fm.asked_for()
+    assert not fm.asked_for() and fm.product_terms() == 0
     # Asked for by the call (make_backend(fp8_products=True)), without the environment variable.
     monkeypatch.delenv(fm.ENV_OFF)
     asked = Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048, fp8_layout=(512, 64, 1), fp8_products=True)
     assert fm.asked_for(True) and "FP8-products" in tk.forward_member(asked) and "fp8_products" in tk.forward_member(asked)
+    two = Problem("cuda", torch.bfloat16, 576, 512, 128, 1, 2048, fp8_layout=(512, 64, 1), fp8_products=2)
+    assert fm.product_terms(2) == 2 and "fp8_products: Q and P as two e4m3 terms" in tk.forward_member(two)
     monkeypatch.setenv(fm.ENV_OFF, "0")  # switched off: the report names the kernel that runs instead
     assert "warp-specialized" in tk.forward_member(asked)
 
@@ -366,6 +402,11 @@ def test_fp8_op_takes_it_when_asked_for(monkeypatch):
     out_asked, _ = torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512, fp8_products=True)
     assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon FP8 products"
     assert out_asked.equal(out)
+    # Two e4m3 terms (make_backend(fp8_products="two_term")): the split kernel's RESIDUAL_LAUNCH.
+    out_two, lse_two = torch.ops.sparse_mla.sparse_attn_fp8kv(q, *rows, idx, SCALE, 512, fp8_products=2)
+    assert tk.LAST_LAUNCH["forward_fp8"]["kernel"] == "gluon FP8 products" and tk.LAST_LAUNCH["forward_fp8"]["RESIDUALS"] == 1
+    _assert_matches_emulation(out_two.float(), lse_two,
+                              *fm.reference_fp8_mma(q, *rows, idx, SCALE, **fs.reference_settings(fs.RESIDUAL_LAUNCH)))
 
 
 @needs_hopper
@@ -383,11 +424,13 @@ def test_backend_option_runs_it_in_a_compiled_model(monkeypatch):
     model = TinyMLAModel(cfg).eval().to("cuda", torch.bfloat16)
     prompt = torch.randint(0, cfg.vocab_size, (1, 128), device="cuda")
     logits, kernel = {}, {}
-    for products in (False, True):
+    for products in (False, True, "two_term"):
         model.allocate_cache(1, 256, kv_format="float8", device="cuda")
         torch._dynamo.reset()
         with torch.no_grad():
             logits[products] = torch.compile(model, backend=make_backend(inner="eager", fp8_products=products))(prompt).float()
         kernel[products] = tk.LAST_LAUNCH["forward_fp8"]["kernel"]
-    assert kernel == {False: "gluon warp-specialized", True: "gluon FP8 products"}, kernel
+    assert kernel == {False: "gluon warp-specialized", True: "gluon FP8 products", "two_term": "gluon FP8 products"}, kernel
     assert rel_err(logits[True], logits[False]) < 5e-2, rel_err(logits[True], logits[False])
+    # Two e4m3 terms: the dequantizing kernel's arithmetic up to the tensor cores' accumulation.
+    assert rel_err(logits["two_term"], logits[False]) < 1e-2, rel_err(logits["two_term"], logits[False])

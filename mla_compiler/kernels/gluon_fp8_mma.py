@@ -91,8 +91,9 @@ if HAVE_GLUON:
     from .gluon_producers import _block_indices, _rope_rows, _row_ptrs, _valid_rows
 
 LOG2E = 1.4426950408889634
-# =1: FP8 calls try this kernel first (it rounds Q and P to e4m3: less accurate than the
-# dequantizing kernels); unset: it is never taken; =0: declines() says it is switched off.
+# =1: FP8 calls try the FP8-products kernel first (it rounds Q and P to e4m3: less accurate than
+# the dequantizing kernels); =2: with Q and P as two e4m3 terms each; unset: it is never taken;
+# =0: declines() says it is switched off.
 ENV_OFF = "MLA_COMPILER_FP8_MMA"
 P_HEADROOM_LOG2 = 8  # P' = P * sigma * 2^(P_HEADROOM_LOG2 - e) <= 256 (see p_exponent)
 E_LIMIT = 60  # |e| at most this: the accumulator's rescale 2^(e_prev - e) stays a normal float
@@ -129,13 +130,22 @@ COPIER_REG_BUDGET = 512  # the four 128-thread partitions of COPIER=1 (128 x 512
 SHARED_LIMIT = 232448  # bytes a program may allocate on sm_90 (227 KB)
 
 
-def asked_for(products: bool = False) -> bool:
-    """Whether FP8 calls should try this kernel first: asked for by the call (``products``, from
-    ``make_backend(fp8_products=True)`` or the op's ``fp8_products``) or for every call
-    (MLA_COMPILER_FP8_MMA=1). An explicit choice, since its e4m3 Q and P roughly add the key
-    layout's own error again (RESULTS.md); MLA_COMPILER_FP8_MMA=0 still switches it off
-    (``declines`` says so)."""
-    return products or os.environ.get(ENV_OFF) == "1"
+def product_terms(products: int = 0) -> int:
+    """The e4m3 terms of Q and P that FP8 calls ask the FP8-products kernel for: the call's
+    (``products``: the op's ``fp8_products``, from ``make_backend(fp8_products=True)`` (1) or
+    ``"two_term"`` (2)), else every call's (MLA_COMPILER_FP8_MMA=1 or 2); 0 where none asks. An
+    explicit choice: one term (e4m3 Q and P) roughly adds the key layout's own error again, two
+    terms keep the layout's error at about 1.4x the time of one (RESULTS.md).
+    MLA_COMPILER_FP8_MMA=0 still switches the kernel off (``declines`` says so)."""
+    if products:
+        return int(products)
+    env = os.environ.get(ENV_OFF)
+    return int(env) if env in ("1", "2") else 0
+
+
+def asked_for(products: int = 0) -> bool:
+    """Whether FP8 calls should try the FP8-products kernel first (``product_terms``)."""
+    return product_terms(products) > 0
 
 
 def declines(q: torch.Tensor, kv_latent: torch.Tensor, kv_scale: Optional[torch.Tensor], kv_rope: Optional[torch.Tensor],
@@ -204,15 +214,27 @@ def lazy_reference(w_max: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, 
     return moved, torch.where(k == float("-inf"), torch.ones_like(k), torch.exp2(k - moved))
 
 
-def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int = 64, lazy: bool = False):
+def e4m3_terms(x: torch.Tensor, terms: int = 1) -> torch.Tensor:
+    """``x`` (float32) as the products see it: rounded to e4m3, or with ``terms=2`` that plus its
+    rounding residual rounded to e4m3 (hi + lo, about 8 significant bits: a bf16 value scaled by a
+    power of two into e4m3's range is kept exactly, as long as its residual is no subnormal)."""
+    hi = x.to(torch.float8_e4m3fn).float()
+    return hi if terms == 1 else hi + (x - hi).to(torch.float8_e4m3fn).float()
+
+
+def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int = 64, lazy: bool = False,
+                      terms: int = 1):
     """out [T, H, 512] (float32) and lse [T, H] of the FP8-MMA kernel's arithmetic: Q's latent and
     P' rounded to e4m3 as the kernel does, blocks of ``block_n`` keys in top-k order, online
     softmax in fp32. q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale [S, 1], kv_rope bf16
     [S, 64], indices [T, 1, topk]. ``lazy``: P' under ``lazy_reference``'s k (the vregs kernel's
     LAZY_RESCALE=1), the sums kept in its units; else under the running maximum and a block's
-    exponent (``p_exponent``)."""
+    exponent (``p_exponent``). ``terms=2`` (lazy only): Q's latent and P' each as two e4m3 terms
+    (``e4m3_terms``), the split kernel's RESIDUALS=1."""
+    if terms not in (1, 2) or (terms == 2 and not lazy):
+        raise ValueError(f"terms={terms}: 1, or 2 with lazy=True (the only kernel with two-term operands takes the lazy reference)")
     if lazy:
-        return _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n)
+        return _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n, terms)
     t, h, _ = q.shape
     m = torch.full((t, h), float("-inf"), device=q.device)
     l_sum = torch.zeros((t, h), device=q.device)
@@ -231,13 +253,15 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
     return _reference_output(acc, l_sum, m)
 
 
-def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int):
+def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int, terms: int = 1):
     """Each block of ``block_n`` keys in top-k order, as reference_fp8_mma reads it: the e4m3
     latent rows as float [T, n, 512], sigma [T, n], which keys are valid [T, n] and the base-2
-    scores [T, H, n] (Q's latent rounded as the kernel does; 0, 0 and -inf at invalid keys)."""
+    scores [T, H, n] (Q's latent rounded as the kernel does, in ``terms`` e4m3 terms; 0, 0 and
+    -inf at invalid keys)."""
     s_kv = kv_latent.shape[0]
-    q8, qs = quantize_q_rows(q[..., :_D_LAT])
-    q8, q_rope = q8.float(), q[..., _D_LAT:].float()
+    _, qs = quantize_q_rows(q[..., :_D_LAT])
+    q8 = e4m3_terms(q[..., :_D_LAT].float() / qs.unsqueeze(-1), terms)  # the scale is a power of two: exact
+    q_rope = q[..., _D_LAT:].float()
     scale_log2 = sm_scale * LOG2E
     idx = indices[:, 0].long()
     for b0 in range(0, idx.shape[-1], block_n):
@@ -266,17 +290,17 @@ def _reference_output(acc, l_sum, m):
     return out, lse
 
 
-def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int):
+def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int, terms: int):
     t, h, _ = q.shape
     k_ref = torch.full((t, h), float("-inf"), device=q.device)
     l_sum = torch.zeros((t, h), device=q.device)
     acc = torch.zeros((t, h, _D_LAT), device=q.device)
-    for k8, sig, valid, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n):
+    for k8, sig, valid, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n, terms):
         sig = floored_sigma(sig, valid)  # P' and the sums both take it (P' / sigma is P)
         w = s + torch.log2(sig)[:, None, :]
         k_ref, f = lazy_reference(w.amax(-1), k_ref)
         p = torch.exp2(w - torch.where(k_ref == float("-inf"), 0.0, k_ref)[..., None])  # P' in fp32
-        acc = acc * f[..., None] + torch.einsum("thn,tnd->thd", p.to(torch.float8_e4m3fn).float(), k8)
+        acc = acc * f[..., None] + torch.einsum("thn,tnd->thd", e4m3_terms(p, terms), k8)
         l_sum = l_sum * f + (p * torch.where(sig > 0, 1.0 / sig, 0.0)[:, None, :]).sum(-1)
     return _reference_output(acc, l_sum, k_ref)
 
@@ -352,11 +376,12 @@ if HAVE_GLUON:
         qr_smem.store(gl.load(q_row + D_LAT + rope_cols[None, :], mask=h_ok, other=0.0))
 
     @gluon.jit
-    def _quantize_q_rows(Q, q8_smem, qs_smem, t, hb, stride_qt, stride_qh, H, ROW0: gl.constexpr):
+    def _quantize_q_rows(Q, q8_smem, q8_res_smem, qs_smem, t, hb, stride_qt, stride_qh, H, ROW0: gl.constexpr, TERMS: gl.constexpr):
         """The latent of rows ROW0 .. ROW0 + 32 of the program's query rows into shared memory (as
         ``_quantize_q``; the rope rows are copied by ``_copy_q_rope``), by the four warps that call
         it. Every load is issued before any is used: one trip to memory, not one a 128-column chunk
-        and pass (64 registers a thread hold the rows)."""
+        and pass (64 registers a thread hold the rows). TERMS=2: also each value's rounding
+        residual, in e4m3 under the same scale, into ``q8_res_smem`` (``e4m3_terms``)."""
         ROWS: gl.constexpr = BLOCK_H // 2
         q_layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [4, 1], [1, 0])
         heads = hb * BLOCK_H + ROW0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, q_layout))
@@ -370,12 +395,21 @@ if HAVE_GLUON:
         amax = gl.maximum(gl.maximum(gl.max(gl.abs(x0.to(gl.float32)), 1), gl.max(gl.abs(x1.to(gl.float32)), 1)),
                           gl.maximum(gl.max(gl.abs(x2.to(gl.float32)), 1), gl.max(gl.abs(x3.to(gl.float32)), 1)))
         qs, inv = _q_scales(amax)
-        q8_rows = q8_smem.slice(ROW0, ROWS, dim=0)
-        q8_rows.slice(0, 128, dim=1).store((x0.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
-        q8_rows.slice(128, 128, dim=1).store((x1.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
-        q8_rows.slice(256, 128, dim=1).store((x2.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
-        q8_rows.slice(384, 128, dim=1).store((x3.to(gl.float32) * inv[:, None]).to(gl.float8e4nv))
+        _store_q_terms(x0, inv, q8_smem, q8_res_smem, ROW0, 0, TERMS)
+        _store_q_terms(x1, inv, q8_smem, q8_res_smem, ROW0, 128, TERMS)
+        _store_q_terms(x2, inv, q8_smem, q8_res_smem, ROW0, 256, TERMS)
+        _store_q_terms(x3, inv, q8_smem, q8_res_smem, ROW0, 384, TERMS)
         qs_smem.slice(ROW0, ROWS).store(qs)
+
+    @gluon.jit
+    def _store_q_terms(x, inv, q8_smem, q8_res_smem, ROW0: gl.constexpr, COL0: gl.constexpr, TERMS: gl.constexpr):
+        """One 128-column chunk of Q's rows times their inverse scales, rounded to e4m3 (and with
+        TERMS=2 its residual rounded to e4m3) into the chunk's place."""
+        y = x.to(gl.float32) * inv[:, None]
+        hi = y.to(gl.float8e4nv)
+        q8_smem.slice(ROW0, x.shape[0], dim=0).slice(COL0, 128, dim=1).store(hi)
+        if TERMS == 2:
+            q8_res_smem.slice(ROW0, x.shape[0], dim=0).slice(COL0, 128, dim=1).store((y - hi.to(gl.float32)).to(gl.float8e4nv))
 
     @gluon.jit
     def _copy_q_rope(Q, qr_smem, t, hb, stride_qt, stride_qh, H):

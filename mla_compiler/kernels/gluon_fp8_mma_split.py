@@ -18,11 +18,27 @@ log2 sigma, the reference k moved only where P' = 2^(t - k) would pass 2^8, P' i
 slot. The producer is gluon_fp8_mma_vregs's, a block at a time.
 
 Status: the kernel ``make_backend(fp8_products=True)`` and MLA_COMPILER_FP8_MMA=1 dispatch to
-(triton_sparse_mla). H200, V3.2 decode shape (128 heads, top-k 2048), CUDA graphs: 0.1177 ms
+(triton_sparse_mla); ``"two_term"`` and =2 to its RESIDUAL_LAUNCH (below). H200, V3.2 decode shape (128 heads, top-k 2048), CUDA graphs: 0.1177 ms
 against 0.1193 for gluon_fp8_mma_vregs and 0.1792 for bf16 keys in bench_fp8_mma.py's call
 (1.52x); 0.1152-0.1159 against 0.1192-0.1194 in probe_fp8_mma.py's calls
 (benchmarks/results_probe_split_h200_2026-11-29.json). Its error against the emulation on 8
 tokens is the vregs kernel's (4.43e-3 for both; the same file's "errors").
+
+Two-term operands (RESIDUALS=1, ``RESIDUAL_LAUNCH``; ``make_backend(fp8_products="two_term")``
+and MLA_COMPILER_FP8_MMA=2 dispatch to it): Q's latent and P' each go in as e4m3 plus their
+e4m3 rounding residual under the same scale (``e4m3_terms``: a bf16 Q scaled into e4m3's range
+exactly, P' to about 2^-8), one accumulator each: the scores warpgroup chains Q_lo K^T after
+Q_hi K^T, the value warpgroups add V^T P_lo'^T after V^T P_hi'^T with the same V^T registers.
+Twice the e4m3 products, the same registers; Q_lo's 32 KB leave shared memory for three key
+slots. H200, V3.2 decode (bench_fp8_mma.py, two calls): 0.1622 and 0.1657 ms, 1.09-1.10x bf16
+keys and 1.19-1.21x the warp-specialized kernel's FP8 rows (the default FP8 path); error
+against bf16 keys 5.88e-2 for the layout's 5.87e-2, 7.2e-3 against the exact FP8 reference
+(one term: 8.45e-2 and 5.88e-2). On extreme scales (scores in the hundreds) it is 2.2e-3 from
+the exact FP8 output, lse 0.51, against 7.9e-2 and 7.0 with one term: what is left is the
+tensor cores' accumulation of e4m3 products. P_STAGES=1 ran 0.1599 / 0.1612 against 0.1627 /
+0.1615 (same calls: no difference kept), STAGES=3 AHEAD=2 0.1827, STAGES=2 0.1828
+(probe_fp8_mma.py). ptxas (sm_90, triton 3.6): one 4-byte value of the scores warpgroup
+spilled (a load a block); SCORE_REGS=80 with PRODUCER_REGS=48 ran 0.1635.
 
 Where its time goes (same files): timed alone, the producer's pace (PROBE=1) is 0.0751 ms and
 the consumers' (PROBE=2, about: they then compute on stale slots, so the rescale branch and
@@ -92,14 +108,19 @@ if HAVE_GLUON:
 # block's V while this block's products run spills 4 KB (ptxas, sm_90) and is not offered.
 # PROBE (timing only, the output is wrong): 1, the consumers only wait for each block and release
 # it (the producer's pace); 2, the producer hands slots over without copying (the consumers').
-LAUNCH = dict(VALUE_REGS=192, SCORE_REGS=72, PRODUCER_REGS=56, STAGES=4, AHEAD=2, P_STAGES=2, KEY_ORDER=1, PROBE=0)
+# RESIDUALS=1: Q's latent and P' each as two e4m3 terms, the rounded value and its rounding
+# residual (``e4m3_terms``), so the products carry bf16's Q and P' to about 2^-8: twice the e4m3
+# products, the same registers, 32 KB more shared memory (RESIDUAL_LAUNCH fits it in three slots).
+LAUNCH = dict(VALUE_REGS=192, SCORE_REGS=72, PRODUCER_REGS=56, STAGES=4, AHEAD=2, P_STAGES=2, KEY_ORDER=1, PROBE=0, RESIDUALS=0)
+RESIDUAL_LAUNCH = dict(RESIDUALS=1, STAGES=3, AHEAD=1)
 REG_BUDGET = 512  # 128 x 512 threads / 128: a thread-slot for each of the four partitions
 
 if HAVE_GLUON:
     @gluon.jit
     def _scores_warpgroup(q8_ring, qr_ring, qs_smem, k8_ring, r_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, p8_ring, fac_ring,
                           p_ready, p_free, bar_q, bar_fin, lfin, LSE, stride_lt, TOPK, H, sm_scale_log2, BLOCK_N: gl.constexpr,
-                          STAGES: gl.constexpr, P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr):
+                          STAGES: gl.constexpr, P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr,
+                          TERMS: gl.constexpr):
         """Each block's scores over all its keys, P' under the lazy reference (``lazy_reference``)
         into the P' ring with the factor that rescales what came before; the softmax sums, and at
         the end the sums for the value warpgroups and the lse."""
@@ -122,8 +143,8 @@ if HAVE_GLUON:
                 mbarrier.arrive(k_empty.index(slot))
             else:
                 q_at = _unhoisted(b)
-                s = _block_scores(q8_ring.index(q_at), qr_ring.index(q_at), k8_ring.index(slot), r_ring.index(slot), sig_ring.index(slot),
-                                  q_scale, s_zero, s_layout, sr_layout)
+                s = _block_scores(q8_ring.index(q_at), q8_ring.index(q_at + (TERMS - 1)), qr_ring.index(q_at), k8_ring.index(slot),
+                                  r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout, TERMS)
                 # Invalid keys need no mask: their rows are zero-filled and log2 sigma is -inf there.
                 t_b = s * sm_scale_log2 + lsig_ring.index(slot).load(col_s)[None, :]
                 isig = isig_ring.index(slot).load(col_s)
@@ -132,10 +153,15 @@ if HAVE_GLUON:
                 p8, factor, k_ref = _lazy_p(t_b, gl.max(t_b, 1), k_ref)
                 l_i = l_i * factor + gl.sum(p8 * isig[None, :], 1)
                 e = b % P_STAGES
-                p8_lo, p8_hi = _key_chunks(p8.to(gl.float8e4nv), KEY_ORDER)
+                p8_e4m3 = p8.to(gl.float8e4nv)
+                p8_lo, p8_hi = _key_chunks(p8_e4m3, KEY_ORDER)
                 mbarrier.wait(p_free.index(e), ((b // P_STAGES) & 1) ^ 1)
-                p8_ring.index(2 * e).store(p8_lo)
-                p8_ring.index(2 * e + 1).store(p8_hi)
+                p8_ring.index(2 * TERMS * e).store(p8_lo)
+                p8_ring.index(2 * TERMS * e + 1).store(p8_hi)
+                if TERMS == 2:  # P' - e4m3(P') in e4m3, under the same reference: the products add both
+                    r8_lo, r8_hi = _key_chunks((p8 - p8_e4m3.to(gl.float32)).to(gl.float8e4nv), KEY_ORDER)
+                    p8_ring.index(4 * e + 2).store(r8_lo)
+                    p8_ring.index(4 * e + 3).store(r8_hi)
                 fac_ring.index(e).store(factor)
                 fence_async_shared()
                 partition_barrier()
@@ -149,7 +175,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _value_warpgroup(Q, q8_ring, qs_smem, k8_ring, full, k_empty, p8_ring, fac_ring, p_ready, p_free, bar_q, bar_fin, lfin, OUT,
                          stride_qt, stride_qh, stride_ot, stride_oh, TOPK, H, WG: gl.constexpr, BLOCK_N: gl.constexpr,
-                         STAGES: gl.constexpr, P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr):
+                         STAGES: gl.constexpr, P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr,
+                         TERMS: gl.constexpr):
         """Half of Q's latent rows quantized, then O^T += V^T P'^T for this warpgroup's 256 value
         columns, block after block, V^T from registers; at the end O / l stored."""
         t, hb = _program_coords(H)
@@ -157,7 +184,8 @@ if HAVE_GLUON:
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_H, 32])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
         head_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-        _quantize_q_rows(Q, q8_ring.index(0), qs_smem, t, hb, stride_qt, stride_qh, H, WG * (BLOCK_H // 2))
+        _quantize_q_rows(Q, q8_ring.index(0), q8_ring.index(TERMS - 1), qs_smem, t, hb, stride_qt, stride_qh, H, WG * (BLOCK_H // 2),
+                         TERMS)
         fence_async_shared()
         partition_barrier()
         mbarrier.arrive(bar_q.index(0))
@@ -180,8 +208,11 @@ if HAVE_GLUON:
                 factor = fac_ring.index(e).load(head_o)
                 if gl.min(factor, 0) < 1.0:  # the reference moved for some head
                     acc = acc * factor[None, :]
-                acc = warpgroup_mma(v_lo, p8_ring.index(2 * e).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma(v_hi, p8_ring.index(2 * e + 1).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(v_lo, p8_ring.index(2 * TERMS * e).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(v_hi, p8_ring.index(2 * TERMS * e + 1).permute((1, 0)), acc, is_async=True)
+                if TERMS == 2:  # P's residual terms, the same V^T
+                    acc = warpgroup_mma(v_lo, p8_ring.index(4 * e + 2).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(v_hi, p8_ring.index(4 * e + 3).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])
                 partition_barrier()
                 mbarrier.arrive(p_free.index(e))
@@ -206,9 +237,10 @@ if HAVE_GLUON:
         stride_qt, stride_qh, stride_kvs, stride_ss, stride_rs, stride_it, stride_ot, stride_oh, stride_lt,
         S_KV, TOPK, H, sm_scale_log2,
         VALUE_REGS: gl.constexpr, SCORE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, STAGES: gl.constexpr, AHEAD: gl.constexpr,
-        P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr,
+        P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr, RESIDUALS: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 64
+        TERMS: gl.constexpr = 1 + RESIDUALS
         vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_LAT], gl.float8e4nv)
         qr_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, D_ROPE], gl.bfloat16)
@@ -217,7 +249,7 @@ if HAVE_GLUON:
         p8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_H, BLOCK_N // 2], gl.float8e4nv)
         # Q as rings of one: the scores warpgroup indexes them with a value the compiler cannot
         # prove constant (``_unhoisted``), so its descriptors are not hoisted into registers.
-        q8_ring = gl.allocate_shared_memory(gl.float8e4nv, [1, BLOCK_H, D_LAT], q8_layout)
+        q8_ring = gl.allocate_shared_memory(gl.float8e4nv, [TERMS, BLOCK_H, D_LAT], q8_layout)
         qr_ring = gl.allocate_shared_memory(gl.bfloat16, [1, BLOCK_H, D_ROPE], qr_layout)
         qs_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         k8_ring = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, D_LAT], k8_layout)
@@ -226,7 +258,7 @@ if HAVE_GLUON:
         sig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
         lsig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
         isig_ring = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_N], vec)
-        p8_ring = gl.allocate_shared_memory(gl.float8e4nv, [2 * P_STAGES, BLOCK_H, BLOCK_N // 2], p8_layout)
+        p8_ring = gl.allocate_shared_memory(gl.float8e4nv, [2 * TERMS * P_STAGES, BLOCK_H, BLOCK_N // 2], p8_layout)
         fac_ring = gl.allocate_shared_memory(gl.float32, [P_STAGES, BLOCK_H], vec)
         lfin = gl.allocate_shared_memory(gl.float32, [BLOCK_H], vec)
         full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -249,13 +281,13 @@ if HAVE_GLUON:
             [
                 (_value_warpgroup, (Q, q8_ring, qs_smem, k8_ring, full, k_empty, p8_ring, fac_ring, p_ready, p_free, bar_q, bar_fin, lfin,
                                     OUT, stride_qt, stride_qh, stride_ot, stride_oh, TOPK, H, 0, BLOCK_N, STAGES, P_STAGES, KEY_ORDER,
-                                    PROBE)),
+                                    PROBE, TERMS)),
                 (_value_warpgroup, (Q, q8_ring, qs_smem, k8_ring, full, k_empty, p8_ring, fac_ring, p_ready, p_free, bar_q, bar_fin, lfin,
                                     OUT, stride_qt, stride_qh, stride_ot, stride_oh, TOPK, H, 1, BLOCK_N, STAGES, P_STAGES, KEY_ORDER,
-                                    PROBE)),
+                                    PROBE, TERMS)),
                 (_scores_warpgroup, (q8_ring, qr_ring, qs_smem, k8_ring, r_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, p8_ring,
                                      fac_ring, p_ready, p_free, bar_q, bar_fin, lfin, LSE, stride_lt, TOPK, H, sm_scale_log2, BLOCK_N,
-                                     STAGES, P_STAGES, KEY_ORDER, PROBE)),
+                                     STAGES, P_STAGES, KEY_ORDER, PROBE, TERMS)),
                 (_producer_vregs if PROBE != 2 else _producer_probe,
                  (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX,
                   stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_ring.index(0), stride_qt, stride_qh,
@@ -283,6 +315,8 @@ def check_launch(cfg: dict) -> None:
         raise ValueError(f"launch P_STAGES={cfg['P_STAGES']}: at least 1 (2 lets the scores run a block ahead of the values)")
     if cfg["KEY_ORDER"] not in (0, 1):
         raise ValueError(f"launch KEY_ORDER={cfg['KEY_ORDER']}: 0 or 1")
+    if cfg["RESIDUALS"] not in (0, 1):
+        raise ValueError(f"launch RESIDUALS={cfg['RESIDUALS']}: 0, or 1 for two-term e4m3 operands (with fewer STAGES: RESIDUAL_LAUNCH)")
     if cfg["PROBE"] not in (0, 1, 2):
         raise ValueError(f"launch PROBE={cfg['PROBE']}: 0, or 1 / 2 to time the producer / the consumers alone")
 
@@ -294,8 +328,8 @@ def launch_settings(launch: Optional[dict] = None) -> dict:
 
 def reference_settings(launch: Optional[dict] = None) -> dict:
     """The arguments of ``reference_fp8_mma`` that give this kernel's roundings: the lazy
-    reference, moved at most once a 64-key block."""
-    return dict(block_n=64, lazy=True)
+    reference, moved at most once a 64-key block, and each e4m3 operand's terms."""
+    return dict(block_n=64, lazy=True, terms=1 + launch_settings(launch)["RESIDUALS"])
 
 
 def _too_much_shared(cfg: dict, needed) -> str:

@@ -291,7 +291,7 @@ if HAVE_GLUON:
         then both consumers' halves waited for (the producer copies the rope rows with the first
         block); else nothing (Q is in place before the partitions start)."""
         if Q_IN_CONSUMERS:
-            _quantize_q_rows(Q, q8_smem, qs_smem, t, hb, stride_qt, stride_qh, H, WG * (BLOCK_H // 2))
+            _quantize_q_rows(Q, q8_smem, q8_smem, qs_smem, t, hb, stride_qt, stride_qh, H, WG * (BLOCK_H // 2), 1)
             fence_async_shared()
             partition_barrier()
             mbarrier.arrive(bar_q.index(0))
@@ -408,11 +408,15 @@ if HAVE_GLUON:
         _finish_output(acc, m_i, l_i, e_prev, lsum, bar_l, OUT, LSE, t, hb, stride_ot, stride_oh, stride_lt, H, WG, row_s, o_layout)
 
     @gluon.jit
-    def _block_scores(q8_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr, sr_layout: gl.constexpr):
+    def _block_scores(q8_smem, q8_res_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr,
+                      sr_layout: gl.constexpr, TERMS: gl.constexpr):
         """A block's scores over all its keys (before sm_scale_log2) in one accumulator: the e4m3
-        latent product, scaled by Q's and the keys' scales, then the bf16 rope product added onto
-        it. Two accumulators, both products at once, measured slower (0.1549 against 0.1531 ms)."""
+        latent product (TERMS=2: plus that of Q's residual, under the same scale), scaled by Q's
+        and the keys' scales, then the bf16 rope product added onto it. Two accumulators, both
+        products at once, measured slower (0.1549 against 0.1531 ms)."""
         s8 = warpgroup_mma(q8_smem, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        if TERMS == 2:
+            s8 = warpgroup_mma(q8_res_smem, k_slot.permute((1, 0)), s8, is_async=True)
         s8 = warpgroup_mma_wait(0, deps=[s8])
         sig = sig_slot.load(gl.SliceLayout(0, s_layout))
         s = gl.convert_layout(s8 * (q_scale[:, None] * sig[None, :]), sr_layout)
@@ -520,8 +524,8 @@ if HAVE_GLUON:
             k_theirs = k8_ring.index(pair + OTHER)
             mbarrier.wait(full.index(slot), (mine // STAGES) & 1)
             q_at = _unhoisted(i)
-            s = _block_scores(q8_ring.index(q_at), qr_ring.index(q_at), k_mine, r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero,
-                              s_layout, sr_layout)
+            s = _block_scores(q8_ring.index(q_at), q8_ring.index(q_at), qr_ring.index(q_at), k_mine, r_ring.index(slot),
+                              sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout, 1)
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
             if LAZY_RESCALE:
