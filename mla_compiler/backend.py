@@ -26,7 +26,7 @@ from mla_compiler.artifacts.page import render_index
 from mla_compiler.artifacts.text import format_inputs, format_report
 from mla_compiler.artifacts.writer import CompileDump, OutputCodeCapture, readable
 from mla_compiler.errors import BackendOptionError, FP8DispatchError, SiteLoweringError
-from mla_compiler.lowering.dispatch import Problem, choose_kernel
+from mla_compiler.lowering.dispatch import PRODUCT_TERMS, Problem, choose_kernel
 from mla_compiler.lowering.rewrite import lower_site
 from mla_compiler.passes.inputs import describe_fp8_values, describe_inputs
 from mla_compiler.passes.axes import static_int
@@ -64,11 +64,13 @@ class BackendOptions:
                run the FP8 kernel.
     fp8_products: the sites that stay FP8 ask for the FP8-products kernel (Hopper, DeepSeek
                widths, one scale a key row, 64 heads or more): Q K^T and P V as e4m3 tensor-core
-               products, Q and P rounded to e4m3. About 1.6x the default FP8 kernel's speed at
-               the V3.2 decode shape, with about 1.4x its error against bf16 keys
-               (benchmarks/RESULTS.md); where it does not apply the default FP8 kernel runs (on
-               a CUDA device ``triton_sparse_mla.FP8_MMA_DECLINED`` says why; CPU tensors take the
-               reference). MLA_COMPILER_FP8_MMA=0 switches it off. Default False.
+               products. True: Q and P rounded to e4m3, about 1.7x the default FP8 kernel's
+               speed at the V3.2 decode shape with about 1.4x its error against bf16 keys.
+               "two_term": Q and P each as two e4m3 terms (the value and its rounding
+               residual), about 1.2x the default FP8 kernel's speed with its error against bf16
+               keys (benchmarks/RESULTS.md). Where it does not apply the default FP8 kernel runs
+               (on a CUDA device ``triton_sparse_mla.FP8_MMA_DECLINED`` says why; CPU tensors
+               take the reference). MLA_COMPILER_FP8_MMA=0 switches it off. Default False.
     mode:      Inductor's mode, as ``torch.compile(mode=...)`` takes it for the inductor backend:
                "reduce-overhead" captures the compiled graphs in CUDA graphs, "max-autotune" ...
     dump_dir:  write what each compile saw, matched, rejected and ran under this folder (see
@@ -81,8 +83,12 @@ class BackendOptions:
     on_report: Optional[Callable[[CompileReport], None]] = None
     dump_dir: Optional[str] = None
     fp8: str = "preserve"
-    fp8_products: bool = False
+    fp8_products: Union[bool, str] = False
     mode: Optional[str] = None
+
+    def product_terms(self) -> int:
+        """``fp8_products`` as the e4m3 terms of Q and P asked for (0: the FP8-products kernel is not)."""
+        return PRODUCT_TERMS[self.fp8_products]
 
 
 def _validate(options: dict) -> BackendOptions:
@@ -97,9 +103,11 @@ def _validate(options: dict) -> BackendOptions:
         raise BackendOptionError(f"make_backend: mode={opts.mode!r}; use one of {', '.join(MODES)}")
     if opts.fp8 not in FP8_POLICIES:
         raise BackendOptionError(f"make_backend: fp8={opts.fp8!r}; use one of {', '.join(FP8_POLICIES)}")
-    for flag in ("strict", "fp8_products"):
-        if not isinstance(getattr(opts, flag), bool):
-            raise BackendOptionError(f"make_backend: {flag}={getattr(opts, flag)!r}; use True or False")
+    if not isinstance(opts.strict, bool):
+        raise BackendOptionError(f"make_backend: strict={opts.strict!r}; use True or False")
+    if not isinstance(opts.fp8_products, (bool, str)) or opts.fp8_products not in PRODUCT_TERMS:
+        raise BackendOptionError(f"make_backend: fp8_products={opts.fp8_products!r}; use False, True (e4m3 Q and P) or "
+                                 "'two_term' (Q and P as two e4m3 terms each)")
     return opts
 
 
@@ -117,7 +125,7 @@ def _compile_id() -> tuple[str, int]:
         return "?", 0
 
 
-def _problem(site: MatchedSite, fp8_mode: str = "none", fp8_products: bool = False) -> Problem:
+def _problem(site: MatchedSite, fp8_mode: str = "none", fp8_products: int = 0) -> Problem:
     device = site.q_parts[0].node.meta["example_value"].device
     topk = static_int(site.sizes["K"].static) if site.sizes["K"].static is not None else -1
     layout = None
@@ -125,7 +133,7 @@ def _problem(site: MatchedSite, fp8_mode: str = "none", fp8_products: bool = Fal
         d = site.dims.d_parts
         layout = (d[0], d[1] if len(d) > 1 else 0, site.fp8.n_tiles)
     return Problem(device.type, site.compute_dtype, site.dims.d_qk, site.dims.d_v, site.dims.heads, site.dims.h_kv, topk, layout,
-                   fp8_products and layout is not None)
+                   fp8_products if layout is not None else 0)
 
 
 def _requires_grad(node: torch.fx.Node) -> bool:
@@ -247,13 +255,13 @@ class SparseMLABackend:
             site: MatchedSite = result
             owner = gm.get_submodule(site.graph_name) if site.graph_name else gm
             fp8_mode, fp8_text = self._fp8_policy(site)
-            choice = choose_kernel(_problem(site, fp8_mode, self.options.fp8_products))
+            choice = choose_kernel(_problem(site, fp8_mode, self.options.product_terms()))
             drawing = site_drawing(site) if drawings is not None else None
             storage = {f"{role}{i}": storage_facts(p.node.meta.get("example_value")) for role, parts in (("q", site.q_parts), ("kv", site.kv_parts)) for i, p in enumerate(parts)}
             if site.fp8 is not None:
                 storage["kv0"] = site.fp8.facts
             try:
-                lower_site(owner, site, replaced, fp8_mode, self.options.fp8_products)
+                lower_site(owner, site, replaced, fp8_mode, self.options.product_terms())
             except Exception as exc:  # noqa: BLE001 - one site failing leaves the others lowered
                 if self.options.strict:
                     raise SiteLoweringError(f"lowering the site at {site.source} failed: {exc}") from exc
@@ -293,7 +301,8 @@ class SparseMLABackend:
         if why is None and any(_requires_grad(p.node) for p in site.q_parts + site.kv_parts):
             why = "the site needs gradients and there is no FP8 backward kernel"
         if why is None:  # under either policy: "dequantize" only allows the fallback where it is needed
-            kernel = "the FP8-products kernel (asked for; e4m3 Q and P)" if self.options.fp8_products else "the FP8 kernel"
+            kernel = {0: "the FP8 kernel", 1: "the FP8-products kernel (asked for; e4m3 Q and P)",
+                      2: "the FP8-products kernel (asked for; Q and P as two e4m3 terms)"}[self.options.product_terms()]
             return "preserve", f"preserved: {f.describe()} -> payload + scale to {kernel}"
         if self.options.fp8 == "dequantize":
             key = (site.source, f.kind)

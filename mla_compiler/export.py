@@ -19,7 +19,7 @@ from mla_compiler.sites import CompileReport
 REPORT_ATTR = "sparse_mla_report"
 
 
-def rewrite(model: Union[torch.nn.Module, Callable], *example_inputs: Any, fp8: str = "preserve", fp8_products: bool = False,
+def rewrite(model: Union[torch.nn.Module, Callable], *example_inputs: Any, fp8: str = "preserve", fp8_products: Union[bool, str] = False,
             **example_kwargs: Any) -> torch.fx.GraphModule:
     """Capture ``model`` on the example inputs and lower its MLA sites to ``torch.ops.sparse_mla``.
 

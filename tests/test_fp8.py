@@ -465,15 +465,19 @@ def _lowered_fp8_ops(**options):
 
 def test_fp8_products_option_asks_the_op_for_the_products_kernel():
     # A kernel choice made at compile time and carried by the op (no environment variable): the
-    # default graph keeps the op's default, fp8_products=True marks every FP8 site. On CPU the
-    # reference runs either way, so the outputs agree.
+    # default graph keeps the op's default, fp8_products=True marks every FP8 site with one e4m3
+    # term for Q and P, "two_term" with two. On CPU the reference runs either way, so the outputs
+    # agree.
     default, out = _lowered_fp8_ops()
     asked, out_asked = _lowered_fp8_ops(fp8_products=True)
+    two, out_two = _lowered_fp8_ops(fp8_products="two_term")
     assert default and all("fp8_products" not in n.kwargs for n in default)
-    assert asked and all(n.kwargs.get("fp8_products") is True for n in asked)
-    assert torch.equal(out, out_asked)
-    with pytest.raises(mla_compiler.BackendOptionError, match="fp8_products='yes'; use True or False"):
-        make_backend(fp8_products="yes")
+    assert asked and all(n.kwargs.get("fp8_products") == 1 for n in asked)
+    assert two and all(n.kwargs.get("fp8_products") == 2 for n in two)
+    assert torch.equal(out, out_asked) and torch.equal(out, out_two)
+    for bad in ("yes", 2, None):
+        with pytest.raises(mla_compiler.BackendOptionError, match=f"fp8_products={bad!r}; use False, True .* or 'two_term'"):
+            make_backend(fp8_products=bad)
 
 
 @pytest.mark.parametrize("kv_format", ["flashmla", "float8"])

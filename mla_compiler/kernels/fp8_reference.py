@@ -107,7 +107,7 @@ def sparse_attn_fp8kv_reference(
     attn_sink: Optional[torch.Tensor] = None,
     topk_length: Optional[torch.Tensor] = None,
     exact_keys: bool = False,
-    products: bool = False,
+    products: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA with keys/values dequantized from FP8 (the bf16 contract of
     ``sparse_attn_reference`` applied to ``[dequant(latent), rope]``). Dequantizes only the rows

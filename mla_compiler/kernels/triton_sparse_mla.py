@@ -74,8 +74,9 @@ def forward_member(problem) -> str:
     """Which forward of this family runs ``problem`` on a GPU, as far as its shapes tell: the Gluon
     kernels also check the GPU, row alignment, sink and ``topk_length`` when called, and fall back
     to the Triton forward (``WS_DECLINED`` / ``FEWHEAD_DECLINED`` say why; ``LAST_LAUNCH`` says what ran).
-    With ``fp8_products`` (``make_backend(fp8_products=True)``) or ``MLA_COMPILER_FP8_MMA=1`` an FP8
-    call tries the FP8-products kernel first (gluon_fp8_mma_split; ``FP8_MMA_DECLINED``)."""
+    With ``fp8_products`` (``make_backend(fp8_products=True)`` or ``"two_term"``) or
+    ``MLA_COMPILER_FP8_MMA=1`` (or 2) an FP8 call tries the FP8-products kernel first
+    (gluon_fp8_mma_split; ``FP8_MMA_DECLINED``)."""
     from mla_compiler.kernels import gluon_fewhead as fh
     from mla_compiler.kernels import gluon_fp8_mma as fm
     from mla_compiler.kernels import gluon_sparse_mla as ws
@@ -84,10 +85,12 @@ def forward_member(problem) -> str:
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
         deepseek = deepseek and tuple(problem.fp8_layout) in ((512, 64, 1), (512, 64, 4))
-    products = fm.asked_for(problem.fp8_products) and not switched_off(fm.ENV_OFF)  # =0 switches it off even when asked for
+    terms = fm.product_terms(problem.fp8_products)
+    products = terms > 0 and not switched_off(fm.ENV_OFF)  # =0 switches it off even when asked for
     if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and products:
-        why = "fp8_products" if problem.fp8_products else "MLA_COMPILER_FP8_MMA=1"
-        return (f"forward: the FP8-products Gluon kernel on Hopper ({why}: e4m3 Q and P) when the "
+        why = "fp8_products" if problem.fp8_products else f"MLA_COMPILER_FP8_MMA={terms}"
+        what = "e4m3 Q and P" if terms == 1 else "Q and P as two e4m3 terms each"
+        return (f"forward: the FP8-products Gluon kernel on Hopper ({why}: {what}) when the "
                 "(token, 64-head) programs fill the SMs, else Triton")
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"
@@ -713,11 +716,11 @@ DEQUANT_FP32, DEQUANT_COMPUTE, DEQUANT_FOLD = 0, 1, 2
 MMA_FP8_QK, MMA_FP8_QK_PV = 3, 4
 
 
-def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv, products: bool = False):
+def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, h_kv, products: int = 0):
     """(out, lse) from a Gluon forward where one takes the call: the warp-specialized kernel (64
     heads a key group or more) or the few-head kernel (32 or fewer), after the FP8-products kernel
-    where ``products`` or MLA_COMPILER_FP8_MMA=1 asks for it; None where all decline (their reasons
-    recorded)."""
+    where ``products`` (its e4m3 terms of Q and P) or MLA_COMPILER_FP8_MMA=1 / 2 asks for it; None
+    where all decline (their reasons recorded)."""
     if interpreted() or q.device.type != "cuda":
         return None
     from mla_compiler.kernels import gluon_fewhead as fh
@@ -727,27 +730,34 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
 
     name = "forward_fp8" if kv_scale is not None else "forward"
     index_reason = None if indices.dtype == torch.int32 else f"indices dtype {indices.dtype} (int32 only)"
+    # (module, its declines, label, its reasons, its launch, the launch passed: None for its default)
     kernels = [
         (ws, ws.declines, "gluon warp-specialized", WS_DECLINED,
-         ws.default_launch(kv_scale is not None, 1 if kv_scale is None else kv_scale.shape[1])),
+         ws.default_launch(kv_scale is not None, 1 if kv_scale is None else kv_scale.shape[1]), None),
         (fh, fh.declines, "gluon few-head", FEWHEAD_DECLINED,
-         fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1])),
+         fh.default_launch(kv_scale is not None, 4 if kv_scale is None else kv_scale.shape[1]), None),
     ]
-    if kv_scale is not None and fm.asked_for(products):  # tried first, only when asked for
+    terms = fm.product_terms(products)
+    if kv_scale is not None and terms:  # tried first, only when asked for
         # Scores and values in separate warpgroups, V^T from registers: 0.1177 against 0.1193 ms for
-        # gluon_fp8_mma_vregs and 0.1833 for gluon_fp8_mma on H200 at the V3.2 decode shape (RESULTS.md).
-        kernels.insert(0, (fs, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, fs.LAUNCH))
+        # gluon_fp8_mma_vregs and 0.1833 for gluon_fp8_mma on H200 at the V3.2 decode shape; two
+        # terms 0.1622 (RESULTS.md).
+        launch = fs.launch_settings(fs.RESIDUAL_LAUNCH if terms == 2 else None)
+        kernels.insert(0, (fs, fm.dispatch_declines, "gluon FP8 products", FP8_MMA_DECLINED, launch, launch))
     else:
         FP8_MMA_DECLINED.pop(name, None)  # not consulted: an earlier call's reason no longer applies
-    for k, (module, module_declines, label, declined, launch) in enumerate(kernels):
+    for k, (module, module_declines, label, declined, launch, passed) in enumerate(kernels):
         reason = index_reason or module_declines(q, kv_latent, kv_scale, kv_rope, d_v, attn_sink, topk_length, h_kv)
         if reason is not None:
             declined[name] = reason
             continue
-        out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
+        if passed is None:
+            out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
+        else:
+            out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, launch=passed)
         # Reasons from earlier calls no longer describe this one: the kernel that ran and those
         # after it, not consulted, have none.
-        for *_, later_declined, _ in kernels[k:]:
+        for *_, later_declined, _, _ in kernels[k:]:
             later_declined.pop(name, None)
         LAST_LAUNCH[name] = dict(kernel=label, **getattr(module, "LAST_LAUNCH", None) or launch)
         return out
@@ -758,7 +768,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
 # point (for reports).
 WS_DECLINED: dict = {}
 FEWHEAD_DECLINED: dict = {}
-FP8_MMA_DECLINED: dict = {}  # only where fp8_products or MLA_COMPILER_FP8_MMA=1 asked for that kernel
+FP8_MMA_DECLINED: dict = {}  # only where fp8_products or MLA_COMPILER_FP8_MMA=1 / 2 asked for that kernel
 
 
 def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -768,12 +778,13 @@ def _unit_columns(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, launch: Optional[dict] = None,
-                products: bool = False):
+                products: int = 0):
     """Sparse MLA over an FP8 latent (see fp8_reference.py for the operands): the latent rows are
     gathered as FP8 (half the bytes of bf16) and dequantized in registers, per tile of
     ``d_lat / n_tiles`` columns; the rope part is read as is. On Hopper at DeepSeek's widths a
     Gluon kernel (gluon_sparse_mla.py, gluon_fewhead.py) takes the call where one applies; with
-    ``products`` the FP8-products kernel first (gluon_fp8_mma_split: e4m3 Q and P). A ``launch``
+    ``products`` the FP8-products kernel first (gluon_fp8_mma_split: Q and P in ``products`` e4m3
+    terms each). A ``launch``
     (the Triton kernel's settings) runs the Triton kernel, whatever ``products`` asks."""
     q, indices = q.contiguous(), indices.contiguous()
     # The kernels read a row's columns (latent, scales, rope) at unit stride; any row stride works.

@@ -26,6 +26,11 @@ ENV_KERNEL = "MLA_COMPILER_KERNEL"
 KERNEL_MODES = ("auto", "triton", "reference")
 
 
+# make_backend(fp8_products=...) -> the e4m3 terms of Q and P that the FP8-products kernel is
+# asked for (0: it is not asked for).
+PRODUCT_TERMS = {False: 0, True: 1, "two_term": 2}
+
+
 @dataclass(frozen=True)
 class Problem:
     """What a kernel checker may look at."""
@@ -38,7 +43,7 @@ class Problem:
     h_kv: int
     topk: int
     fp8_layout: Optional[tuple] = None  # (d_latent, d_rope, n_scale_tiles) when the latent is FP8
-    fp8_products: bool = False  # FP8 latent: the FP8-products kernel asked for (e4m3 Q and P)
+    fp8_products: int = 0  # FP8 latent: the FP8-products kernel asked for, Q and P in this many e4m3 terms (0: not asked)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ def _count_fallback(problem: Problem, reason: str) -> None:
 
 
 def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int, fp8_layout: Optional[tuple] = None,
-               fp8_products: bool = False) -> Problem:
+               fp8_products: int = 0) -> Problem:
     return Problem(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -142,5 +147,5 @@ def problem_of(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: in
         h_kv=int(kv.shape[1]) if kv.dim() == 3 else 1,
         topk=int(indices.shape[-1]),
         fp8_layout=fp8_layout,
-        fp8_products=fp8_products,
+        fp8_products=int(fp8_products),
     )

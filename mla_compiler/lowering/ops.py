@@ -100,13 +100,15 @@ def sparse_attn_fp8kv(
     d_v: int,
     attn_sink: Optional[torch.Tensor] = None,
     topk_length: Optional[torch.Tensor] = None,
-    fp8_products: bool = False,
+    fp8_products: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse MLA over an FP8 latent: kv = [kv_latent * kv_scale (per row and tile), kv_rope],
     dequantized inside the kernel. kv_latent float8 [S_kv, d_latent], kv_scale float32
     [S_kv, n_tiles], kv_rope [S_kv, d_rope] or None, indices [T, 1, topk] int32. Forward only.
     ``fp8_products``: on Hopper, where it applies, the FP8-products kernel runs instead (e4m3 Q K^T
-    and P V, Q and P rounded to e4m3: faster, less accurate; ``make_backend(fp8_products=True)``)."""
+    and P V): 1 (or True), Q and P rounded to e4m3 (fastest, less accurate;
+    ``make_backend(fp8_products=True)``); 2, each as two e4m3 terms (the layout's own error;
+    ``make_backend(fp8_products="two_term")``); 0 (or False), not asked for."""
     check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
     layout = (kv_latent.shape[1], kv_rope.shape[1] if kv_rope is not None else 0, kv_scale.shape[1])
     impl = kernel_for(problem_of(q, kv_latent, indices, d_v, fp8_layout=layout, fp8_products=fp8_products))
@@ -114,7 +116,7 @@ def sparse_attn_fp8kv(
 
 
 @sparse_attn_fp8kv.register_fake
-def _sparse_attn_fp8kv_fake(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, fp8_products=False):
+def _sparse_attn_fp8kv_fake(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, fp8_products=0):
     check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
     t, heads, _ = q.shape
     return q.new_empty((t, heads, d_v)), q.new_empty((t, heads), dtype=torch.float32)

@@ -96,7 +96,7 @@ def checked_mask_message(mask_name: str, source: str) -> str:
 
 
 class _SiteLowering:
-    def __init__(self, site: MatchedSite, graph: torch.fx.Graph, fp8_mode: str = "none", fp8_products: bool = False) -> None:
+    def __init__(self, site: MatchedSite, graph: torch.fx.Graph, fp8_mode: str = "none", fp8_products: int = 0) -> None:
         self.site = site
         self.fp8_mode = fp8_mode
         self.fp8_products = fp8_products
@@ -244,7 +244,7 @@ class _SiteLowering:
         idx = self.indices(kv_batched, pitch)
         scale_arg = self.scale_value()
         # The products kernel only where asked for: the default graph keeps the op's default.
-        extra = {"fp8_products": True} if self.fp8_products else {}
+        extra = {"fp8_products": int(self.fp8_products)} if self.fp8_products else {}
         result = b.call(SPARSE_ATTN_FP8, q, lat, scl, rope2d, idx, scale_arg, s.dims.d_v, **extra)
         return self.to_user_layout(b.call(operator.getitem, result, 0), rows)
 
@@ -376,13 +376,14 @@ def _rows_view(b: "_Builder", x: torch.fx.Node, n_rows: Any) -> torch.fx.Node:
 
 
 def lower_site(gm: torch.fx.GraphModule, site: MatchedSite, replaced: Optional[dict] = None, fp8_mode: str = "none",
-               fp8_products: bool = False) -> torch.fx.Node:
+               fp8_products: int = 0) -> torch.fx.Node:
     """Rewrite one site in ``gm`` (the graph module that owns the site's nodes). All or nothing.
 
     ``replaced`` maps the outputs of sites lowered earlier to their replacements: a site matched
     before an earlier one was lowered may read that earlier output (stacked layers do). It is
     updated with this site's output. ``fp8_mode`` "preserve" sends an FP8 latent (``site.fp8``) to
-    the FP8 op as payload and scale (with ``fp8_products``, asking it for the FP8-products kernel);
+    the FP8 op as payload and scale (with ``fp8_products``, the e4m3 terms of Q and P, asking it for
+    the FP8-products kernel);
     otherwise the site reads the user's dequantized tensors."""
     replaced = {} if replaced is None else replaced
     site = _renamed(site, replaced)
