@@ -3,7 +3,10 @@ decode shape's inputs (bench_sparse_mla.decode_inputs' distribution: 128 heads, 
 32768, V3.2's softmax scale), the output of the FP8 attention with Q's latent and P' each exact,
 rounded to e4m3 (one term) or as two e4m3 terms (``gluon_fp8_mma.e4m3_terms``), against the
 exact FP8 arithmetic (keys e4m3 x scale, the rest fp32) and against bf16 keys. One softmax over
-all keys (P' under the row's maximum, the largest P' 2^8), not the kernels' blocks.
+all keys (P' under the row's maximum, the largest P' 2^8), not the kernels' blocks; then the
+kernels' own arithmetic (``reference_fp8_mma``: 64-key blocks, P' under the lazy reference,
+which after a move leaves a row's largest P' at 2 or less, so more of P' meets e4m3's smallest
+step 2^-9) with one and two terms.
 
     python benchmarks/fp8_error_sources.py [--tokens 4]
 """
@@ -20,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
-from mla_compiler.kernels.gluon_fp8_mma import e4m3_terms, quantize_q_rows  # noqa: E402
+from mla_compiler.kernels.gluon_fp8_mma import e4m3_terms, quantize_q_rows, reference_fp8_mma  # noqa: E402
 
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
 
@@ -68,6 +71,10 @@ def main() -> int:
         for p_terms in (0, 1, 2):
             out = run(q_terms, p_terms)
             print(f"{names[q_terms]:>8s} {names[p_terms]:>8s} {rel(out, exact):13.3e} {rel(out, bf16):13.3e}")
+    ids = idx.to(torch.int32).view(args.tokens, 1, topk)
+    for terms in (1, 2):
+        out, _ = reference_fp8_mma(q, latent, sig, rope, ids, SCALE, block_n=64, lazy=True, terms=terms)
+        print(f"the kernels' arithmetic, {terms} term(s): {rel(out, exact):.3e} against exact FP8, {rel(out, bf16):.3e} against bf16 keys")
     return 0
 
 

@@ -83,7 +83,7 @@ class BackendOptions:
     on_report: Optional[Callable[[CompileReport], None]] = None
     dump_dir: Optional[str] = None
     fp8: str = "preserve"
-    fp8_products: Union[bool, str] = False
+    fp8_products: Union[bool, int, str] = False
     mode: Optional[str] = None
 
     def product_terms(self) -> int:
@@ -105,9 +105,9 @@ def _validate(options: dict) -> BackendOptions:
         raise BackendOptionError(f"make_backend: fp8={opts.fp8!r}; use one of {', '.join(FP8_POLICIES)}")
     if not isinstance(opts.strict, bool):
         raise BackendOptionError(f"make_backend: strict={opts.strict!r}; use True or False")
-    if not isinstance(opts.fp8_products, (bool, str)) or opts.fp8_products not in PRODUCT_TERMS:
+    if not isinstance(opts.fp8_products, (bool, int, str)) or opts.fp8_products not in PRODUCT_TERMS:
         raise BackendOptionError(f"make_backend: fp8_products={opts.fp8_products!r}; use False, True (e4m3 Q and P) or "
-                                 "'two_term' (Q and P as two e4m3 terms each)")
+                                 "'two_term' (Q and P as two e4m3 terms each), or 0, 1, 2 as the op takes them")
     return opts
 
 

@@ -475,9 +475,15 @@ def test_fp8_products_option_asks_the_op_for_the_products_kernel():
     assert asked and all(n.kwargs.get("fp8_products") == 1 for n in asked)
     assert two and all(n.kwargs.get("fp8_products") == 2 for n in two)
     assert torch.equal(out, out_asked) and torch.equal(out, out_two)
-    for bad in ("yes", 2, None):
+    for bad in ("yes", 3, 1.0, None):
         with pytest.raises(mla_compiler.BackendOptionError, match=f"fp8_products={bad!r}; use False, True .* or 'two_term'"):
             make_backend(fp8_products=bad)
+    assert make_backend(fp8_products=2).options.product_terms() == 2  # as the op takes it
+    # The op refuses what is not a number of terms, by name.
+    q, kv = torch.randn(2, 4, 576, dtype=torch.bfloat16), torch.randn(64, 1, 576, dtype=torch.bfloat16)
+    latent, scale, rope = fr.quantize_keys(kv, "row")
+    with pytest.raises(mla_compiler.SparseAttnArgumentError, match="argument 'fp8_products' is 3"):
+        torch.ops.sparse_mla.sparse_attn_fp8kv(q, latent, scale, rope, torch.zeros(2, 1, 8, dtype=torch.int32), 0.1, 512, fp8_products=3)
 
 
 @pytest.mark.parametrize("kv_format", ["flashmla", "float8"])

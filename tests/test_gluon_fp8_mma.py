@@ -429,8 +429,12 @@ def test_backend_option_runs_it_in_a_compiled_model(monkeypatch):
         torch._dynamo.reset()
         with torch.no_grad():
             logits[products] = torch.compile(model, backend=make_backend(inner="eager", fp8_products=products))(prompt).float()
-        kernel[products] = tk.LAST_LAUNCH["forward_fp8"]["kernel"]
-    assert kernel == {False: "gluon warp-specialized", True: "gluon FP8 products", "two_term": "gluon FP8 products"}, kernel
-    assert rel_err(logits[True], logits[False]) < 5e-2, rel_err(logits[True], logits[False])
-    # Two e4m3 terms: the dequantizing kernel's arithmetic up to the tensor cores' accumulation.
-    assert rel_err(logits["two_term"], logits[False]) < 1e-2, rel_err(logits["two_term"], logits[False])
+        kernel[products] = (tk.LAST_LAUNCH["forward_fp8"]["kernel"], tk.LAST_LAUNCH["forward_fp8"].get("RESIDUALS"))
+    assert kernel == {False: ("gluon warp-specialized", None), True: ("gluon FP8 products", 0),
+                      "two_term": ("gluon FP8 products", 1)}, kernel
+    one, two = rel_err(logits[True], logits[False]), rel_err(logits["two_term"], logits[False])
+    print(f"logits against the dequantizing kernel's: one term {one:.2e}, two terms {two:.2e}")
+    assert one < 5e-2, one
+    # Two e4m3 terms: closer to the dequantizing kernel's arithmetic than one (H200: 2.43e-3
+    # against 4.24e-3; the logits pass the output projection, which both share).
+    assert two < 1e-2 and two < 0.75 * one, (two, one)

@@ -15,7 +15,7 @@ The softmax sum uses P in fp32. (SnapMLA, arXiv 2602.10718, folds the per-token 
 same way, without a per-row exponent.)
 
 Status: ``forward`` here calls it directly; the FP8 forward's opt-in (``make_backend(fp8_products=True)``
-or MLA_COMPILER_FP8_MMA=1) takes gluon_fp8_mma_split: the same products without the transposed
+or ``"two_term"``, MLA_COMPILER_FP8_MMA=1 or 2) takes gluon_fp8_mma_split: the same products without the transposed
 copy (P V as V^T P'^T, V^T from registers), P' under the lazy reference
 (``reference_fp8_mma(block_n=64, lazy=True)``); gluon_fp8_mma_vregs is the form before it. 0.1177
 against 0.1833 ms for this kernel (H200, V3.2 decode, bench_fp8_mma.py, 2026-11-29). This module
@@ -137,6 +137,8 @@ def product_terms(products: int = 0) -> int:
     explicit choice: one term (e4m3 Q and P) roughly adds the key layout's own error again, two
     terms keep the layout's error at about 1.4x the time of one (RESULTS.md).
     MLA_COMPILER_FP8_MMA=0 still switches the kernel off (``declines`` says so)."""
+    if products not in (0, 1, 2):  # True and False are 1 and 0
+        raise ValueError(f"products={products!r}: 0, 1 or 2 e4m3 terms of Q and P")
     if products:
         return int(products)
     env = os.environ.get(ENV_OFF)
@@ -217,7 +219,11 @@ def lazy_reference(w_max: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, 
 def e4m3_terms(x: torch.Tensor, terms: int = 1) -> torch.Tensor:
     """``x`` (float32) as the products see it: rounded to e4m3, or with ``terms=2`` that plus its
     rounding residual rounded to e4m3 (hi + lo, about 8 significant bits: a bf16 value scaled by a
-    power of two into e4m3's range is kept exactly, as long as its residual is no subnormal)."""
+    power of two into e4m3's range is kept exactly where |x| >= 2^-2, for Q under its row scale
+    every value above about 2^-10 of the row's largest; below, the residual meets e4m3's smallest
+    step 2^-9)."""
+    if terms not in (1, 2):
+        raise ValueError(f"terms={terms}: 1 or 2")
     hi = x.to(torch.float8_e4m3fn).float()
     return hi if terms == 1 else hi + (x - hi).to(torch.float8_e4m3fn).float()
 

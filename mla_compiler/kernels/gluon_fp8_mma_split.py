@@ -26,19 +26,25 @@ tokens is the vregs kernel's (4.43e-3 for both; the same file's "errors").
 
 Two-term operands (RESIDUALS=1, ``RESIDUAL_LAUNCH``; ``make_backend(fp8_products="two_term")``
 and MLA_COMPILER_FP8_MMA=2 dispatch to it): Q's latent and P' each go in as e4m3 plus their
-e4m3 rounding residual under the same scale (``e4m3_terms``: a bf16 Q scaled into e4m3's range
-exactly, P' to about 2^-8), one accumulator each: the scores warpgroup chains Q_lo K^T after
+e4m3 rounding residual under the same scale (``e4m3_terms``: a bf16 Q exactly but for values
+under about 2^-10 of its row's largest, P' to about 2^-8 of itself down to 2^-2), one
+accumulator each: the scores warpgroup chains Q_lo K^T after
 Q_hi K^T, the value warpgroups add V^T P_lo'^T after V^T P_hi'^T with the same V^T registers.
 Twice the e4m3 products, the same registers; Q_lo's 32 KB leave shared memory for three key
 slots. H200, V3.2 decode (bench_fp8_mma.py, two calls): 0.1622 and 0.1657 ms, 1.09-1.10x bf16
 keys and 1.19-1.21x the warp-specialized kernel's FP8 rows (the default FP8 path); error
 against bf16 keys 5.88e-2 for the layout's 5.87e-2, 7.2e-3 against the exact FP8 reference
-(one term: 8.45e-2 and 5.88e-2). On extreme scales (scores in the hundreds) it is 2.2e-3 from
-the exact FP8 output, lse 0.51, against 7.9e-2 and 7.0 with one term: what is left is the
-tensor cores' accumulation of e4m3 products. P_STAGES=1 ran 0.1599 / 0.1612 against 0.1627 /
-0.1615 (same calls: no difference kept), STAGES=3 AHEAD=2 0.1827, STAGES=2 0.1828
-(probe_fp8_mma.py). ptxas (sm_90, triton 3.6): one 4-byte value of the scores warpgroup
-spilled (a load a block); SCORE_REGS=80 with PRODUCER_REGS=48 ran 0.1635.
+(one term: 8.45e-2 and 5.88e-2; the emulation with two terms is 2.9e-3 from exact on these
+inputs, fp8_error_sources.py). On extreme scales (scores in the hundreds) it is 2.2e-3 from
+the exact FP8 output, lse 0.51, against 7.9e-2 and 7.0 with one term, while its emulation is
+exact there to 1e-3 (fp8_products_accuracy.py): the tensor cores' accumulation of e4m3
+products, the approximate exp2 and P' rounding to a neighbouring value make the rest. Timed alone, its consumers (PROBE=2) run 0.1481
+ms and its producer (PROBE=1) 0.0771, together 0.1623: bound by the consumers. P_STAGES=1 ran
+0.1599 / 0.1612 against 0.1627 / 0.1615 (same calls: no difference kept), STAGES=3 AHEAD=2
+0.1827, STAGES=2 0.1828 (probe_fp8_mma.py; results_probe_two_term_h200_2026-11-29.json).
+ptxas (sm_90, triton 3.6): one 4-byte value of the scores warpgroup spilled (a load a block);
+SCORE_REGS=80 with PRODUCER_REGS=48 (and P_STAGES=1) ran 0.1635, against 0.1612 for
+P_STAGES=1 alone in the same call.
 
 Where its time goes (same files): timed alone, the producer's pace (PROBE=1) is 0.0751 ms and
 the consumers' (PROBE=2, about: they then compute on stale slots, so the rescale branch and
@@ -333,8 +339,9 @@ def reference_settings(launch: Optional[dict] = None) -> dict:
 
 
 def _too_much_shared(cfg: dict, needed) -> str:
-    return (f"launch STAGES={cfg['STAGES']} P_STAGES={cfg['P_STAGES']}: {needed} bytes of shared memory, over sm_90's "
-            f"{SHARED_LIMIT}; use fewer STAGES or P_STAGES")
+    fits = " (RESIDUALS=1 fits with RESIDUAL_LAUNCH's STAGES=3, AHEAD=1)" if cfg["RESIDUALS"] else ""
+    return (f"launch STAGES={cfg['STAGES']} P_STAGES={cfg['P_STAGES']} RESIDUALS={cfg['RESIDUALS']}: {needed} bytes of shared "
+            f"memory, over sm_90's {SHARED_LIMIT}; use fewer STAGES or P_STAGES{fits}")
 
 
 def compile_for_hopper(launch: Optional[dict] = None):
@@ -345,8 +352,8 @@ def compile_for_hopper(launch: Optional[dict] = None):
 
 
 def forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, launch: Optional[dict] = None):
-    """out [T, H, 512] and lse [T, H], the arithmetic of ``gluon_fp8_mma.reference_fp8_mma(block_n=64,
-    lazy=True)``: q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope bf16
+    """out [T, H, 512] and lse [T, H], the arithmetic of ``gluon_fp8_mma.reference_fp8_mma`` under
+    ``reference_settings(launch)`` (64-key blocks, the lazy reference, ``terms``): q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale float32 [S, 1], kv_rope bf16
     [S, 64], indices [T, 1, topk] int32."""
     cfg = launch_settings(launch)
     check_launch(cfg)

@@ -83,8 +83,11 @@ def check_sparse_attn_args(
 FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
-def check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None) -> None:
+def check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None,
+                                 fp8_products=0) -> None:
     """``sparse_attn_fp8kv``: the bf16 contract with kv = [dequant(kv_latent, kv_scale), kv_rope]."""
+    if fp8_products not in (0, 1, 2):  # True and False are 1 and 0
+        _fail("fp8_products", f"is {fp8_products!r}", "Expected 0 (False), 1 (True: e4m3 Q and P) or 2 (each as two e4m3 terms)")
     if kv_latent.dim() != 2:
         _fail("kv_latent", f"has rank {kv_latent.dim()} (shape {_shape(kv_latent)})", "Expected [S_kv, d_latent]: flatten pages into rows (physical index = block * page + offset)")
     if kv_latent.dtype not in FP8_DTYPES:

@@ -109,7 +109,7 @@ def sparse_attn_fp8kv(
     and P V): 1 (or True), Q and P rounded to e4m3 (fastest, less accurate;
     ``make_backend(fp8_products=True)``); 2, each as two e4m3 terms (the layout's own error;
     ``make_backend(fp8_products="two_term")``); 0 (or False), not asked for."""
-    check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
+    check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, fp8_products)
     layout = (kv_latent.shape[1], kv_rope.shape[1] if kv_rope is not None else 0, kv_scale.shape[1])
     impl = kernel_for(problem_of(q, kv_latent, indices, d_v, fp8_layout=layout, fp8_products=fp8_products))
     return impl.forward_fp8(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, products=fp8_products)
@@ -117,7 +117,7 @@ def sparse_attn_fp8kv(
 
 @sparse_attn_fp8kv.register_fake
 def _sparse_attn_fp8kv_fake(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink=None, topk_length=None, fp8_products=0):
-    check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length)
+    check_sparse_attn_fp8kv_args(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn_sink, topk_length, fp8_products)
     t, heads, _ = q.shape
     return q.new_empty((t, heads, d_v)), q.new_empty((t, heads), dtype=torch.float32)
 
