@@ -38,7 +38,8 @@ against bf16 keys 5.88e-2 for the layout's 5.87e-2, 7.2e-3 against the exact FP8
 inputs, fp8_error_sources.py). On extreme scales (scores in the hundreds) it is 2.2e-3 from
 the exact FP8 output, lse 0.51, against 7.9e-2 and 7.0 with one term, while its emulation is
 exact there to 1e-3 (fp8_products_accuracy.py): the tensor cores' accumulation of e4m3
-products, the approximate exp2 and P' rounding to a neighbouring value make the rest. Timed alone, its consumers (PROBE=2) run 0.1481
+products, the approximate exp2 and P' rounding to a neighbouring value make the rest (the
+default FP8 path, f16 products: out 1.6e-3, lse within 1e-3 on the same inputs). Timed alone, its consumers (PROBE=2) run 0.1481
 ms and its producer (PROBE=1) 0.0771, together 0.1623: bound by the consumers. P_STAGES=1 ran
 0.1599 / 0.1612 against 0.1627 / 0.1615 (same calls: no difference kept), STAGES=3 AHEAD=2
 0.1827, STAGES=2 0.1828 (probe_fp8_mma.py; results_probe_two_term_h200_2026-11-29.json).
