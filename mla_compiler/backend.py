@@ -26,7 +26,7 @@ from mla_compiler.artifacts.page import render_index
 from mla_compiler.artifacts.text import format_inputs, format_report
 from mla_compiler.artifacts.writer import CompileDump, OutputCodeCapture, readable
 from mla_compiler.errors import BackendOptionError, FP8DispatchError, SiteLoweringError
-from mla_compiler.lowering.dispatch import PRODUCT_TERMS, Problem, choose_kernel
+from mla_compiler.lowering.dispatch import PRODUCT_TERMS, PRODUCT_TERMS_TEXT, Problem, choose_kernel
 from mla_compiler.lowering.rewrite import lower_site
 from mla_compiler.passes.inputs import describe_fp8_values, describe_inputs
 from mla_compiler.passes.axes import static_int
@@ -301,8 +301,8 @@ class SparseMLABackend:
         if why is None and any(_requires_grad(p.node) for p in site.q_parts + site.kv_parts):
             why = "the site needs gradients and there is no FP8 backward kernel"
         if why is None:  # under either policy: "dequantize" only allows the fallback where it is needed
-            kernel = {0: "the FP8 kernel", 1: "the FP8-products kernel (asked for; e4m3 Q and P)",
-                      2: "the FP8-products kernel (asked for; Q and P as two e4m3 terms)"}[self.options.product_terms()]
+            terms = self.options.product_terms()
+            kernel = f"the FP8-products kernel (asked for; {PRODUCT_TERMS_TEXT[terms]})" if terms else "the FP8 kernel"
             return "preserve", f"preserved: {f.describe()} -> payload + scale to {kernel}"
         if self.options.fp8 == "dequantize":
             key = (site.source, f.kind)

@@ -81,6 +81,7 @@ def forward_member(problem) -> str:
     from mla_compiler.kernels import gluon_fp8_mma as fm
     from mla_compiler.kernels import gluon_sparse_mla as ws
     from mla_compiler.kernels.gluon_common import switched_off
+    from mla_compiler.lowering.dispatch import PRODUCT_TERMS_TEXT
 
     deepseek = problem.d_qk == 576 and problem.d_v == 512 and problem.h_kv == 1 and problem.dtype == torch.bfloat16
     if problem.fp8_layout is not None:
@@ -89,8 +90,7 @@ def forward_member(problem) -> str:
     products = terms > 0 and not switched_off(fm.ENV_OFF)  # =0 switches it off even when asked for
     if deepseek and problem.heads >= 64 and tuple(problem.fp8_layout or ()) == (512, 64, 1) and products:
         why = "fp8_products" if problem.fp8_products else f"MLA_COMPILER_FP8_MMA={terms}"
-        what = "e4m3 Q and P" if terms == 1 else "Q and P as two e4m3 terms each"
-        return (f"forward: the FP8-products Gluon kernel on Hopper ({why}: {what}) when the "
+        return (f"forward: the FP8-products Gluon kernel on Hopper ({why}: {PRODUCT_TERMS_TEXT[terms]}) when the "
                 "(token, 64-head) programs fill the SMs, else Triton")
     if deepseek and problem.heads >= 64 and not switched_off(ws.ENV_OFF):
         return "forward: the warp-specialized Gluon kernel on Hopper when the (token, 64-head) programs fill the SMs, else Triton"

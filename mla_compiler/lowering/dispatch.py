@@ -29,6 +29,8 @@ KERNEL_MODES = ("auto", "triton", "reference")
 # make_backend(fp8_products=...) -> the e4m3 terms of Q and P that the FP8-products kernel is
 # asked for (0: it is not asked for). 0 and 1 are False and True; 2 as the op takes it.
 PRODUCT_TERMS = {False: 0, True: 1, 2: 2, "two_term": 2}
+# What the FP8-products kernel rounds, by its terms (for reports).
+PRODUCT_TERMS_TEXT = {1: "e4m3 Q and P", 2: "Q and P as two e4m3 terms each"}
 
 
 @dataclass(frozen=True)
