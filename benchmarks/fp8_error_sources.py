@@ -6,7 +6,8 @@ exact FP8 arithmetic (keys e4m3 x scale, the rest fp32) and against bf16 keys. O
 all keys (P' under the row's maximum, the largest P' 2^8), not the kernels' blocks; then the
 kernels' own arithmetic (``reference_fp8_mma``: 64-key blocks, P' under the lazy reference,
 which after a move leaves a row's largest P' at 2 or less, so more of P' meets e4m3's smallest
-step 2^-9) with one and two terms.
+step 2^-9) with one and two terms, and with two terms under ``tensor_core_model``'s accumulation
+in the split kernel's two orders.
 
     python benchmarks/fp8_error_sources.py [--tokens 4]
 """
@@ -24,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mla_compiler.kernels import fp8_reference as fr  # noqa: E402
 from mla_compiler.kernels.gluon_fp8_mma import e4m3_terms, quantize_q_rows, reference_fp8_mma  # noqa: E402
+from mla_compiler.kernels.tensor_core_model import HOPPER_BITS  # noqa: E402
 
 SCALE = 192**-0.5 * (0.1 * math.log(40) + 1) ** 2
 
@@ -75,6 +77,11 @@ def main() -> int:
     for terms in (1, 2):
         out, _ = reference_fp8_mma(q, latent, sig, rope, ids, SCALE, block_n=64, lazy=True, terms=terms)
         print(f"the kernels' arithmetic, {terms} term(s): {rel(out, exact):.3e} against exact FP8, {rel(out, bf16):.3e} against bf16 keys")
+    for first in (False, True):  # the tensor cores' accumulation (tensor_core_model), as the split kernel orders the terms
+        out, _ = reference_fp8_mma(q, latent, sig, rope, ids, SCALE, block_n=64, lazy=True, terms=2, residuals_first=first,
+                                   tc_bits=HOPPER_BITS)
+        print(f"  with the tensor cores' accumulation modelled, residual terms {'first' if first else 'last'}: "
+              f"{rel(out, exact):.3e} against exact FP8, {rel(out, bf16):.3e} against bf16 keys")
     return 0
 
 

@@ -68,6 +68,7 @@ from triton.runtime.errors import OutOfResources
 
 from .gluon_common import _BLOCK_H, _D_LAT, _D_ROPE, HAVE_GLUON, key_operands_problem, platform_problem, too_few_programs
 from .gluon_sparse_mla import REG_BUDGET, _misaligned, check_register_settings, check_row_counts, compile_ws_arguments
+from .tensor_core_model import chained_terms
 
 if HAVE_GLUON:
     from .gluon_common import (
@@ -222,25 +223,37 @@ def e4m3_terms(x: torch.Tensor, terms: int = 1) -> torch.Tensor:
     power of two into e4m3's range is kept exactly where |x| >= 2^-2, for Q under its row scale
     every value above about 2^-10 of the row's largest; below, the residual meets e4m3's smallest
     step 2^-9)."""
+    parts = e4m3_term_list(x, terms)
+    return parts[0] if terms == 1 else parts[0] + parts[1]
+
+
+def e4m3_term_list(x: torch.Tensor, terms: int = 1) -> list:
+    """``e4m3_terms``'s terms, the rounded value first: [hi] or [hi, lo]."""
     if terms not in (1, 2):
         raise ValueError(f"terms={terms}: 1 or 2")
     hi = x.to(torch.float8_e4m3fn).float()
-    return hi if terms == 1 else hi + (x - hi).to(torch.float8_e4m3fn).float()
+    return [hi] if terms == 1 else [hi, (x - hi).to(torch.float8_e4m3fn).float()]
 
 
 def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int = 64, lazy: bool = False,
-                      terms: int = 1):
+                      terms: int = 1, residuals_first: bool = False, tc_bits: Optional[int] = None):
     """out [T, H, 512] (float32) and lse [T, H] of the FP8-MMA kernel's arithmetic: Q's latent and
     P' rounded to e4m3 as the kernel does, blocks of ``block_n`` keys in top-k order, online
     softmax in fp32. q [T, H, 576] bf16, kv_latent e4m3 [S, 512], kv_scale [S, 1], kv_rope bf16
     [S, 64], indices [T, 1, topk]. ``lazy``: P' under ``lazy_reference``'s k (the vregs kernel's
     LAZY_RESCALE=1), the sums kept in its units; else under the running maximum and a block's
     exponent (``p_exponent``). ``terms=2`` (lazy only): Q's latent and P' each as two e4m3 terms
-    (``e4m3_terms``), the split kernel's RESIDUALS=1."""
+    (``e4m3_terms``), the split kernel's RESIDUALS=1; ``residuals_first``: their residual terms'
+    products issued first (its RESIDUALS_FIRST=1). ``tc_bits`` (lazy only): the e4m3 products
+    added as ``tensor_core_model`` says the tensor cores add them (None: in fp32), so the order of
+    the terms matters."""
     if terms not in (1, 2) or (terms == 2 and not lazy):
         raise ValueError(f"terms={terms}: 1, or 2 with lazy=True (the only kernel with two-term operands takes the lazy reference)")
+    if tc_bits is not None and not lazy:
+        raise ValueError(f"tc_bits={tc_bits}: with lazy=True only (the split kernel's arithmetic)")
     if lazy:
-        return _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n, terms)
+        order = _TermOrder(terms, residuals_first, tc_bits)
+        return _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n, order)
     t, h, _ = q.shape
     m = torch.full((t, h), float("-inf"), device=q.device)
     l_sum = torch.zeros((t, h), device=q.device)
@@ -259,14 +272,33 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
     return _reference_output(acc, l_sum, m)
 
 
-def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int, terms: int = 1):
+class _TermOrder:
+    """How the reference adds a product of two-term operands: ``terms`` e4m3 terms of the
+    rounded operand, the residuals' products first or last, and the accumulation
+    (``tensor_core_model``'s bits, or None for fp32)."""
+
+    def __init__(self, terms: int = 1, residuals_first: bool = False, tc_bits: Optional[int] = None):
+        self.terms, self.residuals_first, self.tc_bits = terms, residuals_first, tc_bits
+
+    def product(self, acc: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """acc + e4m3_terms(x) @ b, the terms' products in the kernel's order."""
+        if self.tc_bits is None:
+            return acc + e4m3_terms(x, self.terms) @ b
+        parts = e4m3_term_list(x, self.terms)
+        ordered = parts[::-1] if self.residuals_first else parts
+        return chained_terms(acc, [(part, b) for part in ordered], self.tc_bits)
+
+
+def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int,
+                            order: Optional[_TermOrder] = None):
     """Each block of ``block_n`` keys in top-k order, as reference_fp8_mma reads it: the e4m3
     latent rows as float [T, n, 512], sigma [T, n], which keys are valid [T, n] and the base-2
-    scores [T, H, n] (Q's latent rounded as the kernel does, in ``terms`` e4m3 terms; 0, 0 and
-    -inf at invalid keys)."""
+    scores [T, H, n] (Q's latent rounded as the kernel does, in ``order``'s e4m3 terms and order;
+    0, 0 and -inf at invalid keys)."""
+    order = order or _TermOrder()
     s_kv = kv_latent.shape[0]
     _, qs = quantize_q_rows(q[..., :_D_LAT])
-    q8 = e4m3_terms(q[..., :_D_LAT].float() / qs.unsqueeze(-1), terms)  # the scale is a power of two: exact
+    q_lat = q[..., :_D_LAT].float() / qs.unsqueeze(-1)  # the scale is a power of two: exact
     q_rope = q[..., _D_LAT:].float()
     scale_log2 = sm_scale * LOG2E
     idx = indices[:, 0].long()
@@ -277,7 +309,7 @@ def _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: 
         k8 = torch.where(valid[..., None], kv_latent[safe].float(), 0.0)  # [T, n, 512]
         sig = torch.where(valid, kv_scale[safe, 0].float(), 0.0)  # [T, n]
         rope = torch.where(valid[..., None], kv_rope[safe].float(), 0.0)
-        s8 = torch.einsum("thd,tnd->thn", q8, k8)
+        s8 = order.product(torch.zeros(blk.shape[0], q.shape[1], blk.shape[1], device=q.device), q_lat, k8.transpose(1, 2))
         s = s8 * (qs * scale_log2)[..., None] * sig[:, None, :] + torch.einsum("thd,tnd->thn", q_rope, rope) * scale_log2
         yield k8, sig, valid, s.masked_fill(~valid[:, None, :], float("-inf"))
 
@@ -296,17 +328,17 @@ def _reference_output(acc, l_sum, m):
     return out, lse
 
 
-def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int, terms: int):
+def _reference_fp8_mma_lazy(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float, block_n: int, order: _TermOrder):
     t, h, _ = q.shape
     k_ref = torch.full((t, h), float("-inf"), device=q.device)
     l_sum = torch.zeros((t, h), device=q.device)
     acc = torch.zeros((t, h, _D_LAT), device=q.device)
-    for k8, sig, valid, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n, terms):
+    for k8, sig, valid, s in _reference_block_scores(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, block_n, order):
         sig = floored_sigma(sig, valid)  # P' and the sums both take it (P' / sigma is P)
         w = s + torch.log2(sig)[:, None, :]
         k_ref, f = lazy_reference(w.amax(-1), k_ref)
         p = torch.exp2(w - torch.where(k_ref == float("-inf"), 0.0, k_ref)[..., None])  # P' in fp32
-        acc = acc * f[..., None] + torch.einsum("thn,tnd->thd", e4m3_terms(p, terms), k8)
+        acc = order.product(acc * f[..., None], p, k8)
         l_sum = l_sum * f + (p * torch.where(sig > 0, 1.0 / sig, 0.0)[:, None, :]).sum(-1)
     return _reference_output(acc, l_sum, k_ref)
 
