@@ -28,18 +28,23 @@ Two-term operands (RESIDUALS=1, ``RESIDUAL_LAUNCH``; ``make_backend(fp8_products
 and MLA_COMPILER_FP8_MMA=2 dispatch to it): Q's latent and P' each go in as e4m3 plus their
 e4m3 rounding residual under the same scale (``e4m3_terms``: a bf16 Q exactly but for values
 under about 2^-10 of its row's largest, P' to about 2^-8 of itself down to 2^-2), one
-accumulator each: the scores warpgroup chains Q_lo K^T after
-Q_hi K^T, the value warpgroups add V^T P_lo'^T after V^T P_hi'^T with the same V^T registers.
+accumulator each: the scores warpgroup chains Q_hi K^T and
+Q_lo K^T, the value warpgroups add V^T P_hi'^T and V^T P_lo'^T with the same V^T registers.
 Twice the e4m3 products, the same registers; Q_lo's 32 KB leave shared memory for three key
-slots. H200, V3.2 decode (bench_fp8_mma.py, two calls): 0.1622 and 0.1657 ms, 1.09-1.10x bf16
-keys and 1.19-1.21x the warp-specialized kernel's FP8 rows (the default FP8 path); error
-against bf16 keys 5.88e-2 for the layout's 5.87e-2, 7.2e-3 against the exact FP8 reference
-(one term: 8.45e-2 and 5.88e-2; the emulation with two terms is 2.9e-3 from exact on these
-inputs, fp8_error_sources.py). On extreme scales (scores in the hundreds) it is 2.2e-3 from
-the exact FP8 output, lse 0.51, against 7.9e-2 and 7.0 with one term, while its emulation is
-exact there to 1e-3 (fp8_products_accuracy.py): the tensor cores' accumulation of e4m3
-products, the approximate exp2 and P' rounding to a neighbouring value make the rest (the
-default FP8 path, f16 products: out 1.6e-3, lse within 1e-3 on the same inputs). Timed alone, its consumers (PROBE=2) run 0.1481
+slots. RESIDUALS_FIRST=1 (the default) issues the residual terms' products first: the tensor
+cores add each instruction's products and the incoming accumulator truncated to 14 bits below
+the largest (tensor_core_model), so residuals added onto a whole score lose what they carry.
+With them first, H200 (fp8_products_accuracy.py): lse 0.81 -> 0.34 and 0.51 -> 0.16 from
+exact FP8 on extreme scales (scores in the hundreds), out 8.5e-3 -> 3.0e-3; the model lands
+within 0.02 of the kernel's lse in both orders, the fp32 emulation 0.5-0.8 away. Same time
+(0.1610 ms both, probe_fp8_mma.py, 7 rounds). H200, V3.2 decode (bench_fp8_mma.py): 0.1625 ms,
+1.10x bf16 keys and 1.21x the warp-specialized kernel's FP8 rows (the default FP8 path); error
+against bf16 keys 5.886e-2 for the layout's 5.865e-2, 4.07e-3 against the exact FP8 reference
+(7.19e-3 with the residuals last; one term: 8.45e-2 and 5.88e-2; fp8_error_sources.py's
+emulation 2.9e-3 in fp32, 3.8e-3 under the model). The default FP8 path (f16 products) keeps
+the lse within 1e-3 and out 1.6e-3 on the extreme inputs; the value accumulator, which runs
+across all blocks, has no registers left for the fp32 partial sums that would avoid the
+truncation. Timed alone, its consumers (PROBE=2) run 0.1481
 ms and its producer (PROBE=1) 0.0771, together 0.1623: bound by the consumers. P_STAGES=1 ran
 0.1599 / 0.1612 against 0.1627 / 0.1615 (same calls: no difference kept), STAGES=3 AHEAD=2
 0.1827, STAGES=2 0.1828 (probe_fp8_mma.py; results_probe_two_term_h200_2026-11-29.json).
@@ -118,7 +123,10 @@ if HAVE_GLUON:
 # RESIDUALS=1: Q's latent and P' each as two e4m3 terms, the rounded value and its rounding
 # residual (``e4m3_terms``), so the products carry bf16's Q and P' to about 2^-8: twice the e4m3
 # products, the same registers, 32 KB more shared memory (RESIDUAL_LAUNCH fits it in three slots).
-LAUNCH = dict(VALUE_REGS=192, SCORE_REGS=72, PRODUCER_REGS=56, STAGES=4, AHEAD=2, P_STAGES=2, KEY_ORDER=1, PROBE=0, RESIDUALS=0)
+# RESIDUALS_FIRST=1: the residual terms' products before the rounded terms' in each accumulator,
+# so the tensor cores' truncation meets them at their own size (0: after, for comparison).
+LAUNCH = dict(VALUE_REGS=192, SCORE_REGS=72, PRODUCER_REGS=56, STAGES=4, AHEAD=2, P_STAGES=2, KEY_ORDER=1, PROBE=0, RESIDUALS=0,
+              RESIDUALS_FIRST=1)
 RESIDUAL_LAUNCH = dict(RESIDUALS=1, STAGES=3, AHEAD=1)
 REG_BUDGET = 512  # 128 x 512 threads / 128: a thread-slot for each of the four partitions
 
@@ -127,7 +135,7 @@ if HAVE_GLUON:
     def _scores_warpgroup(q8_ring, qr_ring, qs_smem, k8_ring, r_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, p8_ring, fac_ring,
                           p_ready, p_free, bar_q, bar_fin, lfin, LSE, stride_lt, TOPK, H, sm_scale_log2, BLOCK_N: gl.constexpr,
                           STAGES: gl.constexpr, P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr,
-                          TERMS: gl.constexpr):
+                          TERMS: gl.constexpr, RESIDUALS_FIRST: gl.constexpr):
         """Each block's scores over all its keys, P' under the lazy reference (``lazy_reference``)
         into the P' ring with the factor that rescales what came before; the softmax sums, and at
         the end the sums for the value warpgroups and the lse."""
@@ -151,7 +159,8 @@ if HAVE_GLUON:
             else:
                 q_at = _unhoisted(b)
                 s = _block_scores(q8_ring.index(q_at), q8_ring.index(q_at + (TERMS - 1)), qr_ring.index(q_at), k8_ring.index(slot),
-                                  r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout, TERMS)
+                                  r_ring.index(slot), sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout, TERMS,
+                                  RESIDUALS_FIRST)
                 # Invalid keys need no mask: their rows are zero-filled and log2 sigma is -inf there.
                 t_b = s * sm_scale_log2 + lsig_ring.index(slot).load(col_s)[None, :]
                 isig = isig_ring.index(slot).load(col_s)
@@ -183,7 +192,7 @@ if HAVE_GLUON:
     def _value_warpgroup(Q, q8_ring, qs_smem, k8_ring, full, k_empty, p8_ring, fac_ring, p_ready, p_free, bar_q, bar_fin, lfin, OUT,
                          stride_qt, stride_qh, stride_ot, stride_oh, TOPK, H, WG: gl.constexpr, BLOCK_N: gl.constexpr,
                          STAGES: gl.constexpr, P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr,
-                         TERMS: gl.constexpr):
+                         TERMS: gl.constexpr, RESIDUALS_FIRST: gl.constexpr):
         """Half of Q's latent rows quantized, then O^T += V^T P'^T for this warpgroup's 256 value
         columns, block after block, V^T from registers; at the end O / l stored."""
         t, hb = _program_coords(H)
@@ -215,9 +224,12 @@ if HAVE_GLUON:
                 factor = fac_ring.index(e).load(head_o)
                 if gl.min(factor, 0) < 1.0:  # the reference moved for some head
                     acc = acc * factor[None, :]
+                if TERMS == 2 and RESIDUALS_FIRST == 1:  # P's residual terms first, the same V^T
+                    acc = warpgroup_mma(v_lo, p8_ring.index(4 * e + 2).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(v_hi, p8_ring.index(4 * e + 3).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma(v_lo, p8_ring.index(2 * TERMS * e).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma(v_hi, p8_ring.index(2 * TERMS * e + 1).permute((1, 0)), acc, is_async=True)
-                if TERMS == 2:  # P's residual terms, the same V^T
+                if TERMS == 2 and RESIDUALS_FIRST == 0:  # P's residual terms, the same V^T
                     acc = warpgroup_mma(v_lo, p8_ring.index(4 * e + 2).permute((1, 0)), acc, is_async=True)
                     acc = warpgroup_mma(v_hi, p8_ring.index(4 * e + 3).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])
@@ -245,6 +257,7 @@ if HAVE_GLUON:
         S_KV, TOPK, H, sm_scale_log2,
         VALUE_REGS: gl.constexpr, SCORE_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, STAGES: gl.constexpr, AHEAD: gl.constexpr,
         P_STAGES: gl.constexpr, KEY_ORDER: gl.constexpr, PROBE: gl.constexpr, RESIDUALS: gl.constexpr,
+        RESIDUALS_FIRST: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = 64
         TERMS: gl.constexpr = 1 + RESIDUALS
@@ -288,13 +301,13 @@ if HAVE_GLUON:
             [
                 (_value_warpgroup, (Q, q8_ring, qs_smem, k8_ring, full, k_empty, p8_ring, fac_ring, p_ready, p_free, bar_q, bar_fin, lfin,
                                     OUT, stride_qt, stride_qh, stride_ot, stride_oh, TOPK, H, 0, BLOCK_N, STAGES, P_STAGES, KEY_ORDER,
-                                    PROBE, TERMS)),
+                                    PROBE, TERMS, RESIDUALS_FIRST)),
                 (_value_warpgroup, (Q, q8_ring, qs_smem, k8_ring, full, k_empty, p8_ring, fac_ring, p_ready, p_free, bar_q, bar_fin, lfin,
                                     OUT, stride_qt, stride_qh, stride_ot, stride_oh, TOPK, H, 1, BLOCK_N, STAGES, P_STAGES, KEY_ORDER,
-                                    PROBE, TERMS)),
+                                    PROBE, TERMS, RESIDUALS_FIRST)),
                 (_scores_warpgroup, (q8_ring, qr_ring, qs_smem, k8_ring, r_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, p8_ring,
                                      fac_ring, p_ready, p_free, bar_q, bar_fin, lfin, LSE, stride_lt, TOPK, H, sm_scale_log2, BLOCK_N,
-                                     STAGES, P_STAGES, KEY_ORDER, PROBE, TERMS)),
+                                     STAGES, P_STAGES, KEY_ORDER, PROBE, TERMS, RESIDUALS_FIRST)),
                 (_producer_vregs if PROBE != 2 else _producer_probe,
                  (k8_ring, r_ring, ok_ring, sig_ring, lsig_ring, isig_ring, full, k_empty, KV, KV_SCALE, KV_ROPE, IDX,
                   stride_kvs, stride_ss, stride_rs, stride_it, S_KV, TOPK, H, Q, qr_ring.index(0), stride_qt, stride_qh,
@@ -324,6 +337,8 @@ def check_launch(cfg: dict) -> None:
         raise ValueError(f"launch KEY_ORDER={cfg['KEY_ORDER']}: 0 or 1")
     if cfg["RESIDUALS"] not in (0, 1):
         raise ValueError(f"launch RESIDUALS={cfg['RESIDUALS']}: 0, or 1 for two-term e4m3 operands (with fewer STAGES: RESIDUAL_LAUNCH)")
+    if cfg["RESIDUALS_FIRST"] not in (0, 1):
+        raise ValueError(f"launch RESIDUALS_FIRST={cfg['RESIDUALS_FIRST']}: 1 (the residual terms' products first), or 0 (last)")
     if cfg["PROBE"] not in (0, 1, 2):
         raise ValueError(f"launch PROBE={cfg['PROBE']}: 0, or 1 / 2 to time the producer / the consumers alone")
 
@@ -335,8 +350,9 @@ def launch_settings(launch: Optional[dict] = None) -> dict:
 
 def reference_settings(launch: Optional[dict] = None) -> dict:
     """The arguments of ``reference_fp8_mma`` that give this kernel's roundings: the lazy
-    reference, moved at most once a 64-key block, and each e4m3 operand's terms."""
-    return dict(block_n=64, lazy=True, terms=1 + launch_settings(launch)["RESIDUALS"])
+    reference, moved at most once a 64-key block, each e4m3 operand's terms and their order."""
+    cfg = launch_settings(launch)
+    return dict(block_n=64, lazy=True, terms=1 + cfg["RESIDUALS"], residuals_first=bool(cfg["RESIDUALS"] and cfg["RESIDUALS_FIRST"]))
 
 
 def _too_much_shared(cfg: dict, needed) -> str:

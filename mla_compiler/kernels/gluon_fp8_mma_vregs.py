@@ -409,14 +409,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _block_scores(q8_smem, q8_res_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr,
-                      sr_layout: gl.constexpr, TERMS: gl.constexpr):
+                      sr_layout: gl.constexpr, TERMS: gl.constexpr, RESIDUALS_FIRST: gl.constexpr = 0):
         """A block's scores over all its keys (before sm_scale_log2) in one accumulator: the e4m3
-        latent product (TERMS=2: plus that of Q's residual, under the same scale), scaled by Q's
-        and the keys' scales, then the bf16 rope product added onto it. Two accumulators, both
-        products at once, measured slower (0.1549 against 0.1531 ms)."""
-        s8 = warpgroup_mma(q8_smem, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        if TERMS == 2:
-            s8 = warpgroup_mma(q8_res_smem, k_slot.permute((1, 0)), s8, is_async=True)
+        latent product (TERMS=2: plus that of Q's residual, under the same scale; RESIDUALS_FIRST=1
+        issues the residual's first, see the split kernel's RESIDUALS_FIRST), scaled by Q's and the
+        keys' scales, then the bf16 rope product added onto it. Two accumulators, both products at
+        once, measured slower (0.1549 against 0.1531 ms)."""
+        if TERMS == 2 and RESIDUALS_FIRST == 1:
+            s8 = warpgroup_mma(q8_res_smem, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s8 = warpgroup_mma(q8_smem, k_slot.permute((1, 0)), s8, is_async=True)
+        else:
+            s8 = warpgroup_mma(q8_smem, k_slot.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if TERMS == 2:
+                s8 = warpgroup_mma(q8_res_smem, k_slot.permute((1, 0)), s8, is_async=True)
         s8 = warpgroup_mma_wait(0, deps=[s8])
         sig = sig_slot.load(gl.SliceLayout(0, s_layout))
         s = gl.convert_layout(s8 * (q_scale[:, None] * sig[None, :]), sr_layout)
