@@ -43,9 +43,9 @@ def lse_gap(a, b, finite) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--out")
-    a = p.parse_args()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    args = parser.parse_args()
     rows = []
     for heads, topk, extreme in ((80, 200, True), (128, 2048, True), (80, 200, False), (128, 2048, False)):
         inputs = "%d heads, top-k %d, %s" % (heads, topk, "extreme" if extreme else "random")
@@ -73,8 +73,8 @@ def main() -> int:
     print("\n| inputs | path | out vs exact | lse vs exact |\n| --- | --- | ---: | ---: |")
     for r in rows:
         print("| %s | %s | %.2e | %.3f |" % (r["inputs"], r["path"], r["out_vs_exact"], r["lse_vs_exact"]))
-    if a.out:
-        with open(a.out, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)
     return 0
 

@@ -120,9 +120,11 @@ def test_keeps_extreme_scales(launch):
 
 @needs_hopper
 def test_follows_the_tensor_core_model():
-    # On extreme scales the two-term kernel is within 0.02 (H200) of tensor_core_model's lse and
-    # 0.5 or more from the fp32 emulation's, in both term orders; with the residual terms first it
-    # is closer to the exact FP8 arithmetic than with them last (0.16 against 0.51).
+    # On extreme scales the two-term kernel is within 0.02 (H200) of tensor_core_model's lse in
+    # both term orders, the fp32 emulation 0.51 (residuals last) and 0.16 (first) from it; on the
+    # output the model is the closer of the two (1.6e-3 against 2.0-2.3e-3). With the residual
+    # terms first the kernel is closer to the exact FP8 arithmetic than with them last (lse 0.16
+    # against 0.51).
     q, latent, scale, rope, idx = _row_keys(80, 200, "cuda", extreme=True)
     _, exact_lse = fr.sparse_attn_fp8kv_reference(q, latent, scale, rope, idx, SCALE, fr.LATENT, exact_keys=True)
     fin = torch.isfinite(exact_lse)
@@ -132,11 +134,11 @@ def test_follows_the_tensor_core_model():
         out, lse = fs.forward(q, latent, scale, rope, idx, SCALE, launch=launch)
         settings = fs.reference_settings(launch)
         model, model_lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, tc_bits=tcm.HOPPER_BITS, **settings)
-        _, fp32_lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **settings)
+        fp32, fp32_lse = fm.reference_fp8_mma(q, latent, scale, rope, idx, SCALE, **settings)
         to_model = (lse[fin] - model_lse[fin]).abs().max().item()
-        assert rel_err(out, model) < 5e-3 and to_model < 0.1, (first, to_model)
-        if first == 0:  # the fp32 emulation's lse misses by the accumulation's loss
-            assert to_model < 0.2 * (lse[fin] - fp32_lse[fin]).abs().max().item()
+        to_fp32 = (lse[fin] - fp32_lse[fin]).abs().max().item()
+        assert to_model < 0.1 and to_model < 0.25 * to_fp32, (first, to_model, to_fp32)
+        assert rel_err(out, model) < rel_err(out, fp32), (first, rel_err(out, model), rel_err(out, fp32))
         gap[first] = (lse[fin] - exact_lse[fin]).abs().max().item()
     assert gap[1] < 0.5 * gap[0], gap
 

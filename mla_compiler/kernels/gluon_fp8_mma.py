@@ -60,6 +60,7 @@ exchanges' barriers and short-scoreboard waits on shared memory.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -227,7 +228,7 @@ def e4m3_terms(x: torch.Tensor, terms: int = 1) -> torch.Tensor:
     return parts[0] if terms == 1 else parts[0] + parts[1]
 
 
-def e4m3_term_list(x: torch.Tensor, terms: int = 1) -> list:
+def e4m3_term_list(x: torch.Tensor, terms: int = 1) -> list[torch.Tensor]:
     """``e4m3_terms``'s terms, the rounded value first: [hi] or [hi, lo]."""
     if terms not in (1, 2):
         raise ValueError(f"terms={terms}: 1 or 2")
@@ -272,13 +273,15 @@ def reference_fp8_mma(q, kv_latent, kv_scale, kv_rope, indices, sm_scale: float,
     return _reference_output(acc, l_sum, m)
 
 
+@dataclass(frozen=True)
 class _TermOrder:
     """How the reference adds a product of two-term operands: ``terms`` e4m3 terms of the
     rounded operand, the residuals' products first or last, and the accumulation
-    (``tensor_core_model``'s bits, or None for fp32)."""
+    (``tensor_core_model``'s bits; None: the terms summed, then one fp32 product)."""
 
-    def __init__(self, terms: int = 1, residuals_first: bool = False, tc_bits: Optional[int] = None):
-        self.terms, self.residuals_first, self.tc_bits = terms, residuals_first, tc_bits
+    terms: int = 1
+    residuals_first: bool = False
+    tc_bits: Optional[int] = None
 
     def product(self, acc: torch.Tensor, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """acc + e4m3_terms(x) @ b, the terms' products in the kernel's order."""

@@ -32,11 +32,12 @@ accumulator each: the scores warpgroup chains Q_hi K^T and
 Q_lo K^T, the value warpgroups add V^T P_hi'^T and V^T P_lo'^T with the same V^T registers.
 Twice the e4m3 products, the same registers; Q_lo's 32 KB leave shared memory for three key
 slots. RESIDUALS_FIRST=1 (the default) issues the residual terms' products first: the tensor
-cores add each instruction's products and the incoming accumulator truncated to 14 bits below
-the largest (tensor_core_model), so residuals added onto a whole score lose what they carry.
-With them first, H200 (fp8_products_accuracy.py): lse 0.81 -> 0.34 and 0.51 -> 0.16 from
+cores add each instruction's products and the incoming accumulator truncated to the largest
+one's highest 14 bits (tensor_core_model), so residuals added onto a whole score lose what they
+carry. With them first, H200 (fp8_products_accuracy.py): lse 0.81 -> 0.34 and 0.51 -> 0.16 from
 exact FP8 on extreme scales (scores in the hundreds), out 8.5e-3 -> 3.0e-3; the model lands
-within 0.02 of the kernel's lse in both orders, the fp32 emulation 0.5-0.8 away. Same time
+within 0.02 of the kernel's lse in both orders, the fp32 emulation 0.51-0.81 away with the
+residuals last and 0.16-0.34 with them first. Same time
 (0.1610 ms both, probe_fp8_mma.py, 7 rounds). H200, V3.2 decode (bench_fp8_mma.py): 0.1625 ms,
 1.10x bf16 keys and 1.21x the warp-specialized kernel's FP8 rows (the default FP8 path); error
 against bf16 keys 5.886e-2 for the layout's 5.865e-2, 4.07e-3 against the exact FP8 reference

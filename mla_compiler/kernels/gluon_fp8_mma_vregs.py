@@ -409,7 +409,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _block_scores(q8_smem, q8_res_smem, qr_smem, k_slot, r_slot, sig_slot, q_scale, s_zero, s_layout: gl.constexpr,
-                      sr_layout: gl.constexpr, TERMS: gl.constexpr, RESIDUALS_FIRST: gl.constexpr = 0):
+                      sr_layout: gl.constexpr, TERMS: gl.constexpr, RESIDUALS_FIRST: gl.constexpr):
         """A block's scores over all its keys (before sm_scale_log2) in one accumulator: the e4m3
         latent product (TERMS=2: plus that of Q's residual, under the same scale; RESIDUALS_FIRST=1
         issues the residual's first, see the split kernel's RESIDUALS_FIRST), scaled by Q's and the
@@ -530,7 +530,7 @@ if HAVE_GLUON:
             mbarrier.wait(full.index(slot), (mine // STAGES) & 1)
             q_at = _unhoisted(i)
             s = _block_scores(q8_ring.index(q_at), q8_ring.index(q_at), qr_ring.index(q_at), k_mine, r_ring.index(slot),
-                              sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout, 1)
+                              sig_ring.index(slot), q_scale, s_zero, s_layout, sr_layout, 1, 0)
             if V_AFTER_WAIT:
                 v_first = _v_operand(k_mine, WG, 0, CHUNK, a_layout, KEY_ORDER)
             if LAZY_RESCALE:
