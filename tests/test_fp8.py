@@ -566,6 +566,44 @@ def test_model_with_fp8_kv_cache_decodes_in_fp8(kv_format):
     assert counters["sparse_mla"]["fp8_preserved"] >= cfg.n_layers and counters["sparse_mla"]["fp8_dequantized"] == 0
 
 
+def _sequence_scaled_latent(self, kv, k_pe, bsz, start_pos, end_pos, dtype):
+    """MLA._cached_latent for a cache whose e4m3 latent has one scale per sequence (``seq_scale``
+    [B, 1, 1]): a layout no FP8 kernel takes."""
+    self.pe_cache[:bsz, start_pos:end_pos] = k_pe
+    scale = self.seq_scale[:bsz]
+    self.kv_fp8[:bsz, start_pos:end_pos] = (kv.float() / scale).to(torch.float8_e4m3fn)
+    return (self.kv_fp8[:bsz, :end_pos].float() * scale).to(dtype), self.pe_cache[:bsz, :end_pos]
+
+
+def test_the_model_with_a_cache_layout_no_kernel_takes_raises_under_preserve(monkeypatch):
+    """The reference model with an FP8 cache no FP8 kernel takes (one scale per sequence):
+    fp8="preserve" raises FP8DispatchError naming the layout and the option; fp8="dequantize"
+    runs it as eager does, counted."""
+    from mla_compiler.models.mla import MLA
+
+    monkeypatch.setattr(MLA, "_cached_latent", _sequence_scaled_latent)
+    torch.manual_seed(0)
+    cfg = deepseek_v32_small(n_layers=1)
+    model = TinyMLAModel(cfg).eval()
+    model.allocate_cache(2, 32, kv_format="float8")
+    for layer in model.layers:
+        layer.attn.seq_scale = torch.full((2, 1, 1), 2.0**-6)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = model(prompt)
+        torch._dynamo.reset()
+        counters.clear()
+        with pytest.raises(Exception, match="shared by a group of rows") as err:
+            torch.compile(model, backend=make_backend(inner="aot_eager"))(prompt)
+        assert isinstance(err.value.inner_exception, mla_compiler.FP8DispatchError)
+        assert "fp8='dequantize'" in str(err.value)
+        torch._dynamo.reset()
+        counters.clear()
+        got = torch.compile(model, backend=make_backend(inner="aot_eager", fp8="dequantize"))(prompt)
+    assert rel_err(got, want) < 1e-5
+    assert counters["sparse_mla"]["fp8_dequantized"] == cfg.n_layers and counters["sparse_mla"]["fp8_preserved"] == 0
+
+
 @pytest.mark.parametrize("kv_format", ["flashmla", "torchao"])
 def test_a_sliced_batch_of_caches_is_read_in_place(kv_format):
     """``cache[:bsz, :end_pos]`` of a bigger cache: the FP8 op reads the rows where they are (a
