@@ -225,14 +225,16 @@ if HAVE_GLUON:
                 factor = fac_ring.index(e).load(head_o)
                 if gl.min(factor, 0) < 1.0:  # the reference moved for some head
                     acc = acc * factor[None, :]
-                if TERMS == 2 and RESIDUALS_FIRST == 1:  # P's residual terms first, the same V^T
-                    acc = warpgroup_mma(v_lo, p8_ring.index(4 * e + 2).permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma(v_hi, p8_ring.index(4 * e + 3).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma(v_lo, p8_ring.index(2 * TERMS * e).permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma(v_hi, p8_ring.index(2 * TERMS * e + 1).permute((1, 0)), acc, is_async=True)
-                if TERMS == 2 and RESIDUALS_FIRST == 0:  # P's residual terms, the same V^T
-                    acc = warpgroup_mma(v_lo, p8_ring.index(4 * e + 2).permute((1, 0)), acc, is_async=True)
-                    acc = warpgroup_mma(v_hi, p8_ring.index(4 * e + 3).permute((1, 0)), acc, is_async=True)
+                first = 2 * TERMS * e  # P's rounded terms (two 32-key tiles), then its residual terms'
+                second = 4 * e + 2
+                if TERMS == 2 and RESIDUALS_FIRST == 1:
+                    first = 4 * e + 2
+                    second = 4 * e
+                acc = warpgroup_mma(v_lo, p8_ring.index(first).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma(v_hi, p8_ring.index(first + 1).permute((1, 0)), acc, is_async=True)
+                if TERMS == 2:  # the same V^T
+                    acc = warpgroup_mma(v_lo, p8_ring.index(second).permute((1, 0)), acc, is_async=True)
+                    acc = warpgroup_mma(v_hi, p8_ring.index(second + 1).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=[acc])
                 partition_barrier()
                 mbarrier.arrive(p_free.index(e))

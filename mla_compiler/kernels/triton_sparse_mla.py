@@ -751,10 +751,7 @@ def _gluon_forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, d_v, attn
         if reason is not None:
             declined[name] = reason
             continue
-        if passed is None:
-            out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale)
-        else:
-            out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, launch=passed)
+        out = module.forward(q, kv_latent, kv_scale, kv_rope, indices, sm_scale, launch=passed)
         # Reasons from earlier calls no longer describe this one: the kernel that ran and those
         # after it, not consulted, have none.
         for *_, later_declined, _, _ in kernels[k:]:
